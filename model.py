@@ -1,0 +1,705 @@
+"""
+Qwen2.5-VL from scratch, in one file: vision tower, language model, M-RoPE, loading and generation.
+
+The model reads a video or image as 14x14 pixel patches over 2 frames, runs a ViT with 2-D rotary positions
+whose blocks mostly attend inside 112x112 px windows (a few "full" blocks attend over the whole frame), merges
+each 2x2 group of patches into one token, and splices those tokens into the text where the prompt holds
+<|image_pad|> / <|video_pad|> placeholders. The language model is a Qwen2 decoder (GQA, q/k/v bias, RMSNorm,
+SwiGLU) whose rotary embedding is 3-D ("M-RoPE"): the 64 rotary frequencies are split 16/24/24 between a time,
+a row and a column position, so a vision token knows where and when it is, and a text token (all three equal)
+is plain 1-D RoPE.
+
+References:
+- Qwen2.5-VL technical report, arXiv 2502.13923; Qwen2-VL, arXiv 2409.12191 (M-RoPE).
+- ../shared/docs/QWEN25VL_SPEC.md for every number and pitfall; transformers' modeling_qwen2_5_vl.py is the
+  numerical oracle in tests/test_model.py.
+
+Module names follow the published checkpoint keys (visual.*, model.*, lm_head), so loading is a plain
+state-dict copy. The attention layers take an optional cache object with `update(layer, k, v) -> (k, v)`;
+KVCache below is the plain growing one, cache.py's StreamingCache evicts.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# -----------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 3584          # = the language model's hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112               # pixels; 112 / 14 / 2 = 4x4 merge units per window
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_chans: int = 3
+    tokens_per_second: int = 2           # M-RoPE time ids per second of video
+
+
+@dataclass
+class VLMConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d):
+        """Read an official config.json: the flat published layout or the newer one with a text_config."""
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ValueError(f"config.json has model_type={d.get('model_type')!r}; this code loads 'qwen2_5_vl' "
+                             "(Qwen2.5-VL) checkpoints only")
+        flat = {**d, **d.get("text_config", {})}  # text_config (transformers >= 4.52) wins over top-level copies
+        names = {f.name for f in fields(cls)} - {"vision", "mrope_section"}
+        kw = {k: flat[k] for k in names if k in flat}
+        rope = flat.get("rope_scaling") or flat.get("rope_parameters") or {}
+        if "mrope_section" in rope:
+            kw["mrope_section"] = list(rope["mrope_section"])
+        v = dict(d.get("vision_config", {}))
+        if "in_channels" in v:
+            v["in_chans"] = v.pop("in_channels")
+        vnames = {f.name for f in fields(VisionConfig)}
+        kw["vision"] = VisionConfig(**{k: v[k] for k in vnames if k in v})
+        cfg = cls(**kw)
+        cfg._tie_explicit = "tie_word_embeddings" in flat  # lets the loader tie when the key and lm_head are absent
+        return cfg
+
+    def to_hf_dict(self):
+        """The flat published layout (what Qwen ships), which transformers 4.x and 5.x both read."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("vision", "mrope_section")}
+        vision = asdict(self.vision)
+        vision["in_channels"] = vision.pop("in_chans")
+        d.update(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl", hidden_act="silu",
+                 rope_scaling={"type": "mrope", "mrope_section": list(self.mrope_section)},
+                 use_sliding_window=False, attention_dropout=0.0,
+                 vision_config={**vision, "hidden_act": "silu", "model_type": "qwen2_5_vl"})
+        return d
+
+
+def _tiny(vocab_size=512):
+    """A named preset for tests and for training from scratch on the synthetic stream (a few M parameters)."""
+    return VLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12],
+                     tie_word_embeddings=True, max_position_embeddings=32768,
+                     vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256,
+                                         out_hidden_size=256, fullatt_block_indexes=[1, 3]))
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "3B": lambda: VLMConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                            num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                            vision=VisionConfig(out_hidden_size=2048)),
+    "7B": lambda: VLMConfig(),
+}
+
+# -----------------------------------------------------------------------------
+# Small pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back, *then* scale: the order the checkpoints were trained with (spec 6.1)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def inv_freq(dim, base):
+    # exactly this expression, in fp32 on CPU: other formulas differ in the last bit (spec 6.4)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)); the vision tower's has biases, the language model's does not."""
+
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+# -----------------------------------------------------------------------------
+# Vision tower
+
+
+def segment_attention(q, k, v, cu_seqlens):
+    """Non-causal attention inside each segment [cu[i], cu[i+1]) of a packed sequence, none across.
+
+    q, k, v: (N, H, D). Instead of a Python loop over windows, the segments are scattered into a padded
+    (num_segments, max_len) batch and run as one SDPA call with a key-padding mask.
+    """
+    N, H, D = q.shape
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # (N,) segment of each row
+    pos = torch.arange(N, device=q.device) - cu_seqlens[:-1].long()[seg]                  # (N,) index inside it
+    max_len = int(lengths.max())
+
+    def pad(x):  # (N, H, D) -> (S, H, max_len, D)
+        out = x.new_zeros(len(lengths), max_len, H, D)
+        out[seg, pos] = x
+        return out.transpose(1, 2)
+
+    key_ok = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]  # (S, max_len)
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :])
+    return o.transpose(1, 2)[seg, pos]  # back to (N, H, D)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        q, k, v = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.n_heads)
+        # the vision rotary is applied in fp32 and cast back (the opposite of the text model, spec 6.3)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
+        o = segment_attention(q, k, v, cu_seqlens)
+        return self.proj(o.flatten(1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(c.hidden_size)
+        self.attn = VisionAttention(c.hidden_size, c.num_heads)
+        self.norm2 = RMSNorm(c.hidden_size)
+        self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=True)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm per patch, then each 2x2 group of patches (4 consecutive rows) -> one LLM token."""
+
+    def __init__(self, dim, out_dim, merge=2):
+        super().__init__()
+        self.ln_q = RMSNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim * merge**2, dim * merge**2), nn.GELU(),
+                                 nn.Linear(dim * merge**2, out_dim))
+
+    def forward(self, x):
+        x = self.ln_q(x)
+        return self.mlp(x.reshape(-1, self.mlp[0].in_features))  # (N, C) -> (N/4, 4C)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
+        # Conv3d and a matmul are equal in exact arithmetic; the conv matches the checkpoint's bf16 rounding
+        self.proj = nn.Conv3d(c.in_chans, c.hidden_size, kernel_size=self.kernel, stride=self.kernel, bias=False)
+
+    def forward(self, x):  # (N, 3*2*14*14) -> (N, C)
+        x = x.view(-1, self.proj.in_channels, *self.kernel).to(self.proj.weight.dtype)
+        return self.proj(x).flatten(1)
+
+
+def vision_layout(grid_thw, c: VisionConfig):
+    """Index bookkeeping for one batch of images/videos, all on the CPU in int64.
+
+    Returns
+      pos (N, 2): (row, col) of every patch, rows in the processor's merge-block order;
+      window_index (N/4,): merge units in window order (the ViT runs on rows permuted by this);
+      cu_window (W+1,): segment boundaries of the windows, in patches, after the permutation;
+      cu_full (F+1,): one segment per temporal patch per image, for the full-attention blocks.
+    """
+    m = c.spatial_merge_size
+    ws = c.window_size // m // c.patch_size  # window side in merge units (4)
+    pos, window_index, cu_window, offset = [], [], [torch.zeros(1, dtype=torch.long)], 0
+    for t, h, w in grid_thw.tolist():
+        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        hw = torch.stack([hh, ww], -1)                                     # (h, w, 2)
+        hw = rearrange(hw, "(hb mh) (wb mw) two -> (hb wb mh mw) two", mh=m, mw=m)
+        pos.append(hw.repeat(t, 1))                                        # every frame: same spatial ids
+        lh, lw = h // m, w // m
+        idx = torch.arange(t * lh * lw).view(t, lh, lw)
+        # pad to whole windows; note the pad is a full window (not 0) when the size divides: empty windows
+        # are dropped below, so the result is the same either way
+        ph, pw = ws - lh % ws, ws - lw % ws
+        idx = F.pad(idx, (0, pw, 0, ph), value=-1)
+        idx = rearrange(idx, "t (nh a) (nw b) -> t (nh nw) (a b)", a=ws, b=ws)
+        counts = (idx >= 0).sum(-1).flatten()                              # merge units per window
+        window_index.append(idx[idx >= 0] + offset)
+        cu_window.append(cu_window[-1][-1] + counts.cumsum(0) * m * m)
+        offset += t * lh * lw
+    cu_window = torch.unique_consecutive(torch.cat(cu_window))             # drop the empty windows
+    sizes = grid_thw[:, 1] * grid_thw[:, 2]
+    cu_full = F.pad(torch.repeat_interleave(sizes, grid_thw[:, 0]).cumsum(0), (1, 0))
+    return torch.cat(pos), torch.cat(window_index), cu_window, cu_full
+
+
+class VisionTower(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.c = c
+        self.patch_embed = PatchEmbed(c)
+        self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
+        self.merger = PatchMerger(c.hidden_size, c.out_hidden_size, c.spatial_merge_size)
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values (N, 1176) as the processor makes them, grid_thw (n, 3) -> (N/4, out_hidden)."""
+        c, dev = self.c, pixel_values.device
+        x = self.patch_embed(pixel_values)
+        pos, window_index, cu_window, cu_full = vision_layout(grid_thw.cpu(), c)
+        # 2-D rotary: the first half of the frequencies rotate by row, the second half by column
+        head_dim = c.hidden_size // c.num_heads
+        freqs = pos.float()[:, :, None] * inv_freq(head_dim // 2, 10000.0)  # (N, 2, head_dim/4)
+        emb = freqs.flatten(1).repeat(1, 2)                                 # (N, head_dim)
+        # reorder rows into window order, keeping the 4 patches of each merge unit together
+        u = c.spatial_merge_size ** 2
+        order = (window_index[:, None] * u + torch.arange(u)).flatten()
+        x, emb = x[order.to(dev)], emb[order].to(dev)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]             # (N, 1, head_dim) fp32
+        cu_window, cu_full = cu_window.to(dev), cu_full.to(dev)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cu_full if i in c.fullatt_block_indexes else cu_window, cos, sin)
+        x = self.merger(x)
+        return x[torch.argsort(window_index).to(dev)]  # back to raster order, as the prompt expects
+
+# -----------------------------------------------------------------------------
+# Language model
+
+
+def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+                    attention_mask=None, start=0):
+    """3-D M-RoPE position ids (3, B, L) for a batch of prompts, and the next free position per row (B,).
+
+    The reference algorithm (transformers 4.x, vLLM): text advances all three axes by 1 per token; a vision
+    run of (T, H, W) merged tokens gets t = cur + floor(k * seconds_per_grid * tokens_per_second),
+    h = cur + row, w = cur + col, and the text after it starts at max(all ids) + 1. Images use seconds 0.
+    Padded slots (attention_mask 0) get 0 and must be masked. `start` offsets a chunk appended to a cache.
+    """
+    B, L = input_ids.shape
+    m = cfg.vision.spatial_merge_size
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    next_pos = torch.zeros(B, dtype=torch.long)
+    grids = {cfg.image_token_id: list(image_grid_thw.tolist()) if image_grid_thw is not None else [],
+             cfg.video_token_id: list(video_grid_thw.tolist()) if video_grid_thw is not None else []}
+    secs = {cfg.image_token_id: [0.0] * len(grids[cfg.image_token_id]),
+            cfg.video_token_id: (second_per_grid_ts.tolist() if second_per_grid_ts is not None
+                                 else [1.0] * len(grids[cfg.video_token_id]))}
+    used = {cfg.image_token_id: 0, cfg.video_token_id: 0}
+    starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
+    for b in range(B):
+        keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
+        ids = input_ids[b].cpu()[keep].tolist()
+        chunks, i, cur = [], 0, starts[b]
+        while i < len(ids):
+            tok = ids[i]
+            if tok in used:  # a vision run: consume the next grid of its kind
+                if used[tok] >= len(grids[tok]):
+                    raise ValueError(f"more {'image' if tok == cfg.image_token_id else 'video'} runs in input_ids "
+                                     "than grids given")
+                t, h, w = grids[tok][used[tok]]
+                s = secs[tok][used[tok]]
+                used[tok] += 1
+                h, w = h // m, w // m
+                tt = (torch.arange(t) * s * cfg.vision.tokens_per_second).long()  # floor of a non-negative float
+                p = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+                chunks.append(p + cur)  # (3, t*h*w)
+                cur = int(chunks[-1].max()) + 1
+                i += t * h * w
+            else:
+                j = i
+                while j < len(ids) and ids[j] not in used:
+                    j += 1
+                chunks.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur += j - i
+                i = j
+        p = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+        if p.shape[1] != int(keep.sum()):
+            raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
+                             "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video")
+        pos[:, b, keep] = p
+        next_pos[b] = cur
+    return pos.to(input_ids.device), next_pos
+
+
+class KVCache:
+    """The plain growing cache: preallocated (layers, B, Hkv, max_len, D) buffers written by index.
+
+    Interface shared with cache.py's StreamingCache: `length` tokens are stored, `update(layer, k, v)` writes
+    the new keys/values of one layer and returns all of them, `advance(n)` commits after the last layer,
+    and `next_pos` (B,) is the next M-RoPE position per row. Padding masks are the caller's (forward's
+    attention_mask covers past + new tokens).
+    """
+
+    def __init__(self, cfg: VLMConfig, batch_size, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length, self.max_len = 0, max_len
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long)
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        if self.length + T > self.max_len:
+            raise RuntimeError(f"KVCache is full: {self.length} + {T} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+    def advance(self, n):
+        self.length += n
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VLMConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.prefill_attn = None  # an optional sparse prefill function (see VLM.enable_flexprefill)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin       # in the model dtype
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # all keys so far, with the new ones last
+        Nk = k.shape[2]
+        if mask is None and T > 1 and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
+            o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
+        elif mask is None:
+            # causal with the queries at the end: decode (T == 1) sees everything, a chunk on a cache sees the
+            # cache plus a causal triangle (SDPA's is_causal is top-left aligned, so build that mask here)
+            causal = None if T == 1 or T == Nk else torch.ones(T, Nk, dtype=torch.bool, device=q.device).tril(Nk - T)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=T > 1 and T == Nk,
+                                               enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: VLMConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def rotary(self, position_ids, cfg: VLMConfig, dtype):
+        """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T)."""
+        freq = self.inv_freq.to(position_ids.device)
+        # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
+        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(cfg.mrope_section)).to(position_ids.device)
+        p = position_ids[axis].permute(1, 2, 0).float()       # (3, B, T) -> (B, T, head_dim/2), one axis per freq
+        emb = (p * freq).repeat(1, 1, 2)                       # angles in fp32 (spec 6.2), (B, T, head_dim)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+# -----------------------------------------------------------------------------
+# The whole model
+
+
+def pick_device_dtype(device=None, dtype=None, quiet=False):
+    """Explicit device/dtype choice, printed with its reason (bf16 on a GPU, fp32 on a CPU)."""
+    why = []
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        why.append(f"device={device} ({'a GPU is available' if device == 'cuda' else 'no GPU found'})")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        why.append(f"dtype={str(dtype).split('.')[-1]} ({'bf16 is native on the GPU' if device.type == 'cuda' else 'CPUs are slow and inexact in bf16'})")
+    if why and not quiet:
+        print("using " + ", ".join(why))
+    return device, dtype
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, tokenizer_path=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer_path = tokenizer_path  # a tokenizer.json that save_pretrained copies along
+        self.visual = VisionTower(cfg.vision)
+        self.model = TextModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    def init_weights(self, std=0.02, seed=0):
+        """Random init for training from scratch: normal(0, std) linears/embeddings, ones for norms."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight") or ".norm" in name or "ln_q" in name or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """Token embeddings with the vision tower's output written over the <|image_pad|>/<|video_pad|> slots."""
+        x = self.model.embed_tokens(input_ids)
+        for pix, grid, tok, name in ((pixel_values, image_grid_thw, self.cfg.image_token_id, "image"),
+                                     (pixel_values_videos, video_grid_thw, self.cfg.video_token_id, "video")):
+            slots = input_ids == tok
+            if pix is None:
+                if slots.any():
+                    raise ValueError(f"input_ids hold <|{name}_pad|> tokens but no pixel values were given")
+                continue
+            feats = self.visual(pix, grid)
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(slots.sum())} <|{name}_pad|> tokens in input_ids but the {name}s give "
+                                 f"{feats.shape[0]} features (grid_t*grid_h*grid_w/4 each)")
+            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+        return x
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
+                video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, position_ids=None, cache=None,
+                logits_to_keep=0):
+        """Logits (B, T, vocab) (the last `logits_to_keep` positions when > 0).
+
+        attention_mask (B, past + T), 1 = real token, for left-padded batches; position_ids (3, B, T) or
+        computed by the M-RoPE rule starting at cache.next_pos; cache: KVCache / StreamingCache or None.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            start = cache.next_pos if cache is not None else 0
+            new_mask = attention_mask[:, -T:] if attention_mask is not None else None
+            position_ids, next_pos = mrope_positions(input_ids, self.cfg, image_grid_thw, video_grid_thw,
+                                                     second_per_grid_ts, new_mask, start)
+            if cache is not None:
+                cache.next_pos = next_pos
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        cos, sin = self.model.rotary(position_ids.to(x.device), self.cfg, x.dtype)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
+            keys = attention_mask.bool().to(x.device)
+            qi = torch.arange(T, device=x.device)[:, None] + past  # absolute index of each query
+            kj = torch.arange(past + T, device=x.device)[None, :]
+            mask = ((kj <= qi)[None] & keys[:, None, :]) | (kj == qi)[None]
+            mask = mask[:, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return self.lm_head(x) if self.lm_head is not None else x @ self.model.embed_tokens.weight.T
+
+    # ---- generation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
+                 stop_ids=None, attention_mask=None, generator=None, **vision):
+        """Greedy (temperature 0) or sampled decoding with a KVCache. Returns (B, T + new) ids; rows that stop
+        early are filled with the first stop id. Pass pixel values etc. as keyword arguments, as to forward."""
+        B, T = input_ids.shape
+        stop_ids = list(stop_ids) if stop_ids is not None else [self.cfg.eos_token_id, self.cfg.bos_token_id]
+        cache = KVCache(self.cfg, B, T + max_new_tokens, self.device, self.dtype)
+        logits = self(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1, **vision)
+        seen = input_ids.clone()
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for step in range(max_new_tokens):
+            tok = sample_next(logits[:, -1].float(), seen, temperature, top_p, repetition_penalty, generator)
+            tok = torch.where(done, torch.full_like(tok, stop_ids[0]), tok)
+            out.append(tok)
+            seen = torch.cat([seen, tok[:, None]], 1)
+            done |= torch.isin(tok, torch.tensor(stop_ids, device=tok.device))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            pos = cache.next_pos.view(1, B, 1).expand(3, B, 1)
+            cache.next_pos = cache.next_pos + 1
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
+            logits = self(tok[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache)
+        return torch.cat([input_ids, torch.stack(out, 1)], 1)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load an official Qwen2.5-VL folder (config.json + model.safetensors or a sharded index).
+
+        The model is built on the meta device and each tensor is read from the memory-mapped file straight
+        to `device` in `dtype`, so a 7B checkpoint never exists twice (it loads with 24 GB of RAM to a GPU).
+        """
+        from safetensors import SafetensorError, safe_open
+        device, dtype = pick_device_dtype(device, dtype)
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file} not found: a checkpoint folder needs config.json")
+        with open(cfg_file) as f:
+            cfg = VLMConfig.from_hf_dict(json.load(f))
+        files = checkpoint_files(path)
+        # map each tensor name (published or transformers >= 4.52 layout) to (file, name in file)
+        where = {}
+        for file in files:
+            try:
+                with safe_open(file, "pt") as f:
+                    for name in f.keys():
+                        where[canonical_name(name)] = (file, name)
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"cannot read {file}: the file is truncated or not a safetensors file ({e})")
+        if "lm_head.weight" not in where and cfg.tie_word_embeddings is False and not cfg._tie_explicit:
+            cfg.tie_word_embeddings = True  # no lm_head and no word on tying: the embeddings are the head
+        tok = os.path.join(path, "tokenizer.json")
+        with torch.device("meta"):
+            model = cls(cfg, tokenizer_path=tok if os.path.isfile(tok) else None)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(where))
+        unexpected = sorted(set(where) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit the config: missing tensors {missing[:20]}"
+                             f"{' ...' if len(missing) > 20 else ''}, unexpected tensors {unexpected[:20]}"
+                             f"{' ...' if len(unexpected) > 20 else ''}")
+        state = {}
+        for file in files:
+            with safe_open(file, "pt", device="cpu") as f:
+                for key, (fname, name) in where.items():
+                    if fname != file:
+                        continue
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[key]):
+                        raise ValueError(f"tensor {name} in {file} has shape {shape}, the config expects "
+                                         f"{tuple(expected[key])}")
+                    try:
+                        state[key] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    except Exception as e:
+                        raise ValueError(f"cannot read tensor {name} from {file}: truncated or corrupt ({e})")
+        model.load_state_dict(state, assign=True)
+        model.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
+        return model.eval()
+
+    def save_pretrained(self, path):
+        """config.json + model.safetensors (+ tokenizer.json) in the official layout, written atomically:
+        everything goes to a temporary folder beside `path`, then each file is renamed into place."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=path)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**self.cfg.to_hf_dict(), "torch_dtype": str(self.dtype).split(".")[-1]}, f, indent=2)
+        names = ["config.json", "model.safetensors"]
+        if self.tokenizer_path is not None:
+            with open(self.tokenizer_path, "rb") as src, open(os.path.join(tmp, "tokenizer.json"), "wb") as dst:
+                dst.write(src.read())
+            names.append("tokenizer.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp)
+        self.tokenizer_path = os.path.join(path, "tokenizer.json") if "tokenizer.json" in names else None
+
+
+def canonical_name(name):
+    """transformers >= 4.52 may save model.visual.* / model.language_model.*; we use the published names."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    return name
+
+
+def checkpoint_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise FileNotFoundError(f"the index names shards that are not in {path}: {absent}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return [single]
+
+
+def sample_next(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):
+    """Next token ids (B,) from last-position logits (B, V); `seen` (B, S) are the ids so far."""
+    if repetition_penalty != 1.0:
+        # CTRL-style, as transformers does it: shrink the logit of every token already seen
+        prev = logits.gather(1, seen)
+        logits = logits.scatter(1, seen, torch.where(prev < 0, prev * repetition_penalty, prev / repetition_penalty))
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        # keep the smallest set of tokens whose probability reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # mass before this token already reaches top_p
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

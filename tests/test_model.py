@@ -1,0 +1,295 @@
+"""model.py against transformers' Qwen2_5_VLForConditionalGeneration (the oracle), in fp32 on the CPU.
+
+Each test builds a random tiny HF model, saves it with save_pretrained, loads it with ours and compares logits.
+The HF weights are re-randomised at a larger scale than HF's init (std 0.02 makes every logit ~0, where a wrong
+model could still pass).
+"""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # test dependency, pinned in requirements-dev.txt
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+
+from model import VLM, VLMConfig, mrope_positions, vision_layout  # noqa: E402
+
+VOCAB, VS, VE, IMG, VID = 300, 290, 291, 292, 293  # vision start/end, image pad, video pad
+TOL = 1e-4
+
+
+def hf_config(tie=False, **text):
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=tie,
+              rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+              vision_config=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
+                                 fullatt_block_indexes=[1], window_size=112, tokens_per_second=2),
+              image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(text)
+    return Qwen2_5_VLConfig(**kw)
+
+
+def make_hf(tmp_path, seed=0, tie=False, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = hf_config(tie)
+    cfg._attn_implementation = "sdpa"
+    hf = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * 0.15)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def ours(tmp_path):
+    return VLM.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+
+
+def vision_run(n):
+    return [VS] + [IMG] * n + [VE]
+
+
+def compare(hf, m, **inputs):
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        got = m(**inputs)
+    mask = inputs.get("attention_mask")
+    if mask is not None:  # padded positions are undefined in both
+        ref, got = ref[mask.bool()], got[mask.bool()]
+    err = (ref - got).abs().max().item()
+    assert err <= TOL, f"max abs logit diff {err}"
+    assert ref.abs().max() > 0.5  # the comparison is not between two near-zero tensors
+    return err
+
+
+def test_text_only(tmp_path):
+    hf = make_hf(tmp_path)
+    ids = torch.randint(3, 280, (1, 37))
+    compare(hf, ours(tmp_path), input_ids=ids)
+
+
+def test_one_odd_image(tmp_path):
+    hf = make_hf(tmp_path, seed=1)
+    grid = torch.tensor([[1, 10, 22]])  # a 140x308 px image: not square, windows that do not divide evenly
+    n = 10 * 22 // 4
+    ids = torch.tensor([[5, 6] + vision_run(n) + [7, 8, 9]])
+    pix = torch.randn(10 * 22, 1176)
+    compare(hf, ours(tmp_path), input_ids=ids, pixel_values=pix, image_grid_thw=grid)
+
+
+def test_video_several_temporal_grids(tmp_path):
+    hf = make_hf(tmp_path, seed=2)
+    grid = torch.tensor([[3, 8, 12]])
+    n = 3 * 8 * 12 // 4
+    ids = torch.tensor([[5] + [VS] + [VID] * n + [VE] + [7, 8]])
+    pix = torch.randn(3 * 8 * 12, 1176)
+    compare(hf, ours(tmp_path), input_ids=ids, pixel_values_videos=pix, video_grid_thw=grid,
+            second_per_grid_ts=torch.tensor([1.0]))
+
+
+def test_two_images_video_and_text(tmp_path):
+    hf = make_hf(tmp_path, seed=3)
+    g_img = torch.tensor([[1, 4, 6], [1, 18, 10]])
+    g_vid = torch.tensor([[2, 6, 4]])
+    ids = ([4] + vision_run(6) + [5, 6] + vision_run(45) + [7] + [VS] + [VID] * 12 + [VE] + [8, 9, 10, 11])
+    ids = torch.tensor([ids])
+    compare(hf, ours(tmp_path), input_ids=ids, pixel_values=torch.randn(24 + 180, 1176), image_grid_thw=g_img,
+            pixel_values_videos=torch.randn(48, 1176), video_grid_thw=g_vid, second_per_grid_ts=torch.tensor([1.0]))
+
+
+def test_batch_left_padding(tmp_path):
+    hf = make_hf(tmp_path, seed=4)
+    a = [4] + vision_run(6) + [5, 6, 7]
+    b = [8, 9, 10, 11, 12] + vision_run(6) + [13, 14, 15, 16]
+    pad = len(b) - len(a)
+    ids = torch.tensor([[0] * pad + a, b])
+    mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
+    grid = torch.tensor([[1, 4, 6], [1, 4, 6]])
+    compare(hf, ours(tmp_path), input_ids=ids, attention_mask=mask, pixel_values=torch.randn(48, 1176),
+            image_grid_thw=grid)
+
+
+def test_greedy_generate_matches(tmp_path):
+    hf = make_hf(tmp_path, seed=5)
+    m = ours(tmp_path)
+    ids = torch.tensor([[4] + vision_run(6) + [5, 6, 7]])
+    kw = dict(pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, **kw)
+    got = m.generate(ids, max_new_tokens=20, stop_ids=[-1], **kw)  # no stop: all 20 tokens compared
+    assert got.shape == ref.shape == (1, ids.shape[1] + 20)
+    assert got.tolist() == ref.tolist()
+
+
+def test_greedy_generate_batched(tmp_path):
+    hf = make_hf(tmp_path, seed=6)
+    m = ours(tmp_path)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                          do_sample=False)
+    got = m.generate(ids, attention_mask=mask, max_new_tokens=12, stop_ids=[-1])
+    assert got.tolist() == ref.tolist()
+
+
+def test_our_save_loads_in_transformers(tmp_path):
+    make_hf(tmp_path / "a", seed=7)
+    m = ours(tmp_path / "a")
+    m.save_pretrained(tmp_path / "b")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "b", torch_dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    ids = torch.tensor([[4] + vision_run(6) + [5, 6, 7]])
+    compare(hf, m, input_ids=ids, pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+
+
+def test_tied_and_new_naming_layouts(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf = make_hf(tmp_path / "tied", seed=8, tie=True)
+    m = ours(tmp_path / "tied")
+    assert m.lm_head is None and m.cfg.tie_word_embeddings
+    ids = torch.randint(3, 280, (1, 12))
+    compare(hf, m, input_ids=ids)
+    # rewrite the file with transformers >= 4.52 module names: model.visual.*, model.language_model.*
+    sd = load_file(tmp_path / "tied" / "model.safetensors")
+    renamed = {("model." + k if k.startswith("visual.") else
+                k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+               for k, v in sd.items()}
+    assert any(k.startswith("model.language_model.") for k in renamed)
+    save_file(renamed, tmp_path / "tied" / "model.safetensors")
+    compare(hf, ours(tmp_path / "tied"), input_ids=ids)
+
+
+def test_sharded_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf = make_hf(tmp_path, seed=9)
+    sd = load_file(tmp_path / "model.safetensors")
+    os.remove(tmp_path / "model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / name)
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
+    compare(hf, ours(tmp_path), input_ids=torch.randint(3, 280, (1, 9)))
+
+
+def test_published_config_values():
+    for name, size in (("3B", 3_754_622_976), ("7B", 8_292_166_656)):
+        from model import PRESETS
+        cfg = PRESETS[name]()
+        with torch.device("meta"):
+            n = sum(p.numel() for p in VLM(cfg).parameters())
+        assert n == size, f"{name}: {n} parameters"
+        again = VLMConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict())))
+        assert again.to_hf_dict() == cfg.to_hf_dict()
+
+
+def test_index_functions_match_spec_examples():
+    cfg = VLMConfig()
+    # spec 2.2.4: grid (1, 12, 20) -> these windows
+    pos, window_index, cu_window, cu_full = vision_layout(torch.tensor([[1, 12, 20]]), cfg.vision)
+    assert cu_window.tolist() == [0, 64, 128, 160, 192, 224, 240]
+    assert window_index[:8].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+    assert cu_full.tolist() == [0, 240]
+    _, _, _, cu_full = vision_layout(torch.tensor([[1, 4, 6]]), cfg.vision)
+    p, _, _, _ = vision_layout(torch.tensor([[1, 4, 6]]), cfg.vision)
+    assert p[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
+    # spec 3.5.5: 3 text, image (1,4,6), 2 text
+    ids = torch.tensor([[1, 2, 3] + [cfg.image_token_id] * 6 + [4, 5]])
+    pos, nxt = mrope_positions(ids, cfg, image_grid_thw=torch.tensor([[1, 4, 6]]))
+    assert pos[:, 0].tolist() == [[0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7], [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7],
+                                  [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7]]
+    assert nxt.tolist() == [8]
+    ids = torch.tensor([[1, 2] + [cfg.video_token_id] * 16 + [3, 4]])
+    pos, _ = mrope_positions(ids, cfg, video_grid_thw=torch.tensor([[4, 4, 4]]),
+                             second_per_grid_ts=torch.tensor([1.0]))
+    assert pos[0, 0].tolist() == [0, 1] + [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4 + [9, 10]
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+def test_error_wrong_model_type(tmp_path):
+    make_hf(tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg["model_type"] = "llama"
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        ours(tmp_path)
+
+
+def test_error_shape_mismatch_names_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_hf(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(97, 64)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight.*\(97, 64\).*\(96, 64\)"):
+        ours(tmp_path)
+
+
+def test_error_missing_and_unexpected_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_hf(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["visual.blocks.2.norm1.weight"]
+    sd["model.extra.weight"] = torch.zeros(3)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['visual.blocks.2.norm1.weight'\].*"
+                                         r"unexpected tensors \['model.extra.weight'\]"):
+        ours(tmp_path)
+
+
+def test_error_truncated_file(tmp_path):
+    make_hf(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        ours(tmp_path)
+    f.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        ours(tmp_path)
+
+
+def test_error_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ours(tmp_path)
+    make_hf(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        ours(tmp_path)
+
+
+def test_error_pad_count_mismatch(tmp_path):
+    make_hf(tmp_path)
+    m = ours(tmp_path)
+    ids = torch.tensor([[4] + vision_run(5) + [5]])  # the grid needs 6 pads
+    with pytest.raises(ValueError, match="grid"):
+        m(ids, pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+
+
+def test_save_is_atomic_and_leaves_no_temp(tmp_path):
+    make_hf(tmp_path / "a")
+    m = ours(tmp_path / "a")
+    m.save_pretrained(tmp_path / "b")
+    assert sorted(os.listdir(tmp_path / "b")) == ["config.json", "model.safetensors"]
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_head():
+    from model import sample_next
+    logits = torch.tensor([[3.0, 2.9, -5.0, -5.0]])
+    seen = torch.tensor([[0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, seen, 1.0, 0.5, 1.0, g)) for _ in range(50)}
+    assert draws == {0}  # token 0 alone holds >= 50% of the mass
+    draws = {int(sample_next(logits, seen, 1.0, 0.99, 1.0, g)) for _ in range(200)}
+    assert draws == {0, 1}
+    # repetition penalty 10 pushes the seen token 0 below token 1
+    assert int(sample_next(logits, seen, 0.0, 1.0, 10.0)) == 1
