@@ -365,6 +365,19 @@ def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_t
     return pos.to(input_ids.device), next_pos
 
 
+def mrope_cos_sin(position_ids, freq, mrope_section, dtype):
+    """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T) and inv_freq (head_dim/2,)."""
+    # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
+    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(position_ids.device)
+    p = position_ids[axis].permute(1, 2, 0).float()  # (3, B, T) -> (B, T, head_dim/2), one axis per frequency
+    emb = (p * freq.to(p.device)).repeat(1, 1, 2)     # angles in fp32 (spec 6.2), (B, T, head_dim)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
 class KVCache:
     """The plain growing cache: preallocated (layers, B, Hkv, max_len, D) buffers written by index.
 
@@ -381,7 +394,7 @@ class KVCache:
         self.length, self.max_len = 0, max_len
         self.next_pos = torch.zeros(batch_size, dtype=torch.long)
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, raw_k=None):
         T = k.shape[2]
         if self.length + T > self.max_len:
             raise RuntimeError(f"KVCache is full: {self.length} + {T} tokens > max_len {self.max_len}")
@@ -409,9 +422,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin       # in the model dtype
+        raw_k, q, k = k, apply_rope(q, cos, sin), apply_rope(k, cos, sin)           # in the model dtype
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # all keys so far, with the new ones last
+            # all keys so far, the new ones last; the raw keys let a streaming cache re-rotate after eviction
+            k, v = cache.update(self.layer_idx, k, v, raw_k)
         Nk = k.shape[2]
         if mask is None and T > 1 and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
             o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
@@ -445,15 +459,6 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def rotary(self, position_ids, cfg: VLMConfig, dtype):
-        """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T)."""
-        freq = self.inv_freq.to(position_ids.device)
-        # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
-        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(cfg.mrope_section)).to(position_ids.device)
-        p = position_ids[axis].permute(1, 2, 0).float()       # (3, B, T) -> (B, T, head_dim/2), one axis per freq
-        emb = (p * freq).repeat(1, 1, 2)                       # angles in fp32 (spec 6.2), (B, T, head_dim)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 # -----------------------------------------------------------------------------
 # The whole model
@@ -540,7 +545,7 @@ class VLM(nn.Module):
             if cache is not None:
                 cache.next_pos = next_pos
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        cos, sin = self.model.rotary(position_ids.to(x.device), self.cfg, x.dtype)
+        cos, sin = mrope_cos_sin(position_ids.to(x.device), self.model.inv_freq, self.cfg.mrope_section, x.dtype)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
