@@ -1,0 +1,199 @@
+"""
+StreamingCache: the KV cache of StreamingVLM (arXiv 2510.09608), which lets a VLM watch a stream forever at
+constant memory and latency.
+
+What it keeps (the paper's Fig. 3, defaults in brackets):
+  attention sink   the system prompt, the "previous text" header and the first `text_sink` [512] tokens of
+                   the previous text; never evicted;
+  long text window the last `text_window` [512] tokens of commentary whose rounds have left the vision window;
+  vision window    the last `vision_window` [16] rounds (seconds): their user turn, vision tokens and reply.
+Once per round (not per token) the oldest round leaves the vision window: its reply tokens, with their K/V,
+move to the end of the previous text, the rest of the round is dropped, and the previous text is cut back to
+head + tail. Then comes *contiguous RoPE*: every kept token gets the 3-D M-RoPE position it would have if the
+kept sequence were a fresh prompt (a vision block advances the position by max(h, w) after the merge), so the
+largest position stays bounded however long the stream runs.
+
+Design choices:
+- Fixed-capacity buffers (layers, 1, Hkv, capacity, D) written by index; eviction is one gather per layer per
+  second into the same buffers. Capacity doubles if a round does not fit, which only happens while warming up.
+- We keep the *rotated* keys (what attention reads on every decode step, so nothing is rotated per token)
+  and also the *raw*, un-rotated keys. On eviction the survivors are rotated afresh from the raw keys at their
+  new positions. Re-rotating rotated bf16 keys by -delta would be cheaper in memory, but each re-rotation
+  rounds again and a text token is shifted once per second for minutes: the error would random-walk. From raw
+  keys the cached key is bit-identical to the one a fresh prefill at the new position computes.
+- Per-token bookkeeping lives on the CPU: token id, segment kind, round, and the position relative to its
+  "unit" (a text token, or a whole vision block) from which contiguous positions are re-derived.
+- The paper's baselines are policies of the same machinery (POLICIES): full attention (never evict), native
+  RoPE (evict but keep the old, growing positions: Table 4's ablation), sliding window without overlap (the
+  loop resets everything every N s) and with overlap (the loop re-prefills the window every second).
+"""
+from dataclasses import dataclass
+
+import torch
+
+from model import VLMConfig, apply_rope, inv_freq, mrope_cos_sin, mrope_positions
+
+# segment kinds, in the order they sit in the cache
+SYS, PREV_HEAD, PREV_BODY, PREV_END, USER, REPLY, END = range(7)
+
+
+@dataclass
+class Policy:
+    name: str
+    evict: bool            # drop rounds that left the vision window (replies move to the previous text)
+    reindex: bool          # contiguous RoPE: re-derive positions of the kept tokens after eviction
+    reset_every: int = 0   # seconds: start over with an empty cache (sliding window without overlap)
+    recompute: bool = False  # re-prefill the kept window from its frames every second (with overlap)
+
+
+POLICIES = {
+    "streaming": Policy("streaming", evict=True, reindex=True),
+    "native": Policy("native", evict=True, reindex=False),
+    "full": Policy("full", evict=False, reindex=False),
+    "reset": Policy("reset", evict=False, reindex=False, reset_every=100),
+    "recompute": Policy("recompute", evict=True, reindex=True, recompute=True),
+}
+
+
+class StreamingCache:
+    def __init__(self, cfg: VLMConfig, policy="streaming", text_sink=512, text_window=512, vision_window=16,
+                 capacity=1024, device="cpu", dtype=torch.float32):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.policy = POLICIES[policy] if isinstance(policy, str) else policy
+        self.text_sink, self.text_window, self.vision_window = text_sink, text_window, vision_window
+        self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
+        self.length, self.capacity, self.added = 0, 0, 0
+        self.next_pos = torch.zeros(1, dtype=torch.long)  # the next free M-RoPE position
+        self.next_unit = 0
+        self._allocate(capacity)
+
+    def _allocate(self, capacity):
+        c = self.cfg
+        shape = (c.num_hidden_layers, 1, c.num_key_value_heads, capacity, c.head_dim)
+        new = {n: torch.zeros(shape, device=self.device, dtype=self.dtype) for n in ("k", "v", "raw_k")}
+        meta = dict(ids=torch.zeros(capacity, dtype=torch.long), kind=torch.zeros(capacity, dtype=torch.long),
+                    round=torch.zeros(capacity, dtype=torch.long), unit=torch.zeros(capacity, dtype=torch.long),
+                    rel=torch.zeros(3, capacity, dtype=torch.long), pos=torch.zeros(3, capacity, dtype=torch.long))
+        n = self.length
+        for name, buf in new.items():
+            if n:
+                buf[..., :n, :] = getattr(self, name)[..., :n, :]
+            setattr(self, name, buf)
+        for name, buf in meta.items():
+            if n:
+                buf[..., :n] = getattr(self, name)[..., :n]
+            setattr(self, name, buf)
+        self.capacity = capacity
+
+    # ---- adding tokens -------------------------------------------------------------------------------------
+
+    def add_tokens(self, ids, kind, round_, video_grid_thw=None, second_per_grid_ts=None):
+        """Record the bookkeeping of `ids` (list or 1-D tensor) about to be forwarded, and return their position
+        ids (3, 1, T) for model.forward. The forward writes the K/V (update) and commits (advance)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        T, n = len(ids), self.length + self.added  # several segments may be recorded before one forward
+        if n + T > self.capacity:
+            self._allocate(max(2 * self.capacity, n + T))
+        pos, nxt = mrope_positions(ids[None], self.cfg, video_grid_thw=video_grid_thw,
+                                   second_per_grid_ts=second_per_grid_ts, start=self.next_pos)
+        pos = pos[:, 0]
+        # units: each text token is one, each run of vision pads is one; rel = position - start of the unit
+        vis = torch.isin(ids, torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id]))
+        starts = ~(vis & torch.cat([torch.tensor([False]), vis[:-1]]))
+        unit = self.next_unit + starts.cumsum(0) - 1
+        first = torch.zeros_like(ids).scatter_reduce(0, unit - self.next_unit, torch.arange(T), "amin",
+                                                     include_self=False)  # index of each unit's first token
+        unit_start = pos[:, first[unit - self.next_unit]].min(0).values  # a vision block starts at (cur,cur,cur)
+        self.rel[:, n:n + T] = pos - unit_start
+        self.unit[n:n + T] = unit
+        self.ids[n:n + T] = ids
+        self.kind[n:n + T] = torch.as_tensor(kind)    # an int, or one per token (re-prefilling a window)
+        self.round[n:n + T] = torch.as_tensor(round_)
+        self.pos[:, n:n + T] = pos
+        self.next_unit = int(unit[-1]) + 1
+        self.next_pos = nxt
+        self.added += T
+        return pos[:, None]
+
+    def update(self, layer, k, v, raw_k):
+        """Called by each attention layer: store this chunk's keys/values, return all of them."""
+        n, T = self.length, k.shape[2]
+        self.k[layer, :, :, n:n + T] = k
+        self.v[layer, :, :, n:n + T] = v
+        self.raw_k[layer, :, :, n:n + T] = raw_k
+        return self.k[layer, :, :, :n + T], self.v[layer, :, :, :n + T]
+
+    def advance(self, T):
+        assert T == self.added, f"forwarded {T} tokens but add_tokens recorded {self.added}"
+        self.length += T
+        self.added = 0
+
+    def relabel(self, start, end, kind):
+        """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from REPLY to END."""
+        self.kind[start:end] = kind
+
+    # ---- eviction and contiguous RoPE ------------------------------------------------------------------------
+
+    def evict(self, current_round):
+        """Once per round, before round `current_round` is added: apply the policy's eviction."""
+        if not self.policy.evict:
+            return
+        L = self.length
+        kind, rnd, idx = self.kind[:L], self.round[:L], torch.arange(L)
+        old = (kind >= USER) & (rnd <= current_round - self.vision_window)
+        body = torch.cat([idx[kind == PREV_BODY], idx[old & (kind == REPLY)]])  # replies join the previous text
+        if len(body) > self.text_sink + self.text_window:
+            body = torch.cat([body[:self.text_sink], body[len(body) - self.text_window:]])
+        keep = torch.cat([idx[kind <= PREV_HEAD], body, idx[kind == PREV_END], idx[(kind >= USER) & ~old]])
+        if len(keep) == L and bool((keep == idx).all()):
+            return
+        self.kind[body] = PREV_BODY
+        self._gather(keep)
+
+    def _gather(self, keep):
+        n = len(keep)
+        for name in ("ids", "kind", "round", "unit"):
+            buf = getattr(self, name)
+            buf[:n] = buf[keep]
+        self.rel[:, :n] = self.rel[:, keep]
+        self.pos[:, :n] = self.pos[:, keep]
+        self.length = n
+        dev_keep = keep.to(self.device)
+        if self.policy.reindex:
+            self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
+            cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
+                                     self.dtype)
+        for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
+            self.v[layer, :, :, :n] = self.v[layer, :, :, dev_keep]
+            self.raw_k[layer, :, :, :n] = self.raw_k[layer, :, :, dev_keep]
+            if self.policy.reindex:
+                self.k[layer, :, :, :n] = apply_rope(self.raw_k[layer, :, :, :n], cos, sin)
+            else:
+                self.k[layer, :, :, :n] = self.k[layer, :, :, dev_keep]
+
+    def clear(self):
+        self.length, self.next_unit, self.added = 0, 0, 0
+        self.next_pos = torch.zeros(1, dtype=torch.long)
+
+    # ---- views -------------------------------------------------------------------------------------------------
+
+    def tokens(self):
+        """The kept sequence, in order: (ids, kinds, rounds) as 1-D tensors."""
+        return self.ids[:self.length].clone(), self.kind[:self.length].clone(), self.round[:self.length].clone()
+
+    def max_position(self):
+        return int(self.pos[:, :self.length].max()) if self.length else 0
+
+    def nbytes(self):
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in ("k", "v", "raw_k"))
+
+
+def contiguous_positions(unit, rel):
+    """Positions of a kept sequence as a fresh prompt: units (text tokens, vision blocks) laid end to end, each
+    as wide as its largest relative position + 1 (a vision block: max(h, w) after the merge).
+    unit (n,) non-decreasing ids, rel (3, n) -> positions (3, n), next free position (1,)."""
+    new_unit = torch.cat([torch.tensor([True]), unit[1:] != unit[:-1]])
+    u = new_unit.cumsum(0) - 1                                               # 0, 1, 2, ... per unit
+    width = torch.zeros(int(u[-1]) + 1, dtype=torch.long).scatter_reduce(0, u, rel.max(0).values + 1, "amax")
+    start = width.cumsum(0) - width                                          # exclusive cumsum
+    return start[u] + rel, width.sum().view(1)

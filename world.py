@@ -1,0 +1,346 @@
+"""A tiny, endless, procedurally generated football stream with ground-truth commentary.
+
+StreamingVLM has to comment on a video that never ends, one second at a time, while
+seeing only a short window of recent frames. To train and test that on a CPU we need a
+video "world" that is:
+
+* endless and random-access: ``second(5000)`` must be as cheap as ``second(0)``. So
+  nothing here is simulated step by step. Each second's event is drawn from its own RNG
+  seeded by ``(seed, t)``, and players and ball follow smooth sums of sines of the time,
+  so any frame is a pure function of ``(seed, t)``. The one thing that depends on the
+  past is the score; we keep a cached, lazily extended list of goal times and answer
+  score queries with a bisect.
+* learnable by a tiny vision tower: frames are small (default 56x56, a multiple of the
+  28x28 merge unit of 14x14 patches). Every event has a big cue that is drawn in all
+  frames of its second, and each cue shows the team, because the commentary names it:
+    goal    the net the ball is in is filled with the scorer's colour, flashing
+    shot    a thick streak in the shooter's colour from the shooter to the ball near the goal
+    save    the keeper on the ball in front of their own goal, on a yellow "glove" square
+    foul    a yellow card in the centre circle, framed in the offending team's colour
+    corner  the ball at a corner flag, on a quarter disc in the attacking team's colour
+  Red always attacks the right-hand goal and Blue the left, so the location of a cue
+  agrees with its colour.
+* hard in exactly one way: the score is never drawn. Every goal sentence states the
+  running score ("Red scores! Red 3, Blue 2.") and goals are rare (``goal_rate``, about
+  one every 150 s), so getting the score right at second 5,000 means remembering
+  commentary the model itself produced long before its vision window.
+
+Commentary is a plain sentence with no leading space, or "" for a quiet second; the
+caller prepends " " (and turns silence into " ...") when it builds token streams.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from PIL import Image, ImageDraw, ImageFont
+
+EVENTS = ("goal", "shot", "save", "foul", "corner")
+TEAMS = ("Red", "Blue")
+SPLIT_SIZE = 1_000_000  # train seeds are [0, 1e6), eval seeds are [1e6, 2e6)
+
+GRASS, GRASS_DARK, LINE = (46, 139, 60), (40, 124, 53), (235, 235, 235)
+NET, BALL, BALL_EDGE, YELLOW = (170, 170, 170), (255, 255, 255), (20, 20, 20), (250, 215, 0)
+COLOUR = {"Red": (225, 30, 30), "Blue": (30, 70, 240)}
+FLASH = {"Red": (255, 120, 120), "Blue": (120, 160, 255)}  # second tint of a goal flash
+
+_GOAL_RE = re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    size: int = 56  # pixels, square; multiple of 28 (merge unit of 2x2 14-px patches)
+    fps: int = 2
+    event_rate: float = 0.12  # P(shot/save/foul/corner) per second
+    goal_rate: float = 1 / 150  # P(goal) per second: a goal every 2.5 minutes on average
+    players_per_team: int = 4  # one keeper + outfield players
+
+    def __post_init__(self):
+        if self.seed < 0 or self.seed >= 2 * SPLIT_SIZE:
+            raise ValueError(f"seed must be in [0, {2 * SPLIT_SIZE}), got {self.seed}")
+        if self.size % 28 or self.size < 56:
+            raise ValueError(f"size must be a multiple of 28 and >= 56, got {self.size}")
+        if self.fps < 1:
+            raise ValueError("fps must be >= 1")
+        if not (0 <= self.goal_rate and 0 <= self.event_rate and self.goal_rate + self.event_rate <= 1):
+            raise ValueError("need goal_rate, event_rate >= 0 and goal_rate + event_rate <= 1")
+        if not 2 <= self.players_per_team <= 11:
+            raise ValueError("players_per_team must be in [2, 11]")
+
+
+def split_seed(split: str, index: int) -> int:
+    """Seed of the index-th stream of a split; train and eval seed ranges never overlap."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if not 0 <= index < SPLIT_SIZE:
+        raise ValueError(f"index must be in [0, {SPLIT_SIZE}), got {index}")
+    return index + (SPLIT_SIZE if split == "eval" else 0)
+
+
+def seed_split(seed: int) -> str:
+    if not 0 <= seed < 2 * SPLIT_SIZE:
+        raise ValueError(f"seed {seed} is in no split")
+    return "train" if seed < SPLIT_SIZE else "eval"
+
+
+def commentary(event: str | None, team: str | None, score: tuple[int, int]) -> str:
+    """The one fixed sentence per (event, team); score is the score *after* the event."""
+    if event is None:
+        return ""
+    return {
+        "goal": f"{team} scores! Red {score[0]}, Blue {score[1]}.",
+        "shot": f"{team} shoots!",
+        "save": f"{team} keeper saves.",
+        "foul": f"Foul by {team}.",
+        "corner": f"Corner for {team}.",
+    }[event]
+
+
+def parse_goal(text: str) -> tuple[str, int, int] | None:
+    """(scorer, red, blue) from a goal sentence, else None; handy for scoring a model's output."""
+    m = _GOAL_RE.match(text.strip())
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+@dataclass
+class Second:
+    t: int
+    frames: list  # fps PIL RGB images
+    event: str | None  # one of EVENTS, or None for a quiet second
+    team: str | None  # "Red"/"Blue": scorer, shooter, saving keeper, offender, corner taker
+    text: str  # commentary, "" if quiet; no leading space
+    score: tuple[int, int]  # (red, blue) after this second
+
+
+def _rng(seed: int, t: int, salt: int) -> random.Random:
+    # A str seed is hashed (sha512) by random.Random, so neighbouring (seed, t) keys give
+    # unrelated streams. Only rng.random() is used below: it is the one draw Python promises
+    # to reproduce across versions for a given seed.
+    return random.Random(f"{seed}:{t}:{salt}")
+
+
+def _sines(rng: random.Random, n: int, amp: float) -> list[tuple[float, float, float]]:
+    """n random (amplitude, angular frequency, phase) terms with periods of 6-40 s."""
+    return [(amp * (0.5 + 0.5 * rng.random()) / n, 2 * math.pi / (6 + 34 * rng.random()),
+             2 * math.pi * rng.random()) for _ in range(n)]
+
+
+def _wave(terms, tau: float) -> float:
+    return sum(a * math.sin(w * tau + p) for a, w, p in terms)
+
+
+class SportsStream:
+    """An endless match. ``second(t)`` renders second t; everything else is cheap metadata."""
+
+    def __init__(self, cfg: WorldConfig):
+        self.cfg = cfg
+        S = cfg.size
+        # Geometry in pixels: the goals sit in the side margins, outside the touchlines, so
+        # players (clamped to the pitch) never cover a net and a filled net means a goal.
+        self.mx, self.my = round(0.11 * S), round(0.06 * S)
+        self.x0, self.y0, self.x1, self.y1 = self.mx, self.my, S - 1 - self.mx, S - 1 - self.my
+        self.gh = round(0.16 * S)  # half height of a goal mouth
+        self.r_player, self.r_ball = max(2, round(0.04 * S)), max(2, round(0.035 * S))
+        self.edge = (self.r_player + 1) / (self.x1 - self.x0)  # keeps whole player dots on the pitch
+        # Fixed motion parameters for the whole stream (salt 1..): smooth, state-free paths.
+        r = _rng(cfg.seed, 0, 1)
+        self._ball = (_sines(r, 3, 0.44), _sines(r, 3, 0.44))
+        self._wiggle = [[(_sines(r, 2, 0.08), _sines(r, 2, 0.08)) for _ in range(cfg.players_per_team)]
+                        for _ in TEAMS]
+        self._pitch = self._draw_pitch()
+        self._goal_t: list[int] = []  # times of all goals in [0, _scanned)
+        self._red_cum: list[int] = []  # red goals among _goal_t[: i + 1]
+        self._scanned = 0
+
+    # ---- event schedule ------------------------------------------------------------
+    def _draw_event(self, t: int) -> tuple[str | None, str | None, random.Random]:
+        """Event of second t from its own RNG, plus that RNG for the cue's layout draws."""
+        if t < 0:
+            raise ValueError(f"t must be >= 0, got {t}")
+        rng = _rng(self.cfg.seed, t, 0)
+        u, k, side = rng.random(), rng.random(), rng.random()
+        team = "Red" if side < 0.5 else "Blue"
+        if u < self.cfg.goal_rate:
+            return "goal", team, rng
+        if u < self.cfg.goal_rate + self.cfg.event_rate:
+            return EVENTS[1 + min(3, int(4 * k))], team, rng
+        return None, None, rng
+
+    def event(self, t: int) -> tuple[str | None, str | None]:
+        ev, team, _ = self._draw_event(t)
+        return ev, team
+
+    def events(self, t0: int, t1: int) -> list[tuple[int, str, str]]:
+        """(t, event, team) for every non-quiet second in [t0, t1)."""
+        return [(t, *e) for t in range(t0, t1) if (e := self.event(t))[0]]
+
+    def score(self, t: int) -> tuple[int, int]:
+        """(red, blue) after second t: all goals at seconds <= t."""
+        while self._scanned <= t:  # extend the goal cache in chunks, once per stream
+            for s in range(self._scanned, self._scanned + 4096):
+                ev, team = self.event(s)
+                if ev == "goal":
+                    self._red_cum.append((self._red_cum[-1] if self._red_cum else 0) + (team == "Red"))
+                    self._goal_t.append(s)
+            self._scanned += 4096
+        i = bisect.bisect_right(self._goal_t, t)
+        red = self._red_cum[i - 1] if i else 0
+        return red, i - red
+
+    def text(self, t: int) -> str:
+        ev, team = self.event(t)
+        return commentary(ev, team, self.score(t) if ev == "goal" else (0, 0))
+
+    def transcript(self, t0: int, t1: int) -> list[tuple[int, str]]:
+        """(t, text) for every second in [t0, t1) with commentary."""
+        return [(t, self.text(t)) for t, _, _ in self.events(t0, t1)]
+
+    # ---- rendering -----------------------------------------------------------------
+    def second(self, t: int) -> Second:
+        ev, team, rng = self._draw_event(t)
+        layout = (rng.random(), rng.random(), rng.random())  # where this second's cue goes
+        frames = [self.render(t, i, ev, team, layout) for i in range(self.cfg.fps)]
+        return Second(t, frames, ev, team, self.text(t), self.score(t))
+
+    def seconds(self, start: int = 0, end: int | None = None) -> Iterator[Second]:
+        """Seconds start, start+1, ... up to end (exclusive), or forever if end is None."""
+        t = start
+        while end is None or t < end:
+            yield self.second(t)
+            t += 1
+
+    def _px(self, x: float, y: float) -> tuple[float, float]:
+        """Pitch coordinates in [0, 1]^2 (x=0 is Red's goal line) to pixels."""
+        return self.x0 + x * (self.x1 - self.x0), self.y0 + y * (self.y1 - self.y0)
+
+    def _net_box(self, side: int) -> tuple[int, int, int, int]:
+        """Pixel box of the net behind goal line `side` (0 left, 1 right)."""
+        c = self.cfg.size // 2
+        x0, x1 = (1, self.x0 - 1) if side == 0 else (self.x1 + 1, self.cfg.size - 2)
+        return x0, c - self.gh, x1, c + self.gh
+
+    def _draw_pitch(self) -> Image.Image:
+        S = self.cfg.size
+        im = Image.new("RGB", (S, S), GRASS)
+        d = ImageDraw.Draw(im)
+        for i in range(0, 8, 2):  # mown stripes, only to make the pitch look like one
+            d.rectangle([self.x0 + i * (self.x1 - self.x0) // 8, 0,
+                         self.x0 + (i + 1) * (self.x1 - self.x0) // 8, S], fill=GRASS_DARK)
+        d.rectangle([self.x0, self.y0, self.x1, self.y1], outline=LINE)
+        d.line([S // 2, self.y0, S // 2, self.y1], fill=LINE)
+        rc = round(0.12 * S)
+        d.ellipse([S // 2 - rc, S // 2 - rc, S // 2 + rc, S // 2 + rc], outline=LINE)
+        bw, bh = round(0.12 * S), round(0.26 * S)
+        d.rectangle([self.x0, S // 2 - bh, self.x0 + bw, S // 2 + bh], outline=LINE)
+        d.rectangle([self.x1 - bw, S // 2 - bh, self.x1, S // 2 + bh], outline=LINE)
+        for side in (0, 1):
+            d.rectangle(self._net_box(side), fill=NET, outline=LINE)
+        return im
+
+    def _positions(self, tau: float):
+        """Ball and players at time tau: players are pulled toward the ball from a formation."""
+        bx = min(0.97, max(0.03, 0.5 + _wave(self._ball[0], tau)))
+        by = min(0.97, max(0.03, 0.5 + _wave(self._ball[1], tau)))
+        n, players = self.cfg.players_per_team, []
+        for k, name in enumerate(TEAMS):
+            mirror = (lambda x: x) if name == "Red" else (lambda x: 1 - x)
+            team = []
+            for j in range(n):
+                wx, wy = (_wave(w, tau) for w in self._wiggle[k][j])
+                if j == 0:  # keeper: on the goal line, shadowing the ball's height
+                    x, y = mirror(0.03), 0.5 + 0.35 * (by - 0.5) + wy
+                else:
+                    hx = mirror(0.2 + 0.5 * (j - 1) / max(1, n - 2))
+                    hy = (j - 0.5) / (n - 1)
+                    x, y = hx + 0.45 * (bx - hx) + wx, hy + 0.45 * (by - hy) + wy
+                lo, hi = self.edge, 1 - self.edge
+                team.append((min(hi, max(lo, x)), min(hi, max(lo, y))))
+            players.append(team)
+        return (bx, by), players
+
+    def render(self, t: int, frame: int = 0, ev: str | None = None, team: str | None = None,
+               layout: tuple = (0.5, 0.5, 0.5)) -> Image.Image:
+        """Frame `frame` of second t showing event `ev` by `team`, whatever actually happens.
+
+        second() calls this with the scheduled event; calling it directly draws counterfactuals
+        (e.g. the same moment with no event), which is how the tests measure each cue.
+        """
+        (bx, by), players = self._positions(t + frame / self.cfg.fps)
+        im = self._pitch.copy()
+        d = ImageDraw.Draw(im)
+        S, k = self.cfg.size, TEAMS.index(team) if team else 0
+        col = COLOUR.get(team)
+        ball = self._px(bx, by)
+        goal_half = self.gh / (self.y1 - self.y0)  # goal mouth half height in pitch units
+        attack = 1 if team == "Red" else 0  # side of the goal this team attacks
+        under = mid = top = None  # cue drawn under the players / under the ball / on top
+        if ev == "goal":
+            box = self._net_box(attack)
+            fill = col if frame % 2 == 0 else FLASH[team]
+            under = lambda: d.rectangle(box, fill=fill)  # no outline: the whole net lights up
+            ball = ((box[0] + box[2]) / 2, S / 2 + (layout[0] - 0.5) * self.gh)
+        elif ev == "shot":
+            shooter = (0.55 if attack else 0.45, 0.2 + 0.6 * layout[0])  # long shot: long streak
+            players[k][1] = shooter
+            off = goal_half + 0.06 + 0.06 * layout[1]
+            ball = self._px(0.96 if attack else 0.04, 0.5 + (off if layout[2] < 0.5 else -off))
+            start = self._px(*shooter)
+            w = max(3, round(0.05 * S))  # thick enough to survive a 14-px patch
+            mid = lambda: d.line([start, ball], fill=col, width=w)
+        elif ev == "save":
+            home = 1 - attack  # a keeper saves in front of their own goal
+            keeper = (0.06 if home == 0 else 0.94, 0.5 + (layout[0] - 0.5) * goal_half)
+            players[k][0] = keeper
+            kx, ky = self._px(*keeper)
+            ball = (kx + (1 if home == 0 else -1) * self.r_player, ky - self.r_player)
+            g = round(0.09 * S)
+            under = lambda: d.rectangle([kx - g, ky - g, kx + g, ky + g], fill=YELLOW)
+        elif ev == "corner":
+            cy = layout[0] < 0.5
+            cx, cyp = (self.x1 if attack else self.x0), (self.y1 if cy else self.y0)
+            rq = round(0.16 * S)
+            under = lambda: d.ellipse([cx - rq, cyp - rq, cx + rq, cyp + rq], fill=col)
+            o = self.r_ball  # just inside the flag, on the pitch
+            ball = (cx + (-o if attack else o), cyp + (-o if cy else o))
+        elif ev == "foul":
+            cw, ch, b = round(0.1 * S), round(0.14 * S), max(2, S // 28)
+            top = lambda: d.rectangle([S // 2 - cw, S // 2 - ch, S // 2 + cw, S // 2 + ch],
+                                       fill=YELLOW, outline=col, width=b)
+        if under:
+            under()
+        r = self.r_player
+        for name, team_pos in zip(TEAMS, players):
+            for x, y in team_pos:
+                px, py = self._px(x, y)
+                d.ellipse([px - r, py - r, px + r, py + r], fill=COLOUR[name])
+        if mid:
+            mid()
+        rb = self.r_ball
+        d.ellipse([ball[0] - rb, ball[1] - rb, ball[0] + rb, ball[1] + rb], fill=BALL, outline=BALL_EDGE)
+        if top:  # the card goes on top of everything, so nothing can hide it
+            top()
+        return im
+
+
+def save_gif(stream: SportsStream, path: str, seconds, scale: int = 4, caption: bool = True) -> None:
+    """Write seconds (an int n for 0..n-1, or an iterable of ints) as an upscaled GIF.
+
+    The caption (time, commentary, score) is for humans only; the model never sees it.
+    """
+    ts = range(seconds) if isinstance(seconds, int) else seconds
+    font, S, out = ImageFont.load_default(), stream.cfg.size * scale, []
+    for t in ts:
+        sec = stream.second(t)
+        for f in sec.frames:
+            im = Image.new("RGB", (S, S + (14 if caption else 0)), (0, 0, 0))
+            im.paste(f.resize((S, S), Image.NEAREST), (0, 0))
+            if caption:
+                msg = f"{t}s {sec.score[0]}-{sec.score[1]} {sec.text}"
+                ImageDraw.Draw(im).text((2, S + 1), msg, fill=(255, 255, 255), font=font)
+            out.append(im)
+    out[0].save(path, save_all=True, append_images=out[1:], duration=1000 // stream.cfg.fps, loop=0)
