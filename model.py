@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 
 # -----------------------------------------------------------------------------
@@ -484,6 +485,7 @@ class VLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer_path = tokenizer_path  # a tokenizer.json that save_pretrained copies along
+        self.checkpointing = False            # activation checkpointing of the decoder layers (training)
         self.visual = VisionTower(cfg.vision)
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -555,7 +557,10 @@ class VLM(nn.Module):
             mask = ((kj <= qi)[None] & keys[:, None, :]) | (kj == qi)[None]
             mask = mask[:, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.checkpointing and self.training:  # activation checkpointing: recompute in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
@@ -646,13 +651,13 @@ class VLM(nn.Module):
         model.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
         return model.eval()
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """config.json + model.safetensors (+ tokenizer.json) in the official layout, written atomically:
         everything goes to a temporary folder beside `path`, then each file is renamed into place."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**self.cfg.to_hf_dict(), "torch_dtype": str(self.dtype).split(".")[-1]}, f, indent=2)

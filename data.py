@@ -1,0 +1,148 @@
+"""
+Training samples in StreamingVLM's SFT format (arXiv 2510.09608, section 2.2), from the synthetic world or from
+real videos with word timestamps.
+
+A sample is one chunk of `chunk_seconds` (24) seconds; consecutive chunks overlap by `overlap` (12) seconds,
+so every second is trained both near the start of a chunk (long previous text, little vision history) and in
+its middle. The chunk is laid out exactly as the streaming loop lays out its cache (stream.py's round_segments
+and prefix_segments: one definition):
+
+  system | previous text = all commentary before the chunk, cut to head text_sink + tail text_window tokens
+         | 24 x (user turn with 2 frames, reply, " ..." <|im_end|>)
+
+The cut happens on token ids before the forward, so positions are contiguous as at inference. Attention is
+plain causal over the whole chunk; the loss covers only the reply tokens, " ..." and <|im_end|>.
+
+Real data (JSONL, one object per line; decoded with PyAV when installed):
+  {"video": "clip.mp4", "start": 120.0, "end": 144.0,
+   "words": [[120.4, 120.7, "What"], [120.7, 121.1, "a"], ...],        # [start s, end s, word], absolute
+   "previous": "commentary before start (optional)"}
+A second [t, t+1) says the words whose end time falls in (t, t+1], as StreamingVLM's builder does.
+"""
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cache import END, REPLY
+from processor import Tokenizer, build_tokenizer, preprocess_video
+from stream import FPS, SILENCE, prefix_segments, reply_ids, round_segments
+from world import SportsStream, WorldConfig, commentary, split_seed
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    ids: torch.Tensor            # (T,) token ids
+    labels: torch.Tensor         # (T,) the id where supervised, else -100 (not yet shifted)
+    pixel_values: torch.Tensor   # (sum of patches, 1176)
+    grid_thw: torch.Tensor       # (seconds, 3)
+
+
+def make_tokenizer(vocab_size=512, seed=0):
+    """A byte-level BPE for the synthetic world's language plus the Qwen special tokens."""
+    rng = random.Random(seed)
+    texts = [commentary(ev, team, (rng.randint(0, 12), rng.randint(0, 12)))
+             for ev in ("goal", "shot", "save", "foul", "corner") for team in ("Red", "Blue") for _ in range(20)]
+    texts += [f"Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
+    texts += [SILENCE, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
+              "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
+    return Tokenizer(build_tokenizer([" " + t for t in texts] * 3, vocab_size))
+
+
+def previous_ids(tok, texts, text_sink, text_window):
+    """The concatenated reply tokens of `texts` (oldest first), cut to head text_sink + tail text_window, the
+    same cut the streaming cache makes. Only as many sentences as the head and the tail need are tokenized, so a
+    chunk at second 50,000 costs no more than one at second 50."""
+    head = []
+    for i, text in enumerate(texts):
+        head += reply_ids(tok, text)
+        if len(head) > text_sink + text_window:
+            break
+    else:
+        return head  # everything fits: no cut
+    tail = []
+    for text in reversed(texts[i + 1:]):
+        if len(tail) >= text_window:
+            break
+        tail = reply_ids(tok, text) + tail
+    full_tail = (head + tail)[-text_window:] if len(tail) < text_window else tail[-text_window:]
+    return head[:text_sink] + full_tail
+
+
+def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, max_pixels=768 * 28 * 28):
+    """One chunk: frames[k] are the 2 frames of second t0 + k, texts[k] its commentary, `previous` the list of
+    commentary sentences before t0 (oldest first)."""
+    ids, labels, pix, grids = [], [], [], []
+    for seg, _ in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
+                                  text_window):
+        ids += seg
+        labels += [IGNORE] * len(seg)
+    for k, (fr, text) in enumerate(zip(frames, texts)):
+        pv, grid, _ = preprocess_video(fr, fps=FPS, min_pixels=28 * 28 * 4, max_pixels=max_pixels)
+        pix.append(pv)
+        grids.append(grid)
+        for seg, kind in round_segments(tok, t0 + k, int(grid.prod()) // 4, text):
+            ids += seg
+            if kind == REPLY:
+                labels += seg
+            elif kind == END:  # supervise " ..." and <|im_end|>, not the newline the next prompt starts with
+                labels += seg[:-1] + [IGNORE]
+            else:
+                labels += [IGNORE] * len(seg)
+    return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids))
+
+
+def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
+                     text_window=512, world=None):
+    """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
+    on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap."""
+    rng = random.Random(f"{split}-{index}")
+    cfg = WorldConfig(**{**(world or {}), "seed": split_seed(split, rng.randrange(10_000))})
+    stream = SportsStream(cfg)
+    stride = chunk_seconds - overlap
+    t0 = stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))
+    secs = [stream.second(t) for t in range(t0, t0 + chunk_seconds)]
+    previous = [text for _, text in stream.transcript(0, t0)]
+    return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, previous, text_sink,
+                        text_window)
+
+
+def jsonl_samples(path, tok, chunk_seconds=24, text_sink=512, text_window=512, max_pixels=768 * 28 * 28):
+    """Samples from a JSONL file of real videos (format in the module docstring); video paths are relative
+    to the JSONL file. Yields one Sample per line."""
+    from stream import open_video, seconds_of
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                video, start, end, words = rec["video"], float(rec["start"]), float(rec["end"]), rec["words"]
+            except (KeyError, ValueError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a valid sample ({e}); see data.py for the format")
+            secs = list(seconds_of(open_video(os.path.join(root, video))))
+            t_first, t_last = int(start), min(int(end), int(start) + chunk_seconds, len(secs))
+            if t_last <= t_first:
+                raise ValueError(f"{path}:{n}: the video {video} has {len(secs)} s, none in [{start}, {end})")
+            texts = [" ".join(w for ws, we, w in words if t < float(we) <= t + 1) for t in range(t_first, t_last)]
+            previous = [rec["previous"]] if rec.get("previous") else []
+            yield build_sample(tok, secs[t_first:t_last], texts, t_first, previous, text_sink, text_window,
+                               max_pixels)
+
+
+def collate(samples, pad_id):
+    """Right-pad a list of Samples into a batch for VLM.forward (pixel values concatenated in order)."""
+    T = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(samples), T, dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, :len(s.ids)], labels[i, :len(s.ids)], mask[i, :len(s.ids)] = s.ids, s.labels, 1
+    return dict(input_ids=ids, labels=labels, attention_mask=mask,
+                pixel_values_videos=torch.cat([s.pixel_values for s in samples]),
+                video_grid_thw=torch.cat([s.grid_thw for s in samples]))

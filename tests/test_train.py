@@ -1,0 +1,105 @@
+"""data.py and train.py: the sample layout token by token, learning, resume, and 2-process DDP on CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cache import END, REPLY, USER
+from data import IGNORE, build_sample, make_tokenizer, previous_ids, synthetic_sample
+from stream import end_ids, prefix_segments, reply_ids, round_segments, user_ids
+from world import SportsStream, WorldConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--steps", "6", "--batch-size", "2", "--eval-every", "3", "--eval-chunks", "1", "--chunk-seconds", "6",
+        "--overlap", "3", "--stream-seconds", "600", "--text-sink", "16", "--text-window", "24", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_sample_layout_token_by_token(tok):
+    from PIL import Image
+    frames = [[Image.new("RGB", (56, 56), (10 * k, 0, 0))] * 2 for k in range(3)]
+    texts = ["Red shoots!", "", "Red scores! Red 1, Blue 0."]
+    previous = [f"Foul by Blue." for _ in range(20)]
+    s = build_sample(tok, frames, texts, 100, previous, text_sink=5, text_window=7)
+    body = sum((reply_ids(tok, t) for t in previous), [])
+    assert len(body) > 12
+    expect_ids, expect_labels = [], []
+    for seg, _ in prefix_segments(tok, body[:5] + body[-7:], 5, 7):  # head 5 + tail 7 of the previous text
+        expect_ids += seg
+        expect_labels += [IGNORE] * len(seg)
+    for k, text in enumerate(texts):
+        u, r, e = user_ids(tok, 100 + k, 4), reply_ids(tok, text), end_ids(tok)
+        assert tok.decode(u).startswith(f"<|im_start|>user\nTime={100 + k}.0-{101 + k}.0s<|vision_start|>")
+        expect_ids += u + r + e
+        expect_labels += [IGNORE] * len(u) + r + e[:-1] + [IGNORE]  # reply, " ..." and <|im_end|>; not "\n"
+    assert s.ids.tolist() == expect_ids
+    assert s.labels.tolist() == expect_labels
+    assert tok.decode([i for i in s.labels.tolist() if i != IGNORE]) == \
+        " Red shoots! ...<|im_end|> ...<|im_end|> Red scores! Red 1, Blue 0. ...<|im_end|>"
+    assert s.grid_thw.tolist() == [[1, 4, 4]] * 3
+
+
+def test_previous_text_is_all_commentary_before_the_chunk(tok):
+    stream = SportsStream(WorldConfig(seed=5))
+    t0 = 600
+    prev = [text for _, text in stream.transcript(0, t0)]
+    full = sum((reply_ids(tok, t) for t in prev), [])
+    assert previous_ids(tok, prev, 32, 48) == full[:32] + full[-48:]
+    assert previous_ids(tok, prev[:2], 32, 48) == sum((reply_ids(tok, t) for t in prev[:2]), [])
+
+
+def test_chunks_overlap_on_the_stride(tok):
+    starts = set()
+    for i in range(30):
+        s = synthetic_sample(tok, "train", i, chunk_seconds=6, overlap=3, stream_seconds=60, text_sink=8,
+                             text_window=8)
+        text = tok.decode(s.ids)
+        t0 = int(text.split("Time=")[1].split(".")[0])
+        starts.add(t0)
+        assert text.count("Time=") == 6
+    assert starts <= set(range(0, 60, 3)) and len(starts) > 5
+
+
+def run_train(tmp_path, name, *extra):
+    out = tmp_path / name
+    from train import main
+    return main(["--out", str(out), *FAST, *extra]), out
+
+
+def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
+    history, out = run_train(tmp_path, "a")
+    assert sum(history[-2:]) / 2 < 0.7 * sum(history[:2]) / 2, history
+    from model import VLM
+    m = VLM.from_pretrained(out, device="cpu")
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "stream.json", "tokenizer.json",
+                                       "train_state.pt"]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, torch_dtype=torch.float32)
+    ids = torch.tensor([[m.cfg.eos_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        assert (hf(input_ids=ids).logits - m(ids)).abs().max() < 1e-4
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full, _ = run_train(tmp_path, "full")
+    first, out = run_train(tmp_path, "part", "--stop-at", "4")  # interrupted after step 4 of 6
+    resumed, _ = run_train(tmp_path, "part", "--resume")
+    assert len(resumed) == 6
+    assert resumed[:4] == first
+    assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
+def test_ddp_two_cpu_processes_match_one(tmp_path):
+    one, _ = run_train(tmp_path, "one", "--steps", "3", "--batch-size", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, "--steps", "3", "--batch-size", "1"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
+    two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["history"]
+    assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4), (two, one)

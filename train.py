@@ -1,0 +1,266 @@
+"""
+StreamingVLM's SFT (arXiv 2510.09608, section 2.2): full attention on short overlapped chunks that mimic the
+streaming cache.
+
+With no arguments this trains the tiny VLM from scratch on the synthetic sports stream (world.py) and writes
+out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from_pretrained and transformers),
+stream.json (the window sizes it was trained for) and train_state.pt (optimizer and step, for --resume).
+
+  python train.py                          # CPU: a short run (< 10 min on 2 cores) with a clearly falling loss
+  python train.py --preset gpu             # one H100: trains the tiny model to the eval targets
+  python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint, vision tower frozen
+  torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
+
+Each optimizer step sees batch_size x grad_accum x world_size chunks; the loss is the mean over all supervised
+tokens of the step (all ranks and micro-batches together), so the result does not depend on how a step is
+split across processes.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import IGNORE, collate, jsonl_samples, make_tokenizer, synthetic_sample
+from model import PRESETS, VLM, pick_device_dtype
+from processor import Tokenizer
+
+PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explicitly wins
+    "cpu": dict(steps=150, batch_size=2, grad_accum=1, lr=2e-3, text_sink=64, text_window=128, eval_every=50),
+    "gpu": dict(steps=3000, batch_size=16, grad_accum=1, lr=1e-3, text_sink=256, text_window=256, eval_every=250),
+}
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESET_ARGS), default=None,
+                    help="defaults for a machine (default: gpu when CUDA is available, else cpu)")
+    ap.add_argument("--out", default="out/tiny", help="checkpoint folder")
+    ap.add_argument("--init", default=None, help="fine-tune this Qwen2.5-VL checkpoint (vision tower frozen)")
+    ap.add_argument("--data", default=None, help="a JSONL file of real videos (data.py); default: synthetic")
+    ap.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="end this run after this step, with a checkpoint (the schedule still spans --steps)")
+    # optimisation
+    ap.add_argument("--steps", type=int, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, help="chunks per micro-batch per process")
+    ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    ap.add_argument("--lr", type=float, help="peak learning rate (the paper: 1e-5 for --init)")
+    ap.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (cosine after)")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    # data
+    ap.add_argument("--chunk-seconds", type=int, default=24)
+    ap.add_argument("--overlap", type=int, default=12)
+    ap.add_argument("--stream-seconds", type=int, default=3600, help="chunks start anywhere in streams this long")
+    ap.add_argument("--text-sink", type=int, help="previous-text head tokens (inference default 512)")
+    ap.add_argument("--text-window", type=int, help="previous-text tail tokens (inference default 512)")
+    ap.add_argument("--frame-size", type=int, default=56, help="synthetic frame side in pixels (multiple of 28)")
+    # system
+    ap.add_argument("--eval-every", type=int, help="validation loss every N steps (and a checkpoint)")
+    ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the language model")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    for k, v in PRESET_ARGS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.overlap >= args.chunk_seconds or args.chunk_seconds < 1:
+        ap.error(f"--overlap ({args.overlap}) must be smaller than --chunk-seconds ({args.chunk_seconds})")
+    if args.frame_size % 28:
+        ap.error(f"--frame-size must be a multiple of 28, got {args.frame_size}")
+    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        ap.error("--steps, --batch-size and --grad-accum must be positive")
+    return args
+
+
+def lr_at(step, args):
+    """Linear warm-up, then cosine to 10% of the peak."""
+    warm = max(1, int(args.warmup * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    p = (step - warm) / max(1, args.steps - warm)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def make_batch(tok, split, indices, args):
+    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated."""
+    if args.data:
+        return collate([args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices], tok.pad_id)
+    world_cfg = dict(size=args.frame_size)
+    return collate([synthetic_sample(tok, split, i, args.chunk_seconds, args.overlap, args.stream_seconds,
+                                     args.text_sink, args.text_window, world_cfg) for i in indices], tok.pad_id)
+
+
+def batch_for(step, micro, rank, world, args, tok):
+    """The chunks of one micro-batch: a pure function of (step, micro-batch, rank), so a resumed run and a
+    2-process run see exactly the samples of an uninterrupted 1-process run."""
+    first = (step * args.grad_accum + micro) * args.batch_size * world + rank * args.batch_size
+    return make_batch(tok, "train", range(first, first + args.batch_size), args)
+
+
+def loss_sum(model, batch, device):
+    """Sum of token cross-entropies over the supervised tokens, and their count."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    logits = model(**batch)
+    targets = labels[:, 1:]  # position i predicts token i + 1
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def save_checkpoint(raw, opt, step, history, args, tok_path, master):
+    """The model in the official layout plus train_state.pt, each file written atomically. Under FSDP every
+    rank takes part in gathering the full tensors; only the master writes."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in raw.state_dict().items()}
+    if not master:
+        return
+    raw.tokenizer_path = tok_path
+    raw.save_pretrained(args.out, state)
+    with open(os.path.join(args.out, "stream.json.tmp"), "w") as f:
+        json.dump(dict(text_sink=args.text_sink, text_window=args.text_window, vision_window=16,
+                       frame_size=args.frame_size), f)
+    os.replace(os.path.join(args.out, "stream.json.tmp"), os.path.join(args.out, "stream.json"))
+    tmp = os.path.join(args.out, "train_state.pt.tmp")
+    torch.save(dict(optimizer=opt.state_dict(), step=step, history=history,
+                    args={k: v for k, v in vars(args).items() if k != "jsonl_cache"}), tmp)
+    os.replace(tmp, os.path.join(args.out, "train_state.pt"))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # ---- processes and device ----
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    master = rank == 0
+    device, _ = pick_device_dtype(args.device, torch.float32, quiet=not master)
+    amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 master weights
+    torch.manual_seed(args.seed)
+    if master:
+        print(f"preset {args.preset}: {args.steps} steps x {args.batch_size} chunks x {args.grad_accum} accum x "
+              f"{world} processes, lr {args.lr}, text sink/window {args.text_sink}/{args.text_window}"
+              f"{', bf16 autocast' if amp else ''}")
+    # ---- tokenizer and model ----
+    os.makedirs(args.out, exist_ok=True)
+    tok_path = os.path.join(args.out, "tokenizer.json")
+    if args.init:
+        model = VLM.from_pretrained(args.init, device=device, dtype=torch.float32)
+        tok = Tokenizer.from_file(args.init)
+        tok_path = model.tokenizer_path
+        for p in model.visual.parameters():  # the paper's recipe: the whole vision tower, merger included, frozen
+            p.requires_grad_(False)
+    elif args.resume:
+        model = VLM.from_pretrained(args.out, device=device, dtype=torch.float32)
+        tok = Tokenizer.from_file(args.out)
+    else:
+        tok = make_tokenizer()
+        if master:
+            tok.tok.save(tok_path + ".tmp")
+            os.replace(tok_path + ".tmp", tok_path)
+        cfg = PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
+        cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+        cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
+        cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id
+        model = VLM(cfg).init_weights(seed=args.seed).to(device)
+    if args.data:
+        args.jsonl_cache = list(jsonl_samples(args.data, tok, args.chunk_seconds, args.text_sink, args.text_window))
+    raw = model
+    model.checkpointing = args.checkpointing
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if master:
+        print(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained)")
+    if ddp and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        raw.model.compile()
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    step, history = 0, []
+    if args.resume:
+        state = torch.load(os.path.join(args.out, "train_state.pt"), map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        if master:
+            print(f"resumed at step {step}")
+    val = [make_batch(tok, "eval", [i], args) for i in range(args.eval_chunks)] if master else []
+
+    def validate():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            tot = [loss_sum(raw, b, device) for b in val]
+        model.train()
+        return sum(l.item() for l, _ in tot) / sum(n for _, n in tot)
+
+    # ---- the loop ----
+    flops_per_token = 6 * n_train  # matmul FLOPs of forward + backward (attention left out: short chunks)
+    peak = 989e12 if amp else None  # H100 SXM dense bf16
+    model.train()
+    end = min(args.steps, args.stop_at or args.steps)
+    bar = tqdm(range(step, end), initial=step, total=args.steps, disable=not master, desc="train")
+    for step in bar:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args)
+        batches = [batch_for(step, m, rank, world, args, tok) for m in range(args.grad_accum)]
+        # the step's loss is a mean over all its supervised tokens, on every rank and micro-batch
+        count = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device=device)
+        if ddp:
+            dist.all_reduce(count)
+        total, tokens = 0.0, 0
+        for m, b in enumerate(batches):
+            # DDP: all-reduce the gradients only after the last micro-batch
+            quiet = ddp and not args.fsdp and m < len(batches) - 1
+            with model.no_sync() if quiet else contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                s, n = loss_sum(model, b, device)
+                (s * world / count).backward()  # DDP averages gradients over ranks: * world undoes that
+            total += s.item()
+            tokens += b["attention_mask"].sum().item()
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = torch.tensor(total, device=device)
+        if ddp:
+            dist.all_reduce(loss)
+        loss = loss.item() / count.item()
+        history.append(loss)
+        dt = time.perf_counter() - t0
+        tps = tokens * world / dt
+        mfu = f" mfu {100 * flops_per_token * tps / (peak * world):.1f}%" if peak else ""
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, args):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == end:
+            if master:
+                tqdm.write(f"step {step + 1}: train loss {loss:.4f}, val loss {validate():.4f}")
+            save_checkpoint(raw, opt, step + 1, history, args, tok_path, master)
+    if master:
+        print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
