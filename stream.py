@@ -142,14 +142,15 @@ class Streamer:
 
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
-                 frame_min_pixels=28 * 28 * 4, frame_max_pixels=768 * 28 * 28, seed=0, reset_every=None):
+                 frame_min_pixels=28 * 28 * 4, frame_max_pixels=768 * 28 * 28, seed=0, reset_every=None, fps=FPS):
         self.model, self.tok = model, tok
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         if reset_every is not None:
             self.policy = type(self.policy)(**{**vars(self.policy), "reset_every": reset_every})
         self.text_sink, self.text_window, self.vision_window = text_sink, text_window, vision_window
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.fps = max_new_tokens, fps
+        self.decode_time, self.decode_tokens = 0.0, 0  # for per-token latency
         self.pixels = dict(min_pixels=frame_min_pixels, max_pixels=frame_max_pixels)
         self.generator = torch.Generator().manual_seed(seed)
         self.previous_ids = tok.encode(previous_text) if previous_text else []
@@ -173,7 +174,7 @@ class Streamer:
         if self.policy.reset_every and t > 0 and t % self.policy.reset_every == 0:
             self._restart()
         cache.evict(t)
-        pv, grid, secs = preprocess_video(frames, fps=FPS, **self.pixels)
+        pv, grid, secs = preprocess_video(frames, fps=self.fps, **self.pixels)
         n_vision = int(grid.prod()) // 4
         segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
         segments.append((user_ids(tok, t, n_vision), USER, t))
@@ -199,6 +200,8 @@ class Streamer:
         first_reply = cache.length
         forced = (reply_ids(tok, force_text) + self.end[:-1]) if force_text is not None else None
         out = []
+        self._sync()
+        t_decode = time.perf_counter()
         while True:
             if forced is not None:
                 nxt = forced[len(out)]
@@ -211,6 +214,9 @@ class Streamer:
             p = cache.add_tokens([nxt], REPLY, t)
             logits = self.last_logits = model(torch.tensor([[nxt]], device=model.device), position_ids=p,
                                               cache=cache)
+        self._sync()
+        self.decode_time += time.perf_counter() - t_decode
+        self.decode_tokens += len(out) - 1  # forwards run in the decode loop
         # the reply is what comes before ' ...' (or before the stop / cap); the rest of what was fed is END
         content = out[:-1] if out[-1] in self.stops else out
         for i in range(len(content) - len(self.silence) + 1):
@@ -223,6 +229,10 @@ class Streamer:
         self.pending = [(self.end[len(tail):] if self.end[:len(tail)] == tail else self.end, END)]
         self.t += 1
         return tok.decode(content).strip()
+
+    def _sync(self):
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def main():

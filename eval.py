@@ -1,0 +1,314 @@
+"""
+Measure what the papers claim, side by side. Each task prints a table and writes a JSON file (and PNG plots
+when matplotlib is installed) into --out.
+
+  python eval.py                        # stream: the trained tiny model on held-out 2-hour streams, 5 policies
+  python eval.py efficiency             # the 7B config (random weights), per-token / per-second latency, memory
+  python eval.py flexprefill            # the kernel benchmark (bench_flexprefill.py) + a long-prefill check
+  python eval.py --model DIR --video F  # stream a real video through a real checkpoint, save the commentary
+
+Metrics of the stream task (world.py's sentences are parsed back into (event, team)):
+  event F1 (exact second / +-1 s), score accuracy (a true goal counts as right when the model says a goal
+  sentence with the right running score within +-1 s), silence accuracy (quiet seconds left quiet), the same
+  over five 20% slices of the stream (the paper's Fig. 8), per-second latency p50/p99, peak memory, and the
+  largest M-RoPE position. A policy that runs out of memory or time is reported with the second it failed.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import torch
+
+from cache import POLICIES
+from model import PRESETS, VLM, pick_device_dtype
+from processor import Tokenizer, build_tokenizer
+from stream import Streamer, open_video, seconds_of
+from world import SportsStream, WorldConfig, split_seed
+
+EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
+             ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),
+             ("foul", re.compile(r"^Foul by (Red|Blue)\.$")), ("corner", re.compile(r"^Corner for (Red|Blue)\.$"))]
+
+# -----------------------------------------------------------------------------
+# Metrics (tested on hand-made transcripts in tests/test_eval.py)
+
+
+def parse_event(text):
+    """(event, team, score or None) of a commentary sentence, None for silence or anything unrecognised."""
+    for name, rx in EVENT_RES:
+        m = rx.match(text.strip())
+        if m:
+            return name, m.group(1), (int(m.group(2)), int(m.group(3))) if name == "goal" else None
+    return None
+
+
+def score_transcript(truth, pred, t0=0, t1=None):
+    """truth, pred: lists of texts, one per second ('' = silence). Scores seconds [t0, t1)."""
+    t1 = len(truth) if t1 is None else t1
+    T = {t: parse_event(truth[t]) for t in range(t0, t1) if parse_event(truth[t])}
+    P = {t: parse_event(pred[t]) for t in range(t0, t1) if parse_event(pred[t])}
+
+    def f1(tol):
+        used, tp = set(), 0
+        for t, (ev, team, _) in sorted(T.items()):  # one-to-one: each prediction matches at most one event
+            for d in sorted(range(-tol, tol + 1), key=abs):
+                p = P.get(t + d)
+                if p and t + d not in used and p[:2] == (ev, team):
+                    used.add(t + d)
+                    tp += 1
+                    break
+        prec = tp / len(P) if P else 1.0
+        rec = tp / len(T) if T else 1.0
+        return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+
+    goals = [(t, e) for t, e in T.items() if e[0] == "goal"]
+    right = sum(any(P.get(t + d) == e for d in (-1, 0, 1)) for t, e in goals)
+    quiet = [t for t in range(t0, t1) if not truth[t].strip()]
+    silent = sum(not pred[t].strip() for t in quiet)
+    return dict(f1=f1(0), f1_tol1=f1(1), score_acc=right / len(goals) if goals else None, goals=len(goals),
+                silence_acc=silent / len(quiet) if quiet else None, events=len(T))
+
+
+def slices(truth, pred, n=5):
+    L = len(pred)
+    return [score_transcript(truth, pred, L * i // n, L * (i + 1) // n) for i in range(n)]
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
+
+
+def hardware():
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return f"{dev}, torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
+
+
+def peak_memory(device, cache):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return cache.nbytes() / 2**30  # on CPU: the cache buffers (weights and activations are constant)
+
+
+def table(rows, cols):
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def save(args, name, result):
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+def plot(args, name, series, xlabel, ylabel):
+    """series: {label: (xs, ys)}; silently skipped without matplotlib (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+# -----------------------------------------------------------------------------
+# The run loop shared by the tasks
+
+
+def run_policy(model, tok, policy, seconds, frames_of, args, force=None, **kw):
+    """Stream `seconds` seconds; returns texts, per-second latencies, and where it failed (or None)."""
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    s = Streamer(model, tok, policy, **kw)
+    texts, lat, maxpos, failed, t_start = [], [], 0, None, time.perf_counter()
+    for t in range(seconds):
+        try:
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                raise TimeoutError(f"over the {args.time_limit} s time limit")
+            frames = frames_of(t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            texts.append(s.step(frames, force_text=force(t) if force else None))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            lat.append(time.perf_counter() - t0)
+            maxpos = max(maxpos, s.cache.max_position())
+        except (torch.OutOfMemoryError, TimeoutError) as e:
+            failed = dict(second=t, reason=type(e).__name__)
+            break
+    return dict(texts=texts, latency=lat, max_position=maxpos, failed=failed,
+                peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s)
+
+
+def load(args):
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        sys.exit(f"no checkpoint at {args.model}: make one with `python train.py` (or pass --model DIR)")
+    device, dtype = pick_device_dtype(args.device)
+    model = VLM.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.flexprefill:
+        model.enable_flexprefill()
+    settings = {}
+    if os.path.isfile(os.path.join(args.model, "stream.json")):
+        with open(os.path.join(args.model, "stream.json")) as f:
+            settings = json.load(f)  # the windows the model was trained for
+    return model, Tokenizer.from_file(args.model), settings
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+
+def task_stream(args):
+    model, tok, st = load(args)
+    kw = dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
+              vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens)
+    print(f"{hardware()}; {args.streams} held-out stream(s) x {args.seconds} s, windows {kw}")
+    rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
+    for policy in args.policies:
+        agg, per_slice, lat, runs = [], [], [], []
+        for i in range(args.streams):
+            world = SportsStream(WorldConfig(seed=split_seed("eval", i), size=st.get("frame_size", 56)))
+            truth = [world.text(t) for t in range(args.seconds)]
+            reset = dict(reset_every=args.reset_every) if policy == "reset" else {}
+            r = run_policy(model, tok, policy, args.seconds, lambda t: world.second(t).frames, args, **kw, **reset)
+            n = len(r["texts"])
+            agg.append(score_transcript(truth[:n], r["texts"]))
+            per_slice.append(slices(truth[:n], r["texts"]) if n >= 5 else [])
+            lat += r["latency"]
+            runs.append({k: v for k, v in r.items() if k != "streamer"})
+        mean = lambda key, rows_: (lambda v: round(sum(v) / len(v), 3) if v else None)(
+            [x[key] for x in rows_ if x.get(key) is not None])
+        failed = [r["failed"] for r in runs if r["failed"]]
+        row = dict(policy=policy, f1=mean("f1", agg), f1_1s=mean("f1_tol1", agg), score=mean("score_acc", agg),
+                   silence=mean("silence_acc", agg), p50_ms=round(1000 * percentile(lat, 50), 1),
+                   p99_ms=round(1000 * percentile(lat, 99), 1), peak_gib=round(max(r["peak_gib"] for r in runs), 3),
+                   max_pos=max(r["max_position"] for r in runs),
+                   failed=f"{failed[0]['reason']} at {failed[0]['second']} s" if failed else "-")
+        rows.append(row)
+        sl = [[x for x in col] for col in zip(*per_slice)] if all(per_slice) else []
+        result["policies"][policy] = dict(summary=row, runs=runs,
+                                          slices=[dict(f1=mean("f1", c), score=mean("score_acc", c)) for c in sl])
+        print(table([row], list(row)), flush=True)
+    print("\n" + table(rows, list(rows[0])))
+    if any(result["policies"][p]["slices"] for p in args.policies):
+        print("\nevent F1 / score accuracy per 20% slice of the stream (paper Fig. 8):")
+        for p in args.policies:
+            print(f"  {p:10s} " + "  ".join(f"{s['f1']}/{s['score']}" for s in result["policies"][p]["slices"]))
+    save(args, "stream", result)
+    plot(args, "stream_latency", {p: (range(len(v["runs"][0]["latency"])), [1000 * x for x in v["runs"][0]["latency"]])
+                                  for p, v in result["policies"].items()}, "stream second", "latency per second (ms)")
+    return result
+
+
+def task_efficiency(args):
+    """The 7B config (or --preset), random weights, a fixed number of decoded tokens a second."""
+    device, dtype = pick_device_dtype(args.device)
+    cfg = PRESETS[args.preset]()
+    tok = Tokenizer(build_tokenizer(["a b c d e f g"], 300, qwen_ids=cfg.vocab_size > 151664))
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    if cfg.vocab_size < len(tok):
+        cfg.vocab_size = len(tok)
+    with torch.device(device):
+        model = VLM(cfg).to(dtype).init_weights(std=0.02).eval()
+    if args.flexprefill:
+        model.enable_flexprefill()
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
+    rows, result = [], dict(settings=vars(args), hardware=hardware(), policies={})
+    fixed = " ".join(["x"] * args.max_new_tokens)
+    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps, {args.seconds} s")
+    for policy in args.policies:
+        r = run_policy(model, tok, policy, args.seconds, lambda t: [frames[(t + j) % 4] for j in range(args.fps)],
+                       args, force=lambda t: fixed, max_new_tokens=args.max_new_tokens, fps=args.fps)
+        lat = r["latency"]
+        k = max(1, len(lat) // 10)
+        s = r["streamer"]
+        row = dict(policy=policy, first_ms=round(1000 * sum(lat[1:k + 1]) / max(1, len(lat[1:k + 1])), 1),
+                   last_ms=round(1000 * sum(lat[-k:]) / k, 1) if lat else None,
+                   p99_ms=round(1000 * percentile(lat[-max(1, len(lat) // 2):], 99), 1),
+                   ms_per_token=round(1000 * s.decode_time / max(1, s.decode_tokens), 2),
+                   peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
+                   failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
+        rows.append(row)
+        print(table([row], list(row)), flush=True)
+        result["policies"][policy] = dict(summary=row, latency=lat)
+    print("\n" + table(rows, list(rows[0])))
+    save(args, "efficiency", result)
+    plot(args, "efficiency_latency", {p: (range(len(v["latency"])), v["latency"]) for p, v in
+                                      result["policies"].items()}, "stream second", "seconds per stream second")
+    return result
+
+
+def task_video(args):
+    model, tok, st = load(args)
+    s = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
+                 max_new_tokens=args.max_new_tokens)
+    out = []
+    for t, frames in enumerate(seconds_of(open_video(args.video))):
+        if args.seconds and t >= args.seconds:
+            break
+        text = s.step(frames)
+        out.append(dict(t=t, text=text))
+        if text:
+            print(f"[{t:6d}s] {text}", flush=True)
+    save(args, "video", dict(video=args.video, model=args.model, commentary=out))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate streaming policies and FlexPrefill; see the docstring.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("task", nargs="?", default="stream", choices=["stream", "efficiency", "flexprefill"])
+    ap.add_argument("--model", default="out/tiny", help="checkpoint folder (default: what train.py writes)")
+    ap.add_argument("--video", default=None, help="stream this video through --model instead of a task")
+    ap.add_argument("--out", default="out/eval", help="where JSON results and plots go")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--seconds", type=int, default=None, help="stream length (stream: 7200 on a GPU, 600 on a CPU; efficiency: 3600)")
+    ap.add_argument("--streams", type=int, default=1, help="held-out streams per policy")
+    ap.add_argument("--reset-every", type=int, default=100, help="the reset policy's period in seconds")
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--time-limit", type=float, default=0, help="seconds of wall time per policy (0 = none)")
+    ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill in the model")
+    ap.add_argument("--preset", default="7B", choices=list(PRESETS), help="efficiency: model config")
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--fps", type=int, default=2, choices=[2, 4, 6, 8])
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    if args.seconds is not None and args.seconds < 1:
+        ap.error("--seconds must be positive")
+    if args.video:
+        return task_video(args)
+    if args.seconds is None:
+        gpu = torch.cuda.is_available() and args.device in (None, "cuda")
+        args.seconds = (7200 if gpu else 600) if args.task == "stream" else 3600
+        print(f"--seconds {args.seconds} ({'the paper-scale default' if gpu else 'a CPU-sized default; 7200 on a GPU'})")
+    if args.task == "stream":
+        return task_stream(args)
+    if args.task == "efficiency":
+        return task_efficiency(args)
+    import bench_flexprefill
+    return bench_flexprefill.main(["--json", os.path.join(args.out, "flexprefill.json")]
+                                  + (["--device", args.device] if args.device else []))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""eval.py: the metrics on hand-made transcripts, and each task end to end at a tiny size on the CPU."""
+import json
+
+import pytest
+
+from eval import main, parse_event, score_transcript, slices
+from world import SportsStream, WorldConfig
+
+
+def truth(n=400, seed=3):
+    w = SportsStream(WorldConfig(seed=seed))
+    return [w.text(t) for t in range(n)]
+
+
+def test_perfect_transcript_scores_one():
+    tr = truth()
+    m = score_transcript(tr, tr)
+    assert m["f1"] == m["f1_tol1"] == m["silence_acc"] == 1.0
+    assert m["goals"] > 0 and m["score_acc"] == 1.0
+    assert all(s["f1"] == 1.0 for s in slices(tr, tr))
+
+
+def test_shifted_and_wrong_transcripts():
+    tr = truth()
+    late = [""] + tr[:-1]  # every sentence one second late
+    m = score_transcript(tr, late)
+    assert m["f1_tol1"] > 0.97 and m["f1"] < 0.2  # right at +-1 s, (almost) never at the exact second
+    assert m["score_acc"] == 1.0
+    silent = [""] * len(tr)
+    m = score_transcript(tr, silent)
+    assert m["f1"] == 0.0 and m["silence_acc"] == 1.0 and m["score_acc"] == 0.0
+    wrong_score = [t.replace("Red 1,", "Red 7,") for t in tr]
+    m = score_transcript(tr, wrong_score)
+    assert m["f1"] == 1.0 and m["score_acc"] < 1.0
+    assert parse_event("Red scores! Red 2, Blue 0.") == ("goal", "Red", (2, 0))
+    assert parse_event("Blue shoots!") == ("shot", "Blue", None)
+    assert parse_event("something else") is None
+
+
+def test_half_the_events_found():
+    tr = truth()
+    events = [t for t in range(len(tr)) if tr[t]]
+    pred = [tr[t] if t in events[::2] else "" for t in range(len(tr))]
+    m = score_transcript(tr, pred)
+    n = len(events)
+    k = len(events[::2])
+    assert m["f1"] == pytest.approx(2 * k / (n + k))  # precision 1, recall k/n
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from train import main as train
+    out = tmp_path_factory.mktemp("ckpt")
+    train(["--out", str(out), "--steps", "2", "--batch-size", "1", "--chunk-seconds", "4", "--overlap", "2",
+           "--text-sink", "8", "--text-window", "8", "--eval-chunks", "1"])
+    return out
+
+
+def test_stream_task_end_to_end(ckpt, tmp_path):
+    res = main(["stream", "--model", str(ckpt), "--seconds", "12", "--reset-every", "5", "--out", str(tmp_path)])
+    assert set(res["policies"]) == {"streaming", "native", "full", "reset", "recompute"}
+    saved = json.load(open(tmp_path / "stream.json"))
+    assert saved["policies"]["streaming"]["runs"][0]["failed"] is None
+    assert len(saved["policies"]["full"]["runs"][0]["texts"]) == 12
+
+
+def test_stream_task_reports_timeouts(ckpt, tmp_path):
+    res = main(["stream", "--model", str(ckpt), "--seconds", "50", "--time-limit", "0.0001", "--policies", "full",
+                "--out", str(tmp_path)])
+    assert res["policies"]["full"]["summary"]["failed"].startswith("TimeoutError at")
+
+
+def test_efficiency_task_end_to_end(tmp_path):
+    res = main(["efficiency", "--preset", "tiny", "--seconds", "3", "--height", "56", "--width", "84",
+                "--policies", "streaming", "full", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    assert res["policies"]["streaming"]["summary"]["ms_per_token"] > 0
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="python train.py"):
+        main(["stream", "--model", str(tmp_path / "nothing")])
