@@ -18,8 +18,8 @@ Module names follow the published checkpoint keys (visual.*, model.*, lm_head), 
 state-dict copy. The attention layers take an optional cache object with `update(layer, k, v) -> (k, v)`;
 KVCache below is the plain growing one, cache.py's StreamingCache evicts.
 """
+import functools
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -490,6 +490,17 @@ class VLM(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def enable_flexprefill(self, min_len=4096, **kw):
+        """Run prefill chunks of at least `min_len` new tokens (without padding) through FlexPrefill's block-sparse
+        attention (flexprefill.py; keyword arguments go to flexprefill_attention: gamma, tau, min_budget, ...).
+        Decode steps and shorter chunks stay dense."""
+        from flexprefill import flexprefill_attention
+        fn = functools.partial(flexprefill_attention, **kw)
+        fn.min_len = min_len
+        for layer in self.model.layers:
+            layer.self_attn.prefill_attn = fn
+        return self
 
     @property
     def device(self):

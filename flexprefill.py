@@ -1,0 +1,298 @@
+"""
+FlexPrefill: context-aware block-sparse attention for long prefills, on PyTorch FlexAttention.
+
+Paper: Lai et al., "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence
+Inference", ICLR 2025, arXiv 2502.20766. Authors' code: bytedance/FlexPrefill (Triton). Written fresh here.
+
+The idea, per query head, on a grid of 128x128 (query block, key block) tiles:
+1) Probe. The last 128 queries attend exactly to all keys (a 128 x N softmax, cheap). From it we get the
+   "true" attention per key block, plus per-token vertical (key column) and slash (query-key distance) scores.
+2) Pattern. The same distribution is estimated from pooled tensors: softmax(mean(probe q) . blockmean(K)).
+   If sqrt-JS(estimate, true) < tau, block pooling describes this head well: it is "query-aware" and gets
+   blocks from a pooled (query block x key block) score map: global sort, keep the top blocks whose
+   cumulative score reaches gamma. Otherwise the head is "vertical-slash": keep the fewest key columns and
+   diagonals covering gamma of the probe's attention, clamped to [min_budget, max_budget].
+3) Attend. The selection becomes a FlexAttention BlockMask built straight from indices (nothing N x N):
+   blocks strictly below the causal boundary are "full" (no mask_mod), blocks crossing it are "partial"
+   and get the causal mask_mod.
+
+Where the paper and the authors' code differ we follow the code (it produced the paper's numbers):
+- the vertical-slash budget is counted in tokens (fewest probe columns/diagonals covering gamma, +1), turned
+  into blocks with count // block_size + 1 (the code writes a literal 128; we use block_size, same at 128),
+  and the blocks themselves are the top-k of block-summed scores (the paper sorts lines directly);
+- min_budget/max_budget clamp the vertical and the slash counts separately;
+- key block 0 (attention sink) and the local diagonal are always in and count inside the budget;
+- query-aware heads keep the union of their blocks and a min_budget vertical-slash set (paper: QA set only);
+- slash distances are grouped into block diagonals as seen from the last query (exact for the last block);
+- sqrt-JS uses natural log and no epsilon: a NaN (0 * log 0 after underflow) makes the head vertical-slash.
+Our own choices: pooled q/k means and the pooled score maps are computed in fp32 (the authors use bf16; it
+is cheap and keeps the JS test free of rounding noise); any batch size; density is reported as kept blocks
+over visible (causal) blocks, whereas the authors divide by the full nb x nb square.
+
+Not in the authors' code, needed by a streaming loop: Nq < Nk. The queries are then the last Nq of Nk
+positions (a prefill chunk against a KV cache): query i sits at position Nk - Nq + i. Query blocks are
+counted from the first query, key blocks from key 0, so when Nk - Nq is not a multiple of the block size a
+query block straddles two key blocks on its diagonal; every block that crosses the causal boundary is kept
+and masked. The probe is still the last 128 queries, so the probe and the JS test are unchanged.
+
+Compiles: `flex_attention` is compiled once at import (dynamic=False) and reused. It recompiles for every
+new (Nq, Nk), head count, head dim, dtype or device, never for a new selection (the mask_mod captures its
+offset as a tensor, which is not guarded). Dynamo's default of 8 graphs per function would fall back to
+eager flex (O(N^2) memory) after 8 lengths, so we raise the limit to 64. On CPU the default backend is a
+dense masked SDPA over the same blocks (the test reference); `backend="flex"` runs compiled flex on CPU too.
+The flex path is forward-only (the BlockMask skips the transposed metadata that backward needs).
+`torch.compile(select_blocks, dynamic=False)` traces without graph breaks and gives the same selection (one
+compile per shape); bench_flexprefill.py --compile-select measures whether it pays.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _check_inputs(q, k, v, block_size):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D (B, H, N, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    (B, Hq, Nq, D), (Bk, Hkv, Nk, Dk) = q.shape, k.shape
+    if k.shape[:3] != v.shape[:3] or Bk != B or Dk != D:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if Nq > Nk:
+        raise ValueError(f"Nq ({Nq}) > Nk ({Nk}): the queries must be the last Nq of the Nk positions")
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+
+def _block_geometry(q_len, kv_len, block_size, device):
+    """Which (query block, key block) tiles are visible, and which of them cross the causal boundary."""
+    r = torch.arange(_cdiv(q_len, block_size), device=device)
+    c = torch.arange(_cdiv(kv_len, block_size), device=device)
+    offset = kv_len - q_len                                  # query i sits at position offset + i
+    first = offset + r * block_size                          # position of each query block's first row
+    last = (offset + (r + 1) * block_size).clamp(max=kv_len) - 1   # ... and of its last row
+    diag = last // block_size                                # key block of the last row: block diagonal 0
+    visible = c[None, :] <= diag[:, None]                    # (nqb, nkb) at least one key visible
+    full = (c[None, :] + 1) * block_size - 1 <= first[:, None]  # every key visible to every row
+    return visible, visible & ~full, diag
+
+
+def _block_mean(x, block_size):
+    """(B, H, N, D) -> (B, H, ceil(N/bs), D) fp32 means; the last, partial block is divided by its true size."""
+    B, H, N, D = x.shape
+    nb = _cdiv(N, block_size)
+    if N % block_size:
+        x = F.pad(x, (0, 0, 0, nb * block_size - N))
+    x = x.view(B, H, nb, block_size, D)
+    count = (N - torch.arange(nb, device=x.device) * block_size).clamp(max=block_size)
+    return x.sum(3, dtype=torch.float32) / count[:, None]
+
+
+def _block_sum(x, block_size, pad_left=0):
+    """(B, H, N) -> (B, H, ceil(N/bs)) sums over groups of block_size, after pad_left zeros on the left."""
+    nb = _cdiv(x.shape[-1], block_size)
+    x = F.pad(x, (pad_left, nb * block_size - x.shape[-1] - pad_left))
+    return x.view(*x.shape[:-1], nb, block_size).sum(-1)
+
+
+def _cover_count(x, gamma):
+    """How many of the largest entries of x (per row) it takes for their running sum to pass gamma."""
+    csum = x.sort(-1, descending=True).values.cumsum(-1)
+    return (csum <= gamma).sum(-1) + 1
+
+
+def _scatter_mask(order, keep):
+    """Boolean mask that is `keep[rank]` at position order[rank] (order: a permutation along the last dim)."""
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def _top_mask(x, n):
+    """The n[...] largest entries of each row of x, as a boolean mask; n varies per row (no .item())."""
+    order = x.argsort(dim=-1, descending=True, stable=True)
+    keep = torch.arange(x.shape[-1], device=x.device) < n[..., None]
+    return _scatter_mask(order, keep)
+
+
+def _sqrt_js(p, q):
+    """sqrt of the Jensen-Shannon divergence along the last dim, natural log, no epsilon (as the authors)."""
+    m = (p + q) / 2
+    return (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).sqrt()
+
+
+def _probe(q, k, n):
+    """Exact attention of the last n queries. Returns per-token vertical and slash scores, (B, Hq, Nk) each
+    and each summing to 1, and the probe queries' mean (B, Hq, D), all fp32."""
+    (B, Hq, _, D), (_, Hkv, Nk, _) = q.shape, k.shape
+    L = _cdiv(Nk + n - 1, 64) * 64     # >= n-1 padding keys; a multiple of 64 keeps the matmul output aligned
+    # probe rows in reverse: row i is the query at position Nk-1-i. The zero keys on the right make the
+    # diagonal sums below a plain reshape (the classic "skew" trick, no copy of the probe matrix)
+    qp = q[:, :, -n:].flip(2) * D**-0.5                                        # (B, Hq, n, D)
+    kp = F.pad(k, (0, 0, 0, L - Nk))                                           # (B, Hkv, L, D)
+    s = (qp.reshape(B, Hkv, -1, D) @ kp.transpose(-1, -2)).view(B, Hq, n, L)    # GQA without repeating K
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(Nk - n, L, device=q.device)[None, :]
+    s[..., Nk - n:].masked_fill_(j > Nk - 1 - i, float("-inf"))  # causal corner, and hides the padding keys
+    p = torch.softmax(s, dim=-1, dtype=torch.float32)                          # (B, Hq, n, L)
+    vertical = p[..., :Nk].mean(2)                                             # (B, Hq, Nk), per key
+    # read row i shifted left by i (row stride L-1 instead of L, no copy): every diagonal, i.e. every
+    # query-key distance, lines up in one column, column t <-> distance Nk-1-t. Entries shifted in from
+    # the previous row land in its zero padding, so nothing leaks.
+    skew = p.flatten(2)[..., : n * (L - 1)].view(B, Hq, n, L - 1)[..., :Nk]
+    slash = skew.sum(2).flip(-1) / n                                           # (B, Hq, Nk), per distance
+    return vertical, slash, qp.float().mean(2)
+
+
+@torch.no_grad()
+def select_blocks(q, k, gamma=0.9, tau=0.1, min_budget=1024, max_budget=None, block_size=128):
+    """FlexPrefill's block selection. q (B, Hq, Nq, D), k (B, Hkv, Nk, D), Nq >= block_size.
+    Returns sel, a bool (B, Hq, ceil(Nq/bs), ceil(Nk/bs)) grid of kept blocks (always causal), and an info
+    dict of (B, Hq) tensors: query_aware, js, n_vertical, n_slash, n_blocks, density."""
+    _check_inputs(q, k, k, block_size)
+    (B, Hq, Nq, D), (_, Hkv, Nk, _), bs = q.shape, k.shape, block_size
+    if Nq < bs:
+        raise ValueError(f"select_blocks needs at least block_size={bs} queries for the probe, got {Nq}")
+    nqb, nkb = _cdiv(Nq, bs), _cdiv(Nk, bs)
+    min_blocks = max(1, _cdiv(min_budget or 1, bs))
+    max_blocks = nkb if max_budget is None else min(_cdiv(max_budget, bs), nkb)
+    visible, partial, diag = _block_geometry(Nq, Nk, bs, q.device)
+
+    # 1) probe -> true block distribution, and token-level budgets (count // bs + 1, as the authors)
+    vertical, slash, q_probe = _probe(q, k, bs)
+    n_vertical = (_cover_count(vertical, gamma) // bs + 1).clamp(min_blocks, max_blocks)   # (B, Hq)
+    n_slash = (_cover_count(slash, gamma) // bs + 1).clamp(min_blocks, max_blocks)
+    vertical = _block_sum(vertical, bs)                      # (B, Hq, nkb) mass per key block
+    # distance d as seen from the last query, which sits (-Nk) % bs slots before its block's end, falls
+    # in block diagonal (d + (-Nk) % bs) // bs
+    slash = _block_sum(slash, bs, pad_left=(-Nk) % bs)        # (B, Hq, nkb) mass per block diagonal
+
+    # 2) pattern: pooled estimate vs the probe's true distribution over key blocks
+    k_pool = _block_mean(k, bs)                               # (B, Hkv, nkb, D) fp32
+    est = (q_probe.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nkb).softmax(-1)
+    js = _sqrt_js(est, vertical)
+    query_aware = js < tau                                    # NaN -> False -> vertical-slash
+    n_vertical = torch.where(query_aware, min_blocks, n_vertical)
+    n_slash = torch.where(query_aware, min_blocks, n_slash)
+
+    # 3) vertical-slash: top columns and block diagonals; the sink column and diagonal 0 are forced
+    vertical[..., 0] = float("inf")
+    slash[..., 0] = float("inf")
+    cols = _top_mask(vertical, n_vertical)                    # (B, Hq, nkb)
+    diags = _top_mask(slash, n_slash)                         # (B, Hq, nkb), by block-diagonal offset
+    offset = (diag[:, None] - torch.arange(nkb, device=q.device)).clamp(min=0)   # (nqb, nkb)
+    # plus every block crossing the causal boundary: the diagonal, two blocks per row when Nq < Nk and
+    # Nk - Nq is not a multiple of bs (each query keeps its own key block)
+    sel = cols[:, :, None, :] | diags[:, :, offset] | partial  # (B, Hq, nqb, nkb)
+
+    # 4) query-aware: pooled block scores, row softmax, global sort, keep the top blocks covering
+    #    gamma of the total mass (nqb: each row sums to 1). Computed for every head, used where QA.
+    q_pool = _block_mean(q, bs) * D**-0.5                     # (B, Hq, nqb, D)
+    a = (q_pool.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nqb, nkb)
+    a = a.masked_fill(~visible, float("-inf")).softmax(-1).flatten(2)   # (B, Hq, nqb*nkb)
+    a, order = a.sort(-1, descending=True)                    # the one big sort: 1M per head at 128k
+    qa_blocks = _scatter_mask(order, a.cumsum(-1) <= gamma * nqb).view(B, Hq, nqb, nkb)
+    sel = (sel | (qa_blocks & query_aware[..., None, None])) & visible
+
+    n_blocks = sel.sum((-2, -1))
+    info = dict(query_aware=query_aware, js=js, n_vertical=n_vertical, n_slash=n_slash,
+                n_blocks=n_blocks, density=n_blocks / visible.sum())
+    return sel, info
+
+
+def generate_causal_mask(offset):
+    """mask_mod for queries that are the last positions of the sequence: query i sits at offset + i.
+    offset is a 0-dim tensor: a captured tensor is not guarded by dynamo, so a new offset never recompiles."""
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+    return causal
+
+
+def _ordered(mask):
+    """(..., n) bool -> (count, indices) int32 in from_kv_blocks' format: the selected columns first, in
+    ascending order, then padding. Cumsum + scatter instead of an argsort of the whole grid."""
+    n = mask.shape[-1]
+    count = mask.sum(-1, dtype=torch.int32)
+    slot = torch.where(mask, mask.cumsum(-1) - 1, n)          # unselected columns go to a spare slot n
+    cols = torch.arange(n, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    idx = torch.zeros(*mask.shape[:-1], n + 1, dtype=torch.int32, device=mask.device)
+    return count, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
+
+
+def block_mask_from_selection(sel, q_len, kv_len, block_size=128):
+    """BlockMask for a (B, H, nqb, nkb) block selection. Blocks crossing the causal boundary are partial
+    (causal mask_mod applied), visible blocks below it are full (no mask_mod), invisible ones are dropped."""
+    visible, partial, _ = _block_geometry(q_len, kv_len, block_size, sel.device)
+    kv_num, kv_idx = _ordered(sel & partial)
+    full_num, full_idx = _ordered(sel & visible & ~partial)
+    offset = torch.full((), kv_len - q_len, dtype=torch.int32, device=sel.device)  # a fill, not a host copy
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=generate_causal_mask(offset), seq_lengths=(q_len, kv_len),
+                                    compute_q_blocks=False)  # forward only: skip the transposed metadata
+
+
+def causal_attention(q, k, v):
+    """Dense causal SDPA; when Nq < Nk the queries are the last Nq positions (bottom-right aligned)."""
+    Nq, Nk, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
+    if Nq == Nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) >= torch.arange(Nk, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
+    """Causal attention restricted to the selected blocks. backend: "flex" (compiled FlexAttention),
+    "dense" (SDPA with an Nq x Nk token mask: the reference, O(N^2) memory) or "auto" (flex on CUDA)."""
+    _check_inputs(q, k, v, block_size)
+    (B, Hq, Nq, _), Nk = q.shape, k.shape[2]
+    grid = (B, Hq, _cdiv(Nq, block_size), _cdiv(Nk, block_size))
+    if tuple(sel.shape) != grid:
+        raise ValueError(f"selection shape {tuple(sel.shape)} does not match the block grid {grid}")
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "dense"
+    gqa = Hq != k.shape[1]
+    if backend == "flex":
+        block_mask = block_mask_from_selection(sel, Nq, Nk, block_size)
+        return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if backend == "dense":
+        mask = sel.repeat_interleave(block_size, 2)[:, :, :Nq].repeat_interleave(block_size, 3)[..., :Nk]
+        causal = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) >= torch.arange(Nk, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & causal, enable_gqa=gqa)
+    raise ValueError(f"unknown backend {backend!r}, expected 'auto', 'flex' or 'dense'")
+
+
+def flexprefill_attention(q, k, v, gamma=0.9, tau=0.1, min_budget=1024, max_budget=None, block_size=128,
+                          return_info=False, backend="auto"):
+    """FlexPrefill causal attention. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 (q head j
+    reads kv head j // (Hq // Hkv)) and Nq <= Nk (queries are the last Nq positions). Returns (B, Hq, Nq, D),
+    and with return_info also the info dict of select_blocks (plus dense_fallback). Short inputs (Nk at most
+    max(2 blocks, min_budget rounded up to blocks), as the authors) and Nq <= block_size run dense causal SDPA."""
+    _check_inputs(q, k, v, block_size)
+    Nq, Nk = q.shape[2], k.shape[2]
+    if Nk <= max(2 * block_size, _cdiv(min_budget or 1, block_size) * block_size) or Nq <= block_size:
+        out, info = causal_attention(q, k, v), dict(dense_fallback=True)
+    else:
+        sel, info = select_blocks(q, k, gamma, tau, min_budget, max_budget, block_size)
+        out, info["dense_fallback"] = sparse_attention(q, k, v, sel, block_size, backend), False
+    return (out, info) if return_info else out
+
+
+if __name__ == "__main__":
+    # tiny CPU demo: a head with a strong key column and a plain random head
+    torch.manual_seed(0)
+    B, Hq, Hkv, N, D, bs = 1, 2, 1, 2048, 64, 128
+    q, k, v = 0.5 * torch.randn(B, Hq, N, D), 0.5 * torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
+    q[:, 0, :, 0] += 10.0
+    k[:, :, 700, 0] += 10.0                                   # key 700 (block 5) stands out for head 0
+    sel, info = select_blocks(q, k, min_budget=2 * bs, block_size=bs)
+    out = sparse_attention(q, k, v, sel, bs)
+    err = (out - causal_attention(q, k, v)).abs().max().item()
+    for h in range(Hq):
+        print(f"head {h}: {'query-aware' if info['query_aware'][0, h] else 'vertical-slash'}, "
+              f"js {info['js'][0, h]:.3f}, density {info['density'][0, h]:.2f}")
+        print("\n".join("  " + "".join("#" if x else "." for x in row) for row in sel[0, h].tolist()))
+    print(f"max |sparse - dense| = {err:.4f}")
