@@ -65,6 +65,8 @@ def get_args(argv=None):
     # system
     ap.add_argument("--eval-every", type=int, help="validation loss every N steps (and a checkpoint)")
     ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) - 1),
+                    help="DataLoader processes that render and tokenize chunks")
     ap.add_argument("--device", default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the language model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
@@ -107,6 +109,20 @@ def batch_for(step, micro, rank, world, args, tok):
     2-process run see exactly the samples of an uninterrupted 1-process run."""
     first = (step * args.grad_accum + micro) * args.batch_size * world + rank * args.batch_size
     return make_batch(tok, "train", range(first, first + args.batch_size), args)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch number i = (step i // grad_accum, micro-batch i % grad_accum), built in DataLoader workers."""
+
+    def __init__(self, first_step, args, tok, rank, world):
+        self.first, self.args, self.tok, self.rank, self.world = first_step, args, tok, rank, world
+
+    def __len__(self):
+        return (self.args.steps - self.first) * self.args.grad_accum
+
+    def __getitem__(self, i):
+        step, micro = self.first + i // self.args.grad_accum, i % self.args.grad_accum
+        return batch_for(step, micro, self.rank, self.world, self.args, self.tok)
 
 
 def loss_sum(model, batch, device):
@@ -220,11 +236,14 @@ def main(argv=None):
     model.train()
     end = min(args.steps, args.stop_at or args.steps)
     bar = tqdm(range(step, end), initial=step, total=args.steps, disable=not master, desc="train")
+    loader = iter(torch.utils.data.DataLoader(MicroBatches(step, args, tok, rank, world), batch_size=None,
+                                              num_workers=args.workers, prefetch_factor=4 if args.workers else None,
+                                              persistent_workers=False))
     for step in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        batches = [batch_for(step, m, rank, world, args, tok) for m in range(args.grad_accum)]
+        batches = [next(loader) for _ in range(args.grad_accum)]
         # the step's loss is a mean over all its supervised tokens, on every rank and micro-batch
         count = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device=device)
         if ddp:

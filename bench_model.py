@@ -1,0 +1,140 @@
+"""
+The full-size check of model.py on a GPU: the Qwen2.5-VL-7B config with random weights in bf16, against
+transformers' own Qwen2_5_VLForConditionalGeneration holding the *same* tensors (no second copy), side by side:
+
+  - logits on a few prompts (text; an image; a one-grid video): max / mean absolute difference;
+  - greedy generation: how many of the first N tokens agree;
+  - prefill of --prefill tokens (text, no cache): time and MFU for both;
+  - peak GPU memory; optionally (--load-test) save our model and load it back through from_pretrained,
+    reporting the peak CPU memory of the process (the loader streams tensors to the GPU one at a time).
+
+    python bench_model.py                   # needs CUDA and transformers
+    python bench_model.py --preset 3B --json out/bench_model.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from model import PRESETS, VLM, canonical_name, inv_freq
+
+
+def timed(fn, iters=5):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="7B", choices=["3B", "7B"])
+    ap.add_argument("--prefill", type=int, default=8192)
+    ap.add_argument("--generate", type=int, default=20)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
+    ap.add_argument("--load-test", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import transformers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    cfg = PRESETS[args.preset]()
+    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        hf = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=dt).eval()
+    print(f"transformers {transformers.__version__}: random {args.preset} built in {time.perf_counter() - t0:.0f} s")
+    with torch.device("meta"):
+        ours = VLM(cfg)
+    state = {canonical_name(k): v for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    ours.load_state_dict(state, assign=True)  # the very same tensors: no second copy on the GPU
+    ours.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(dev), persistent=False)
+    ours.eval()
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+               preset=args.preset, prompts={})
+    g = torch.Generator().manual_seed(0)
+    V, S, E, I, Vd = cfg.vocab_size, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id
+    txt = lambda n: torch.randint(0, 150000, (n,), generator=g).tolist()
+    img_grid, vid_grid = torch.tensor([[1, 34, 46]]), torch.tensor([[1, 40, 72]])  # 480x640 image; 560x1008 video
+    prompts = {
+        "text": (txt(64), {}),
+        "image": (txt(20) + [S] + [I] * (34 * 46 // 4) + [E] + txt(12),
+                  dict(pixel_values=torch.randn(34 * 46, 1176, generator=g), image_grid_thw=img_grid)),
+        "video": (txt(20) + [S] + [Vd] * (40 * 72 // 4) + [E] + txt(12),
+                  dict(pixel_values_videos=torch.randn(40 * 72, 1176, generator=g), video_grid_thw=vid_grid,
+                       second_per_grid_ts=torch.tensor([1.0]))),
+    }
+    for name, (ids, vis) in prompts.items():
+        ids = torch.tensor([ids], device=dev)
+        vis = {k: v.to(dev) for k, v in vis.items()}
+        mm = torch.zeros_like(ids)  # transformers 5 builds M-RoPE runs from these token types
+        mm[ids == I], mm[ids == Vd] = 1, 2
+        with torch.no_grad():
+            try:
+                ref = hf(input_ids=ids, mm_token_type_ids=mm, **vis).logits.float()
+            except TypeError:
+                ref = hf(input_ids=ids, **vis).logits.float()
+            got = ours(ids, **vis).float()
+            d = (ref - got).abs()
+            ref_gen = hf.generate(input_ids=ids, max_new_tokens=args.generate, min_new_tokens=args.generate,
+                                  do_sample=False, **({"mm_token_type_ids": mm} if name != "text" else {}), **vis)
+            our_gen = ours.generate(ids, max_new_tokens=args.generate, stop_ids=[-1], **vis)
+        a, b = ref_gen[0, ids.shape[1]:].tolist(), our_gen[0, ids.shape[1]:].tolist()
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        res["prompts"][name] = dict(tokens=ids.shape[1], max_abs=d.max().item(), mean_abs=d.mean().item(),
+                                    logit_scale=ref.abs().mean().item(),
+                                    argmax_agree=(ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+                                    greedy_prefix_agree=agree, greedy_total=len(a))
+        print(name, res["prompts"][name], flush=True)
+    # prefill: matmul FLOPs 2 * params per token, plus causal attention 2 * 2 * L * T^2 / 2 * heads * head_dim
+    T = args.prefill
+    ids = torch.randint(0, 150000, (1, T), device=dev)
+    n_lm = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("visual."))
+    n_lm -= cfg.vocab_size * cfg.hidden_size  # the embedding lookup is no matmul (logits of 1 token are ~0)
+    flops = 2 * n_lm * T + 2 * cfg.num_hidden_layers * T * T * cfg.num_attention_heads * cfg.head_dim
+    with torch.no_grad():
+        t_ours = timed(lambda: ours(ids, logits_to_keep=1))
+        t_hf = timed(lambda: hf(input_ids=ids, logits_to_keep=1))
+    res["prefill"] = dict(tokens=T, ours_ms=1000 * t_ours, hf_ms=1000 * t_hf, ours_tflops=flops / t_ours / 1e12,
+                          hf_tflops=flops / t_hf / 1e12, ours_mfu=flops / t_ours / 1e12 / args.peak_tflops,
+                          hf_mfu=flops / t_hf / 1e12 / args.peak_tflops, ratio_hf_over_ours=t_hf / t_ours)
+    res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print("prefill", res["prefill"], f"peak GPU {res['peak_gpu_gib']:.1f} GiB", flush=True)
+    if args.load_test:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
+            del hf
+            t0 = time.perf_counter()
+            ours.save_pretrained(d)
+            t_save = time.perf_counter() - t0
+            # load in a fresh process, so its peak CPU memory is the loader's alone
+            code = ("import resource, time, torch; from model import VLM; t = time.perf_counter(); "
+                    f"VLM.from_pretrained({d!r}, device='cuda', dtype=torch.bfloat16); "
+                    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            load_s, rss = map(float, out.stdout.split()[-2:])
+            res["load"] = dict(save_s=t_save, load_s=load_s, peak_rss_gib=rss,
+                               checkpoint_gib=sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 2**30)
+            print("load", res["load"], flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
