@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--generate", type=int, default=20)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM)")
     ap.add_argument("--load-test", action="store_true")
+    ap.add_argument("--fp32-reference", action="store_true",
+                    help="also run transformers in fp32 and report how far each bf16 model is from it")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers
@@ -79,6 +81,7 @@ def main():
                   dict(pixel_values_videos=torch.randn(40 * 72, 1176, generator=g), video_grid_thw=vid_grid,
                        second_per_grid_ts=torch.tensor([1.0]))),
     }
+    bf16_logits = {}
     for name, (ids, vis) in prompts.items():
         ids = torch.tensor([ids], device=dev)
         vis = {k: v.to(dev) for k, v in vis.items()}
@@ -96,6 +99,7 @@ def main():
             our_gen = ours.generate(ids, max_new_tokens=args.generate, stop_ids=[-1], **vis)
         a, b = ref_gen[0, ids.shape[1]:].tolist(), our_gen[0, ids.shape[1]:].tolist()
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        bf16_logits[name] = (ids, vis, mm, ref.cpu(), got.cpu())
         res["prompts"][name] = dict(tokens=ids.shape[1], max_abs=d.max().item(), mean_abs=d.mean().item(),
                                     logit_scale=ref.abs().mean().item(),
                                     argmax_agree=(ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
@@ -115,6 +119,21 @@ def main():
                           hf_mfu=flops / t_hf / 1e12 / args.peak_tflops, ratio_hf_over_ours=t_hf / t_ours)
     res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("prefill", res["prefill"], f"peak GPU {res['peak_gpu_gib']:.1f} GiB", flush=True)
+    if args.fp32_reference:
+        # which bf16 model is nearer the truth? transformers in fp32 (a copy; ours keeps the bf16 tensors)
+        hf.float()
+        for name, (ids, vis, mm, ref, got) in bf16_logits.items():
+            v32 = {k: v.float() if v.is_floating_point() else v for k, v in vis.items()}
+            with torch.no_grad():
+                kw = {"mm_token_type_ids": mm} if name != "text" else {}
+                truth = hf(input_ids=ids, **kw, **v32).logits.float().cpu()
+            res["prompts"][name].update(hf_bf16_vs_fp32_mean=(ref - truth).abs().mean().item(),
+                                        ours_bf16_vs_fp32_mean=(got - truth).abs().mean().item(),
+                                        hf_bf16_vs_fp32_max=(ref - truth).abs().max().item(),
+                                        ours_bf16_vs_fp32_max=(got - truth).abs().max().item())
+            print(name, "vs fp32:", {k: round(v, 4) for k, v in res["prompts"][name].items() if "fp32" in k},
+                  flush=True)
+        hf.to(dt)
     if args.load_test:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as d:
             del hf
