@@ -512,15 +512,16 @@ class VLM(nn.Module):
 
     def init_weights(self, std=0.02, seed=0):
         """Random init for training from scratch: normal(0, std) linears/embeddings, ones for norms."""
-        g = torch.Generator().manual_seed(seed)
+        gens = {}  # one generator per device, so a model built on the GPU is initialised there
         for name, p in self.named_parameters():
+            g = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
             with torch.no_grad():
                 if name.endswith("norm.weight") or ".norm" in name or "ln_q" in name or "layernorm" in name:
                     p.fill_(1.0)
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                    p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * std)
         return self
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
