@@ -180,7 +180,8 @@ def load(args):
 def task_stream(args):
     model, tok, st = load(args)
     kw = dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
-              vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens)
+              vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens,
+              graphs=args.decode != "eager")
     print(f"{hardware()}; {args.streams} held-out stream(s) x {args.seconds} s, windows {kw}")
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
     for policy in args.policies:
@@ -236,21 +237,25 @@ def task_efficiency(args):
     rows, result = [], dict(settings=vars(args), hardware=hardware(), policies={})
     fixed = " ".join(["x"] * args.max_new_tokens)
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps, {args.seconds} s")
-    for policy in args.policies:
+    decodes = ["eager", "graphs"] if args.decode == "both" else [args.decode]
+    for policy, decode in [(p, d) for p in args.policies for d in decodes]:
         r = run_policy(model, tok, policy, args.seconds, lambda t: [frames[(t + j) % 4] for j in range(args.fps)],
-                       args, force=lambda t: fixed, max_new_tokens=args.max_new_tokens, fps=args.fps)
+                       args, force=lambda t: fixed, max_new_tokens=args.max_new_tokens, fps=args.fps,
+                       graphs=decode == "graphs")
         lat = r["latency"]
         k = max(1, len(lat) // 10)
         s = r["streamer"]
-        row = dict(policy=policy, first_ms=round(1000 * sum(lat[1:k + 1]) / max(1, len(lat[1:k + 1])), 1),
+        n = max(1, len(lat))
+        row = dict(policy=policy, decode=decode, first_ms=round(1000 * sum(lat[1:k + 1]) / max(1, len(lat[1:k + 1])), 1),
                    last_ms=round(1000 * sum(lat[-k:]) / k, 1) if lat else None,
                    p99_ms=round(1000 * percentile(lat[-max(1, len(lat) // 2):], 99), 1),
                    ms_per_token=round(1000 * s.decode_time / max(1, s.decode_tokens), 2),
                    peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
+        row.update({f"{ph}_ms": round(1000 * v / n, 1) for ph, v in s.phases.items()})  # mean per second
         rows.append(row)
         print(table([row], list(row)), flush=True)
-        result["policies"][policy] = dict(summary=row, latency=lat)
+        result["policies"][policy if len(decodes) == 1 else f"{policy}-{decode}"] = dict(summary=row, latency=lat)
     print("\n" + table(rows, list(rows[0])))
     save(args, "efficiency", result)
     plot(args, "efficiency_latency", {p: (range(len(v["latency"])), v["latency"]) for p, v in
@@ -292,13 +297,16 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--fps", type=int, default=2, choices=[2, 4, 6, 8])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--decode", default=None, choices=["eager", "graphs", "both"],
+                    help="decode step: eager model.forward or decode.py's CUDA graph (default: graphs on a GPU)")
     args = ap.parse_args(argv)
     if args.seconds is not None and args.seconds < 1:
         ap.error("--seconds must be positive")
     if args.video:
         return task_video(args)
+    gpu = torch.cuda.is_available() and args.device in (None, "cuda")
+    args.decode = args.decode or ("graphs" if gpu else "eager")
     if args.seconds is None:
-        gpu = torch.cuda.is_available() and args.device in (None, "cuda")
         args.seconds = (7200 if gpu else 600) if args.task == "stream" else 3600
         print(f"--seconds {args.seconds} ({'the paper-scale default' if gpu else 'a CPU-sized default; 7200 on a GPU'})")
     if args.task == "stream":

@@ -366,10 +366,16 @@ def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_t
     return pos.to(input_ids.device), next_pos
 
 
-def mrope_cos_sin(position_ids, freq, mrope_section, dtype):
-    """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T) and inv_freq (head_dim/2,)."""
+def mrope_axis(mrope_section, device=None):
+    """Which axis (0 = t, 1 = h, 2 = w) each of the head_dim/2 frequencies takes its position from."""
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)
+
+
+def mrope_cos_sin(position_ids, freq, mrope_section, dtype, axis=None):
+    """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T) and inv_freq (head_dim/2,). Pass `axis`
+    (mrope_axis, on the device) to keep host-to-device copies out of a captured CUDA graph."""
     # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
-    axis = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(position_ids.device)
+    axis = mrope_axis(mrope_section, position_ids.device) if axis is None else axis
     p = position_ids[axis].permute(1, 2, 0).float()  # (3, B, T) -> (B, T, head_dim/2), one axis per frequency
     emb = (p * freq.to(p.device)).repeat(1, 1, 2)     # angles in fp32 (spec 6.2), (B, T, head_dim)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]

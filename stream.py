@@ -30,6 +30,7 @@ import time
 import torch
 
 from cache import END, PREV_BODY, PREV_END, PREV_HEAD, REPLY, SYS, USER, POLICIES, StreamingCache
+from decode import GraphDecoder
 from model import VLM, pick_device_dtype, sample_next
 from processor import Tokenizer, preprocess_video
 
@@ -142,7 +143,8 @@ class Streamer:
 
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
-                 frame_min_pixels=28 * 28 * 4, frame_max_pixels=768 * 28 * 28, seed=0, reset_every=None, fps=FPS):
+                 frame_min_pixels=28 * 28 * 4, frame_max_pixels=768 * 28 * 28, seed=0, reset_every=None, fps=FPS,
+                 graphs=False, capacity=1024):
         self.model, self.tok = model, tok
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         if reset_every is not None:
@@ -151,13 +153,17 @@ class Streamer:
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
         self.max_new_tokens, self.fps = max_new_tokens, fps
         self.decode_time, self.decode_tokens = 0.0, 0  # for per-token latency
+        self.phases = {}  # seconds spent per phase of step(): evict, preprocess, prefill, decode
         self.pixels = dict(min_pixels=frame_min_pixels, max_pixels=frame_max_pixels)
         self.generator = torch.Generator().manual_seed(seed)
         self.previous_ids = tok.encode(previous_text) if previous_text else []
         self.silence, self.end = tok.encode(SILENCE), end_ids(tok)
         self.stops = {tok.im_end_id, tok.endoftext_id}
-        self.cache = StreamingCache(model.cfg, self.policy, text_sink, text_window, vision_window,
+        self.cache = StreamingCache(model.cfg, self.policy, text_sink, text_window, vision_window, capacity,
                                     device=model.device, dtype=model.dtype)
+        # graphs=True: decode through decode.py's GraphDecoder (CUDA graph replay; eager on a CPU), same logits
+        self.decoder = GraphDecoder(model, self.cache, graphs=model.device.type == "cuda") if graphs else None
+        self.greedy = temperature == 0 and repetition_penalty == 1.0
         self.vision = {}  # round -> (pixel_values, grid, seconds per grid); kept only for the recompute policy
         self.t = 0
         self._restart()
@@ -173,8 +179,11 @@ class Streamer:
         t, tok, cache, model = self.t, self.tok, self.cache, self.model
         if self.policy.reset_every and t > 0 and t % self.policy.reset_every == 0:
             self._restart()
+        clock = self._clock()
         cache.evict(t)
+        clock("evict")
         pv, grid, secs = preprocess_video(frames, fps=self.fps, **self.pixels)
+        clock("preprocess")
         n_vision = int(grid.prod()) // 4
         segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
         segments.append((user_ids(tok, t, n_vision), USER, t))
@@ -196,15 +205,17 @@ class Streamer:
                        video_grid_thw=torch.cat([g for _, g, _ in vision]), position_ids=pos, cache=cache,
                        logits_to_keep=1)
         self.last_logits = logits
+        clock("prefill")
         # decode: sample, stop at <|im_end|> or the cap; feed each token except the last
         first_reply = cache.length
         forced = (reply_ids(tok, force_text) + self.end[:-1]) if force_text is not None else None
         out = []
-        self._sync()
         t_decode = time.perf_counter()
         while True:
             if forced is not None:
                 nxt = forced[len(out)]
+            elif self.greedy:  # argmax on the device: one int crosses to the host, not the vocabulary
+                nxt = int(logits[0, -1].argmax())
             else:
                 seen = torch.cat([cache.ids[:cache.length], torch.tensor(out, dtype=torch.long)])[None]
                 nxt = int(sample_next(logits[:, -1].float().cpu(), seen, generator=self.generator, **self.sampling))
@@ -212,9 +223,12 @@ class Streamer:
             if nxt in self.stops or len(out) == (len(forced) if forced else self.max_new_tokens):
                 break
             p = cache.add_tokens([nxt], REPLY, t)
-            logits = self.last_logits = model(torch.tensor([[nxt]], device=model.device), position_ids=p,
-                                              cache=cache)
-        self._sync()
+            if self.decoder is not None:
+                logits = self.last_logits = self.decoder(nxt, p)[:, None]
+            else:
+                logits = self.last_logits = model(torch.tensor([[nxt]], device=model.device), position_ids=p,
+                                                  cache=cache)
+        clock("decode")
         self.decode_time += time.perf_counter() - t_decode
         self.decode_tokens += len(out) - 1  # forwards run in the decode loop
         # the reply is what comes before ' ...' (or before the stop / cap); the rest of what was fed is END
@@ -230,9 +244,17 @@ class Streamer:
         self.t += 1
         return tok.decode(content).strip()
 
-    def _sync(self):
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize()
+    def _clock(self):
+        """clock(phase) adds the time since the last call to self.phases[phase] (GPU work included)."""
+        last = [time.perf_counter()]
+
+        def clock(phase):
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.phases[phase] = self.phases.get(phase, 0.0) + now - last[0]
+            last[0] = now
+        return clock
 
 
 def main():
