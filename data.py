@@ -42,15 +42,18 @@ class Sample:
     grid_thw: torch.Tensor       # (seconds, 3)
 
 
-def make_tokenizer(vocab_size=512, seed=0):
-    """A byte-level BPE for the synthetic world's language plus the Qwen special tokens."""
+def make_tokenizer(vocab_size=640, seed=0):
+    """A byte-level BPE for the synthetic world's language plus the Qwen special tokens. The training texts
+    are weighted so that what is said most gets one token: silence " ...", the team names, scores 0-99."""
     rng = random.Random(seed)
-    texts = [commentary(ev, team, (rng.randint(0, 12), rng.randint(0, 12)))
-             for ev in ("goal", "shot", "save", "foul", "corner") for team in ("Red", "Blue") for _ in range(20)]
-    texts += [f"Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
-    texts += [SILENCE, "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
+    said = [commentary(ev, team, (rng.randint(0, 12), rng.randint(0, 12)))
+            for ev in ("goal", "shot", "save", "foul", "corner") for team in ("Red", "Blue") for _ in range(20)]
+    said += [commentary("goal", team, (n, n)) for n in range(100) for team in ("Red", "Blue")] * 4
+    texts = [" " + t for t in said] + [SILENCE] * 400
+    texts += [f" Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
+    texts += ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
               "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
-    return Tokenizer(build_tokenizer([" " + t for t in texts] * 3, vocab_size))
+    return Tokenizer(build_tokenizer(texts * 3, vocab_size))
 
 
 def previous_ids(tok, texts, text_sink, text_window):

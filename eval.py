@@ -26,7 +26,7 @@ import torch
 from cache import POLICIES
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer
-from stream import Streamer, open_video, seconds_of
+from stream import Streamer, end_ids, open_video, reply_ids, seconds_of
 from world import SportsStream, WorldConfig, split_seed
 
 EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
@@ -224,7 +224,7 @@ def task_efficiency(args):
     """The 7B config (or --preset), random weights, a fixed number of decoded tokens a second."""
     device, dtype = pick_device_dtype(args.device)
     cfg = PRESETS[args.preset]()
-    tok = Tokenizer(build_tokenizer(["a b c d e f g"], 300, qwen_ids=cfg.vocab_size > 151664))
+    tok = Tokenizer(build_tokenizer(["a b c d e f g", " ...", " ..."], 300, qwen_ids=cfg.vocab_size > 151664))
     cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
     if cfg.vocab_size < len(tok):
         cfg.vocab_size = len(tok)
@@ -235,7 +235,11 @@ def task_efficiency(args):
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
     rows, result = [], dict(settings=vars(args), hardware=hardware(), policies={})
-    fixed = " ".join(["x"] * args.max_new_tokens)
+    # a reply that makes exactly max_new_tokens decoded tokens a second: words of one token, then " ..." <|im_end|>
+    if args.max_new_tokens < len(end_ids(tok)):
+        sys.exit(f"efficiency needs --max-new-tokens >= {len(end_ids(tok))} (a word, ' ...' and <|im_end|>)")
+    fixed = " ".join(["b"] * (args.max_new_tokens - len(end_ids(tok)) + 1))
+    assert len(reply_ids(tok, fixed)) + len(end_ids(tok)) - 1 == args.max_new_tokens, "toy tokenizer changed"
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps, {args.seconds} s")
     decodes = ["eager", "graphs"] if args.decode == "both" else [args.decode]
     for policy, decode in [(p, d) for p in args.policies for d in decodes]:

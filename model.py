@@ -433,17 +433,23 @@ class Attention(nn.Module):
         if cache is not None:
             # all keys so far, the new ones last; the raw keys let a streaming cache re-rotate after eviction
             k, v = cache.update(self.layer_idx, k, v, raw_k)
-        Nk = k.shape[2]
-        if mask is None and T > 1 and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
+        Nk, G = k.shape[2], self.n_heads // self.n_kv
+        if T == 1:
+            # decode: one query per head, so the G query heads sharing a KV head can sit on the query axis;
+            # GQA then needs no copies of K/V (SDPA's enable_gqa falls back to a slow path with a mask)
+            o = F.scaled_dot_product_attention(q.view(B, self.n_kv, G, self.head_dim), k, v, attn_mask=mask)
+            o = o.view(B, self.n_heads, 1, self.head_dim)                               # (B, Hkv, G, D) -> (B, H, 1, D)
+        elif mask is None and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
             o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
-        elif mask is None:
-            # causal with the queries at the end: decode (T == 1) sees everything, a chunk on a cache sees the
-            # cache plus a causal triangle (SDPA's is_causal is top-left aligned, so build that mask here)
-            causal = None if T == 1 or T == Nk else torch.ones(T, Nk, dtype=torch.bool, device=q.device).tril(Nk - T)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=T > 1 and T == Nk,
-                                               enable_gqa=True)
+        elif mask is None and T == Nk:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if mask is None:
+                # a chunk on a cache: the cache plus a causal triangle (SDPA's is_causal is top-left aligned)
+                mask = torch.ones(T, Nk, dtype=torch.bool, device=q.device).tril(Nk - T)
+            # with a mask the fused kernels need K/V per query head: copy them (cheap next to the math path)
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
 
