@@ -435,10 +435,14 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, raw_k)
         Nk, G = k.shape[2], self.n_heads // self.n_kv
         if T == 1:
-            # decode: one query per head, so the G query heads sharing a KV head can sit on the query axis;
-            # GQA then needs no copies of K/V (SDPA's enable_gqa falls back to a slow path with a mask)
-            o = F.scaled_dot_product_attention(q.view(B, self.n_kv, G, self.head_dim), k, v, attn_mask=mask)
-            o = o.view(B, self.n_heads, 1, self.head_dim)                               # (B, Hkv, G, D) -> (B, H, 1, D)
+            # decode: one query per head, so the G query heads sharing a KV head sit on the query axis and GQA
+            # needs no copies of K/V. Two plain matmuls: the fused SDPA kernels split work by head and query
+            # block, which for 1 query x 4 KV heads leaves most of the GPU idle over a long cache
+            qg = q.view(B, self.n_kv, G, self.head_dim)                                  # (B, Hkv, G, D)
+            s = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5                 # (B, Hkv, G, Nk)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            o = (s.softmax(-1).to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)  # -> (B, H, 1, D)
         elif mask is None and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
             o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
         elif mask is None and T == Nk:
