@@ -7,7 +7,7 @@ out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from
 stream.json (the window sizes it was trained for) and train_state.pt (optimizer and step, for --resume).
 
   python train.py                          # CPU: a short run (< 10 min on 2 cores) with a clearly falling loss
-  python train.py --preset gpu             # one H100: trains the tiny model to the eval targets
+  python train.py --preset gpu             # one H100, ~10 min: learns the events (the score: not yet, README)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint, vision tower frozen
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -38,8 +38,8 @@ PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explic
     # the GPU preset trains on a busier world (more events, goals every ~75 s in 2-hour streams, so scores up to
     # ~50 are seen) and starts with short chunks: a model from scratch must first discover that the reply
     # depends on *this* second's 4 vision tokens, which is a 24-way needle in a 24 s chunk (see the README)
-    "gpu": dict(steps=2000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=250,
-                curriculum=600, event_rate=0.3, goal_rate=1 / 75, stream_seconds=7200),
+    "gpu": dict(steps=1000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=100,
+                curriculum=300, event_rate=0.3, goal_rate=1 / 75, stream_seconds=7200),
 }
 
 

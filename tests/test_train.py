@@ -103,3 +103,46 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     two = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)["history"]
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4), (two, one)
+
+
+def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok):
+    from train import get_args, make_batch
+    args = get_args(["--preset", "cpu", "--curriculum", "10", "--chunk-seconds", "24", "--event-rate", "0.9",
+                     "--goal-rate", "0.05", "--stream-seconds", "300"])
+    secs = lambda b: len(b["video_grid_thw"])  # one temporal grid per second
+    assert secs(make_batch(tok, "train", [0], args, step=0)) == 2     # short chunks first
+    assert secs(make_batch(tok, "train", [0], args, step=5)) == 13    # 2 + 22 * 5 // 10
+    assert secs(make_batch(tok, "train", [0], args, step=10)) == 24   # then the configured length
+    quiet = tok.encode(" ...")[0]
+    def event_share(split):
+        b = make_batch(tok, split, range(4), args, step=10)
+        labels = b["labels"]
+        first = (labels[:, 1:] != IGNORE) & (labels[:, :-1] == IGNORE)
+        return (labels[:, 1:][first] != quiet).float().mean().item()
+    assert event_share("train") > 0.7 > 0.3 > event_share("eval")     # the busy world trains, the default validates
+
+
+def test_first_token_hits_counts_events_and_quiet_seconds(tok):
+    from train import first_token_hits
+    b = make_batch_for_hits(tok)
+    labels = b["labels"]
+
+    def oracle(**batch):  # logits that put all mass on the next label: every first reply token right
+        nxt = torch.cat([labels[:, 1:], labels[:, -1:]], 1).clamp(min=0)
+        return torch.nn.functional.one_hot(nxt, len(tok) + 1).float()
+
+    ev_right, ev, quiet_right, quiet = first_token_hits(oracle, b, "cpu", tok.encode(" ...")[0])
+    assert (ev_right, quiet_right) == (ev, quiet) and ev >= 1 and quiet >= 1 and ev + quiet == 24
+
+    def silent(**batch):  # always " ...": right exactly on the quiet seconds
+        x = torch.zeros(*labels.shape, len(tok) + 1)
+        x[..., tok.encode(" ...")[0]] = 1
+        return x
+
+    assert first_token_hits(silent, b, "cpu", tok.encode(" ...")[0]) == (0, ev, quiet, quiet)
+
+
+def make_batch_for_hits(tok):
+    from data import collate
+    s = synthetic_sample(tok, "train", 3, 24, 12, 600, 16, 16, dict(event_rate=0.5))
+    return collate([s], tok.pad_id)
