@@ -285,7 +285,7 @@ def main():
     tok = Tokenizer.from_file(args.model)
     s = Streamer(model, tok, args.policy, args.text_sink, args.text_window, args.vision_window, args.max_new_tokens,
                  args.temperature, args.top_p, args.repetition_penalty, args.previous_text,
-                 frame_max_pixels=args.max_pixels)
+                 frame_max_pixels=args.max_pixels, graphs=device.type == "cuda")  # CUDA-graph decode on a GPU
     for t, frames in enumerate(seconds_of(open_video(args.video))):
         if args.seconds and t >= args.seconds:
             break
