@@ -20,6 +20,7 @@ Real data (JSONL, one object per line; decoded with PyAV when installed):
 A second [t, t+1) says the words whose end time falls in (t, t+1], as StreamingVLM's builder does.
 """
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -104,7 +105,13 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
     """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
     on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap."""
     rng = random.Random(f"{split}-{index}")
-    cfg = WorldConfig(**{**(world or {}), "seed": split_seed(split, rng.randrange(10_000))})
+    world = dict(world or {})
+    if isinstance(world.get("goal_rate"), (tuple, list)):
+        # a range: each sample's stream draws its own goal rate (log-uniform), so that the clock cannot stand
+        # in for the score and the model has to read the last score from the commentary
+        lo, hi = world["goal_rate"]
+        world["goal_rate"] = math.exp(random.Random(f"{split}-{index}-rate").uniform(math.log(lo), math.log(hi)))
+    cfg = WorldConfig(**{**world, "seed": split_seed(split, rng.randrange(10_000))})
     stream = SportsStream(cfg)
     stride = chunk_seconds - overlap
     t0 = stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))

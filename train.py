@@ -43,6 +43,18 @@ PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explic
 }
 
 
+def rate_or_range(text):
+    """'0.02' -> 0.02; '0.005:0.05' -> (0.005, 0.05)"""
+    lo, _, hi = text.partition(":")
+    try:
+        rates = (float(lo), float(hi)) if hi else (float(lo),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or LO:HI, got {text!r}")
+    if not all(0 < r < 1 for r in rates) or rates != tuple(sorted(rates)):
+        raise argparse.ArgumentTypeError(f"rates must be in (0, 1) with LO <= HI, got {text!r}")
+    return rates if hi else rates[0]
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESET_ARGS), default=None,
@@ -69,7 +81,8 @@ def get_args(argv=None):
                                                    "--chunk-seconds (0 = none)")
     ap.add_argument("--event-rate", type=float, help="synthetic world: P(shot/save/foul/corner) a second "
                                                      "(default: world.py's 0.12)")
-    ap.add_argument("--goal-rate", type=float, help="synthetic world: P(goal) a second (default: 1/150)")
+    ap.add_argument("--goal-rate", type=rate_or_range, help="synthetic world: P(goal) a second (default: 1/150), "
+                                                         "or LO:HI for a rate drawn per stream")
     ap.add_argument("--text-sink", type=int, help="previous-text head tokens (inference default 512)")
     ap.add_argument("--text-window", type=int, help="previous-text tail tokens (inference default 512)")
     ap.add_argument("--frame-size", type=int, default=56, help="synthetic frame side in pixels (multiple of 28)")

@@ -146,3 +146,17 @@ def make_batch_for_hits(tok):
     from data import collate
     s = synthetic_sample(tok, "train", 3, 24, 12, 600, 16, 16, dict(event_rate=0.5))
     return collate([s], tok.pad_id)
+
+
+def test_goal_rate_range_draws_a_rate_per_stream(tok):
+    from train import rate_or_range
+    assert rate_or_range("0.02") == 0.02 and rate_or_range("0.005:0.05") == (0.005, 0.05)
+    with pytest.raises(Exception):
+        rate_or_range("0.05:0.005")
+    world = dict(goal_rate=(0.005, 0.05))
+    a = synthetic_sample(tok, "train", 7, 6, 3, 600, 16, 16, world)
+    b = synthetic_sample(tok, "train", 7, 6, 3, 600, 16, 16, world)
+    assert torch.equal(a.ids, b.ids)  # deterministic per index
+    goals = [sum(t.startswith(("Red scores", "Blue scores")) for _, t in
+                 SportsStream(WorldConfig(seed=1, goal_rate=r)).transcript(0, 3000)) for r in (0.005, 0.05)]
+    assert goals[0] < goals[1]  # the knob really changes the world
