@@ -16,6 +16,7 @@ kept fraction of causal blocks, the share of query-aware heads and the output er
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -202,9 +203,11 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json + ".tmp", "w") as f:  # written whole, then renamed
             rows = [{key: None if val != val else val for key, val in row.items()} for row in rows]  # NaN -> null
             json.dump(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
         print(f"wrote {args.json}")
     return rows
 

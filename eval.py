@@ -15,6 +15,7 @@ Metrics of the stream task (world.py's sentences are parsed back into (event, te
   largest M-RoPE position. A policy that runs out of memory or time is reported with the second it failed.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -268,6 +269,86 @@ def task_efficiency(args):
     return result
 
 
+def task_flexprefill(args):
+    """The kernel benchmark, then FlexPrefill on the trained tiny model over a long held-out stream."""
+    import bench_flexprefill
+    gpu = torch.cuda.is_available() and args.device in (None, "cuda")
+    small = [] if gpu else ["--device", "cpu", "--lengths", "1024", "--heads", "4", "1", "--iters", "2"]  # a CPU smoke
+    kernel = bench_flexprefill.main(["--json", os.path.join(args.out, "flexprefill.json")] + small
+                                    + (["--device", args.device] if args.device and gpu else []))
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"no checkpoint at {args.model}: skipping the long-prefill check (make one with `python train.py`)")
+        return dict(kernel=kernel)
+    return dict(kernel=kernel, long_prefill=long_prefill_check(args))
+
+
+@torch.no_grad()
+def long_prefill_check(args):
+    """Prefill `--seconds` of held-out stream (true commentary as the context) in one forward, up to the user
+    turn of the next goal second, and decode the reply: the goal sentence whose score needs the whole video.
+    Dense and FlexPrefill side by side: the replies, prefill time, density and the attention-output error."""
+    from flexprefill import causal_attention, flexprefill_attention
+    from processor import preprocess_video
+    from stream import FPS, prefix_segments, round_segments, user_ids
+    model, tok, st = load(args)
+    world = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56)))
+    t_goal = next(t for t in range(args.seconds, 100 * args.seconds + 1000) if "scores" in world.text(t))
+    ids, pix, grids = sum((seg for seg, _ in prefix_segments(tok)), []), [], []
+    for t in range(t_goal + 1):
+        pv, grid, _ = preprocess_video(world.second(t).frames, fps=FPS, min_pixels=28 * 28 * 4)
+        pix.append(pv)
+        grids.append(grid)
+        n_vision = int(grid.prod()) // 4
+        ids += user_ids(tok, t, n_vision) if t == t_goal else sum((s for s, _ in round_segments(
+            tok, t, n_vision, world.text(t))), [])
+    ids = torch.tensor([ids], device=model.device)
+    vision = dict(pixel_values_videos=torch.cat(pix).to(model.device), video_grid_thw=torch.cat(grids))
+    fp = dict(gamma=args.gamma, min_budget=args.min_budget)
+    stats = dict(density=[], rel_err=[])
+
+    def measured(q, k, v):  # FlexPrefill that also records its density and error against dense attention
+        out, info = flexprefill_attention(q, k, v, return_info=True, **fp)
+        dense = causal_attention(q, k, v)
+        stats["density"].append(1.0 if info["dense_fallback"] else float(info["density"].float().mean()))
+        stats["rel_err"].append(float((out - dense).float().norm() / dense.float().norm()))
+        return out
+    measured.min_len = 1
+
+    def run(attn):
+        for layer in model.model.layers:
+            layer.self_attn.prefill_attn = attn
+        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        model(ids, **vision, logits_to_keep=1)  # warm-up (and compilation)
+        sync()
+        t0 = time.perf_counter()
+        model(ids, **vision, logits_to_keep=1)
+        sync()
+        prefill = time.perf_counter() - t0
+        out = model.generate(ids, max_new_tokens=16, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
+        text = tok.decode([i for i in out if i != tok.im_end_id]).strip()
+        return prefill, text.removesuffix("...").strip()  # the reply without its closing " ..."
+
+    fast = functools.partial(flexprefill_attention, **fp)
+    fast.min_len = 1
+    dense_s, dense_reply = run(None)
+    sparse_s, sparse_reply = run(fast)
+    for layer in model.model.layers:
+        layer.self_attn.prefill_attn = measured
+    with torch.no_grad():
+        model(ids, **vision, logits_to_keep=1)
+    for layer in model.model.layers:
+        layer.self_attn.prefill_attn = None
+    row = dict(tokens=ids.shape[1], seconds=t_goal + 1, truth=world.text(t_goal), dense=dense_reply,
+               flexprefill=sparse_reply, same=dense_reply == sparse_reply,
+               dense_right=dense_reply == world.text(t_goal), flexprefill_right=sparse_reply == world.text(t_goal), dense_ms=round(1000 * dense_s, 1),
+               flexprefill_ms=round(1000 * sparse_s, 1), density=round(sum(stats["density"]) / len(stats["density"]), 3),
+               attn_rel_err=round(max(stats["rel_err"]), 4))
+    print(f"\nlong prefill on {args.model} ({hardware()}; gamma {args.gamma}, min_budget {args.min_budget}):")
+    print(table([row], list(row)))
+    save(args, "long_prefill", row)
+    return row
+
+
 def task_video(args):
     model, tok, st = load(args)
     s = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
@@ -291,7 +372,8 @@ def main(argv=None):
     ap.add_argument("--video", default=None, help="stream this video through --model instead of a task")
     ap.add_argument("--out", default="out/eval", help="where JSON results and plots go")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    ap.add_argument("--seconds", type=int, default=None, help="stream length (stream: 7200 on a GPU, 600 on a CPU; efficiency: 3600)")
+    ap.add_argument("--seconds", type=int, default=None, help="stream length (stream: 7200 on a GPU, 600 on a CPU; efficiency: 3600; "
+                    "flexprefill: 1800 / 120)")
     ap.add_argument("--streams", type=int, default=1, help="held-out streams per policy")
     ap.add_argument("--reset-every", type=int, default=100, help="the reset policy's period in seconds")
     ap.add_argument("--max-new-tokens", type=int, default=20)
@@ -302,6 +384,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--fps", type=int, default=2, choices=[2, 4, 6, 8])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--gamma", type=float, default=0.9, help="flexprefill: attention mass to keep")
+    ap.add_argument("--min-budget", type=int, default=1024, help="flexprefill: tokens always kept per query block")
     ap.add_argument("--decode", default=None, choices=["eager", "graphs", "both"],
                     help="decode step: eager model.forward or decode.py's CUDA graph (default: graphs on a GPU)")
     args = ap.parse_args(argv)
@@ -312,15 +396,13 @@ def main(argv=None):
     gpu = torch.cuda.is_available() and args.device in (None, "cuda")
     args.decode = args.decode or ("graphs" if gpu else "eager")
     if args.seconds is None:
-        args.seconds = (7200 if gpu else 600) if args.task == "stream" else 3600
+        args.seconds = {"stream": 7200 if gpu else 600, "efficiency": 3600, "flexprefill": 1800 if gpu else 120}[args.task]
         print(f"--seconds {args.seconds} ({'the paper-scale default' if gpu else 'a CPU-sized default; 7200 on a GPU'})")
     if args.task == "stream":
         return task_stream(args)
     if args.task == "efficiency":
         return task_efficiency(args)
-    import bench_flexprefill
-    return bench_flexprefill.main(["--json", os.path.join(args.out, "flexprefill.json")]
-                                  + (["--device", args.device] if args.device else []))
+    return task_flexprefill(args)
 
 
 if __name__ == "__main__":

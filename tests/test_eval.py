@@ -79,3 +79,12 @@ def test_efficiency_task_end_to_end(tmp_path):
 def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
     with pytest.raises(SystemExit, match="python train.py"):
         main(["stream", "--model", str(tmp_path / "nothing")])
+
+
+def test_flexprefill_task_end_to_end(ckpt, tmp_path):
+    res = main(["flexprefill", "--model", str(ckpt), "--seconds", "20", "--min-budget", "128", "--out", str(tmp_path)])
+    row = res["long_prefill"]
+    assert row["seconds"] > 20 and row["truth"].split("!")[0].endswith("scores")  # prefilled up to a goal second
+    assert 0 < row["density"] <= 1 and row["attn_rel_err"] >= 0 and row["dense_ms"] > 0
+    assert json.load(open(tmp_path / "long_prefill.json"))["tokens"] == row["tokens"]
+    assert res["kernel"]  # the CPU smoke run of the kernel benchmark
