@@ -96,6 +96,6 @@ class GraphDecoder:
                 self._capture()
                 self.key = key
             self.graph.replay()
-            logits = self.logits
+            logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
         c.advance(1)
         return logits

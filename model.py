@@ -438,11 +438,13 @@ class Attention(nn.Module):
             # decode: one query per head, so the G query heads sharing a KV head sit on the query axis and GQA
             # needs no copies of K/V. Two plain matmuls: the fused SDPA kernels split work by head and query
             # block, which for 1 query x 4 KV heads leaves most of the GPU idle over a long cache
+            # (scores in the model dtype, softmax in fp32 or better: what transformers' eager attention does)
             qg = q.view(B, self.n_kv, G, self.head_dim)                                  # (B, Hkv, G, D)
-            s = (qg @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5                 # (B, Hkv, G, Nk)
+            s = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5                       # (B, Hkv, G, Nk)
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
-            o = (s.softmax(-1).to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)  # -> (B, H, 1, D)
+            p = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
+            o = (p.to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)             # -> (B, H, 1, D)
         elif mask is None and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
             o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
         elif mask is None and T == Nk:

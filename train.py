@@ -45,14 +45,14 @@ PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explic
 
 def rate_or_range(text):
     """'0.02' -> 0.02; '0.005:0.05' -> (0.005, 0.05)"""
-    lo, _, hi = text.partition(":")
+    lo, colon, hi = text.partition(":")
     try:
-        rates = (float(lo), float(hi)) if hi else (float(lo),)
+        rates = (float(lo), float(hi)) if colon else (float(lo),)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a rate or LO:HI, got {text!r}")
     if not all(0 < r < 1 for r in rates) or rates != tuple(sorted(rates)):
         raise argparse.ArgumentTypeError(f"rates must be in (0, 1) with LO <= HI, got {text!r}")
-    return rates if hi else rates[0]
+    return rates if colon else rates[0]
 
 
 def get_args(argv=None):
@@ -108,6 +108,9 @@ def get_args(argv=None):
         ap.error(f"--frame-size must be a multiple of 28, got {args.frame_size}")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         ap.error("--steps, --batch-size and --grad-accum must be positive")
+    goal_hi = max(args.goal_rate) if isinstance(args.goal_rate, tuple) else (args.goal_rate or 1 / 150)
+    if not 0 <= (args.event_rate if args.event_rate is not None else 0.12) <= 1 - goal_hi:
+        ap.error(f"need 0 <= --event-rate <= 1 - the highest --goal-rate ({goal_hi:g})")
     return args
 
 
@@ -261,6 +264,15 @@ def main(argv=None):
     step, history = 0, []
     if args.resume:
         state = torch.load(os.path.join(args.out, "train_state.pt"), map_location=device, weights_only=False)
+        # the samples of a step depend on these: a resumed run must use the ones it started with
+        data_args = ("preset", "steps", "batch_size", "grad_accum", "chunk_seconds", "overlap", "stream_seconds",
+                     "curriculum", "event_rate", "goal_rate", "text_sink", "text_window", "frame_size", "data",
+                     "seed", "lr", "warmup")
+        saved = state.get("args", {})
+        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in data_args
+                   if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         if master:

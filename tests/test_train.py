@@ -89,6 +89,8 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     full, _ = run_train(tmp_path, "full")
     first, out = run_train(tmp_path, "part", "--stop-at", "4")  # interrupted after step 4 of 6
+    with pytest.raises(SystemExit, match="--lr 0.003 -> 0.001"):  # other settings would silently change the run
+        run_train(tmp_path, "part", "--resume", "--lr", "1e-3")
     resumed, _ = run_train(tmp_path, "part", "--resume")
     assert len(resumed) == 6
     assert resumed[:4] == first
