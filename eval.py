@@ -28,7 +28,7 @@ import torch
 from cache import POLICIES
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer
-from stream import Streamer, end_ids, open_video, reply_ids, seconds_of
+from stream import Streamer, end_ids, load_checkpoint, open_video, reply_ids, seconds_of
 from world import SportsStream, WorldConfig, split_seed
 
 EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
@@ -165,17 +165,7 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, **kw):
 
 
 def load(args):
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        sys.exit(f"no checkpoint at {args.model}: make one with `python train.py` (or pass --model DIR)")
-    device, dtype = pick_device_dtype(args.device)
-    model = VLM.from_pretrained(args.model, device=device, dtype=dtype)
-    if args.flexprefill:
-        model.enable_flexprefill()
-    settings = {}
-    if os.path.isfile(os.path.join(args.model, "stream.json")):
-        with open(os.path.join(args.model, "stream.json")) as f:
-            settings = json.load(f)  # the windows the model was trained for
-    return model, Tokenizer.from_file(args.model), settings
+    return load_checkpoint(args.model, args.device, args.flexprefill)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -292,21 +282,19 @@ def long_prefill_check(args):
     turn of the next goal second, and decode the reply: the goal sentence whose score needs the whole video.
     Dense and FlexPrefill side by side: the replies, prefill time, density and the attention-output error."""
     from flexprefill import causal_attention, flexprefill_attention
+    from data import build_sample
     from processor import preprocess_video
-    from stream import FPS, prefix_segments, round_segments, user_ids
+    from stream import FPS, user_ids
     model, tok, st = load(args)
     world = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56)))
     t_goal = next(t for t in range(args.seconds, 100 * args.seconds + 1000) if "scores" in world.text(t))
-    ids, pix, grids = sum((seg for seg, _ in prefix_segments(tok)), []), [], []
-    for t in range(t_goal + 1):
-        pv, grid, _ = preprocess_video(world.second(t).frames, fps=FPS, min_pixels=28 * 28 * 4)
-        pix.append(pv)
-        grids.append(grid)
-        n_vision = int(grid.prod()) // 4
-        ids += user_ids(tok, t, n_vision) if t == t_goal else sum((s for s, _ in round_segments(
-            tok, t, n_vision, world.text(t))), [])
-    ids = torch.tensor([ids], device=model.device)
-    vision = dict(pixel_values_videos=torch.cat(pix).to(model.device), video_grid_thw=torch.cat(grids))
+    # the stream before the goal second laid out as in training (data.build_sample), then that second's user turn
+    secs = [world.second(t) for t in range(t_goal + 1)]
+    sample = build_sample(tok, [s.frames for s in secs[:-1]], [s.text for s in secs[:-1]], 0, [])
+    pv, grid, _ = preprocess_video(secs[-1].frames, fps=FPS, min_pixels=28 * 28 * 4)
+    ids = torch.cat([sample.ids, torch.tensor(user_ids(tok, t_goal, int(grid.prod()) // 4))])[None].to(model.device)
+    vision = dict(pixel_values_videos=torch.cat([sample.pixel_values, pv]).to(model.device),
+                  video_grid_thw=torch.cat([sample.grid_thw, grid]))
     fp = dict(gamma=args.gamma, min_budget=args.min_budget)
     stats = dict(density=[], rel_err=[])
 

@@ -23,6 +23,7 @@ Reference: StreamingVLM, arXiv 2510.09608, section 2; ../shared/docs/STREAMINGVL
 Run: python stream.py --model out/tiny --video clip.gif
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -257,6 +258,22 @@ class Streamer:
         return clock
 
 
+def load_checkpoint(path, device=None, flexprefill=False):
+    """(model, tokenizer, settings) from a checkpoint folder; settings are the windows it was trained for
+    (stream.json, written by train.py), or {}. Exits with how to make one when there is none."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        sys.exit(f"no checkpoint at {path}: make one with `python train.py` (or pass --model DIR)")
+    device, dtype = pick_device_dtype(device)
+    model = VLM.from_pretrained(path, device=device, dtype=dtype)
+    if flexprefill:
+        model.enable_flexprefill()
+    settings = {}
+    if os.path.isfile(os.path.join(path, "stream.json")):
+        with open(os.path.join(path, "stream.json")) as f:
+            settings = json.load(f)
+    return model, Tokenizer.from_file(path), settings
+
+
 def main():
     ap = argparse.ArgumentParser(description="Stream a video through a checkpoint and print live commentary.")
     ap.add_argument("--model", default="out/tiny", help="checkpoint folder (config.json, model.safetensors, "
@@ -276,13 +293,8 @@ def main():
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        sys.exit(f"no checkpoint at {args.model}: train one with `python train.py` or pass --model DIR")
-    device, dtype = pick_device_dtype(args.device)
-    model = VLM.from_pretrained(args.model, device=device, dtype=dtype)
-    if args.flexprefill:
-        model.enable_flexprefill()
-    tok = Tokenizer.from_file(args.model)
+    model, tok, _ = load_checkpoint(args.model, args.device, args.flexprefill)
+    device = model.device
     s = Streamer(model, tok, args.policy, args.text_sink, args.text_window, args.vision_window, args.max_new_tokens,
                  args.temperature, args.top_p, args.repetition_penalty, args.previous_text,
                  frame_max_pixels=args.max_pixels, graphs=device.type == "cuda")  # CUDA-graph decode on a GPU
