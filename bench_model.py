@@ -24,6 +24,24 @@ import torch
 from model import PRESETS, VLM, canonical_name, inv_freq
 
 
+def twins(cfg, device, dtype):
+    """transformers' Qwen2_5_VLForConditionalGeneration with random weights, and our VLM holding the very same
+    tensors (no second copy on the GPU): (hf, ours), both in eval mode. Needs transformers."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=dtype).eval()
+    with torch.device("meta"):
+        ours = VLM(cfg)
+    state = {canonical_name(k): v for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    ours.load_state_dict(state, assign=True)
+    ours.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
+    return hf, ours.eval()
+
+
 def timed(fn, iters=5):
     for _ in range(2):
         fn()
@@ -49,24 +67,12 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     dev, dt = torch.device("cuda"), torch.bfloat16
     cfg = PRESETS[args.preset]()
-    hf_cfg = Qwen2_5_VLConfig(**cfg.to_hf_dict())
-    hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(dev):
-        hf = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, torch_dtype=dt).eval()
+    hf, ours = twins(cfg, dev, dt)
     print(f"transformers {transformers.__version__}: random {args.preset} built in {time.perf_counter() - t0:.0f} s")
-    with torch.device("meta"):
-        ours = VLM(cfg)
-    state = {canonical_name(k): v for k, v in hf.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    ours.load_state_dict(state, assign=True)  # the very same tensors: no second copy on the GPU
-    ours.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(dev), persistent=False)
-    ours.eval()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                preset=args.preset, prompts={})
     g = torch.Generator().manual_seed(0)

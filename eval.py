@@ -27,13 +27,15 @@ import torch
 
 from cache import POLICIES
 from model import PRESETS, VLM, pick_device_dtype
-from processor import Tokenizer, build_tokenizer
-from stream import Streamer, end_ids, load_checkpoint, open_video, reply_ids, seconds_of
+from processor import Tokenizer, build_tokenizer, preprocess_video
+from stream import FRAME_PIXELS, Streamer, end_ids, load_checkpoint, open_video, reply_ids, seconds_of
 from world import SportsStream, WorldConfig, split_seed
 
 EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
              ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),
              ("foul", re.compile(r"^Foul by (Red|Blue)\.$")), ("corner", re.compile(r"^Corner for (Red|Blue)\.$"))]
+
+DECODES = {"eager": {}, "graphs": dict(graphs=True), "compiled": dict(graphs=True, compile=True)}  # Streamer kw
 
 # -----------------------------------------------------------------------------
 # Metrics (tested on hand-made transcripts in tests/test_eval.py)
@@ -134,8 +136,10 @@ def plot(args, name, series, xlabel, ylabel):
 # The run loop shared by the tasks
 
 
-def run_policy(model, tok, policy, seconds, frames_of, args, force=None, **kw):
-    """Stream `seconds` seconds; returns texts, per-second latencies, and where it failed (or None)."""
+def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=1, **kw):
+    """Stream `seconds` seconds; returns texts, per-second latencies, and where it failed (or None). The first
+    `warmup` seconds are left out of the per-phase and per-token means (allocation, kernel selection, the
+    cache growing to its steady size, compiling)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -154,8 +158,8 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, **kw):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             lat.append(time.perf_counter() - t0)
-            if t == 0:  # the first second pays one-time costs (allocation, kernel selection): keep it out of
-                s.phases, s.decode_time, s.decode_tokens = {}, 0.0, 0  # the per-phase and per-token means
+            if t == warmup - 1:
+                s.phases, s.decode_time, s.decode_tokens = {}, 0.0, 0
             maxpos = max(maxpos, s.cache.max_position())
         except (torch.OutOfMemoryError, TimeoutError) as e:
             failed = dict(second=t, reason=type(e).__name__)
@@ -175,7 +179,7 @@ def task_stream(args):
     model, tok, st = load(args)
     kw = dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
               vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens,
-              graphs=args.decode != "eager")
+              **DECODES[args.decode[0]])
     print(f"{hardware()}; {args.streams} held-out stream(s) x {args.seconds} s, windows {kw}")
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
     for policy in args.policies:
@@ -216,56 +220,143 @@ def task_stream(args):
 
 
 def task_efficiency(args):
-    """The 7B config (or --preset), random weights, a fixed number of decoded tokens a second."""
+    """The 7B config (or --preset), random weights, a fixed number of decoded tokens a second; then, with --hf,
+    transformers' own Qwen2.5-VL holding the same weights on the same loop."""
     device, dtype = pick_device_dtype(args.device)
     cfg = PRESETS[args.preset]()
     tok = Tokenizer(build_tokenizer(["a b c d e f g", " ...", " ..."], 300, qwen_ids=cfg.vocab_size > 151664))
     cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
     if cfg.vocab_size < len(tok):
         cfg.vocab_size = len(tok)
-    with torch.device(device):
-        model = VLM(cfg).to(dtype).init_weights(std=0.02).eval()
+    hf = None
+    if args.hf:
+        from bench_model import twins  # transformers' model built first; ours shares its tensors
+        torch.manual_seed(0)
+        hf, model = twins(cfg, device, dtype)
+    else:
+        with torch.device(device):
+            model = VLM(cfg).to(dtype).init_weights(std=0.02).eval()
     if args.flexprefill:
         model.enable_flexprefill()
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
+    frames_of = lambda t: [frames[(t + j) % 4] for j in range(args.fps)]
     rows, result = [], dict(settings=vars(args), hardware=hardware(), policies={})
     # a reply that makes exactly max_new_tokens decoded tokens a second: words of one token, then " ..." <|im_end|>
     if args.max_new_tokens < len(end_ids(tok)):
         sys.exit(f"efficiency needs --max-new-tokens >= {len(end_ids(tok))} (a word, ' ...' and <|im_end|>)")
     fixed = " ".join(["b"] * (args.max_new_tokens - len(end_ids(tok)) + 1))
     assert len(reply_ids(tok, fixed)) + len(end_ids(tok)) - 1 == args.max_new_tokens, "toy tokenizer changed"
-    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps, {args.seconds} s")
-    decodes = ["eager", "graphs"] if args.decode == "both" else [args.decode]
-    for policy, decode in [(p, d) for p in args.policies for d in decodes]:
-        r = run_policy(model, tok, policy, args.seconds, lambda t: [frames[(t + j) % 4] for j in range(args.fps)],
-                       args, force=lambda t: fixed, max_new_tokens=args.max_new_tokens, fps=args.fps,
-                       graphs=decode == "graphs")
+    # size the cache buffers for the steady state up front (a compiled step is specialised to their capacity)
+    pixels = dict(min_pixels=FRAME_PIXELS[0], max_pixels=FRAME_PIXELS[1])  # what the Streamer resizes to
+    n_vision = int(preprocess_video(frames_of(0), fps=args.fps, **pixels)[1].prod()) // 4
+    capacity = 1024 + 256 + 17 * (n_vision + 64)  # text sink + window, prompts, 16 + 1 seconds of vision and text
+    warmup = min(args.warmup, args.seconds // 2)
+    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
+          f"tokens a second), {args.seconds} s; means leave out the first {warmup} s")
+
+    def report(name, decode, r, decode_time, decode_tokens, phases, warmup=warmup):
         lat = r["latency"]
         k = max(1, len(lat) // 10)
-        s = r["streamer"]
-        n = max(1, len(lat) - 1)  # phases exclude the first second (run_policy)
-        row = dict(policy=policy, decode=decode, first_ms=round(1000 * sum(lat[1:k + 1]) / max(1, len(lat[1:k + 1])), 1),
+        steady = lat[warmup:] or lat
+        n = max(1, len(steady))
+        row = dict(policy=name, decode=decode, first_ms=round(1000 * sum(steady[:k]) / len(steady[:k]), 1),
                    last_ms=round(1000 * sum(lat[-k:]) / k, 1) if lat else None,
                    p99_ms=round(1000 * percentile(lat[-max(1, len(lat) // 2):], 99), 1),
-                   ms_per_token=round(1000 * s.decode_time / max(1, s.decode_tokens), 2),
+                   ms_per_token=round(1000 * decode_time / max(1, decode_tokens), 2),
                    peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
-        row.update({f"{ph}_ms": round(1000 * v / n, 1) for ph, v in s.phases.items()})  # mean per second
+        row.update({f"{ph}_ms": round(1000 * v / n, 1) for ph, v in phases.items()})  # mean per second
         rows.append(row)
         print(table([row], list(row)), flush=True)
-        result["policies"][policy if len(decodes) == 1 else f"{policy}-{decode}"] = dict(summary=row, latency=lat)
+        result["policies"][name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"] = dict(
+            summary=row, latency=lat)
+
+    if hf is not None:
+        hf_seconds = min(args.seconds, args.hf_seconds)
+        r = hf_loop(hf, tok, hf_seconds, frames_of, args, min(warmup, hf_seconds // 2), pixels)
+        report("transformers", "generate", r, r["decode_time"], r["decode_tokens"], r["phases"], r["warmup"])
+        hf_ms = rows[-1]["ms_per_token"]
+        del r
+    for policy, decode in [(p, d) for p in args.policies for d in args.decode]:
+        r = run_policy(model, tok, policy, args.seconds, frames_of, args, force=lambda t: fixed, warmup=warmup,
+                       max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity, **DECODES[decode])
+        s = r["streamer"]
+        report(policy, decode, r, s.decode_time, s.decode_tokens, s.phases)
+        if hf is not None:
+            rows[-1]["hf_ms_per_token_ratio"] = round(hf_ms / max(1e-9, rows[-1]["ms_per_token"]), 2)
         del r, s  # free this run's cache (and graph) before the next run measures its peak memory
-    print("\n" + table(rows, list(rows[0])))
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    print("\n" + table(rows, cols))
+    if hf is not None:
+        print("hf_ms_per_token_ratio: transformers' ms per token over ours, same weights, same loop, same run "
+              f"(transformers ran the first {min(args.seconds, args.hf_seconds)} s only: its cache only grows)")
     save(args, "efficiency", result)
     plot(args, "efficiency_latency", {p: (range(len(v["latency"])), v["latency"]) for p, v in
                                       result["policies"].items()}, "stream second", "seconds per stream second")
     return result
 
 
+@torch.no_grad()
+def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
+    """transformers' Qwen2.5-VL on our per-second loop: its default (growing) DynamicCache, a forward for the new
+    user turn with its frames, then generate() for exactly --max-new-tokens tokens. Its positions after the first
+    second follow transformers' text rule (rope_deltas), not the video one: the same work, other numbers."""
+    from transformers import DynamicCache
+    from processor import preprocess_video
+    from stream import prefix_segments, user_ids
+    dev = hf.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cache = DynamicCache()
+    ids = torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]], device=dev)
+    n = args.max_new_tokens
+    lat, phases, decode_time, failed, t_start = [], {}, 0.0, None, time.perf_counter()
+    for t in range(seconds):
+        try:
+            if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+                raise TimeoutError(f"over the {args.time_limit} s time limit")
+            frames = frames_of(t)
+            sync()
+            t0 = time.perf_counter()
+            pv, grid, secs = preprocess_video(frames, fps=args.fps, device=dev, **pixels)
+            sync()
+            t1 = time.perf_counter()
+            ids = torch.cat([ids, torch.tensor([user_ids(tok, t, int(grid.prod()) // 4)], device=dev)], 1)
+            new = ids[:, cache.get_seq_length():-1]  # the last token is left for generate to feed
+            mm = (new == tok.video_pad_id).long() * 2  # transformers 5 builds M-RoPE runs from these token types
+            vision = dict(pixel_values_videos=pv.to(hf.dtype), video_grid_thw=grid.to(dev), second_per_grid_ts=secs)
+            try:
+                hf(input_ids=new, mm_token_type_ids=mm, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
+            except TypeError:  # transformers 4
+                hf(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
+            sync()
+            t2 = time.perf_counter()
+            ids = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+            sync()
+            t3 = time.perf_counter()
+            lat.append(t3 - t0)
+            if t >= warmup:
+                for ph, dt in (("preprocess", t1 - t0), ("prefill", t2 - t1), ("decode", t3 - t2)):
+                    phases[ph] = phases.get(ph, 0.0) + dt
+                decode_time += t3 - t2
+        except (torch.OutOfMemoryError, TimeoutError) as e:
+            failed = dict(second=t, reason=type(e).__name__)
+            break
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+    return dict(latency=lat, failed=failed, peak_gib=peak, cache_tokens=cache.get_seq_length(),
+                max_position=cache.get_seq_length(), decode_time=decode_time,
+                decode_tokens=n * max(0, len(lat) - warmup), phases=phases, warmup=warmup)
+
+
 def task_flexprefill(args):
     """The kernel benchmark, then FlexPrefill on the trained tiny model over a long held-out stream."""
     import bench_flexprefill
+    if args.skip_kernel_bench:
+        return dict(long_prefill=long_prefill_check(args))
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     small = [] if gpu else ["--device", "cpu", "--lengths", "1024", "--heads", "4", "1", "--iters", "2"]  # a CPU smoke
     kernel = bench_flexprefill.main(["--json", os.path.join(args.out, "flexprefill.json")] + small
@@ -345,7 +436,7 @@ def long_prefill_check(args):
 def task_video(args):
     model, tok, st = load(args)
     s = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
-                 max_new_tokens=args.max_new_tokens, graphs=args.decode != "eager" and model.device.type == "cuda")
+                 max_new_tokens=args.max_new_tokens, **DECODES[args.decode[0]])
     out = []
     for t, frames in enumerate(seconds_of(open_video(args.video))):
         if args.seconds and t >= args.seconds:
@@ -379,17 +470,31 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--gamma", type=float, default=0.9, help="flexprefill: attention mass to keep")
     ap.add_argument("--min-budget", type=int, default=1024, help="flexprefill: tokens always kept per query block")
-    ap.add_argument("--decode", default=None, choices=["eager", "graphs", "both"],
-                    help="decode step: eager model.forward or decode.py's CUDA graph (default: graphs on a GPU)")
+    ap.add_argument("--skip-kernel-bench", action="store_true", help="flexprefill: only the long-prefill check")
+    ap.add_argument("--decode", default=None, type=lambda x: x.split(","),
+                    help="decode step, or a comma list for the efficiency task: eager (model.forward), graphs "
+                    "(decode.py's step in a CUDA graph), compiled (torch.compile'd, then a CUDA graph); "
+                    "default: compiled on a GPU, eager on a CPU")
+    ap.add_argument("--warmup", type=int, default=30, help="efficiency: seconds left out of the means")
+    ap.add_argument("--hf", action="store_true", help="efficiency: also run transformers' Qwen2.5-VL (same "
+                    "weights) on the same loop with its default cache and generate")
+    ap.add_argument("--hf-seconds", type=int, default=120, help="efficiency: seconds of the transformers run")
     args = ap.parse_args(argv)
     if args.seconds is not None and args.seconds < 1:
         ap.error("--seconds must be positive")
     if args.video:
         return task_video(args)
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    args.decode = args.decode or ("graphs" if gpu else "eager")
-    if args.decode == "both" and args.task != "efficiency":
-        ap.error("--decode both is for the efficiency task (the stream task runs one decode path)")
+    args.decode = args.decode or ["compiled" if gpu else "eager"]
+    if any(d not in DECODES for d in args.decode):
+        ap.error(f"--decode takes {', '.join(DECODES)} (a comma list for efficiency), got {','.join(args.decode)}")
+    if len(args.decode) > 1 and (args.task != "efficiency" or args.video):
+        ap.error("several --decode paths are for the efficiency task (the others run one)")
+    if args.hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            ap.error("--hf needs transformers (pip install -r requirements-test.txt)")
     if args.seconds is None:
         args.seconds = {"stream": 7200 if gpu else 600, "efficiency": 3600, "flexprefill": 1800 if gpu else 120}[args.task]
         print(f"--seconds {args.seconds} ({'the paper-scale default' if gpu else 'a CPU-sized default; 7200 on a GPU'})")

@@ -109,12 +109,14 @@ def _resize_to_uint8(img, height, width):
 
 
 def _patchify(frames):
-    """uint8 frames [F, H, W, 3] (F even) -> float32 patch rows [F/2 * H/14 * W/14, 1176] in merge-block order."""
+    """uint8 frames [F, H, W, 3] (F even) -> float32 patch rows [F/2 * H/14 * W/14, 1176] in merge-block order,
+    on the frames' device (the same IEEE operations, so the same bits, on a GPU)."""
     # Rescale then normalize exactly as the HF slow processor does, so the bits match: x*(1/255) in float64,
     # cast to float32, then (x - mean) / std in float32. (The fused (x-255m)/(255s) of the fast path can differ
     # in the last ulp.)
     x = (frames.to(torch.float64) * (1 / 255)).to(torch.float32)
-    x = (x - torch.tensor(IMAGE_MEAN, dtype=torch.float32)) / torch.tensor(IMAGE_STD, dtype=torch.float32)
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device) for v in (IMAGE_MEAN, IMAGE_STD))
+    x = (x - mean) / std
     # Row r = ((t*hb_n + hb)*wb_n + wb)*4 + mh*2 + mw; column = ((c*2 + tp)*14 + py)*14 + px (spec 2.1.4).
     # The source pixel of (t, tp, hb, mh, py, wb, mw, px) is frame 2t+tp, y=(2hb+mh)*14+py, x=(2wb+mw)*14+px.
     return rearrange(
@@ -140,10 +142,11 @@ def preprocess_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
 
 
-def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS):
+def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, device=None):
     """
     One video (a list of PIL frames, or a uint8 tensor [F, H, W, 3]) sampled at `fps` ->
     (pixel_values_videos f32 [t*h*w, 1176], video_grid_thw int64 [1, 3], second_per_grid_ts f32 [1]).
+    device: where the pixel values are made (the resize stays on the CPU; the uint8 frames travel, 4x smaller).
     """
     if isinstance(frames, torch.Tensor) and frames.ndim == 4:
         frames = list(frames.unbind(0))
@@ -162,6 +165,8 @@ def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VI
         clip = torch.cat([clip, clip[-1:].expand(TEMPORAL_PATCH_SIZE - len(imgs) % TEMPORAL_PATCH_SIZE, -1, -1, -1)])
     grid = torch.tensor([[clip.shape[0] // TEMPORAL_PATCH_SIZE, h // PATCH_SIZE, w // PATCH_SIZE]])
     # one temporal patch spans 2 sampled frames, i.e. 2/fps seconds; M-RoPE uses it to place time positions
+    if device is not None:
+        clip = clip.to(device)
     return _patchify(clip), grid, torch.tensor([TEMPORAL_PATCH_SIZE / fps], dtype=torch.float32)
 
 

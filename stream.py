@@ -38,6 +38,7 @@ from processor import Tokenizer, preprocess_video
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."
 FPS = 2
+FRAME_PIXELS = (28 * 28 * 4, 768 * 28 * 28)  # default (min, max) pixels of a frame after resizing
 
 # -----------------------------------------------------------------------------
 # The token layout (one definition for training and inference)
@@ -144,8 +145,8 @@ class Streamer:
 
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
-                 frame_min_pixels=28 * 28 * 4, frame_max_pixels=768 * 28 * 28, seed=0, reset_every=None, fps=FPS,
-                 graphs=False, capacity=1024):
+                 frame_min_pixels=FRAME_PIXELS[0], frame_max_pixels=FRAME_PIXELS[1], seed=0, reset_every=None, fps=FPS,
+                 graphs=False, compile=False, capacity=1024):
         self.model, self.tok = model, tok
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         if reset_every is not None:
@@ -162,8 +163,10 @@ class Streamer:
         self.stops = {tok.im_end_id, tok.endoftext_id}
         self.cache = StreamingCache(model.cfg, self.policy, text_sink, text_window, vision_window, capacity,
                                     device=model.device, dtype=model.dtype)
-        # graphs=True: decode through decode.py's GraphDecoder (CUDA graph replay; eager on a CPU), same logits
-        self.decoder = GraphDecoder(model, self.cache, graphs=model.device.type == "cuda") if graphs else None
+        # graphs=True: decode through decode.py's GraphDecoder (CUDA graph replay; eager on a CPU), same logits;
+        # compile=True: the step is torch.compile'd too (fused kernels), then captured
+        self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda", compile=compile)
+                        if graphs or compile else None)
         self.greedy = temperature == 0 and repetition_penalty == 1.0
         self.vision = {}  # round -> (pixel_values, grid, seconds per grid); kept only for the recompute policy
         self.t = 0
@@ -183,7 +186,8 @@ class Streamer:
         clock = self._clock()
         cache.evict(t)
         clock("evict")
-        pv, grid, secs = preprocess_video(frames, fps=self.fps, **self.pixels)
+        # resize on the CPU (PIL, as the reference processor), normalise and cut patches on the model's device
+        pv, grid, secs = preprocess_video(frames, fps=self.fps, device=model.device, **self.pixels)
         clock("preprocess")
         n_vision = int(grid.prod()) // 4
         segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]

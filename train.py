@@ -79,6 +79,10 @@ def get_args(argv=None):
     ap.add_argument("--stream-seconds", type=int, help="chunks start anywhere in streams this long (3600)")
     ap.add_argument("--curriculum", type=int, help="steps over which the chunk length ramps from 2 s up to "
                                                    "--chunk-seconds (0 = none)")
+    ap.add_argument("--time-curriculum", type=int, default=0,
+                    help="steps over which chunk start times widen from a stream's first minute to all of "
+                    "--stream-seconds: early chunks hold few goal sentences before them, so the model first learns "
+                    "to copy the one score there, then to find the latest of many (0 = none)")
     ap.add_argument("--event-rate", type=float, help="synthetic world: P(shot/save/foul/corner) a second "
                                                      "(default: world.py's 0.12)")
     ap.add_argument("--goal-rate", type=rate_or_range, help="synthetic world: P(goal) a second (default: 1/150), "
@@ -130,11 +134,13 @@ def make_batch(tok, split, indices, args, step=None):
     world_cfg = dict(size=args.frame_size)
     if split == "train":  # validation always uses the default world, as eval.py does
         world_cfg.update({k: getattr(args, k) for k in ("event_rate", "goal_rate") if getattr(args, k) is not None})
-    chunk, overlap = args.chunk_seconds, args.overlap
+    chunk, overlap, stream_seconds = args.chunk_seconds, args.overlap, args.stream_seconds
     if split == "train" and step is not None and step < args.curriculum:
         chunk = min(chunk, 2 + (chunk - 2) * step // args.curriculum)  # 2 s chunks first, growing linearly
         overlap = min(overlap, chunk // 2)
-    return collate([synthetic_sample(tok, split, i, chunk, overlap, args.stream_seconds, args.text_sink,
+    if split == "train" and step is not None and step < args.time_curriculum:
+        stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
+    return collate([synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink,
                                      args.text_window, world_cfg) for i in indices], tok.pad_id)
 
 
@@ -170,16 +176,21 @@ def loss_sum(model, batch, device):
     return loss, int((targets != IGNORE).sum())
 
 
-def first_token_hits(model, batch, device, silence_id):
-    """How often the argmax at the first reply token of a second is right, for event seconds and for quiet
-    ones: the event/silence decision is what the commentary metrics hinge on, and the mean loss hides it."""
+def first_token_hits(model, batch, device, silence_id, number_ids=()):
+    """How often the argmax is right at the first reply token of a second, for event seconds and for quiet ones
+    (the event/silence decision the commentary metrics hinge on, which the mean loss hides), and at the score
+    numbers of goal sentences (the one thing the frames never show). Returns
+    (event right, events, quiet right, quiet seconds, score tokens right, score tokens)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
     targets = labels[:, 1:]
+    pred = model(**batch)[:, :-1].argmax(-1)
     first = (targets != IGNORE) & (labels[:, :-1] == IGNORE)  # the first supervised token of each second
-    right = model(**batch)[:, :-1].argmax(-1)[first] == targets[first]
+    right = pred[first] == targets[first]
     event = targets[first] != silence_id
-    return int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum())
+    score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
+    return (int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum()),
+            int((pred[score] == targets[score]).sum()), int(score.sum()))
 
 
 def save_checkpoint(raw, opt, step, history, args, tok_path, master):
@@ -266,7 +277,7 @@ def main(argv=None):
         state = torch.load(os.path.join(args.out, "train_state.pt"), map_location=device, weights_only=False)
         # the samples of a step depend on these: a resumed run must use the ones it started with
         data_args = ("preset", "steps", "batch_size", "grad_accum", "chunk_seconds", "overlap", "stream_seconds",
-                     "curriculum", "event_rate", "goal_rate", "text_sink", "text_window", "frame_size", "data",
+                     "curriculum", "time_curriculum", "event_rate", "goal_rate", "text_sink", "text_window", "frame_size", "data",
                      "seed", "lr", "warmup")
         saved = state.get("args", {})
         changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in data_args
@@ -279,15 +290,17 @@ def main(argv=None):
             print(f"resumed at step {step}")
     val = [make_batch(tok, "eval", [i], args) for i in range(args.eval_chunks)] if master else []
     silence_id = tok.encode(SILENCE)[0]
+    number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # scores are single tokens
 
     def validate():
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
             tot = [loss_sum(raw, b, device) for b in val]
-            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, device, silence_id) for b in val))]
+            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, device, silence_id, number_ids) for b in val))]
         model.train()
         return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
-                f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds")
+                f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
+                f"{hits[4]}/{hits[5]}")
 
     # ---- the loop ----
     flops_per_token = 6 * n_train  # matmul FLOPs of forward + backward (attention left out: short chunks)

@@ -71,9 +71,19 @@ def test_stream_task_reports_timeouts(ckpt, tmp_path):
 
 
 def test_efficiency_task_end_to_end(tmp_path):
-    res = main(["efficiency", "--preset", "tiny", "--seconds", "3", "--height", "56", "--width", "84",
-                "--policies", "streaming", "full", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    # with --hf: transformers' Qwen2.5-VL (the same random weights) on the same per-second loop
+    res = main(["efficiency", "--preset", "tiny", "--seconds", "4", "--warmup", "1", "--height", "56", "--width",
+                "84", "--policies", "streaming", "full", "--max-new-tokens", "4", "--hf", "--out", str(tmp_path)])
     assert res["policies"]["streaming"]["summary"]["ms_per_token"] > 0
+    hf = res["policies"]["transformers"]
+    assert len(hf["latency"]) == 4 and hf["summary"]["failed"] == "-" and hf["summary"]["ms_per_token"] > 0
+    assert res["policies"]["full"]["summary"]["hf_ms_per_token_ratio"] > 0
+
+
+def test_bad_decode_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["efficiency", "--decode", "eager,fast"])
+    assert "--decode takes eager, graphs, compiled" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """data.py and train.py: the sample layout token by token, learning, resume, and 2-process DDP on CPU."""
 import os
+import re
 import subprocess
 import sys
 
@@ -124,6 +125,16 @@ def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok):
     assert event_share("train") > 0.7 > 0.3 > event_share("eval")     # the busy world trains, the default validates
 
 
+def test_time_curriculum_starts_chunks_early_in_the_stream(tok):
+    from train import get_args, make_batch
+    args = get_args(["--preset", "cpu", "--time-curriculum", "100", "--stream-seconds", "3600"])
+    start = lambda b, i: int(re.search(r"Time=(\d+)", tok.decode(b["input_ids"][i].tolist())).group(1))
+    early = make_batch(tok, "train", range(16), args, step=0)
+    late = make_batch(tok, "train", range(16), args, step=100)
+    assert max(start(early, i) for i in range(16)) < 60        # the first minute only
+    assert max(start(late, i) for i in range(16)) > 600        # then anywhere in the stream
+
+
 def test_first_token_hits_counts_events_and_quiet_seconds(tok):
     from train import first_token_hits
     b = make_batch_for_hits(tok)
@@ -133,20 +144,23 @@ def test_first_token_hits_counts_events_and_quiet_seconds(tok):
         nxt = torch.cat([labels[:, 1:], labels[:, -1:]], 1).clamp(min=0)
         return torch.nn.functional.one_hot(nxt, len(tok) + 1).float()
 
-    ev_right, ev, quiet_right, quiet = first_token_hits(oracle, b, "cpu", tok.encode(" ...")[0])
-    assert (ev_right, quiet_right) == (ev, quiet) and ev >= 1 and quiet >= 1 and ev + quiet == 24
+    numbers = {tok.encode(f" {n}")[0] for n in range(100)}
+    ev_right, ev, quiet_right, quiet, score_right, scores = first_token_hits(oracle, b, "cpu", tok.encode(" ...")[0],
+                                                                             numbers)
+    assert (ev_right, quiet_right, score_right) == (ev, quiet, scores) and ev >= 1 and quiet >= 1 and ev + quiet == 24
+    assert scores >= 2 and scores % 2 == 0  # two numbers per goal sentence
 
     def silent(**batch):  # always " ...": right exactly on the quiet seconds
         x = torch.zeros(*labels.shape, len(tok) + 1)
         x[..., tok.encode(" ...")[0]] = 1
         return x
 
-    assert first_token_hits(silent, b, "cpu", tok.encode(" ...")[0]) == (0, ev, quiet, quiet)
+    assert first_token_hits(silent, b, "cpu", tok.encode(" ...")[0], numbers) == (0, ev, quiet, quiet, 0, scores)
 
 
 def make_batch_for_hits(tok):
     from data import collate
-    s = synthetic_sample(tok, "train", 3, 24, 12, 600, 16, 16, dict(event_rate=0.5))
+    s = synthetic_sample(tok, "train", 3, 24, 12, 600, 16, 16, dict(event_rate=0.5, goal_rate=0.2))
     return collate([s], tok.pad_id)
 
 
