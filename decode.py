@@ -60,8 +60,7 @@ class GraphDecoder:
         self.axis = mrope_axis(model.cfg.mrope_section, dev)
         self.graph, self.key, self.logits, self.slot = None, None, None, None
         self.captures = 0
-        # dynamic=False: one specialised compile per buffer capacity (the cache grows a few times, then never)
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
+        self.compiled = compile
 
     def _step(self):
         """The static-shape step: reads token/pos/index, writes K/V into the cache, returns logits (1, vocab)."""
@@ -75,6 +74,11 @@ class GraphDecoder:
         x = m.model.norm(x)
         logits = m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T
         return logits[:, -1]
+
+    def step(self):
+        # the function, not a bound method, is what gets compiled and stored (a bound method kept on self would be a
+        # reference cycle that holds the cache and the graph's memory until the next garbage collection)
+        return _compiled_step(self) if self.compiled else GraphDecoder._step(self)
 
     def _capture(self):
         # warm up on a side stream (lazy cuBLAS/SDPA initialisation must not happen during capture), then record
@@ -112,3 +116,10 @@ class GraphDecoder:
             logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
         c.advance(1)
         return logits
+
+
+# One compiled step for all decoders of a process: the first cache capacity it meets is compiled static; a second
+# capacity (a cache that grew) recompiles once with the capacity as a symbolic size (torch.compile's automatic
+# dynamic shapes), so the growing caches of long runs do not hit the recompile limit. Size the cache up front
+# (Streamer(capacity=...)) to keep the faster static version, as eval.py's efficiency task does.
+_compiled_step = torch.compile(GraphDecoder._step, fullgraph=True)

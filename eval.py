@@ -16,6 +16,7 @@ Metrics of the stream task (world.py's sentences are parsed back into (event, te
 """
 import argparse
 import functools
+import gc
 import json
 import os
 import platform
@@ -141,11 +142,9 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
     `warmup` seconds are left out of the per-phase and per-token means (allocation, kernel selection, the
     cache growing to its steady size, compiling)."""
     device = model.device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_peak(device)
     s = Streamer(model, tok, policy, **kw)
-    texts, lat, maxpos, failed, t_start = [], [], 0, None, time.perf_counter()
+    texts, lat, decode, maxpos, failed, t_start = [], [], [], 0, None, time.perf_counter()
     for t in range(seconds):
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -153,19 +152,28 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
             frames = frames_of(t)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, d0, n0 = time.perf_counter(), s.decode_time, s.decode_tokens
             texts.append(s.step(frames, force_text=force(t) if force else None))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             lat.append(time.perf_counter() - t0)
+            decode.append((s.decode_time - d0, s.decode_tokens - n0))  # this second's decode time and forwards
             if t == warmup - 1:
                 s.phases, s.decode_time, s.decode_tokens = {}, 0.0, 0
             maxpos = max(maxpos, s.cache.max_position())
         except (torch.OutOfMemoryError, TimeoutError) as e:
             failed = dict(second=t, reason=type(e).__name__)
             break
-    return dict(texts=texts, latency=lat, max_position=maxpos, failed=failed,
+    return dict(texts=texts, latency=lat, decode=decode, max_position=maxpos, failed=failed,
                 peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s)
+
+
+def fresh_peak(device):
+    """Free what earlier runs left (collect first: a cycle could still hold a cache) and restart the peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def load(args):
@@ -228,7 +236,7 @@ def task_efficiency(args):
     cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
     if cfg.vocab_size < len(tok):
         cfg.vocab_size = len(tok)
-    hf = None
+    hf, hf_ms, hf_window = None, None, (0, 0)
     if args.hf:
         from bench_model import twins  # transformers' model built first; ours shares its tensors
         torch.manual_seed(0)
@@ -257,16 +265,16 @@ def task_efficiency(args):
 
     def report(name, decode, r, decode_time, decode_tokens, phases, warmup=warmup):
         lat = r["latency"]
-        k = max(1, len(lat) // 10)
-        steady = lat[warmup:] or lat
-        n = max(1, len(steady))
-        row = dict(policy=name, decode=decode, first_ms=round(1000 * sum(steady[:k]) / len(steady[:k]), 1),
-                   last_ms=round(1000 * sum(lat[-k:]) / k, 1) if lat else None,
-                   p99_ms=round(1000 * percentile(lat[-max(1, len(lat) // 2):], 99), 1),
-                   ms_per_token=round(1000 * decode_time / max(1, decode_tokens), 2),
+        steady = lat[warmup:]  # empty when the run failed (or the stream ended) within the warm-up
+        k = max(1, len(steady) // 10)
+        ms = lambda xs: round(1000 * sum(xs) / len(xs), 1) if xs else None
+        row = dict(policy=name, decode=decode, first_ms=ms(steady[:k]), last_ms=ms(steady[-k:]),
+                   p99_ms=round(1000 * percentile(steady[-max(1, len(steady) // 2):], 99), 1) if steady else None,
+                   ms_per_token=round(1000 * decode_time / decode_tokens, 2) if steady and decode_tokens else None,
                    peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
-        row.update({f"{ph}_ms": round(1000 * v / n, 1) for ph, v in phases.items()})  # mean per second
+        if steady:  # mean per second
+            row.update({f"{ph}_ms": round(1000 * v / len(steady), 1) for ph, v in phases.items()})
         rows.append(row)
         print(table([row], list(row)), flush=True)
         result["policies"][name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"] = dict(
@@ -276,21 +284,26 @@ def task_efficiency(args):
         hf_seconds = min(args.seconds, args.hf_seconds)
         r = hf_loop(hf, tok, hf_seconds, frames_of, args, min(warmup, hf_seconds // 2), pixels)
         report("transformers", "generate", r, r["decode_time"], r["decode_tokens"], r["phases"], r["warmup"])
+        hf_window = (r["warmup"], len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         hf_ms = rows[-1]["ms_per_token"]
         del r
     for policy, decode in [(p, d) for p in args.policies for d in args.decode]:
         r = run_policy(model, tok, policy, args.seconds, frames_of, args, force=lambda t: fixed, warmup=warmup,
-                       max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity, **DECODES[decode])
+                       max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
+                       readback=not args.no_readback, **DECODES[decode])
         s = r["streamer"]
         report(policy, decode, r, s.decode_time, s.decode_tokens, s.phases)
-        if hf is not None:
-            rows[-1]["hf_ms_per_token_ratio"] = round(hf_ms / max(1e-9, rows[-1]["ms_per_token"]), 2)
+        per_second = r["decode"][hf_window[0]:hf_window[1]] if hf is not None else []
+        ours = 1000 * sum(dt for dt, _ in per_second) / max(1, sum(n for _, n in per_second))
+        if hf_ms and per_second and ours:
+            rows[-1]["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
         del r, s  # free this run's cache (and graph) before the next run measures its peak memory
     cols = list(dict.fromkeys(c for r in rows for c in r))
     print("\n" + table(rows, cols))
     if hf is not None:
-        print("hf_ms_per_token_ratio: transformers' ms per token over ours, same weights, same loop, same run "
-              f"(transformers ran the first {min(args.seconds, args.hf_seconds)} s only: its cache only grows)")
+        print("hf_ms_per_token_ratio: transformers' ms per token over ours in the same seconds of the stream "
+              f"({hf_window[0]} to {hf_window[1]}: transformers runs the first {min(args.seconds, args.hf_seconds)} s "
+              "only, its cache only grows), same weights, same loop, same run")
     save(args, "efficiency", result)
     # second 0 left out: its start-up (and compilation, tens of seconds) would flatten everything else
     plot(args, "efficiency_latency", {p: (range(1, len(v["latency"])), v["latency"][1:]) for p, v in
@@ -303,18 +316,19 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
     """transformers' Qwen2.5-VL on our per-second loop: its default (growing) DynamicCache, a forward for the new
     user turn with its frames, then generate() for exactly --max-new-tokens tokens. Its positions after the first
     second follow transformers' text rule (rope_deltas), not the video one: the same work, other numbers."""
+    import transformers
     from transformers import DynamicCache
     from processor import preprocess_video
     from stream import prefix_segments, user_ids
     dev = hf.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_peak(dev)
+    # transformers 5 builds the M-RoPE runs from token types it is given; 4.x reads them off the ids
+    types = int(transformers.__version__.split(".")[0]) >= 5
     cache = DynamicCache()
     ids = torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]], device=dev)
     n = args.max_new_tokens
-    lat, phases, decode_time, failed, t_start = [], {}, 0.0, None, time.perf_counter()
+    lat, decode, phases, decode_time, failed, t_start = [], [], {}, 0.0, None, time.perf_counter()
     for t in range(seconds):
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -327,12 +341,10 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             t1 = time.perf_counter()
             ids = torch.cat([ids, torch.tensor([user_ids(tok, t, int(grid.prod()) // 4)], device=dev)], 1)
             new = ids[:, cache.get_seq_length():-1]  # the last token is left for generate to feed
-            mm = (new == tok.video_pad_id).long() * 2  # transformers 5 builds M-RoPE runs from these token types
             vision = dict(pixel_values_videos=pv.to(hf.dtype), video_grid_thw=grid.to(dev), second_per_grid_ts=secs)
-            try:
-                hf(input_ids=new, mm_token_type_ids=mm, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
-            except TypeError:  # transformers 4
-                hf(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
+            if types:
+                vision["mm_token_type_ids"] = (new == tok.video_pad_id).long() * 2
+            hf(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
             sync()
             t2 = time.perf_counter()
             ids = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
@@ -340,6 +352,7 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             sync()
             t3 = time.perf_counter()
             lat.append(t3 - t0)
+            decode.append((t3 - t2, n))
             if t >= warmup:
                 for ph, dt in (("preprocess", t1 - t0), ("prefill", t2 - t1), ("decode", t3 - t2)):
                     phases[ph] = phases.get(ph, 0.0) + dt
@@ -348,8 +361,9 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             failed = dict(second=t, reason=type(e).__name__)
             break
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
-    return dict(latency=lat, failed=failed, peak_gib=peak, cache_tokens=cache.get_seq_length(),
-                max_position=cache.get_seq_length(), decode_time=decode_time,
+    # max_position: None, transformers' positions (cache position + rope_deltas) are not ours to report
+    return dict(latency=lat, decode=decode, failed=failed, peak_gib=peak, cache_tokens=cache.get_seq_length(),
+                max_position=None, decode_time=decode_time,
                 decode_tokens=n * max(0, len(lat) - warmup), phases=phases, warmup=warmup)
 
 
@@ -479,12 +493,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=30, help="efficiency: seconds left out of the means")
     ap.add_argument("--hf", action="store_true", help="efficiency: also run transformers' Qwen2.5-VL (same "
                     "weights) on the same loop with its default cache and generate")
+    ap.add_argument("--no-readback", action="store_true", help="efficiency: do not read each forced token's "
+                    "argmax back to the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
     ap.add_argument("--hf-seconds", type=int, default=120, help="efficiency: seconds of the transformers run")
     args = ap.parse_args(argv)
     if args.seconds is not None and args.seconds < 1:
         ap.error("--seconds must be positive")
-    if args.video:
-        return task_video(args)
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     args.decode = args.decode or ["compiled" if gpu else "eager"]
     if any(d not in DECODES for d in args.decode):
@@ -495,7 +509,9 @@ def main(argv=None):
         try:
             import transformers  # noqa: F401
         except ImportError:
-            ap.error("--hf needs transformers (pip install -r requirements-test.txt)")
+            ap.error("--hf needs transformers (pip install -r requirements-dev.txt)")
+    if args.video:
+        return task_video(args)
     if args.seconds is None:
         args.seconds = {"stream": 7200 if gpu else 600, "efficiency": 3600, "flexprefill": 1800 if gpu else 120}[args.task]
         print(f"--seconds {args.seconds} ({'the paper-scale default' if gpu else 'a CPU-sized default; 7200 on a GPU'})")

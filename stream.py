@@ -146,7 +146,7 @@ class Streamer:
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
                  frame_min_pixels=FRAME_PIXELS[0], frame_max_pixels=FRAME_PIXELS[1], seed=0, reset_every=None, fps=FPS,
-                 graphs=False, compile=False, capacity=1024):
+                 graphs=False, compile=False, capacity=1024, readback=False):
         self.model, self.tok = model, tok
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         if reset_every is not None:
@@ -168,6 +168,9 @@ class Streamer:
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda", compile=compile)
                         if graphs or compile else None)
         self.greedy = temperature == 0 and repetition_penalty == 1.0
+        # readback: a forced (teacher-forced) reply still reads each token's greedy choice back to the host, as real
+        # decoding must before it can feed the token; without it the CPU queues forced tokens ahead of the GPU
+        self.readback = readback
         self.vision = {}  # round -> (pixel_values, grid, seconds per grid); kept only for the recompute policy
         self.t = 0
         self._restart()
@@ -219,6 +222,8 @@ class Streamer:
         while True:
             if forced is not None:
                 nxt = forced[len(out)]
+                if self.readback:
+                    int(logits[0, -1].argmax())
             elif self.greedy:  # argmax on the device: one int crosses to the host, not the vocabulary
                 nxt = int(logits[0, -1].argmax())
             else:

@@ -291,6 +291,8 @@ def main(argv=None):
     val = [make_batch(tok, "eval", [i], args) for i in range(args.eval_chunks)] if master else []
     silence_id = tok.encode(SILENCE)[0]
     number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # scores are single tokens
+    if master and not number_ids:
+        print("note: this tokenizer splits numbers, so validation counts no score numbers (0/0)")
 
     def validate():
         model.eval()

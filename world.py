@@ -137,8 +137,8 @@ def _mix64(x: int) -> int:
 
 def _uniforms(seed: int, t: int, n: int = 3) -> list[float]:
     """n uniform floats in [0, 1) for second t, a pure function of (seed, t) in integer arithmetic (so the same
-    on every Python). It decides each second's event and is ~8x cheaper than seeding a Random per second, which
-    matters: a training chunk at hour 2 needs the events of all 7,200 seconds before it (they make the score)."""
+    on every Python). It decides each second's event and is several times cheaper than seeding a Random per second,
+    which matters: a training chunk at hour 2 needs the events of all 7,200 seconds before it (they make the score)."""
     h, out = (seed << 32) ^ t, []
     for _ in range(n):
         h = _mix64(h)

@@ -75,3 +75,20 @@ def test_compiled_step_equals_eager_forward(tok):
     assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_dropping_a_streamer_frees_its_cache_at_once(tok, compile):
+    # eval.py measures each policy's peak memory after deleting the previous run: no reference cycle may keep
+    # the cache (or, on a GPU, the graph's memory) alive until the next garbage collection
+    import gc
+    import weakref
+    model = tiny_model(tok, layers=2, seed=4)
+    s, _, _ = run(model, tok, 2, graphs=True, compile=compile, capacity=256)
+    ref = weakref.ref(s.cache)
+    gc.disable()
+    try:
+        del s
+        assert ref() is None
+    finally:
+        gc.enable()

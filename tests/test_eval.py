@@ -78,6 +78,25 @@ def test_efficiency_task_end_to_end(tmp_path):
     hf = res["policies"]["transformers"]
     assert len(hf["latency"]) == 4 and hf["summary"]["failed"] == "-" and hf["summary"]["ms_per_token"] > 0
     assert res["policies"]["full"]["summary"]["hf_ms_per_token_ratio"] > 0
+    # the same loop: transformers' growing cache holds about what our never-evicting policy holds
+    assert abs(hf["summary"]["cache"] - res["policies"]["full"]["summary"]["cache"]) <= 8
+
+
+def test_efficiency_reports_a_failure_in_the_first_second(tmp_path):
+    res = main(["efficiency", "--preset", "tiny", "--seconds", "3", "--height", "56", "--width", "84",
+                "--policies", "streaming", "--max-new-tokens", "4", "--time-limit", "1e-9", "--out", str(tmp_path)])
+    row = res["policies"]["streaming"]["summary"]
+    assert row["failed"] == "TimeoutError at 0 s" and row["ms_per_token"] is None
+
+
+def test_video_flag_streams_a_gif(ckpt, tmp_path):
+    from PIL import Image
+    frames = [Image.new("RGB", (56, 56), (40 * i, 120, 60)) for i in range(6)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)  # 2 frames a second, 3 s
+    main(["--model", str(ckpt), "--video", str(gif), "--out", str(tmp_path)])
+    out = json.load(open(tmp_path / "video.json"))
+    assert [c["t"] for c in out["commentary"]] == [0, 1, 2]
 
 
 def test_bad_decode_flag_is_refused(capsys):
