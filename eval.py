@@ -138,9 +138,9 @@ def plot(args, name, series, xlabel, ylabel):
 
 
 def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=1, **kw):
-    """Stream `seconds` seconds; returns texts, per-second latencies, and where it failed (or None). The first
-    `warmup` seconds are left out of the per-phase and per-token means (allocation, kernel selection, the
-    cache growing to its steady size, compiling)."""
+    """Stream `seconds` seconds; returns texts, per-second latencies and (decode time, decode forwards), and where
+    it failed (or None). The first `warmup` seconds are left out of the streamer's per-phase means (allocation,
+    kernel selection, the cache growing to its steady size, compiling)."""
     device = model.device
     fresh_peak(device)
     s = Streamer(model, tok, policy, **kw)
@@ -159,13 +159,19 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
             lat.append(time.perf_counter() - t0)
             decode.append((s.decode_time - d0, s.decode_tokens - n0))  # this second's decode time and forwards
             if t == warmup - 1:
-                s.phases, s.decode_time, s.decode_tokens = {}, 0.0, 0
+                s.phases = {}
             maxpos = max(maxpos, s.cache.max_position())
         except (torch.OutOfMemoryError, TimeoutError) as e:
             failed = dict(second=t, reason=type(e).__name__)
             break
     return dict(texts=texts, latency=lat, decode=decode, max_position=maxpos, failed=failed,
                 peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s)
+
+
+def ms_per_token(decode):
+    """Mean decode time per forward over [(seconds, forwards)] of some stream seconds; None when there were none."""
+    forwards = sum(n for _, n in decode)
+    return 1000 * sum(dt for dt, _ in decode) / forwards if forwards else None
 
 
 def fresh_peak(device):
@@ -263,14 +269,15 @@ def task_efficiency(args):
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
           f"tokens a second), {args.seconds} s; means leave out the first {warmup} s")
 
-    def report(name, decode, r, decode_time, decode_tokens, phases, warmup=warmup):
+    def report(name, decode, r, phases, warmup=warmup):
         lat = r["latency"]
         steady = lat[warmup:]  # empty when the run failed (or the stream ended) within the warm-up
         k = max(1, len(steady) // 10)
         ms = lambda xs: round(1000 * sum(xs) / len(xs), 1) if xs else None
+        per_token = ms_per_token(r["decode"][warmup:])
         row = dict(policy=name, decode=decode, first_ms=ms(steady[:k]), last_ms=ms(steady[-k:]),
                    p99_ms=round(1000 * percentile(steady[-max(1, len(steady) // 2):], 99), 1) if steady else None,
-                   ms_per_token=round(1000 * decode_time / decode_tokens, 2) if steady and decode_tokens else None,
+                   ms_per_token=round(per_token, 2) if per_token else None,
                    peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
         if steady:  # mean per second
@@ -283,7 +290,7 @@ def task_efficiency(args):
     if hf is not None:
         hf_seconds = min(args.seconds, args.hf_seconds)
         r = hf_loop(hf, tok, hf_seconds, frames_of, args, min(warmup, hf_seconds // 2), pixels)
-        report("transformers", "generate", r, r["decode_time"], r["decode_tokens"], r["phases"], r["warmup"])
+        report("transformers", "generate", r, r["phases"], r["warmup"])
         hf_window = (r["warmup"], len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         hf_ms = rows[-1]["ms_per_token"]
         del r
@@ -292,10 +299,9 @@ def task_efficiency(args):
                        max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
                        readback=not args.no_readback, **DECODES[decode])
         s = r["streamer"]
-        report(policy, decode, r, s.decode_time, s.decode_tokens, s.phases)
-        per_second = r["decode"][hf_window[0]:hf_window[1]] if hf is not None else []
-        ours = 1000 * sum(dt for dt, _ in per_second) / max(1, sum(n for _, n in per_second))
-        if hf_ms and per_second and ours:
+        report(policy, decode, r, s.phases)
+        ours = ms_per_token(r["decode"][hf_window[0]:hf_window[1]])
+        if hf_ms and ours:
             rows[-1]["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
         del r, s  # free this run's cache (and graph) before the next run measures its peak memory
     cols = list(dict.fromkeys(c for r in rows for c in r))
@@ -318,7 +324,6 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
     second follow transformers' text rule (rope_deltas), not the video one: the same work, other numbers."""
     import transformers
     from transformers import DynamicCache
-    from processor import preprocess_video
     from stream import prefix_segments, user_ids
     dev = hf.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -328,7 +333,7 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
     cache = DynamicCache()
     ids = torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]], device=dev)
     n = args.max_new_tokens
-    lat, decode, phases, decode_time, failed, t_start = [], [], {}, 0.0, None, time.perf_counter()
+    lat, decode, phases, failed, t_start = [], [], {}, None, time.perf_counter()
     for t in range(seconds):
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -356,15 +361,13 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             if t >= warmup:
                 for ph, dt in (("preprocess", t1 - t0), ("prefill", t2 - t1), ("decode", t3 - t2)):
                     phases[ph] = phases.get(ph, 0.0) + dt
-                decode_time += t3 - t2
         except (torch.OutOfMemoryError, TimeoutError) as e:
             failed = dict(second=t, reason=type(e).__name__)
             break
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
     # max_position: None, transformers' positions (cache position + rope_deltas) are not ours to report
     return dict(latency=lat, decode=decode, failed=failed, peak_gib=peak, cache_tokens=cache.get_seq_length(),
-                max_position=None, decode_time=decode_time,
-                decode_tokens=n * max(0, len(lat) - warmup), phases=phases, warmup=warmup)
+                max_position=None, phases=phases, warmup=warmup)
 
 
 def task_flexprefill(args):
@@ -389,7 +392,6 @@ def long_prefill_check(args):
     Dense and FlexPrefill side by side: the replies, prefill time, density and the attention-output error."""
     from flexprefill import causal_attention, flexprefill_attention
     from data import build_sample
-    from processor import preprocess_video
     from stream import FPS, user_ids
     model, tok, st = load(args)
     world = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56)))
@@ -397,7 +399,7 @@ def long_prefill_check(args):
     # the stream before the goal second laid out as in training (data.build_sample), then that second's user turn
     secs = [world.second(t) for t in range(t_goal + 1)]
     sample = build_sample(tok, [s.frames for s in secs[:-1]], [s.text for s in secs[:-1]], 0, [])
-    pv, grid, _ = preprocess_video(secs[-1].frames, fps=FPS, min_pixels=28 * 28 * 4)
+    pv, grid, _ = preprocess_video(secs[-1].frames, fps=FPS, min_pixels=FRAME_PIXELS[0])
     ids = torch.cat([sample.ids, torch.tensor(user_ids(tok, t_goal, int(grid.prod()) // 4))])[None].to(model.device)
     vision = dict(pixel_values_videos=torch.cat([sample.pixel_values, pv]).to(model.device),
                   video_grid_thw=torch.cat([sample.grid_thw, grid]))
@@ -432,8 +434,7 @@ def long_prefill_check(args):
     sparse_s, sparse_reply = run(fast)
     for layer in model.model.layers:
         layer.self_attn.prefill_attn = measured
-    with torch.no_grad():
-        model(ids, **vision, logits_to_keep=1)
+    model(ids, **vision, logits_to_keep=1)
     for layer in model.model.layers:
         layer.self_attn.prefill_attn = None
     row = dict(tokens=ids.shape[1], seconds=t_goal + 1, truth=world.text(t_goal), dense=dense_reply,

@@ -220,7 +220,7 @@ class SportsStream:
     # ---- rendering -----------------------------------------------------------------
     def second(self, t: int) -> Second:
         ev, team = self.event(t)
-        rng = _rng(self.cfg.seed, t, 0)  # where this second's cue goes and how it looks
+        rng = _rng(self.cfg.seed, t, 0)
         layout = (rng.random(), rng.random(), rng.random())  # where this second's cue goes
         frames = [self.render(t, i, ev, team, layout) for i in range(self.cfg.fps)]
         return Second(t, frames, ev, team, self.text(t), self.score(t))
