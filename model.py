@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+from torch.nn.attention.bias import causal_lower_right
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -168,26 +169,36 @@ class GatedMLP(nn.Module):
 # Vision tower
 
 
-def segment_attention(q, k, v, cu_seqlens):
-    """Non-causal attention inside each segment [cu[i], cu[i+1]) of a packed sequence, none across.
+class Segments:
+    """Where each row of a packed sequence goes in a padded (num_segments, max_len) batch, for segments
+    [cu[i], cu[i+1]). Made once per forward on the CPU (cu_seqlens comes from vision_layout there) and shared by
+    every block that uses it: computed per block on the device it would cost a host sync each time."""
+
+    def __init__(self, cu_seqlens, device):
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)      # (N,) segment of each row
+        pos = torch.arange(int(cu_seqlens[-1])) - cu_seqlens[:-1][seg]          # (N,) index inside it
+        self.n, self.max_len = len(lengths), int(lengths.max())
+        self.seg, self.pos = seg.to(device), pos.to(device)
+        self.key_ok = (torch.arange(self.max_len)[None, :] < lengths[:, None]).to(device)  # (S, max_len)
+
+
+def segment_attention(q, k, v, segments):
+    """Non-causal attention inside each segment of a packed sequence, none across.
 
     q, k, v: (N, H, D). Instead of a Python loop over windows, the segments are scattered into a padded
     (num_segments, max_len) batch and run as one SDPA call with a key-padding mask.
     """
     N, H, D = q.shape
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # (N,) segment of each row
-    pos = torch.arange(N, device=q.device) - cu_seqlens[:-1].long()[seg]                  # (N,) index inside it
-    max_len = int(lengths.max())
+    sg = segments
 
     def pad(x):  # (N, H, D) -> (S, H, max_len, D)
-        out = x.new_zeros(len(lengths), max_len, H, D)
-        out[seg, pos] = x
+        out = x.new_zeros(sg.n, sg.max_len, H, D)
+        out[sg.seg, sg.pos] = x
         return out.transpose(1, 2)
 
-    key_ok = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]  # (S, max_len)
-    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_ok[:, None, None, :])
-    return o.transpose(1, 2)[seg, pos]  # back to (N, H, D)
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=sg.key_ok[:, None, None, :])
+    return o.transpose(1, 2)[sg.seg, sg.pos]  # back to (N, H, D)
 
 
 class VisionAttention(nn.Module):
@@ -197,12 +208,12 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
+    def forward(self, x, segments, cos, sin):
         q, k, v = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.n_heads)
         # the vision rotary is applied in fp32 and cast back (the opposite of the text model, spec 6.3)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        o = segment_attention(q, k, v, cu_seqlens)
+        o = segment_attention(q, k, v, segments)
         return self.proj(o.flatten(1))
 
 
@@ -214,8 +225,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(c.hidden_size)
         self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, segments, cos, sin):
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -245,6 +256,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(1)
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_layout(t, h, w, m, ws):
+    """vision_layout's pieces for one (t, h, w) grid, cached: a training batch holds hundreds of equal grids.
+    Returns pos (t*h*w, 2), window_index (t*h*w/m^2,) from 0, and the sizes of its non-empty windows in patches."""
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    hw = torch.stack([hh, ww], -1)                                     # (h, w, 2)
+    hw = rearrange(hw, "(hb mh) (wb mw) two -> (hb wb mh mw) two", mh=m, mw=m)
+    lh, lw = h // m, w // m
+    idx = torch.arange(t * lh * lw).view(t, lh, lw)
+    # pad to whole windows; note the pad is a full window (not 0) when the size divides: empty windows
+    # are dropped below, so the result is the same either way
+    ph, pw = ws - lh % ws, ws - lw % ws
+    idx = F.pad(idx, (0, pw, 0, ph), value=-1)
+    idx = rearrange(idx, "t (nh a) (nw b) -> t (nh nw) (a b)", a=ws, b=ws)
+    counts = (idx >= 0).sum(-1).flatten()                              # merge units per window
+    return hw.repeat(t, 1), idx[idx >= 0], counts[counts > 0] * m * m  # every frame: same spatial ids
+
+
 def vision_layout(grid_thw, c: VisionConfig):
     """Index bookkeeping for one batch of images/videos, all on the CPU in int64.
 
@@ -256,24 +285,14 @@ def vision_layout(grid_thw, c: VisionConfig):
     """
     m = c.spatial_merge_size
     ws = c.window_size // m // c.patch_size  # window side in merge units (4)
-    pos, window_index, cu_window, offset = [], [], [torch.zeros(1, dtype=torch.long)], 0
+    pos, window_index, sizes, offset = [], [], [], 0
     for t, h, w in grid_thw.tolist():
-        hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        hw = torch.stack([hh, ww], -1)                                     # (h, w, 2)
-        hw = rearrange(hw, "(hb mh) (wb mw) two -> (hb wb mh mw) two", mh=m, mw=m)
-        pos.append(hw.repeat(t, 1))                                        # every frame: same spatial ids
-        lh, lw = h // m, w // m
-        idx = torch.arange(t * lh * lw).view(t, lh, lw)
-        # pad to whole windows; note the pad is a full window (not 0) when the size divides: empty windows
-        # are dropped below, so the result is the same either way
-        ph, pw = ws - lh % ws, ws - lw % ws
-        idx = F.pad(idx, (0, pw, 0, ph), value=-1)
-        idx = rearrange(idx, "t (nh a) (nw b) -> t (nh nw) (a b)", a=ws, b=ws)
-        counts = (idx >= 0).sum(-1).flatten()                              # merge units per window
-        window_index.append(idx[idx >= 0] + offset)
-        cu_window.append(cu_window[-1][-1] + counts.cumsum(0) * m * m)
-        offset += t * lh * lw
-    cu_window = torch.unique_consecutive(torch.cat(cu_window))             # drop the empty windows
+        p, idx, size = _grid_layout(t, h, w, m, ws)
+        pos.append(p)
+        window_index.append(idx + offset)
+        sizes.append(size)
+        offset += len(idx)
+    cu_window = F.pad(torch.cat(sizes).cumsum(0), (1, 0))
     sizes = grid_thw[:, 1] * grid_thw[:, 2]
     cu_full = F.pad(torch.repeat_interleave(sizes, grid_thw[:, 0]).cumsum(0), (1, 0))
     return torch.cat(pos), torch.cat(window_index), cu_window, cu_full
@@ -301,14 +320,24 @@ class VisionTower(nn.Module):
         order = (window_index[:, None] * u + torch.arange(u)).flatten()
         x, emb = x[order.to(dev)], emb[order].to(dev)
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]             # (N, 1, head_dim) fp32
-        cu_window, cu_full = cu_window.to(dev), cu_full.to(dev)
+        windows, full = Segments(cu_window, dev), Segments(cu_full, dev)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in c.fullatt_block_indexes else cu_window, cos, sin)
+            x = blk(x, full if i in c.fullatt_block_indexes else windows, cos, sin)
         x = self.merger(x)
         return x[torch.argsort(window_index).to(dev)]  # back to raster order, as the prompt expects
 
 # -----------------------------------------------------------------------------
 # Language model
+
+
+@functools.lru_cache(maxsize=256)
+def _vision_block_positions(t, h, w, seconds, tokens_per_second):
+    """(3, t*h*w) M-RoPE offsets of one vision block of t x h x w merged tokens: t = floor(k * seconds per grid
+    * tokens per second) for the k-th temporal patch, h = row, w = column. Cached: a training batch holds
+    hundreds of equal blocks."""
+    tt = (torch.arange(t) * seconds * tokens_per_second).long()  # floor of a non-negative float, in the
+    # reference's order of operations
+    return torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
 
 
 def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
@@ -333,34 +362,31 @@ def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_t
     starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
     for b in range(B):
         keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
-        ids = input_ids[b].cpu()[keep].tolist()
-        chunks, i, cur = [], 0, starts[b]
-        while i < len(ids):
-            tok = ids[i]
-            if tok in used:  # a vision run: consume the next grid of its kind
+        ids = input_ids[b].cpu()[keep]
+        # runs of equal kind (text, image pads, video pads), found at once; a loop over runs, not tokens
+        kind = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.video_token_id, 2, 0))
+        run_kind, run_len = torch.unique_consecutive(kind, return_counts=True)
+        chunks, cur = [], starts[b]
+        for k, n in zip(run_kind.tolist(), run_len.tolist()):
+            if k == 0:
+                chunks.append(torch.arange(cur, cur + n).expand(3, -1))
+                cur += n
+                continue
+            tok = cfg.image_token_id if k == 1 else cfg.video_token_id
+            while n > 0:  # a vision run: consume the next grids of its kind (adjacent blocks share a run)
                 if used[tok] >= len(grids[tok]):
                     raise ValueError(f"more {'image' if tok == cfg.image_token_id else 'video'} runs in input_ids "
                                      "than grids given")
                 t, h, w = grids[tok][used[tok]]
-                s = secs[tok][used[tok]]
+                block = _vision_block_positions(t, h // m, w // m, secs[tok][used[tok]], cfg.vision.tokens_per_second)
                 used[tok] += 1
-                h, w = h // m, w // m
-                tt = (torch.arange(t) * s * cfg.vision.tokens_per_second).long()  # floor of a non-negative float
-                p = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
-                chunks.append(p + cur)  # (3, t*h*w)
-                cur = int(chunks[-1].max()) + 1
-                i += t * h * w
-            else:
-                j = i
-                while j < len(ids) and ids[j] not in used:
-                    j += 1
-                chunks.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                cur += j - i
-                i = j
+                if block.shape[1] > n:
+                    raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
+                                     "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video")
+                chunks.append(block + cur)  # (3, t*h*w)
+                cur = int(chunks[-1][:, -1].max()) + 1  # the block's largest ids sit at its last token
+                n -= block.shape[1]
         p = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
-        if p.shape[1] != int(keep.sum()):
-            raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
-                             "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video")
         pos[:, b, keep] = p
         next_pos[b] = cur
     return pos.to(input_ids.device), next_pos
@@ -449,11 +475,13 @@ class Attention(nn.Module):
             o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
         elif mask is None and T == Nk:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif mask is None:
+            # a chunk on a cache: all cached keys plus a causal triangle, i.e. causal aligned to the bottom right
+            # (SDPA's is_causal is top-left aligned). causal_lower_right reaches the flash kernel on a GPU, with
+            # GQA and no mask in memory; elsewhere it falls back to the materialised mask
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, Nk), enable_gqa=True)
         else:
-            if mask is None:
-                # a chunk on a cache: the cache plus a causal triangle (SDPA's is_causal is top-left aligned)
-                mask = torch.ones(T, Nk, dtype=torch.bool, device=q.device).tril(Nk - T)
-            # with a mask the fused kernels need K/V per query head: copy them (cheap next to the math path)
+            # an explicit mask (left padding): the fused kernels need K/V per query head, so copy them
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))

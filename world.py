@@ -175,6 +175,7 @@ class SportsStream:
         self._wiggle = [[(_sines(r, 2, 0.08), _sines(r, 2, 0.08)) for _ in range(cfg.players_per_team)]
                         for _ in TEAMS]
         self._pitch = self._draw_pitch()
+        self._events: list[tuple[int, str, str]] = []  # (t, event, team) of all non-quiet seconds in [0, _scanned)
         self._goal_t: list[int] = []  # times of all goals in [0, _scanned)
         self._red_cum: list[int] = []  # red goals among _goal_t[: i + 1]
         self._scanned = 0
@@ -184,27 +185,40 @@ class SportsStream:
         """(event, team) of second t, or (None, None) for a quiet second."""
         if t < 0:
             raise ValueError(f"t must be >= 0, got {t}")
-        u, k, side = _uniforms(self.cfg.seed, t)
+        h = _mix64((self.cfg.seed << 32) ^ t)  # the first of _uniforms(seed, t): most seconds need only this one
+        u = (h >> 11) / 2.0**53
+        if u >= self.cfg.goal_rate + self.cfg.event_rate:
+            return None, None
+        _, k, side = _uniforms(self.cfg.seed, t)
         team = "Red" if side < 0.5 else "Blue"
         if u < self.cfg.goal_rate:
             return "goal", team
-        if u < self.cfg.goal_rate + self.cfg.event_rate:
-            return EVENTS[1 + min(3, int(4 * k))], team
-        return None, None
+        return EVENTS[1 + min(3, int(4 * k))], team
 
-    def events(self, t0: int, t1: int) -> list[tuple[int, str, str]]:
-        """(t, event, team) for every non-quiet second in [t0, t1)."""
-        return [(t, *e) for t in range(t0, t1) if (e := self.event(t))[0]]
-
-    def score(self, t: int) -> tuple[int, int]:
-        """(red, blue) after second t: all goals at seconds <= t."""
-        while self._scanned <= t:  # extend the goal cache in chunks, once per stream
+    def _scan(self, t: int):
+        """Extend the event cache to cover second t, in chunks, once per stream: a chunk at hour 2 needs every
+        event before it (the transcript and the score), and each second is drawn only once."""
+        while self._scanned <= t:
             for s in range(self._scanned, self._scanned + 4096):
                 ev, team = self.event(s)
+                if ev:
+                    self._events.append((s, ev, team))
                 if ev == "goal":
                     self._red_cum.append((self._red_cum[-1] if self._red_cum else 0) + (team == "Red"))
                     self._goal_t.append(s)
             self._scanned += 4096
+
+    def events(self, t0: int, t1: int) -> list[tuple[int, str, str]]:
+        """(t, event, team) for every non-quiet second in [t0, t1)."""
+        if t1 <= t0:
+            return []
+        self._scan(t1 - 1)
+        i, j = bisect.bisect_left(self._events, (t0,)), bisect.bisect_left(self._events, (t1,))
+        return self._events[i:j]
+
+    def score(self, t: int) -> tuple[int, int]:
+        """(red, blue) after second t: all goals at seconds <= t."""
+        self._scan(t)
         i = bisect.bisect_right(self._goal_t, t)
         red = self._red_cum[i - 1] if i else 0
         return red, i - red

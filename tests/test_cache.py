@@ -77,6 +77,24 @@ def test_no_eviction_equals_full_forward(tok):
     assert s.cache.max_position() + 1 == s.cache.next_pos.item()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the flash kernel for a chunk on a cache runs on CUDA only"))])
+def test_chunk_on_cache_equals_one_forward(tok, device):
+    """A prompt fed as two chunks (the second attends to the cache bottom-right causally) gives the logits of one
+    forward; on a GPU in bf16 this is the flash kernel for the chunk against the plain causal one."""
+    from model import KVCache
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = tiny_model(tok, layers=3).to(device, dtype)
+    ids = torch.randint(0, 250, (1, 300), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        whole = model(ids).float()
+        cache = KVCache(model.cfg, 1, 300, device, dtype)
+        first = model(ids[:, :170], cache=cache).float()
+        second = model(ids[:, 170:], cache=cache).float()
+    err = (torch.cat([first, second], 1) - whole).abs().max() / whole.abs().max()
+    assert err <= (1e-5 if device == "cpu" else 2e-2), err
+
+
 def test_contiguous_rope_after_eviction_equals_fresh_forward(tok):
     model = tiny_model(tok, layers=1, seed=1)
     s, err = run_and_compare(model, tok, 14, vision_window=3, text_sink=4, text_window=6,
