@@ -167,7 +167,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
 def loss_sum(model, batch, device):
     """Sum of token cross-entropies over the supervised tokens, and their count."""
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = batch.pop("labels")
     logits = model(**batch)
     targets = labels[:, 1:]  # position i predicts token i + 1
@@ -312,7 +312,7 @@ def main(argv=None):
     bar = tqdm(range(step, end), initial=step, total=args.steps, disable=not master, desc="train")
     loader = iter(torch.utils.data.DataLoader(MicroBatches(step, args, tok, rank, world), batch_size=None,
                                               num_workers=args.workers, prefetch_factor=4 if args.workers else None,
-                                              persistent_workers=False))
+                                              persistent_workers=False, pin_memory=device.type == "cuda"))
     for step in bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
