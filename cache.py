@@ -128,6 +128,14 @@ class StreamingCache:
         self.length += T
         self.added = 0
 
+    def drop_last(self):
+        """Forget the last committed token, a text token (a decode step queued ahead whose token went unused).
+        Its K/V stay past `length`, where the next write overwrites them."""
+        assert self.added == 0 and self.length > 0 and self.kind[self.length - 1] == REPLY
+        self.length -= 1
+        self.next_unit -= 1
+        self.next_pos = self.next_pos - 1
+
     def relabel(self, start, end, kind):
         """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from REPLY to END."""
         self.kind[start:end] = kind

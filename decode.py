@@ -12,7 +12,11 @@ token eager). A CUDA graph records the kernels once and replays them with one la
   grows (capacity doubles while warming up) the graph is captured again;
 - no host work inside: the M-RoPE axis table is made once, the K/V write is index_copy_ with a device index;
 - no host sync between tokens: the token, position and write index are set with fill_ (a kernel argument), not
-  copied from host memory, so the CPU can queue token n+1 while the GPU still runs token n.
+  copied from host memory, so the CPU can queue token n+1 while the GPU still runs token n;
+- greedy decoding without waiting: the graph also takes the argmax, and a step can be fed that argmax on the
+  device (token_id=None). The host queues step n+1 first and only then reads token n back (a pinned copy and an
+  event per step), so the readback and the graph launch (~1 ms of CPU for ~600 nodes at 7B) overlap the GPU's
+  work instead of leaving it idle. If token n ends the reply, step n+1 was wasted and the caller drops it.
 
 compile=True also runs the step through torch.compile before capturing it: the ~20 small kernels per layer
 (norms, rotary, residual adds, softmax, SiLU) fuse into a few, which is most of what separates the replayed
@@ -58,9 +62,15 @@ class GraphDecoder:
         self.pos = torch.zeros(3, 1, 1, dtype=torch.long, device=dev)
         self.index = torch.zeros(1, dtype=torch.long, device=dev)
         self.axis = mrope_axis(model.cfg.mrope_section, dev)
-        self.graph, self.key, self.logits, self.slot = None, None, None, None
+        self.graph, self.key, self.logits, self.argmax, self.slot = None, None, None, None, None
         self.captures = 0
         self.compiled = compile
+        # the last steps' argmax on the host: a pinned copy and an event per step, alternating (read() of step n
+        # must not see step n+1's copy land in the same buffer)
+        pinned = dev.type == "cuda"
+        self.host = torch.zeros(2, dtype=torch.long, pin_memory=pinned)
+        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self.steps = 0
 
     def _step(self):
         """The static-shape step: reads token/pos/index, writes K/V into the cache, returns logits (1, vocab)."""
@@ -91,16 +101,24 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.step()
+            self.argmax = self.logits.argmax(-1)  # (1,): what greedy decoding feeds next
         self.captures += 1
 
     @torch.no_grad()
     def __call__(self, token_id, position):
-        """token_id: int; position: (3, 1, 1) M-RoPE position from cache.add_tokens. Commits the token."""
+        """token_id: int, or None for the previous step's argmax (taken on the device, no host round trip);
+        position: (3, 1, 1) M-RoPE position from cache.add_tokens. Commits the token. Returns the logits;
+        read() gives this step's argmax on the host."""
         c = self.cache
         assert c.added == 1, "call cache.add_tokens([token], ...) first"
         if not bool((position == position[0]).all()):
             raise ValueError(f"a decoded token is text, its three M-RoPE positions must be equal: {position.flatten()}")
-        self.token.fill_(token_id)
+        if token_id is None:
+            if self.argmax is None:
+                raise RuntimeError("token_id=None feeds the previous step's argmax, but no step has run")
+            self.token.copy_(self.argmax.view(1, 1))  # queued after the previous step, before this one
+        else:
+            self.token.fill_(token_id)
         self.pos.fill_(int(position[0, 0, 0]))
         self.index.fill_(c.length)
         key = (c.k.data_ptr(), c.capacity)  # the cache reallocated: its buffers moved
@@ -108,14 +126,28 @@ class GraphDecoder:
             self.slot, self.key, self.graph = _Slot(c, self.index), key, None
         if not self.graphs:
             logits = self.step()
+            self.argmax = logits.argmax(-1)
         else:
             if self.graph is None:
                 # the warm-up run of a capture writes this token's K/V too; replaying rewrites the same values
                 self._capture()
             self.graph.replay()
             logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+        slot = self.steps % 2
+        self.host[slot].copy_(self.argmax[0], non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[slot].record()
+        self.steps += 1
         c.advance(1)
         return logits
+
+    def read(self, back=1):
+        """The argmax of the step `back` steps ago (1 = the last one) on the host, waiting for that step only."""
+        assert back in (1, 2) and self.steps >= back, "read() reaches the last two steps"
+        slot = (self.steps - back) % 2
+        if self.events is not None:
+            self.events[slot].synchronize()
+        return int(self.host[slot])
 
 
 # One compiled step for all decoders of a process: the first cache capacity it meets is compiled static; a second

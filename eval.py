@@ -23,6 +23,7 @@ import platform
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -145,14 +146,30 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
     fresh_peak(device)
     s = Streamer(model, tok, policy, **kw)
     texts, lat, decode, maxpos, failed, t_start = [], [], [], 0, None, time.perf_counter()
+    # prefetch: a thread renders and resizes second t+1 while the GPU works on second t (as a live source would
+    # be decoded ahead); a second's latency still includes any wait for its frames
+    pool = ThreadPoolExecutor(1) if args.prefetch else None
+    resize = []  # CPU seconds of each second's frames + resize, on the thread
+
+    def prepare(t):
+        t0 = time.perf_counter()
+        out = s.prepare(frames_of(t))
+        resize.append(time.perf_counter() - t0)
+        return out
+    ahead = pool.submit(prepare, 0) if pool else None
     for t in range(seconds):
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
                 raise TimeoutError(f"over the {args.time_limit} s time limit")
-            frames = frames_of(t)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, d0, n0 = time.perf_counter(), s.decode_time, s.decode_tokens
+            if pool:
+                frames = ahead.result()
+                if t + 1 < seconds:
+                    ahead = pool.submit(prepare, t + 1)
+            else:
+                frames = frames_of(t)
             texts.append(s.step(frames, force_text=force(t) if force else None))
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -164,8 +181,10 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
         except (torch.OutOfMemoryError, TimeoutError) as e:
             failed = dict(second=t, reason=type(e).__name__)
             break
+    if pool:
+        pool.shutdown(wait=True, cancel_futures=True)
     return dict(texts=texts, latency=lat, decode=decode, max_position=maxpos, failed=failed,
-                peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s)
+                peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s, resize=resize)
 
 
 def ms_per_token(decode):
@@ -282,6 +301,8 @@ def task_efficiency(args):
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
         if steady:  # mean per second
             row.update({f"{ph}_ms": round(1000 * v / len(steady), 1) for ph, v in phases.items()})
+        if r.get("resize") and len(r["resize"]) > warmup:  # prefetched: frames + resize ran on a thread meanwhile
+            row["resize_ms_on_thread"] = ms(r["resize"][warmup:])
         rows.append(row)
         print(table([row], list(row)), flush=True)
         result["policies"][name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"] = dict(
@@ -494,6 +515,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=30, help="efficiency: seconds left out of the means")
     ap.add_argument("--hf", action="store_true", help="efficiency: also run transformers' Qwen2.5-VL (same "
                     "weights) on the same loop with its default cache and generate")
+    ap.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="resize each second's frames "
+                    "inside its step instead of on a thread during the previous second")
     ap.add_argument("--no-readback", action="store_true", help="efficiency: do not read each forced token's "
                     "argmax back to the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
     ap.add_argument("--hf-seconds", type=int, default=120, help="efficiency: seconds of the transformers run")

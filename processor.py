@@ -142,12 +142,10 @@ def preprocess_images(images, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
 
 
-def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, device=None):
-    """
-    One video (a list of PIL frames, or a uint8 tensor [F, H, W, 3]) sampled at `fps` ->
-    (pixel_values_videos f32 [t*h*w, 1176], video_grid_thw int64 [1, 3], second_per_grid_ts f32 [1]).
-    device: where the pixel values are made (the resize stays on the CPU; the uint8 frames travel, 4x smaller).
-    """
+def resize_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS):
+    """The CPU half of preprocess_video: frames resized (PIL bicubic) to uint8 [F', h, w, 3], F' even, with the
+    grid (1, 3) and seconds per temporal patch (1,). A streaming loop can run it for the next second on a thread
+    (PIL releases the GIL) while the GPU works on this one."""
     if isinstance(frames, torch.Tensor) and frames.ndim == 4:
         frames = list(frames.unbind(0))
     if isinstance(frames, (Image.Image, torch.Tensor)) or not hasattr(frames, "__len__"):
@@ -165,9 +163,22 @@ def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VI
         clip = torch.cat([clip, clip[-1:].expand(TEMPORAL_PATCH_SIZE - len(imgs) % TEMPORAL_PATCH_SIZE, -1, -1, -1)])
     grid = torch.tensor([[clip.shape[0] // TEMPORAL_PATCH_SIZE, h // PATCH_SIZE, w // PATCH_SIZE]])
     # one temporal patch spans 2 sampled frames, i.e. 2/fps seconds; M-RoPE uses it to place time positions
-    if device is not None:
-        clip = clip.to(device)
-    return _patchify(clip), grid, torch.tensor([TEMPORAL_PATCH_SIZE / fps], dtype=torch.float32)
+    return clip, grid, torch.tensor([TEMPORAL_PATCH_SIZE / fps], dtype=torch.float32)
+
+
+def preprocess_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, device=None):
+    """
+    One video (a list of PIL frames, or a uint8 tensor [F, H, W, 3]) sampled at `fps` ->
+    (pixel_values_videos f32 [t*h*w, 1176], video_grid_thw int64 [1, 3], second_per_grid_ts f32 [1]).
+    device: where the pixel values are made (the resize stays on the CPU; the uint8 frames travel, 4x smaller).
+    """
+    clip, grid, secs = resize_video(frames, fps, min_pixels, max_pixels)
+    return patchify_video(clip, device), grid, secs
+
+
+def patchify_video(clip, device=None):
+    """The device half of preprocess_video: uint8 [F', h, w, 3] -> normalised patches f32 [t*h*w, 1176]."""
+    return _patchify(clip.to(device) if device is not None else clip)
 
 
 # -----------------------------------------------------------------------------

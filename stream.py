@@ -27,13 +27,14 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 from cache import END, PREV_BODY, PREV_END, PREV_HEAD, REPLY, SYS, USER, POLICIES, StreamingCache
 from decode import GraphDecoder
 from model import VLM, pick_device_dtype, sample_next
-from processor import Tokenizer, preprocess_video
+from processor import Tokenizer, patchify_video, resize_video
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."
@@ -140,6 +141,13 @@ def seconds_of(frames, fps=FPS):
 # The loop
 
 
+class Prepared(NamedTuple):
+    """One second's frames resized on the CPU (Streamer.prepare), ready for the device."""
+    clip: torch.Tensor   # uint8 (frames, h, w, 3)
+    grid: torch.Tensor   # (1, 3) video_grid_thw
+    secs: torch.Tensor   # (1,) seconds per temporal patch
+
+
 class Streamer:
     """Runs one policy over a stream: call step(frames) once per second; it returns the commentary."""
 
@@ -179,18 +187,25 @@ class Streamer:
         self.cache.clear()
         self.pending = prefix_segments(self.tok, self.previous_ids, self.text_sink, self.text_window)
 
+    def prepare(self, frames):
+        """The CPU part of a second's preprocessing (the resize). Thread-safe: a loop can prepare second t+1 on a
+        thread while step() runs second t, and pass the result to step() instead of the frames."""
+        return Prepared(*resize_video(frames, fps=self.fps, **self.pixels))
+
     @torch.no_grad()
     def step(self, frames, force_text=None):
-        """Feed one second of frames; returns the commentary ('' for silence). force_text teacher-forces the
-        reply (for tests and scoring) instead of decoding."""
+        """Feed one second of frames (or what prepare() made of them); returns the commentary ('' for silence).
+        force_text teacher-forces the reply (for tests and scoring) instead of decoding."""
         t, tok, cache, model = self.t, self.tok, self.cache, self.model
         if self.policy.reset_every and t > 0 and t % self.policy.reset_every == 0:
             self._restart()
         clock = self._clock()
         cache.evict(t)
         clock("evict")
-        # resize on the CPU (PIL, as the reference processor), normalise and cut patches on the model's device
-        pv, grid, secs = preprocess_video(frames, fps=self.fps, device=model.device, **self.pixels)
+        # resize on the CPU (PIL, as the reference processor; done ahead on a thread when `frames` is what
+        # prepare() returned), normalise and cut patches on the model's device
+        clip, grid, secs = frames if isinstance(frames, Prepared) else self.prepare(frames)
+        pv = patchify_video(clip, model.device)
         clock("preprocess")
         n_vision = int(grid.prod()) // 4
         segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
@@ -218,29 +233,15 @@ class Streamer:
         first_reply = cache.length
         forced = (reply_ids(tok, force_text) + self.end[:-1]) if force_text is not None else None
         out = []
-        t_decode = time.perf_counter()
-        while True:
-            if forced is not None:
-                nxt = forced[len(out)]
-                if self.readback:
-                    int(logits[0, -1].argmax())
-            elif self.greedy:  # argmax on the device: one int crosses to the host, not the vocabulary
-                nxt = int(logits[0, -1].argmax())
-            else:
-                seen = torch.cat([cache.ids[:cache.length], torch.tensor(out, dtype=torch.long)])[None]
-                nxt = int(sample_next(logits[:, -1].float().cpu(), seen, generator=self.generator, **self.sampling))
-            out.append(nxt)
-            if nxt in self.stops or len(out) == (len(forced) if forced else self.max_new_tokens):
-                break
-            p = cache.add_tokens([nxt], REPLY, t)
-            if self.decoder is not None:
-                logits = self.last_logits = self.decoder(nxt, p)[:, None]
-            else:
-                logits = self.last_logits = model(torch.tensor([[nxt]], device=model.device), position_ids=p,
-                                                  cache=cache)
+        t_decode, steps0 = time.perf_counter(), self.decoder.steps if self.decoder else 0
+        if self.decoder is not None and (self.greedy or forced is not None):
+            out = self._decode_ahead(logits, forced, t)
+        else:
+            out = self._decode_plain(logits, forced, t)
         clock("decode")
         self.decode_time += time.perf_counter() - t_decode
-        self.decode_tokens += len(out) - 1  # forwards run in the decode loop
+        # forwards run in the decode loop (a step queued ahead and then dropped counts: it ran)
+        self.decode_tokens += self.decoder.steps - steps0 if self.decoder else len(out) - 1
         # the reply is what comes before ' ...' (or before the stop / cap); the rest of what was fed is END
         content = out[:-1] if out[-1] in self.stops else out
         for i in range(len(content) - len(self.silence) + 1):
@@ -253,6 +254,58 @@ class Streamer:
         self.pending = [(self.end[len(tail):] if self.end[:len(tail)] == tail else self.end, END)]
         self.t += 1
         return tok.decode(content).strip()
+
+    def _decode_plain(self, logits, forced, t):
+        """The obvious loop: pick a token, feed it, repeat; the host waits for every step."""
+        cache, model, out = self.cache, self.model, []
+        while True:
+            if forced is not None:
+                nxt = forced[len(out)]
+                if self.readback:
+                    int(logits[0, -1].argmax())
+            elif self.greedy:  # argmax on the device: one int crosses to the host, not the vocabulary
+                nxt = int(logits[0, -1].argmax())
+            else:
+                seen = torch.cat([cache.ids[:cache.length], torch.tensor(out, dtype=torch.long)])[None]
+                nxt = int(sample_next(logits[:, -1].float().cpu(), seen, generator=self.generator, **self.sampling))
+            out.append(nxt)
+            if nxt in self.stops or len(out) == (len(forced) if forced else self.max_new_tokens):
+                return out
+            p = cache.add_tokens([nxt], REPLY, t)
+            if self.decoder is not None:
+                logits = self.last_logits = self.decoder(nxt, p)[:, None]
+            else:
+                logits = self.last_logits = model(torch.tensor([[nxt]], device=model.device), position_ids=p,
+                                                  cache=cache)
+
+    def _decode_ahead(self, logits, forced, t):
+        """Greedy (or forced) decoding one step ahead of the host (decode.py): while step k runs, step k+1 is
+        queued, fed on the device with step k's argmax, and only then is token k+1 read back. Same tokens as
+        _decode_plain; a step queued past the end of the reply is dropped from the cache."""
+        cache, dec = self.cache, self.decoder
+        cap = len(forced) if forced is not None else self.max_new_tokens
+        first = int(logits[0, -1].argmax()) if forced is None or self.readback else None  # after the prefill
+        out = [forced[0] if forced is not None else first]
+        if out[0] in self.stops or cap == 1:
+            return out
+        last = [dec(out[0], cache.add_tokens(out[:1], REPLY, t))]  # step 1; logits of the kept steps
+        while True:
+            k = len(out)  # step k (fed out[k-1]) is queued; its token out[k] is not known yet
+            ahead = k + 1 < cap  # out[k] will be fed unless it is the cap's last token (or a stop)
+            if ahead:
+                tok = forced[k] if forced is not None else None  # None: step k's argmax, on the device
+                last.append(dec(tok, cache.add_tokens([tok if tok is not None else 0], REPLY, t)))
+            read = dec.read(back=2 if ahead else 1) if forced is None or self.readback else None
+            out.append(forced[k] if forced is not None else read)
+            if out[-1] in self.stops or len(out) == cap:
+                if ahead:  # the step queued ahead fed a token that ends up unused
+                    cache.drop_last()
+                    last.pop()
+                self.last_logits = last[-1][:, None]
+                return out
+            if forced is None:
+                cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
+            last = last[-2:]
 
     def _clock(self):
         """clock(phase) adds the time since the last call to self.phases[phase] (GPU work included)."""

@@ -33,6 +33,31 @@ def test_static_step_equals_eager_forward(tok, policy):
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
 
 
+def test_decoding_ahead_drops_the_step_past_a_stop(tok):
+    """The decoder queues step k+1 before reading token k back; when token k ends the reply, step k+1 must leave
+    no trace. A token the random model says mid-reply is made a stop token, so replies end before the cap."""
+    from cache import REPLY
+    model = tiny_model(tok, layers=2, seed=1)
+    kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
+    probe = Streamer(model, tok, max_new_tokens=6, **kw)
+    probe.step(frames(0))
+    said = probe.cache.ids[:probe.cache.length][probe.cache.kind[:probe.cache.length] == REPLY].tolist()
+    assert len(said) >= 2
+    runs = []
+    for graphs in (False, True):
+        s = Streamer(model, tok, max_new_tokens=6, graphs=graphs, **kw)
+        s.stops = s.stops | {said[1]}
+        texts = [s.step(frames(t)) for t in range(8)]
+        runs.append((s, texts))
+    (ref, out_ref), (fast, out_fast) = runs
+    assert fast.decoder is not None and out_fast == out_ref
+    for a, b in zip(ref.cache.tokens(), fast.cache.tokens()):
+        assert torch.equal(a, b)
+    assert int(ref.cache.next_pos) == int(fast.cache.next_pos)
+    assert fast.decode_tokens > ref.decode_tokens  # steps queued ahead past a stop ran, and were dropped
+    torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_replay_equals_eager(tok, compile):

@@ -64,6 +64,13 @@ def test_stream_task_end_to_end(ckpt, tmp_path):
     assert len(saved["policies"]["full"]["runs"][0]["texts"]) == 12
 
 
+def test_prefetching_frames_on_a_thread_changes_nothing(ckpt, tmp_path):
+    runs = [main(["stream", "--model", str(ckpt), "--seconds", "10", "--policies", "streaming", "--decode", d,
+                  "--out", str(tmp_path)] + flag)["policies"]["streaming"]["runs"][0]["texts"]
+            for flag in ([], ["--no-prefetch"]) for d in ("eager", "graphs")]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
+
+
 def test_stream_task_reports_timeouts(ckpt, tmp_path):
     res = main(["stream", "--model", str(ckpt), "--seconds", "50", "--time-limit", "0.0001", "--policies", "full",
                 "--out", str(tmp_path)])
