@@ -117,7 +117,9 @@ def save(args, name, result):
 
 
 def plot(args, name, series, xlabel, ylabel):
-    """series: {label: (xs, ys)}; silently skipped without matplotlib (an optional extra)."""
+    """series: {label: (xs, ys)}; silently skipped without matplotlib (an optional extra) or without series."""
+    if not series:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -145,7 +147,7 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
     device = model.device
     fresh_peak(device)
     s = Streamer(model, tok, policy, **kw)
-    texts, lat, decode, maxpos, failed, t_start = [], [], [], 0, None, time.perf_counter()
+    texts, lat, decode, maxpos, failed, t_start, mem = [], [], [], 0, None, time.perf_counter(), []
     # prefetch: a thread renders and resizes second t+1 while the GPU works on second t (as a live source would
     # be decoded ahead); a second's latency still includes any wait for its frames
     pool = ThreadPoolExecutor(1) if args.prefetch else None
@@ -174,6 +176,8 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
             if device.type == "cuda":
                 torch.cuda.synchronize()
             lat.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                mem.append(torch.cuda.memory_allocated() / 2**30)  # GiB held after this second
             decode.append((s.decode_time - d0, s.decode_tokens - n0))  # this second's decode time and forwards
             if t == warmup - 1:
                 s.phases = {}
@@ -184,7 +188,8 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
     if pool:
         pool.shutdown(wait=True, cancel_futures=True)
     return dict(texts=texts, latency=lat, decode=decode, max_position=maxpos, failed=failed,
-                peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s, resize=resize)
+                peak_gib=peak_memory(device, s.cache), cache_tokens=s.cache.length, streamer=s, resize=resize,
+                memory_gib=mem)
 
 
 def ms_per_token(decode):
@@ -301,12 +306,15 @@ def task_efficiency(args):
                    failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
         if steady:  # mean per second
             row.update({f"{ph}_ms": round(1000 * v / len(steady), 1) for ph, v in phases.items()})
+        if len(r.get("memory_gib", [])) > warmup:  # memory held after a second, first and last 10% of the steady part
+            m = r["memory_gib"][warmup:]
+            row["mem_first_last_gib"] = f"{sum(m[:k]) / k:.2f}/{sum(m[-k:]) / k:.2f}"
         if r.get("resize") and len(r["resize"]) > warmup:  # prefetched: frames + resize ran on a thread meanwhile
             row["resize_ms_on_thread"] = ms(r["resize"][warmup:])
         rows.append(row)
         print(table([row], list(row)), flush=True)
         result["policies"][name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"] = dict(
-            summary=row, latency=lat)
+            summary=row, latency=lat, memory_gib=r.get("memory_gib"))
 
     if hf is not None:
         hf_seconds = min(args.seconds, args.hf_seconds)
@@ -335,6 +343,9 @@ def task_efficiency(args):
     # second 0 left out: its start-up (and compilation, tens of seconds) would flatten everything else
     plot(args, "efficiency_latency", {p: (range(1, len(v["latency"])), v["latency"][1:]) for p, v in
                                       result["policies"].items()}, "stream second", "seconds per stream second")
+    plot(args, "efficiency_memory", {p: (range(len(v["memory_gib"])), v["memory_gib"]) for p, v in
+                                     result["policies"].items() if v.get("memory_gib")}, "stream second",
+         "GPU memory held (GiB)")
     return result
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import IGNORE, collate, jsonl_samples, make_tokenizer, synthetic_sample
-from model import PRESETS, VLM, pick_device_dtype
+from model import PRESETS, VLM, mrope_positions, pick_device_dtype
 from processor import Tokenizer
 from stream import SILENCE
 
@@ -130,7 +130,8 @@ def lr_at(step, args):
 def make_batch(tok, split, indices, args, step=None):
     """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated."""
     if args.data:
-        return collate([args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices], tok.pad_id)
+        return with_positions(collate([args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices], tok.pad_id),
+                              args)
     world_cfg = dict(size=args.frame_size)
     if split == "train":  # validation always uses the default world, as eval.py does
         world_cfg.update({k: getattr(args, k) for k in ("event_rate", "goal_rate") if getattr(args, k) is not None})
@@ -140,8 +141,18 @@ def make_batch(tok, split, indices, args, step=None):
         overlap = min(overlap, chunk // 2)
     if split == "train" and step is not None and step < args.time_curriculum:
         stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
-    return collate([synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink,
-                                     args.text_window, world_cfg) for i in indices], tok.pad_id)
+    return with_positions(collate([synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink,
+                                                    args.text_window, world_cfg) for i in indices], tok.pad_id), args)
+
+
+def with_positions(batch, args):
+    """Add the M-RoPE position ids, made here (in the DataLoader workers) rather than in the forward, where the
+    per-sample bookkeeping would hold up the GPU (args.model_cfg is set by main)."""
+    if getattr(args, "model_cfg", None) is not None:
+        batch["position_ids"], _ = mrope_positions(batch["input_ids"], args.model_cfg,
+                                                   video_grid_thw=batch["video_grid_thw"],
+                                                   attention_mask=batch["attention_mask"])
+    return batch
 
 
 def batch_for(step, micro, rank, world, args, tok):
@@ -208,7 +219,7 @@ def save_checkpoint(raw, opt, step, history, args, tok_path, master):
     os.replace(os.path.join(args.out, "stream.json.tmp"), os.path.join(args.out, "stream.json"))
     tmp = os.path.join(args.out, "train_state.pt.tmp")
     torch.save(dict(optimizer=opt.state_dict(), step=step, history=history,
-                    args={k: v for k, v in vars(args).items() if k != "jsonl_cache"}), tmp)
+                    args={k: v for k, v in vars(args).items() if k not in ("jsonl_cache", "model_cfg")}), tmp)
     os.replace(tmp, os.path.join(args.out, "train_state.pt"))
 
 
@@ -256,6 +267,7 @@ def main(argv=None):
     if args.data:
         args.jsonl_cache = list(jsonl_samples(args.data, tok, args.chunk_seconds, args.text_sink, args.text_window))
     raw = model
+    args.model_cfg = raw.cfg  # for the position ids made with each batch (with_positions)
     model.checkpointing = args.checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
