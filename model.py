@@ -306,8 +306,10 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c.hidden_size, c.out_hidden_size, c.spatial_merge_size)
 
-    def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, 1176) as the processor makes them, grid_thw (n, 3) -> (N/4, out_hidden)."""
+    def forward(self, pixel_values, grid_thw, compiled=False):
+        """pixel_values (N, 1176) as the processor makes them, grid_thw (n, 3) -> (N/4, out_hidden).
+        compiled=True runs the blocks through torch.compile (fused norms, rotary and casts, far fewer launches:
+        eager, the CPU launching ~25 kernels per block is slower than the GPU running them at 720p)."""
         c, dev = self.c, pixel_values.device
         x = self.patch_embed(pixel_values)
         pos, window_index, cu_window, cu_full = vision_layout(grid_thw.cpu(), c)
@@ -322,9 +324,14 @@ class VisionTower(nn.Module):
         cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]             # (N, 1, head_dim) fp32
         windows, full = Segments(cu_window, dev), Segments(cu_full, dev)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, full if i in c.fullatt_block_indexes else windows, cos, sin)
+            segments = full if i in c.fullatt_block_indexes else windows
+            x = _compiled_block(blk, x, segments, cos, sin) if compiled else blk(x, segments, cos, sin)
         x = self.merger(x)
         return x[torch.argsort(window_index).to(dev)]  # back to raster order, as the prompt expects
+
+# One compiled block function for every block of every tower (the weights are its inputs): a compile for the
+# window blocks and one for the full-attention blocks, per input size
+_compiled_block = torch.compile(VisionBlock.forward)
 
 # -----------------------------------------------------------------------------
 # Language model
@@ -570,7 +577,8 @@ class VLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * std)
         return self
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+              compile_vision=False):
         """Token embeddings with the vision tower's output written over the <|image_pad|>/<|video_pad|> slots."""
         x = self.model.embed_tokens(input_ids)
         for pix, grid, tok, name in ((pixel_values, image_grid_thw, self.cfg.image_token_id, "image"),
@@ -580,7 +588,7 @@ class VLM(nn.Module):
                 if slots.any():
                     raise ValueError(f"input_ids hold <|{name}_pad|> tokens but no pixel values were given")
                 continue
-            feats = self.visual(pix, grid)
+            feats = self.visual(pix, grid, compiled=compile_vision)
             if int(slots.sum()) != feats.shape[0]:
                 raise ValueError(f"{int(slots.sum())} <|{name}_pad|> tokens in input_ids but the {name}s give "
                                  f"{feats.shape[0]} features (grid_t*grid_h*grid_w/4 each)")
@@ -589,7 +597,7 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                 video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, position_ids=None, cache=None,
-                logits_to_keep=0):
+                logits_to_keep=0, compile_vision=False):
         """Logits (B, T, vocab) (the last `logits_to_keep` positions when > 0).
 
         attention_mask (B, past + T), 1 = real token, for left-padded batches; position_ids (3, B, T) or
@@ -604,7 +612,7 @@ class VLM(nn.Module):
                                                      second_per_grid_ts, new_mask, start)
             if cache is not None:
                 cache.next_pos = next_pos
-        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, compile_vision)
         cos, sin = mrope_cos_sin(position_ids.to(x.device), self.model.inv_freq, self.cfg.mrope_section, x.dtype)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):

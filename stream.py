@@ -172,9 +172,11 @@ class Streamer:
         self.cache = StreamingCache(model.cfg, self.policy, text_sink, text_window, vision_window, capacity,
                                     device=model.device, dtype=model.dtype)
         # graphs=True: decode through decode.py's GraphDecoder (CUDA graph replay; eager on a CPU), same logits;
-        # compile=True: the step is torch.compile'd too (fused kernels), then captured
+        # compile=True: the step is torch.compile'd too (fused kernels), then captured, and the vision blocks are
+        # compiled
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda", compile=compile)
                         if graphs or compile else None)
+        self.compile = compile  # the vision blocks run compiled too
         self.greedy = temperature == 0 and repetition_penalty == 1.0
         # readback: a forced (teacher-forced) reply still reads each token's greedy choice back to the host, as real
         # decoding must before it can feed the token; without it the CPU queues forced tokens ahead of the GPU
@@ -226,7 +228,7 @@ class Streamer:
         ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None].to(model.device)
         logits = model(ids, pixel_values_videos=torch.cat([p for p, _, _ in vision]).to(model.device),
                        video_grid_thw=torch.cat([g for _, g, _ in vision]), position_ids=pos, cache=cache,
-                       logits_to_keep=1)
+                       logits_to_keep=1, compile_vision=self.compile)
         self.last_logits = logits
         clock("prefill")
         # decode: sample, stop at <|im_end|> or the cap; feed each token except the last

@@ -303,3 +303,18 @@ def test_sampling_is_seeded_and_top_p_keeps_the_head():
     assert draws == {0, 1}
     # repetition penalty 10 pushes the seen token 0 below token 1
     assert int(sample_next(logits, seen, 0.0, 1.0, 10.0)) == 1
+
+
+def test_compiled_vision_blocks_equal_eager():
+    """The compiled vision blocks (Streamer(compile=True), the fast path) against the eager ones."""
+    from model import PRESETS
+    cfg = PRESETS["tiny"]()
+    model = VLM(cfg).init_weights(seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 255, (112, 168, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
+    from processor import preprocess_video
+    pv, grid, _ = preprocess_video(frames)
+    with torch.no_grad():
+        eager, compiled = model.visual(pv, grid), model.visual(pv, grid, compiled=True)
+    assert grid[0, 0] == 2 and eager.abs().max() > 0.1
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
