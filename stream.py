@@ -7,6 +7,10 @@ Every second t (one "round"):
   3. prefill the user turn `Time=t-t+1s` + vision block + the assistant header on top of the cache;
   4. decode until <|im_end|> or a cap (20 tokens); saying nothing is " ..." + <|im_end|>.
 
+Two overlaps keep the GPU busy (both tested against the plain path): Streamer.prepare() resizes a second's frames
+on the CPU and can run on a thread while step() works on the second before (eval.py does so); and with a graph
+decoder, greedy decoding runs one step ahead of the host (_decode_ahead, decode.py's token_id=None).
+
 The token layout of a round is defined once, here (round_ids / prefix_ids), and used both by this loop and by
 the training data builder, so training and inference see byte-identical sequences:
 
