@@ -136,7 +136,7 @@ class GraphDecoder:
         slot = self.steps % 2
         self.host[slot].copy_(self.argmax[0], non_blocking=self.events is not None)
         if self.events is not None:
-            self.events[slot].record()
+            self.events[slot].record(torch.cuda.current_stream(self.model.device))
         self.steps += 1
         c.advance(1)
         return logits

@@ -173,6 +173,7 @@ class Streamer:
         self.previous_ids = tok.encode(previous_text) if previous_text else []
         self.silence, self.end = tok.encode(SILENCE), end_ids(tok)
         self.stops = {tok.im_end_id, tok.endoftext_id}
+        self.vision_ids = {model.cfg.image_token_id, model.cfg.video_token_id}
         self.cache = StreamingCache(model.cfg, self.policy, text_sink, text_window, vision_window, capacity,
                                     device=model.device, dtype=model.dtype)
         # graphs=True: decode through decode.py's GraphDecoder (CUDA graph replay; eager on a CPU), same logits;
@@ -286,7 +287,7 @@ class Streamer:
 
     def _decode_ahead(self, logits, forced, t):
         """Greedy (or forced) decoding one step ahead of the host (decode.py): while step k runs, step k+1 is
-        queued, fed on the device with step k's argmax, and only then is token k+1 read back. Same tokens as
+        queued, fed on the device with step k's argmax, and only then is step k's token read back. Same tokens as
         _decode_plain; a step queued past the end of the reply is dropped from the cache."""
         cache, dec = self.cache, self.decoder
         cap = len(forced) if forced is not None else self.max_new_tokens
@@ -303,6 +304,8 @@ class Streamer:
                 last.append(dec(tok, cache.add_tokens([tok if tok is not None else 0], REPLY, t)))
             read = dec.read(back=2 if ahead else 1) if forced is None or self.readback else None
             out.append(forced[k] if forced is not None else read)
+            if out[-1] in self.vision_ids:  # the plain loop fails on these too (add_tokens wants their grid)
+                raise ValueError(f"the model emitted a vision placeholder token ({out[-1]}) as text")
             if out[-1] in self.stops or len(out) == cap:
                 if ahead:  # the step queued ahead fed a token that ends up unused
                     cache.drop_last()

@@ -7,7 +7,7 @@ out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from
 stream.json (the window sizes it was trained for) and train_state.pt (optimizer and step, for --resume).
 
   python train.py                          # CPU: a short run (< 10 min on 2 cores) with a clearly falling loss
-  python train.py --preset gpu             # one H100, 1,000 steps at ~4-5 a second: learns the events (the score: not yet)
+  python train.py --preset gpu             # one H100, 1,000 steps at ~4 a second: learns the events (the score: not yet)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint, vision tower frozen
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 

@@ -197,7 +197,8 @@ class SportsStream:
 
     def _scan(self, t: int):
         """Extend the event cache to cover second t, in chunks, once per stream: a chunk at hour 2 needs every
-        event before it (the transcript and the score), and each second is drawn only once."""
+        event before it (the transcript and the score), and each second is drawn only once. Not thread-safe: one
+        thread at a time per SportsStream (eval.py's frame thread is the only one touching its world)."""
         while self._scanned <= t:
             for s in range(self._scanned, self._scanned + 4096):
                 ev, team = self.event(s)
@@ -210,6 +211,8 @@ class SportsStream:
 
     def events(self, t0: int, t1: int) -> list[tuple[int, str, str]]:
         """(t, event, team) for every non-quiet second in [t0, t1)."""
+        if t0 < 0:
+            raise ValueError(f"t0 must be >= 0, got {t0}")
         if t1 <= t0:
             return []
         self._scan(t1 - 1)

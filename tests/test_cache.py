@@ -108,6 +108,16 @@ def test_contiguous_rope_after_eviction_equals_fresh_forward(tok):
     assert body.endswith(" " + script(9))
 
 
+def test_prepared_frames_equal_frames(tok):
+    """step(prepare(frames)) (the resize done ahead, as eval.py does on a thread) is step(frames)."""
+    model = tiny_model(tok, layers=2)
+    a, b = Streamer(model, tok), Streamer(model, tok)
+    for t in range(4):
+        a.step(frames(t), force_text=script(t))
+        b.step(b.prepare(frames(t)), force_text=script(t))
+        assert torch.equal(a.last_logits, b.last_logits)
+
+
 def test_layout_round_trips_with_training_builder(tok):
     """Teacher-forced streaming with no eviction holds exactly the ids the training builder writes."""
     model = tiny_model(tok)

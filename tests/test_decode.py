@@ -96,7 +96,10 @@ def test_compiled_step_equals_eager_forward(tok):
     torch._dynamo.utils.counters.clear()
     fast, out_fast, logits_fast = run(model, tok, 8, compile=True, **kw)
     assert fast.cache.capacity > 160
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # compiled, and again after the growth
+    # the decode step itself was compiled, and again after the growth (the vision blocks compile separately)
+    from decode import GraphDecoder
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    assert len(_debug_get_cache_entry_list(GraphDecoder._step.__code__)) >= 2
     assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
