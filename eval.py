@@ -163,8 +163,7 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
         try:
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
                 raise TimeoutError(f"over the {args.time_limit} s time limit")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0, d0, n0 = time.perf_counter(), s.decode_time, s.decode_tokens
             if pool:
                 frames = ahead.result()
@@ -173,8 +172,7 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
             else:
                 frames = frames_of(t)
             texts.append(s.step(frames, force_text=force(t) if force else None))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             lat.append(time.perf_counter() - t0)
             if device.type == "cuda":
                 mem.append(torch.cuda.memory_allocated() / 2**30)  # GiB held after this second
@@ -196,6 +194,17 @@ def ms_per_token(decode):
     """Mean decode time per forward over [(seconds, forwards)] of some stream seconds; None when there were none."""
     forwards = sum(n for _, n in decode)
     return 1000 * sum(dt for dt, _ in decode) / forwards if forwards else None
+
+
+def sync(device):
+    """Wait for the GPU's queued work (timings must include it); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on_gpu(args):
+    """Whether this run uses CUDA: available, and --device (if given) names it."""
+    return torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
 
 
 def fresh_peak(device):
@@ -358,7 +367,6 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
     from transformers import DynamicCache
     from stream import prefix_segments, user_ids
     dev = hf.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     fresh_peak(dev)
     # transformers 5 builds the M-RoPE runs from token types it is given; 4.x reads them off the ids
     types = int(transformers.__version__.split(".")[0]) >= 5
@@ -371,10 +379,10 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             if args.time_limit and time.perf_counter() - t_start > args.time_limit:
                 raise TimeoutError(f"over the {args.time_limit} s time limit")
             frames = frames_of(t)
-            sync()
+            sync(dev)
             t0 = time.perf_counter()
             pv, grid, secs = preprocess_video(frames, fps=args.fps, device=dev, **pixels)
-            sync()
+            sync(dev)
             t1 = time.perf_counter()
             ids = torch.cat([ids, torch.tensor([user_ids(tok, t, int(grid.prod()) // 4)], device=dev)], 1)
             new = ids[:, cache.get_seq_length():-1]  # the last token is left for generate to feed
@@ -382,11 +390,11 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
             if types:
                 vision["mm_token_type_ids"] = (new == tok.video_pad_id).long() * 2
             hf(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
-            sync()
+            sync(dev)
             t2 = time.perf_counter()
             ids = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                               max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
-            sync()
+            sync(dev)
             t3 = time.perf_counter()
             lat.append(t3 - t0)
             decode.append((t3 - t2, n))
@@ -407,7 +415,7 @@ def task_flexprefill(args):
     import bench_flexprefill
     if args.skip_kernel_bench:
         return dict(long_prefill=long_prefill_check(args))
-    gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    gpu = on_gpu(args)
     small = [] if gpu else ["--device", "cpu", "--lengths", "1024", "--heads", "4", "1", "--iters", "2"]  # a CPU smoke
     kernel = bench_flexprefill.main(["--json", os.path.join(args.out, "flexprefill.json")] + small
                                     + (["--device", args.device] if args.device and gpu else []))
@@ -449,12 +457,11 @@ def long_prefill_check(args):
     def run(attn):
         for layer in model.model.layers:
             layer.self_attn.prefill_attn = attn
-        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
         model(ids, **vision, logits_to_keep=1)  # warm-up (and compilation)
-        sync()
+        sync(model.device)
         t0 = time.perf_counter()
         model(ids, **vision, logits_to_keep=1)
-        sync()
+        sync(model.device)
         prefill = time.perf_counter() - t0
         out = model.generate(ids, max_new_tokens=16, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
         text = tok.decode([i for i in out if i != tok.im_end_id]).strip()
@@ -534,7 +541,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.seconds is not None and args.seconds < 1:
         ap.error("--seconds must be positive")
-    gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    gpu = on_gpu(args)
     args.decode = args.decode or ["compiled" if gpu else "eager"]
     if any(d not in DECODES for d in args.decode):
         ap.error(f"--decode takes {', '.join(DECODES)} (a comma list for efficiency), got {','.join(args.decode)}")

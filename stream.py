@@ -239,7 +239,6 @@ class Streamer:
         # decode: sample, stop at <|im_end|> or the cap; feed each token except the last
         first_reply = cache.length
         forced = (reply_ids(tok, force_text) + self.end[:-1]) if force_text is not None else None
-        out = []
         t_decode, steps0 = time.perf_counter(), self.decoder.steps if self.decoder else 0
         if self.decoder is not None and (self.greedy or forced is not None):
             out = self._decode_ahead(logits, forced, t)

@@ -128,21 +128,22 @@ def lr_at(step, args):
 
 
 def make_batch(tok, split, indices, args, step=None):
-    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated."""
+    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated, with their positions."""
     if args.data:
-        return with_positions(collate([args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices], tok.pad_id),
-                              args)
-    world_cfg = dict(size=args.frame_size)
-    if split == "train":  # validation always uses the default world, as eval.py does
-        world_cfg.update({k: getattr(args, k) for k in ("event_rate", "goal_rate") if getattr(args, k) is not None})
-    chunk, overlap, stream_seconds = args.chunk_seconds, args.overlap, args.stream_seconds
-    if split == "train" and step is not None and step < args.curriculum:
-        chunk = min(chunk, 2 + (chunk - 2) * step // args.curriculum)  # 2 s chunks first, growing linearly
-        overlap = min(overlap, chunk // 2)
-    if split == "train" and step is not None and step < args.time_curriculum:
-        stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
-    return with_positions(collate([synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink,
-                                                    args.text_window, world_cfg) for i in indices], tok.pad_id), args)
+        samples = [args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices]
+    else:
+        world_cfg = dict(size=args.frame_size)
+        if split == "train":  # validation always uses the default world, as eval.py does
+            world_cfg.update({k: getattr(args, k) for k in ("event_rate", "goal_rate") if getattr(args, k) is not None})
+        chunk, overlap, stream_seconds = args.chunk_seconds, args.overlap, args.stream_seconds
+        if split == "train" and step is not None and step < args.curriculum:
+            chunk = min(chunk, 2 + (chunk - 2) * step // args.curriculum)  # 2 s chunks first, growing linearly
+            overlap = min(overlap, chunk // 2)
+        if split == "train" and step is not None and step < args.time_curriculum:
+            stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
+        samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink, args.text_window,
+                                    world_cfg) for i in indices]
+    return with_positions(collate(samples, tok.pad_id), args)
 
 
 def with_positions(batch, args):
