@@ -29,10 +29,12 @@ import torch
 
 from cache import END, REPLY
 from processor import Tokenizer, build_tokenizer, preprocess_video
-from stream import FPS, SILENCE, prefix_segments, reply_ids, round_segments
-from world import SportsStream, WorldConfig, commentary, split_seed
+from stream import FPS, SILENCE, prefix_segments, question_segments, reply_ids, round_segments
+from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
 
 IGNORE = -100
+GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so scores stay under ~100
+                        # (one token each) even in the goal-dense streams of --goal-rate LO:HI
 
 
 @dataclass
@@ -50,7 +52,10 @@ def make_tokenizer(vocab_size=640, seed=0):
     said = [commentary(ev, team, (rng.randint(0, 12), rng.randint(0, 12)))
             for ev in ("goal", "shot", "save", "foul", "corner") for team in ("Red", "Blue") for _ in range(20)]
     said += [commentary("goal", team, (n, n)) for n in range(100) for team in ("Red", "Blue")] * 4
+    said += [answer(q, (rng.randint(0, 60), rng.randint(0, 60)), rng.choice(["Red", "Blue", None]))
+             for q in QUESTIONS for _ in range(100)]
     texts = [" " + t for t in said] + [SILENCE] * 400
+    texts += [f"<|im_start|>user\n{q}<|im_end|>\n" for q in QUESTIONS.values()] * 20
     texts += [f" Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
     texts += ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
               "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
@@ -77,9 +82,46 @@ def previous_ids(tok, texts, text_sink, text_window):
     return head[:text_sink] + full_tail
 
 
-def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, max_pixels=768 * 28 * 28):
+def survives_cut(tok, texts, k, text_sink, text_window):
+    """Whether sentence texts[k] is wholly in what previous_ids keeps (head text_sink + tail text_window tokens).
+    Tokenizes only as far as the cut needs, like previous_ids."""
+    n = lambda i: len(reply_ids(tok, texts[i]))
+    limit = text_sink + text_window
+    before = after = 0
+    for i in range(k):
+        before += n(i)
+        if before > limit:
+            break
+    for i in range(len(texts) - 1, k, -1):
+        after += n(i)
+        if after > limit:
+            break
+    nk = n(k)
+    return before + nk + after <= limit or before + nk <= text_sink or after + nk <= text_window
+
+
+def chunk_question(tok, stream, t0, t1, events, rng, text_sink, text_window):
+    """A (question, answer) about the stream up to second t1 - 1, asked at the end of a chunk [t0, t1), or None
+    when the chunk cannot answer it: the goal sentence it needs was cut from the previous text. `events` are the
+    (t, text) of the previous text. Training only asks what the model can see, so it learns to read, not guess."""
+    kind = rng.choice(["score", "score", "goals", "first"])  # the score twice: it is what the stream task needs
+    first = stream.first_goal(t1 - 1)
+    if kind == "first":
+        needed = first[0] if first else None
+    else:
+        goals = [t for t, e, _ in stream.events(0, t1) if e == "goal"]
+        needed = goals[-1] if goals else None
+    if needed is not None and needed < t0:
+        k = next(i for i, (t, _) in enumerate(events) if t == needed)
+        if not survives_cut(tok, [text for _, text in events], k, text_sink, text_window):
+            return None
+    return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), first[1] if first else None)
+
+
+def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, max_pixels=768 * 28 * 28,
+                 question=None):
     """One chunk: frames[k] are the 2 frames of second t0 + k, texts[k] its commentary, `previous` the list of
-    commentary sentences before t0 (oldest first)."""
+    commentary sentences before t0 (oldest first); `question` an optional (question, answer) after the chunk."""
     ids, labels, pix, grids = [], [], [], []
     for seg, _ in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
                                   text_window):
@@ -97,13 +139,18 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
                 labels += seg[:-1] + [IGNORE]
             else:
                 labels += [IGNORE] * len(seg)
+    if question:
+        for seg, kind in question_segments(tok, *question):
+            ids += seg
+            labels += seg if kind == REPLY else [IGNORE] * len(seg)
     return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids))
 
 
 def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
-                     text_window=512, world=None):
+                     text_window=512, world=None, question_rate=0.0):
     """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
-    on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap."""
+    on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap. With probability
+    question_rate the chunk ends with a question about the whole stream (chunk_question)."""
     rng = random.Random(f"{split}-{index}")
     world = dict(world or {})
     if isinstance(world.get("goal_rate"), (tuple, list)):
@@ -113,12 +160,16 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
         world["goal_rate"] = math.exp(random.Random(f"{split}-{index}-rate").uniform(math.log(lo), math.log(hi)))
     cfg = WorldConfig(**{**world, "seed": split_seed(split, rng.randrange(10_000))})
     stream = SportsStream(cfg)
+    stream_seconds = min(stream_seconds, max(chunk_seconds, int(GOALS_PER_STREAM / max(cfg.goal_rate, 1e-9))))
     stride = chunk_seconds - overlap
     t0 = stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))
     secs = [stream.second(t) for t in range(t0, t0 + chunk_seconds)]
-    previous = [text for _, text in stream.transcript(0, t0)]
-    return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, previous, text_sink,
-                        text_window)
+    events = stream.transcript(0, t0)
+    qrng = random.Random(f"{split}-{index}-question")
+    question = (chunk_question(tok, stream, t0, t0 + chunk_seconds, events, qrng, text_sink, text_window)
+                if qrng.random() < question_rate else None)
+    return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, [text for _, text in events],
+                        text_sink, text_window, question=question)
 
 
 def jsonl_samples(path, tok, chunk_seconds=24, text_sink=512, text_window=512, max_pixels=768 * 28 * 28):

@@ -80,6 +80,13 @@ def round_segments(tok, t, n_vision, text):
     len(end_ids) - 1 END tokens (' ...' and <|im_end|>, not the newline the next prompt starts with)."""
     return [(user_ids(tok, t, n_vision), USER), (reply_ids(tok, text), REPLY), (end_ids(tok), END)]
 
+def question_segments(tok, question, answer=""):
+    """A question about the whole stream after its last round (eval.py's whole-video task; training asks one at
+    the end of some chunks) as [(ids, kind)]: user turn + assistant header, then the answer and <|im_end|>
+    (REPLY: both supervised). A prompt for generation is the first segment."""
+    return [(tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), USER),
+            (reply_ids(tok, answer) + [tok.im_end_id], REPLY)]
+
 # -----------------------------------------------------------------------------
 # Frame sources
 

@@ -34,12 +34,13 @@ from stream import SILENCE
 
 PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explicitly wins
     "cpu": dict(steps=150, batch_size=2, grad_accum=1, lr=2e-3, text_sink=64, text_window=128, eval_every=50,
-                curriculum=0, event_rate=None, goal_rate=None),
-    # the GPU preset trains on a busier world (more events, goals every ~75 s in 2-hour streams, so scores up to
-    # ~50 are seen) and starts with short chunks: a model from scratch must first discover that the reply
+                curriculum=0, event_rate=None, goal_rate=None, question_rate=0.25),
+    # the GPU preset trains on a busier world (more events; each stream draws its goal rate between one a
+    # minute and one every 7 s, so goal sentences are often a few tokens apart and copying the last score is
+    # easy to discover) and starts with short chunks: a model from scratch must first discover that the reply
     # depends on *this* second's 4 vision tokens, which is a 24-way needle in a 24 s chunk (see the README)
-    "gpu": dict(steps=1000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=100,
-                curriculum=300, event_rate=0.3, goal_rate=1 / 75, stream_seconds=7200),
+    "gpu": dict(steps=6000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=250,
+                curriculum=300, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200, question_rate=0.5),
 }
 
 
@@ -87,6 +88,8 @@ def get_args(argv=None):
                                                      "(default: world.py's 0.12)")
     ap.add_argument("--goal-rate", type=rate_or_range, help="synthetic world: P(goal) a second (default: 1/150), "
                                                          "or LO:HI for a rate drawn per stream")
+    ap.add_argument("--question-rate", type=float, help="fraction of training chunks that end with a question "
+                    "about the whole stream (world.QUESTIONS; eval.py's flexprefill task asks them)")
     ap.add_argument("--text-sink", type=int, help="previous-text head tokens (inference default 512)")
     ap.add_argument("--text-window", type=int, help="previous-text tail tokens (inference default 512)")
     ap.add_argument("--frame-size", type=int, default=56, help="synthetic frame side in pixels (multiple of 28)")
@@ -127,8 +130,9 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def make_batch(tok, split, indices, args, step=None):
-    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated, with their positions."""
+def make_batch(tok, split, indices, args, step=None, question_rate=None):
+    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated, with their positions.
+    Training chunks end with a question at args.question_rate, validation ones at `question_rate` (default 0)."""
     if args.data:
         samples = [args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices]
     else:
@@ -141,8 +145,10 @@ def make_batch(tok, split, indices, args, step=None):
             overlap = min(overlap, chunk // 2)
         if split == "train" and step is not None and step < args.time_curriculum:
             stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
+        if split == "train":
+            question_rate = args.question_rate
         samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink, args.text_window,
-                                    world_cfg) for i in indices]
+                                    world_cfg, question_rate or 0.0) for i in indices]
     return with_positions(collate(samples, tok.pad_id), args)
 
 
@@ -203,6 +209,22 @@ def first_token_hits(model, batch, device, silence_id, number_ids=()):
     score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
     return (int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum()),
             int((pred[score] == targets[score]).sum()), int(score.sum()))
+
+
+def answer_right(model, batch, device, im_start_id):
+    """Whether a one-chunk batch that ends with a question gets its whole answer right (teacher-forced argmax at
+    every answer token), or None if the chunk asks none (data.chunk_question found it unanswerable)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")[0]
+    ids = batch["input_ids"][0]
+    turns = (ids == im_start_id).nonzero().flatten().tolist()
+    user, header = turns[-2], turns[-1]  # the last user turn and the assistant header after it
+    if (ids[user:header] == model.cfg.video_token_id).any():  # the last second's turn: no question was asked
+        return None
+    pos = (labels != IGNORE).nonzero().flatten()
+    pos = pos[pos > header]
+    pred = model(**batch)[0].argmax(-1)
+    return bool((pred[pos - 1] == labels[pos]).all())
 
 
 def save_checkpoint(raw, opt, step, history, args, tok_path, master):
@@ -291,7 +313,7 @@ def main(argv=None):
         # the samples of a step depend on these: a resumed run must use the ones it started with
         data_args = ("preset", "steps", "batch_size", "grad_accum", "chunk_seconds", "overlap", "stream_seconds",
                      "curriculum", "time_curriculum", "event_rate", "goal_rate", "text_sink", "text_window", "frame_size", "data",
-                     "seed", "lr", "warmup")
+                     "seed", "lr", "warmup", "question_rate")
         saved = state.get("args", {})
         changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in data_args
                    if k in saved and saved[k] != getattr(args, k)]
@@ -302,6 +324,8 @@ def main(argv=None):
         if master:
             print(f"resumed at step {step}")
     val = [make_batch(tok, "eval", [i], args) for i in range(args.eval_chunks)] if master else []
+    val_q = ([make_batch(tok, "eval", [i], args, question_rate=1.0) for i in range(args.eval_chunks)]
+             if master and not args.data and args.question_rate else [])
     silence_id = tok.encode(SILENCE)[0]
     number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # scores are single tokens
     if master and not number_ids:
@@ -312,10 +336,12 @@ def main(argv=None):
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
             tot = [loss_sum(raw, b, device) for b in val]
             hits = [sum(x) for x in zip(*(first_token_hits(raw, b, device, silence_id, number_ids) for b in val))]
+            answers = [answer_right(raw, b, device, tok.im_start_id) for b in val_q]
         model.train()
+        asked = sum(a is not None for a in answers)
         return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
                 f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
-                f"{hits[4]}/{hits[5]}")
+                f"{hits[4]}/{hits[5]}" + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
 
     # ---- the loop ----
     flops_per_token = 6 * n_train  # matmul FLOPs of forward + backward (attention left out: short chunks)

@@ -101,6 +101,21 @@ def commentary(event: str | None, team: str | None, score: tuple[int, int]) -> s
     }[event]
 
 
+# Questions about the whole stream so far (eval.py's whole-video task; training asks them at the end of some
+# chunks). The answers need the commentary, never the frames: the score and the count from the last goal
+# sentence, the first scorer from the first one.
+QUESTIONS = {"score": "What is the score?", "goals": "How many goals so far?", "first": "Who scored first?"}
+
+
+def answer(question: str, score: tuple[int, int], first: str | None) -> str:
+    """The answer to QUESTIONS[question] given the score so far and the first scorer (None: no goal yet)."""
+    return {
+        "score": f"Red {score[0]}, Blue {score[1]}.",
+        "goals": f"{sum(score)} goals.",
+        "first": f"{first}." if first else "Nobody yet.",
+    }[question]
+
+
 def parse_goal(text: str) -> tuple[str, int, int] | None:
     """(scorer, red, blue) from a goal sentence, else None; handy for scoring a model's output."""
     m = _GOAL_RE.match(text.strip())
@@ -225,6 +240,13 @@ class SportsStream:
         i = bisect.bisect_right(self._goal_t, t)
         red = self._red_cum[i - 1] if i else 0
         return red, i - red
+
+    def first_goal(self, t: int) -> tuple[int, str] | None:
+        """(time, scorer) of the first goal at a second <= t, or None."""
+        self._scan(t)
+        if not self._goal_t or self._goal_t[0] > t:
+            return None
+        return self._goal_t[0], "Red" if self._red_cum[0] else "Blue"
 
     def text(self, t: int) -> str:
         ev, team = self.event(t)
