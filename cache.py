@@ -129,12 +129,20 @@ class StreamingCache:
         self.added = 0
 
     def drop_last(self):
-        """Forget the last committed token, a text token (a decode step queued ahead whose token went unused).
-        Its K/V stay past `length`, where the next write overwrites them."""
-        assert self.added == 0 and self.length > 0 and self.kind[self.length - 1] == REPLY
-        self.length -= 1
-        self.next_unit -= 1
-        self.next_pos = self.next_pos - 1
+        """Forget the last committed token, a reply token (a decode step queued ahead whose token went unused)."""
+        assert self.length > 0 and self.kind[self.length - 1] == REPLY
+        self.rewind(1)
+
+    def rewind(self, n):
+        """Forget the last n committed tokens, all text (one unit and one position each): a step queued ahead and
+        dropped, or a question and its answer (Streamer.ask). Their K/V stay past `length`, where the next write
+        overwrites them."""
+        assert self.added == 0 and 0 <= n <= self.length
+        vision = torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id])
+        assert not torch.isin(self.ids[self.length - n:self.length], vision).any(), "rewind crosses a vision block"
+        self.length -= n
+        self.next_unit -= n
+        self.next_pos = self.next_pos - n
 
     def relabel(self, start, end, kind):
         """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from REPLY to END."""

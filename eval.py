@@ -26,12 +26,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from tqdm import tqdm
 
 from cache import POLICIES
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, preprocess_video
 from stream import FRAME_PIXELS, Streamer, end_ids, load_checkpoint, open_video, reply_ids, seconds_of
-from world import SportsStream, WorldConfig, split_seed
+from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
              ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),
@@ -427,22 +428,16 @@ def task_flexprefill(args):
 
 @torch.no_grad()
 def long_prefill_check(args):
-    """Prefill `--seconds` of held-out stream (true commentary as the context) in one forward, up to the user
-    turn of the next goal second, and decode the reply: the goal sentence whose score needs the whole video.
-    Dense and FlexPrefill side by side: the replies, prefill time, density and the attention-output error."""
+    """Prefill `--seconds` of each of `--streams` held-out streams (true commentary as the context, laid out as in
+    training) plus a question whose answer needs the whole video (world.QUESTIONS: the score, the number of goals,
+    who scored first) in one forward, and decode the answer. Dense and FlexPrefill side by side: the answers, the
+    prefill time (first question of each stream), the density and the attention-output error. For contrast the
+    same questions go to the StreamingVLM cache after streaming the same seconds (Streamer.ask): its memory is the
+    sink, the text window and the vision window, which is what the model was trained on."""
     from flexprefill import causal_attention, flexprefill_attention
     from data import build_sample
-    from stream import FPS, user_ids
+    from stream import question_segments
     model, tok, st = load(args)
-    world = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56)))
-    t_goal = next(t for t in range(args.seconds, 100 * args.seconds + 1000) if "scores" in world.text(t))
-    # the stream before the goal second laid out as in training (data.build_sample), then that second's user turn
-    secs = [world.second(t) for t in range(t_goal + 1)]
-    sample = build_sample(tok, [s.frames for s in secs[:-1]], [s.text for s in secs[:-1]], 0, [])
-    pv, grid, _ = preprocess_video(secs[-1].frames, fps=FPS, min_pixels=FRAME_PIXELS[0])
-    ids = torch.cat([sample.ids, torch.tensor(user_ids(tok, t_goal, int(grid.prod()) // 4))])[None].to(model.device)
-    vision = dict(pixel_values_videos=torch.cat([sample.pixel_values, pv]).to(model.device),
-                  video_grid_thw=torch.cat([sample.grid_thw, grid]))
     fp = dict(gamma=args.gamma, min_budget=args.min_budget)
     stats = dict(density=[], rel_err=[])
 
@@ -453,39 +448,79 @@ def long_prefill_check(args):
         stats["rel_err"].append(float((out - dense).float().norm() / dense.float().norm()))
         return out
     measured.min_len = 1
+    fast = functools.partial(flexprefill_attention, **fp)
+    fast.min_len = 1
 
-    def run(attn):
+    def use(attn):
         for layer in model.model.layers:
             layer.self_attn.prefill_attn = attn
+
+    def timed_prefill(ids, vision):
         model(ids, **vision, logits_to_keep=1)  # warm-up (and compilation)
         sync(model.device)
         t0 = time.perf_counter()
         model(ids, **vision, logits_to_keep=1)
         sync(model.device)
-        prefill = time.perf_counter() - t0
-        out = model.generate(ids, max_new_tokens=16, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
-        text = tok.decode([i for i in out if i != tok.im_end_id]).strip()
-        return prefill, text.removesuffix("...").strip()  # the reply without its closing " ..."
+        return time.perf_counter() - t0
 
-    fast = functools.partial(flexprefill_attention, **fp)
-    fast.min_len = 1
-    dense_s, dense_reply = run(None)
-    sparse_s, sparse_reply = run(fast)
-    for layer in model.model.layers:
-        layer.self_attn.prefill_attn = measured
-    model(ids, **vision, logits_to_keep=1)
-    for layer in model.model.layers:
-        layer.self_attn.prefill_attn = None
-    row = dict(tokens=ids.shape[1], seconds=t_goal + 1, truth=world.text(t_goal), dense=dense_reply,
-               flexprefill=sparse_reply, same=dense_reply == sparse_reply,
-               dense_right=dense_reply == world.text(t_goal), flexprefill_right=sparse_reply == world.text(t_goal), dense_ms=round(1000 * dense_s, 1),
-               flexprefill_ms=round(1000 * sparse_s, 1), density=round(sum(stats["density"]) / len(stats["density"]), 3),
-               attn_rel_err=round(max(stats["rel_err"]), 4))
-    print(f"\nlong prefill on {args.model} ({hardware()}; gamma {args.gamma}, min_budget {args.min_budget}; "
-          f"prefill times include the vision tower):")
-    print(table([row], list(row)))
-    save(args, "long_prefill", row)
-    return row
+    def reply(ids, vision):
+        out = model.generate(ids, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
+        return tok.decode([i for i in out if i != tok.im_end_id]).strip()
+
+    rows, times = [], []
+    for n in tqdm(range(args.streams), desc="streams", disable=args.streams < 2):
+        world = SportsStream(WorldConfig(seed=split_seed("eval", n), size=st.get("frame_size", 56)))
+        secs = [world.second(t) for t in range(args.seconds)]
+        sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [])
+        vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
+        first = world.first_goal(args.seconds - 1)
+        streamer = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
+                            vision_window=st.get("vision_window", 16))
+        for s in secs:  # the same context as the prefill: the true commentary, teacher-forced
+            streamer.step(s.frames, force_text=s.text)
+        for kind, question in QUESTIONS.items():
+            truth = answer(kind, world.score(args.seconds - 1), first[1] if first else None)
+            ids = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None].to(model.device)
+            if kind == "score":  # time and measure once per stream: the questions share all but a few tokens
+                use(None)
+                dense_s = timed_prefill(ids, vision)
+                use(fast)
+                times.append((dense_s, timed_prefill(ids, vision)))
+                use(measured)
+                model(ids, **vision, logits_to_keep=1)
+            use(None)
+            dense = reply(ids, vision)
+            use(fast)
+            sparse = reply(ids, vision)
+            use(None)
+            streaming = streamer.ask(question)
+            rows.append(dict(stream=n, question=kind, truth=truth, dense=dense, flexprefill=sparse,
+                             same=dense == sparse, dense_right=dense == truth, flexprefill_right=sparse == truth,
+                             streaming=streaming, streaming_right=streaming == truth))
+    k = len(rows)
+    summary = dict(seconds=args.seconds, tokens=int(ids.shape[1]), streams=args.streams, questions=k,
+                   dense_right=round(sum(r["dense_right"] for r in rows) / k, 3),
+                   flexprefill_right=round(sum(r["flexprefill_right"] for r in rows) / k, 3),
+                   same_answer=round(sum(r["same"] for r in rows) / k, 3),
+                   streaming_right=round(sum(r["streaming_right"] for r in rows) / k, 3),
+                   dense_ms=round(1000 * sum(d for d, _ in times) / len(times), 1),
+                   flexprefill_ms=round(1000 * sum(f for _, f in times) / len(times), 1),
+                   density=round(sum(stats["density"]) / len(stats["density"]), 3),
+                   attn_rel_err=round(max(stats["rel_err"]), 4))
+    print(f"\nwhole-video questions after a {args.seconds} s prefill on {args.model} ({hardware()}; gamma {args.gamma}, "
+          f"min_budget {args.min_budget}; prefill times include the vision tower):")
+    print(table(rows[:12], list(rows[0])))
+    if k > 12:
+        print(f"... {k - 12} more rows in the JSON file")
+    print(table([summary], list(summary)))
+    per_kind = {q: {m: sum(r[f"{m}_right"] for r in rows if r["question"] == q)
+                    for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
+                for q in QUESTIONS}
+    print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
+        f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in per_kind.items()))
+    result = dict(summary=summary, per_question=per_kind, rows=rows)
+    save(args, "long_prefill", result)
+    return result
 
 
 def task_video(args):

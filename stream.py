@@ -268,6 +268,30 @@ class Streamer:
         self.t += 1
         return tok.decode(content).strip()
 
+    @torch.no_grad()
+    def ask(self, question, max_new_tokens=12):
+        """Ask a question about the stream so far (world.QUESTIONS) on top of the compact cache, after the last
+        step(), and return the greedy answer: what the streaming memory (sink, text window, vision window) knows.
+        The cache is rewound afterwards, so the stream goes on as if nothing was asked."""
+        t, cache, length, pending = self.t, self.cache, self.cache.length, self.pending
+        segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
+        segments.append((question_segments(self.tok, question)[0][0], USER, t))
+        pos = torch.cat([cache.add_tokens(ids, kind, r) for ids, kind, r in segments if len(ids)], 2)
+        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
+        logits = self.model(ids.to(self.model.device), position_ids=pos, cache=cache, logits_to_keep=1)
+        out = []
+        while len(out) < max_new_tokens:
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] in self.stops:
+                break
+            if out[-1] in self.vision_ids:
+                raise ValueError(f"the model emitted a vision placeholder token ({out[-1]}) as text")
+            p = cache.add_tokens(out[-1:], REPLY, t)
+            logits = self.model(torch.tensor([out[-1:]], device=self.model.device), position_ids=p, cache=cache)
+        cache.rewind(cache.length - length)
+        self.pending = pending
+        return self.tok.decode([i for i in out if i not in self.stops]).strip()
+
     def _decode_plain(self, logits, forced, t):
         """The obvious loop: pick a token, feed it, repeat; the host waits for every step."""
         cache, model, out = self.cache, self.model, []

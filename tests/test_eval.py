@@ -130,9 +130,15 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
 
 
 def test_flexprefill_task_end_to_end(ckpt, tmp_path):
-    res = main(["flexprefill", "--model", str(ckpt), "--seconds", "20", "--min-budget", "128", "--out", str(tmp_path)])
-    row = res["long_prefill"]
-    assert row["seconds"] > 20 and row["truth"].split("!")[0].endswith("scores")  # prefilled up to a goal second
-    assert 0 < row["density"] <= 1 and row["attn_rel_err"] >= 0 and row["dense_ms"] > 0
-    assert json.load(open(tmp_path / "long_prefill.json"))["tokens"] == row["tokens"]
+    res = main(["flexprefill", "--model", str(ckpt), "--seconds", "20", "--min-budget", "128", "--streams", "2",
+                "--out", str(tmp_path)])
+    summary, rows = res["long_prefill"]["summary"], res["long_prefill"]["rows"]
+    assert summary["questions"] == len(rows) == 6  # 2 streams x the three whole-video questions
+    assert {r["question"] for r in rows} == {"score", "goals", "first"}
+    for r in rows:  # the truth is the world's answer, and right means equal to it
+        assert r["dense_right"] == (r["dense"] == r["truth"]) and r["same"] == (r["dense"] == r["flexprefill"])
+        assert r["streaming_right"] == (r["streaming"] == r["truth"])
+    assert summary["dense_right"] == sum(r["dense_right"] for r in rows) / 6
+    assert 0 < summary["density"] <= 1 and summary["attn_rel_err"] >= 0 and summary["dense_ms"] > 0
+    assert json.load(open(tmp_path / "long_prefill.json"))["summary"]["tokens"] == summary["tokens"]
     assert res["kernel"]  # the CPU smoke run of the kernel benchmark

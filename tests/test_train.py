@@ -176,3 +176,57 @@ def test_goal_rate_range_draws_a_rate_per_stream(tok):
     goals = [sum(t.startswith(("Red scores", "Blue scores")) for _, t in
                  SportsStream(WorldConfig(seed=1, goal_rate=r)).transcript(0, 3000)) for r in (0.005, 0.05)]
     assert goals[0] < goals[1]  # the knob really changes the world
+
+
+def test_questions_are_asked_only_when_the_chunk_can_answer(tok):
+    """survives_cut agrees with a brute-force reading of the cut previous_ids makes, and chunk_question's answer is
+    the world's: a question is asked exactly when the goal sentence it needs is in the ids."""
+    import random
+    from data import chunk_question, survives_cut
+    from world import QUESTIONS, answer
+    w = SportsStream(WorldConfig(seed=5, event_rate=0.4, goal_rate=0.05))
+    events = w.transcript(0, 400)
+    texts = [t for _, t in events]
+    lengths = [len(reply_ids(tok, t)) for t in texts]
+    total = sum(lengths)
+    for sink, window in ((8, 16), (16, 64), (1000, 1000)):
+        for k in range(len(texts)):
+            start = sum(lengths[:k])  # the sentence's token span in the uncut previous text
+            kept = total <= sink + window or start + lengths[k] <= sink or start >= total - window
+            assert survives_cut(tok, texts, k, sink, window) == kept, (sink, window, k)
+    asked = 0
+    for i in range(60):
+        q = chunk_question(tok, w, 400, 424, events, random.Random(i), 8, 16)
+        if q is None:
+            continue
+        asked += 1
+        kind = next(k for k, v in QUESTIONS.items() if v == q[0])
+        first = w.first_goal(423)
+        assert q[1] == answer(kind, w.score(423), first[1] if first else None)
+    assert 0 < asked < 60  # with an 8 + 16 token cut some questions cannot be answered, others can
+
+
+def test_question_turn_ends_the_chunk_and_only_its_answer_is_supervised(tok):
+    w = SportsStream(WorldConfig(seed=2, size=56))
+    secs = [w.second(t) for t in range(3)]
+    args = ([s.frames for s in secs], [s.text for s in secs], 0, [], 16, 16)
+    plain = build_sample(tok, *args)
+    asked = build_sample(tok, *args, question=("What is the score?", "Red 1, Blue 0."))
+    n = len(plain.ids)
+    assert torch.equal(asked.ids[:n], plain.ids) and torch.equal(asked.labels[:n], plain.labels)
+    tail, labels = asked.ids[n:].tolist(), asked.labels[n:].tolist()
+    prompt = tok.encode("<|im_start|>user\nWhat is the score?<|im_end|>\n<|im_start|>assistant\n")
+    answer = reply_ids(tok, "Red 1, Blue 0.") + [tok.im_end_id]
+    assert tail == prompt + answer and labels == [IGNORE] * len(prompt) + answer
+
+
+def test_first_goal_and_answers():
+    from world import answer
+    w = SportsStream(WorldConfig(seed=4, goal_rate=0.02))
+    goals = [(t, text.split()[0]) for t, text in w.transcript(0, 2000) if "scores!" in text]
+    assert w.first_goal(goals[0][0] - 1) is None and w.first_goal(goals[0][0]) == goals[0]
+    assert w.first_goal(1999) == goals[0]
+    red = sum(team == "Red" for _, team in goals)
+    assert w.score(1999) == (red, len(goals) - red)
+    assert answer("goals", (3, 4), "Red") == "7 goals." and answer("first", (0, 0), None) == "Nobody yet."
+    assert answer("score", (3, 4), "Red") == "Red 3, Blue 4."
