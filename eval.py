@@ -228,7 +228,13 @@ def task_stream(args):
     kw = dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
               vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens,
               **DECODES[args.decode[0]])
+    # size the cache buffers for the steady state of the bounded policies up front: growing them mid-stream
+    # re-specialises the compiled decode step (an ~8 s stall at second ~860 on the H100 before this)
+    frame = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56))).second(0).frames
+    n_vision = int(preprocess_video(frame, min_pixels=FRAME_PIXELS[0])[1].prod()) // 4
+    capacity = kw["text_sink"] + kw["text_window"] + 256 + (kw["vision_window"] + 1) * (n_vision + 64)
     print(f"{hardware()}; {args.streams} held-out stream(s) x {args.seconds} s, windows {kw}")
+    kw["capacity"] = capacity
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
     for policy in args.policies:
         agg, per_slice, lat, runs = [], [], [], []
