@@ -7,7 +7,7 @@ out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from
 stream.json (the window sizes it was trained for) and train_state.pt (optimizer and step, for --resume).
 
   python train.py                          # CPU: a short run (< 10 min on 2 cores) with a clearly falling loss
-  python train.py --preset gpu             # one H100, 1,000 steps at ~4 a second: learns the events (the score: not yet)
+  python train.py --preset gpu             # one H100, 6,000 steps at ~4 a second (~25 min): events and the score
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint, vision tower frozen
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -34,13 +34,14 @@ from stream import SILENCE
 
 PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explicitly wins
     "cpu": dict(steps=150, batch_size=2, grad_accum=1, lr=2e-3, text_sink=64, text_window=128, eval_every=50,
-                curriculum=0, event_rate=None, goal_rate=None, question_rate=0.25),
+                curriculum=0, time_curriculum=0, event_rate=None, goal_rate=None, question_rate=0.25),
     # the GPU preset trains on a busier world (more events; each stream draws its goal rate between one a
     # minute and one every 7 s, so goal sentences are often a few tokens apart and copying the last score is
     # easy to discover) and starts with short chunks: a model from scratch must first discover that the reply
     # depends on *this* second's 4 vision tokens, which is a 24-way needle in a 24 s chunk (see the README)
     "gpu": dict(steps=6000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=250,
-                curriculum=300, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200, question_rate=0.5),
+                curriculum=300, time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
+                question_rate=0.5),
 }
 
 
@@ -80,7 +81,7 @@ def get_args(argv=None):
     ap.add_argument("--stream-seconds", type=int, help="chunks start anywhere in streams this long (3600)")
     ap.add_argument("--curriculum", type=int, help="steps over which the chunk length ramps from 2 s up to "
                                                    "--chunk-seconds (0 = none)")
-    ap.add_argument("--time-curriculum", type=int, default=0,
+    ap.add_argument("--time-curriculum", type=int, default=None,
                     help="steps over which chunk start times widen from a stream's first minute to all of "
                     "--stream-seconds: early chunks hold few goal sentences before them, so the model first learns "
                     "to copy the one score there, then to find the latest of many (0 = none)")
