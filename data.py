@@ -33,8 +33,9 @@ from stream import FPS, SILENCE, prefix_segments, question_segments, reply_ids, 
 from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
 
 IGNORE = -100
-GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so scores stay under ~100
-                        # (one token each) even in the goal-dense streams of --goal-rate LO:HI
+GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
+                        # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
+                        # in a question's answer can pass 99 and take two tokens)
 
 
 @dataclass

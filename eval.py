@@ -473,7 +473,7 @@ def long_prefill_check(args):
         out = model.generate(ids, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
         return tok.decode([i for i in out if i != tok.im_end_id]).strip()
 
-    rows, times = [], []
+    rows, times, longest = [], [], 0
     for n in tqdm(range(args.streams), desc="streams", disable=args.streams < 2):
         world = SportsStream(WorldConfig(seed=split_seed("eval", n), size=st.get("frame_size", 56)))
         secs = [world.second(t) for t in range(args.seconds)]
@@ -487,6 +487,7 @@ def long_prefill_check(args):
         for kind, question in QUESTIONS.items():
             truth = answer(kind, world.score(args.seconds - 1), first[1] if first else None)
             ids = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None].to(model.device)
+            longest = max(longest, ids.shape[1])
             if kind == "score":  # time and measure once per stream: the questions share all but a few tokens
                 use(None)
                 dense_s = timed_prefill(ids, vision)
@@ -504,7 +505,7 @@ def long_prefill_check(args):
                              same=dense == sparse, dense_right=dense == truth, flexprefill_right=sparse == truth,
                              streaming=streaming, streaming_right=streaming == truth))
     k = len(rows)
-    summary = dict(seconds=args.seconds, tokens=int(ids.shape[1]), streams=args.streams, questions=k,
+    summary = dict(seconds=args.seconds, tokens=longest, streams=args.streams, questions=k,
                    dense_right=round(sum(r["dense_right"] for r in rows) / k, 3),
                    flexprefill_right=round(sum(r["flexprefill_right"] for r in rows) / k, 3),
                    same_answer=round(sum(r["same"] for r in rows) / k, 3),
@@ -513,8 +514,8 @@ def long_prefill_check(args):
                    flexprefill_ms=round(1000 * sum(f for _, f in times) / len(times), 1),
                    density=round(sum(stats["density"]) / len(stats["density"]), 3),
                    attn_rel_err=round(max(stats["rel_err"]), 4))
-    print(f"\nwhole-video questions after a {args.seconds} s prefill on {args.model} ({hardware()}; gamma {args.gamma}, "
-          f"min_budget {args.min_budget}; prefill times include the vision tower):")
+    print(f"\nwhole-video questions after a {args.seconds} s prefill on {args.model} ({hardware()}; "
+          f"gamma {args.gamma}, min_budget {args.min_budget}; prefill times include the vision tower):")
     print(table(rows[:12], list(rows[0])))
     if k > 12:
         print(f"... {k - 12} more rows in the JSON file")
@@ -554,7 +555,8 @@ def main(argv=None):
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     ap.add_argument("--seconds", type=int, default=None, help="stream length (stream: 7200 on a GPU, 600 on a CPU; efficiency: 3600; "
                     "flexprefill: 1800 / 120)")
-    ap.add_argument("--streams", type=int, default=1, help="held-out streams per policy")
+    ap.add_argument("--streams", type=int, default=1, help="held-out streams (stream: per policy; flexprefill: "
+                    "each asked the three questions)")
     ap.add_argument("--reset-every", type=int, default=100, help="the reset policy's period in seconds")
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--time-limit", type=float, default=0, help="seconds of wall time per policy (0 = none)")

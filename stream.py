@@ -80,12 +80,14 @@ def round_segments(tok, t, n_vision, text):
     len(end_ids) - 1 END tokens (' ...' and <|im_end|>, not the newline the next prompt starts with)."""
     return [(user_ids(tok, t, n_vision), USER), (reply_ids(tok, text), REPLY), (end_ids(tok), END)]
 
+
 def question_segments(tok, question, answer=""):
     """A question about the whole stream after its last round (eval.py's whole-video task; training asks one at
     the end of some chunks) as [(ids, kind)]: user turn + assistant header, then the answer and <|im_end|>
     (REPLY: both supervised). A prompt for generation is the first segment."""
     return [(tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), USER),
             (reply_ids(tok, answer) + [tok.im_end_id], REPLY)]
+
 
 # -----------------------------------------------------------------------------
 # Frame sources
@@ -280,16 +282,17 @@ class Streamer:
         ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
         logits = self.model(ids.to(self.model.device), position_ids=pos, cache=cache, logits_to_keep=1)
         out = []
-        while len(out) < max_new_tokens:
-            out.append(int(logits[0, -1].argmax()))
-            if out[-1] in self.stops:
-                break
-            if out[-1] in self.vision_ids:
-                raise ValueError(f"the model emitted a vision placeholder token ({out[-1]}) as text")
-            p = cache.add_tokens(out[-1:], REPLY, t)
-            logits = self.model(torch.tensor([out[-1:]], device=self.model.device), position_ids=p, cache=cache)
-        cache.rewind(cache.length - length)
-        self.pending = pending
+        try:
+            while True:
+                out.append(int(logits[0, -1].argmax()))
+                # a vision placeholder cannot be fed as text: it ends the answer (which is then wrong)
+                if out[-1] in self.stops or out[-1] in self.vision_ids or len(out) == max_new_tokens:
+                    break
+                p = cache.add_tokens(out[-1:], REPLY, t)
+                logits = self.model(torch.tensor([out[-1:]], device=self.model.device), position_ids=p, cache=cache)
+        finally:  # whatever happened, the stream goes on from where it was
+            cache.rewind(cache.length - length)
+            self.pending = pending
         return self.tok.decode([i for i in out if i not in self.stops]).strip()
 
     def _decode_plain(self, logits, forced, t):

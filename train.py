@@ -35,9 +35,9 @@ from stream import SILENCE
 PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explicitly wins
     "cpu": dict(steps=150, batch_size=2, grad_accum=1, lr=2e-3, text_sink=64, text_window=128, eval_every=50,
                 curriculum=0, time_curriculum=0, event_rate=None, goal_rate=None, question_rate=0.25),
-    # the GPU preset trains on a busier world (more events; each stream draws its goal rate between one a
-    # minute and one every 7 s, so goal sentences are often a few tokens apart and copying the last score is
-    # easy to discover) and starts with short chunks: a model from scratch must first discover that the reply
+    # the GPU preset trains on a busier world (more events; each stream draws its goal rate between one goal in
+    # 100 s and one in 7 s, so goal sentences are often a few tokens apart and copying the last score is easy to
+    # discover) and starts with short chunks: a model from scratch must first discover that the reply
     # depends on *this* second's 4 vision tokens, which is a 24-way needle in a 24 s chunk (see the README)
     "gpu": dict(steps=6000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=250,
                 curriculum=300, time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
@@ -78,7 +78,8 @@ def get_args(argv=None):
     # data
     ap.add_argument("--chunk-seconds", type=int, default=24)
     ap.add_argument("--overlap", type=int, default=12)
-    ap.add_argument("--stream-seconds", type=int, help="chunks start anywhere in streams this long (3600)")
+    ap.add_argument("--stream-seconds", type=int, help="chunks start anywhere in streams this long (3600; a "
+                    "stream with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)")
     ap.add_argument("--curriculum", type=int, help="steps over which the chunk length ramps from 2 s up to "
                                                    "--chunk-seconds (0 = none)")
     ap.add_argument("--time-curriculum", type=int, default=None,
@@ -342,7 +343,8 @@ def main(argv=None):
         asked = sum(a is not None for a in answers)
         return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
                 f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
-                f"{hits[4]}/{hits[5]}" + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
+                f"{hits[4]}/{hits[5]}"
+                + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
 
     # ---- the loop ----
     flops_per_token = 6 * n_train  # matmul FLOPs of forward + backward (attention left out: short chunks)

@@ -135,7 +135,11 @@ def test_flexprefill_task_end_to_end(ckpt, tmp_path):
     summary, rows = res["long_prefill"]["summary"], res["long_prefill"]["rows"]
     assert summary["questions"] == len(rows) == 6  # 2 streams x the three whole-video questions
     assert {r["question"] for r in rows} == {"score", "goals", "first"}
-    for r in rows:  # the truth is the world's answer, and right means equal to it
+    from world import answer, split_seed
+    for r in rows:  # the truth is the world's answer after the prefilled seconds, and right means equal to it
+        w = SportsStream(WorldConfig(seed=split_seed("eval", r["stream"])))
+        first = w.first_goal(19)
+        assert r["truth"] == answer(r["question"], w.score(19), first[1] if first else None)
         assert r["dense_right"] == (r["dense"] == r["truth"]) and r["same"] == (r["dense"] == r["flexprefill"])
         assert r["streaming_right"] == (r["streaming"] == r["truth"])
     assert summary["dense_right"] == sum(r["dense_right"] for r in rows) / 6

@@ -179,31 +179,40 @@ def test_goal_rate_range_draws_a_rate_per_stream(tok):
 
 
 def test_questions_are_asked_only_when_the_chunk_can_answer(tok):
-    """survives_cut agrees with a brute-force reading of the cut previous_ids makes, and chunk_question's answer is
-    the world's: a question is asked exactly when the goal sentence it needs is in the ids."""
+    """survives_cut agrees with the cut previous_ids really makes (each token tagged with its sentence, cut the same
+    way, and the tags compared with previous_ids' output), and chunk_question asks exactly when the sentence its
+    answer needs survives, with the world's answer."""
     import random
     from data import chunk_question, survives_cut
     from world import QUESTIONS, answer
     w = SportsStream(WorldConfig(seed=5, event_rate=0.4, goal_rate=0.05))
     events = w.transcript(0, 400)
     texts = [t for _, t in events]
-    lengths = [len(reply_ids(tok, t)) for t in texts]
-    total = sum(lengths)
-    for sink, window in ((8, 16), (16, 64), (1000, 1000)):
+    ids = [i for t in texts for i in reply_ids(tok, t)]
+    tags = [k for k, t in enumerate(texts) for _ in reply_ids(tok, t)]  # the sentence of each token
+    for sink, window in ((8, 16), (16, 64), (0, 5), (1000, 1000)):
+        cut = previous_ids(tok, texts, sink, window)
+        keep = range(len(ids)) if len(ids) <= sink + window else [*range(sink), *range(len(ids) - window, len(ids))]
+        assert cut == [ids[i] for i in keep]  # the tagging follows previous_ids' cut
         for k in range(len(texts)):
-            start = sum(lengths[:k])  # the sentence's token span in the uncut previous text
-            kept = total <= sink + window or start + lengths[k] <= sink or start >= total - window
+            kept = sum(tags[i] == k for i in keep) == tags.count(k)
             assert survives_cut(tok, texts, k, sink, window) == kept, (sink, window, k)
-    asked = 0
+    goals = [t for t, e, _ in w.events(0, 424) if e == "goal"]
+    asked = refused = 0
     for i in range(60):
         q = chunk_question(tok, w, 400, 424, events, random.Random(i), 8, 16)
-        if q is None:
+        kind = random.Random(i).choice(["score", "score", "goals", "first"])  # the draw chunk_question makes
+        needed = goals[0] if kind == "first" else goals[-1]
+        k = next((j for j, (t, _) in enumerate(events) if t == needed), None)  # None: the goal is in the chunk
+        if k is not None and not survives_cut(tok, texts, k, 8, 16):
+            assert q is None
+            refused += 1
             continue
         asked += 1
-        kind = next(k for k, v in QUESTIONS.items() if v == q[0])
+        assert q[0] == QUESTIONS[kind]
         first = w.first_goal(423)
         assert q[1] == answer(kind, w.score(423), first[1] if first else None)
-    assert 0 < asked < 60  # with an 8 + 16 token cut some questions cannot be answered, others can
+    assert asked and refused  # with an 8 + 16 token cut some questions cannot be answered, others can
 
 
 def test_question_turn_ends_the_chunk_and_only_its_answer_is_supervised(tok):
@@ -230,3 +239,31 @@ def test_first_goal_and_answers():
     assert w.score(1999) == (red, len(goals) - red)
     assert answer("goals", (3, 4), "Red") == "7 goals." and answer("first", (0, 0), None) == "Nobody yet."
     assert answer("score", (3, 4), "Red") == "Red 3, Blue 4."
+
+
+def test_answer_right_reads_only_the_answer(tok):
+    from data import collate
+    from train import answer_right
+    w = SportsStream(WorldConfig(seed=2, size=56))
+    secs = [w.second(t) for t in range(3)]
+    args = ([s.frames for s in secs], [s.text for s in secs], 0, [], 16, 16)
+    asked = collate([build_sample(tok, *args, question=("What is the score?", "Red 1, Blue 0."))], tok.pad_id)
+    plain = collate([build_sample(tok, *args)], tok.pad_id)
+
+    class Oracle:  # logits that put all mass on the next label (or on `wrong` at one answer position)
+        cfg = type("cfg", (), {"video_token_id": tok.video_pad_id})
+
+        def __init__(self, labels, wrong_at=None):
+            self.labels, self.wrong_at = labels, wrong_at
+
+        def __call__(self, input_ids, **kw):
+            nxt = torch.cat([self.labels[0, 1:], torch.tensor([0])]).clamp(min=0)
+            if self.wrong_at is not None:
+                nxt[self.wrong_at] = (nxt[self.wrong_at] + 1) % len(tok)
+            return torch.nn.functional.one_hot(nxt, len(tok)).float()[None]
+
+    labels = asked["labels"]
+    assert answer_right(Oracle(labels), asked, "cpu", tok.im_start_id) is True
+    last = int((labels[0] != IGNORE).nonzero()[-1])  # <|im_end|> after the answer
+    assert answer_right(Oracle(labels, wrong_at=last - 2), asked, "cpu", tok.im_start_id) is False
+    assert answer_right(Oracle(plain["labels"]), plain, "cpu", tok.im_start_id) is None
