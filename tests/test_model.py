@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")  # test dependency, pinned in requirements-dev.txt
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-from model import VLM, VLMConfig, mrope_positions, vision_layout  # noqa: E402
+from model import VLM, VLMConfig, mrope_positions  # noqa: E402
+from vision import vision_layout  # noqa: E402
 
 VOCAB, VS, VE, IMG, VID = 300, 290, 291, 292, 293  # vision start/end, image pad, video pad
 TOL = 1e-4
