@@ -191,6 +191,15 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, warmup=
                 memory_gib=mem)
 
 
+def steady_capacity(frames, fps=2, text_sink=512, text_window=512, vision_window=16):
+    """Cache slots for a bounded policy's steady state with these frames each second: text sink + window, the
+    prompts, and vision_window + 1 seconds of vision and text. Sized up front because growing the buffers
+    mid-stream re-specialises a compiled decode step (an ~8 s stall at second ~860 on the H100)."""
+    n_vision = int(preprocess_video(frames, fps=fps, min_pixels=FRAME_PIXELS[0], max_pixels=FRAME_PIXELS[1])[1]
+                   .prod()) // 4
+    return n_vision, text_sink + text_window + 256 + (vision_window + 1) * (n_vision + 64)
+
+
 def ms_per_token(decode):
     """Mean decode time per forward over [(seconds, forwards)] of some stream seconds; None when there were none."""
     forwards = sum(n for _, n in decode)
@@ -219,20 +228,22 @@ def fresh_peak(device):
 def load(args):
     return load_checkpoint(args.model, args.device, args.flexprefill)
 
+
+def windows(st):
+    """The cache windows a checkpoint was trained for (its stream.json; the paper's 512 / 512 / 16 without one)."""
+    return dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
+                vision_window=st.get("vision_window", 16))
+
 # -----------------------------------------------------------------------------
 # Tasks
 
 
 def task_stream(args):
     model, tok, st = load(args)
-    kw = dict(text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
-              vision_window=st.get("vision_window", 16), max_new_tokens=args.max_new_tokens,
-              **DECODES[args.decode[0]])
-    # size the cache buffers for the steady state of the bounded policies up front: growing them mid-stream
-    # re-specialises the compiled decode step (an ~8 s stall at second ~860 on the H100 before this)
+    kw = dict(**windows(st), max_new_tokens=args.max_new_tokens, **DECODES[args.decode[0]])
     frame = SportsStream(WorldConfig(seed=split_seed("eval", 0), size=st.get("frame_size", 56))).second(0).frames
-    n_vision = int(preprocess_video(frame, min_pixels=FRAME_PIXELS[0])[1].prod()) // 4
-    capacity = kw["text_sink"] + kw["text_window"] + 256 + (kw["vision_window"] + 1) * (n_vision + 64)
+    _, capacity = steady_capacity(frame, text_sink=kw["text_sink"], text_window=kw["text_window"],
+                                  vision_window=kw["vision_window"])
     print(f"{hardware()}; {args.streams} held-out stream(s) x {args.seconds} s, windows {kw}")
     kw["capacity"] = capacity
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
@@ -301,10 +312,8 @@ def task_efficiency(args):
         sys.exit(f"efficiency needs --max-new-tokens >= {len(end_ids(tok))} (a word, ' ...' and <|im_end|>)")
     fixed = " ".join(["b"] * (args.max_new_tokens - len(end_ids(tok)) + 1))
     assert len(reply_ids(tok, fixed)) + len(end_ids(tok)) - 1 == args.max_new_tokens, "toy tokenizer changed"
-    # size the cache buffers for the steady state up front (a compiled step is specialised to their capacity)
     pixels = dict(min_pixels=FRAME_PIXELS[0], max_pixels=FRAME_PIXELS[1])  # what the Streamer resizes to
-    n_vision = int(preprocess_video(frames_of(0), fps=args.fps, **pixels)[1].prod()) // 4
-    capacity = 1024 + 256 + 17 * (n_vision + 64)  # text sink + window, prompts, 16 + 1 seconds of vision and text
+    n_vision, capacity = steady_capacity(frames_of(0), fps=args.fps)  # the Streamer's default windows
     warmup = min(args.warmup, args.seconds // 2)
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
           f"tokens a second), {args.seconds} s; means leave out the first {warmup} s")
@@ -480,8 +489,7 @@ def long_prefill_check(args):
         sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [])
         vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
         first = world.first_goal(args.seconds - 1)
-        streamer = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
-                            vision_window=st.get("vision_window", 16))
+        streamer = Streamer(model, tok, **windows(st))
         for s in secs:  # the same context as the prefill: the true commentary, teacher-forced
             streamer.step(s.frames, force_text=s.text)
         for kind, question in QUESTIONS.items():
@@ -532,8 +540,7 @@ def long_prefill_check(args):
 
 def task_video(args):
     model, tok, st = load(args)
-    s = Streamer(model, tok, text_sink=st.get("text_sink", 512), text_window=st.get("text_window", 512),
-                 max_new_tokens=args.max_new_tokens, **DECODES[args.decode[0]])
+    s = Streamer(model, tok, **windows(st), max_new_tokens=args.max_new_tokens, **DECODES[args.decode[0]])
     out = []
     for t, frames in enumerate(seconds_of(open_video(args.video))):
         if args.seconds and t >= args.seconds:

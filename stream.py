@@ -224,8 +224,7 @@ class Streamer:
         pv = patchify_video(clip, model.device)
         clock("preprocess")
         n_vision = int(grid.prod()) // 4
-        segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
-        segments.append((user_ids(tok, t, n_vision), USER, t))
+        segments = self._after_pending(user_ids(tok, t, n_vision))
         vision = [(pv, grid, secs)]
         if self.policy.recompute:
             # sliding window with overlap: re-prefill everything kept, vision included, from scratch
@@ -235,15 +234,7 @@ class Streamer:
             self.vision = {r: self.vision[r] for r in kept} | {t: (pv, grid, secs)}
             cache.clear()
             segments = [(ids, kinds, rounds)] + segments
-        # prefill: bookkeeping first (it hands out the M-RoPE positions), then one forward
-        pos = torch.cat([cache.add_tokens(ids, kind, r, torch.cat([g for _, g, _ in vision]),
-                                          torch.cat([s for _, _, s in vision])) for ids, kind, r in segments
-                         if len(ids)], 2)
-        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None].to(model.device)
-        logits = model(ids, pixel_values_videos=torch.cat([p for p, _, _ in vision]).to(model.device),
-                       video_grid_thw=torch.cat([g for _, g, _ in vision]), position_ids=pos, cache=cache,
-                       logits_to_keep=1, compile_vision=self.compile)
-        self.last_logits = logits
+        logits = self.last_logits = self._prefill(segments, vision)
         clock("prefill")
         # decode: sample, stop at <|im_end|> or the cap; feed each token except the last
         first_reply = cache.length
@@ -270,17 +261,32 @@ class Streamer:
         self.t += 1
         return tok.decode(content).strip()
 
+    def _after_pending(self, user_turn):
+        """[(ids, kind, round)]: what is still to be fed (the end of the last reply, or the prefix), then a user
+        turn of round self.t. The end of a reply belongs to the round before."""
+        t = self.t
+        return [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending] + [(user_turn, USER, t)]
+
+    def _prefill(self, segments, vision=()):
+        """Record [(ids, kind, round)] in the cache, bookkeeping first (it hands out the M-RoPE positions), then
+        run them in one forward with the frames of `vision` [(pixel_values, grid, seconds per grid)]; returns the
+        last position's logits."""
+        cache, model = self.cache, self.model
+        grid = torch.cat([g for _, g, _ in vision]) if vision else None
+        secs = torch.cat([s for _, _, s in vision]) if vision else None
+        pos = torch.cat([cache.add_tokens(ids, kind, r, grid, secs) for ids, kind, r in segments if len(ids)], 2)
+        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None].to(model.device)
+        pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]).to(model.device), video_grid_thw=grid)
+                  if vision else {})
+        return model(ids, **pixels, position_ids=pos, cache=cache, logits_to_keep=1, compile_vision=self.compile)
+
     @torch.no_grad()
     def ask(self, question, max_new_tokens=12):
         """Ask a question about the stream so far (world.QUESTIONS) on top of the compact cache, after the last
         step(), and return the greedy answer: what the streaming memory (sink, text window, vision window) knows.
         The cache is rewound afterwards, so the stream goes on as if nothing was asked."""
         t, cache, length, pending = self.t, self.cache, self.cache.length, self.pending
-        segments = [(ids, kind, t - 1 if kind == END else t) for ids, kind in self.pending]
-        segments.append((question_segments(self.tok, question)[0][0], USER, t))
-        pos = torch.cat([cache.add_tokens(ids, kind, r) for ids, kind, r in segments if len(ids)], 2)
-        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
-        logits = self.model(ids.to(self.model.device), position_ids=pos, cache=cache, logits_to_keep=1)
+        logits = self._prefill(self._after_pending(question_segments(self.tok, question)[0][0]))
         out = []
         try:
             while True:
