@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from model import PRESETS, VLM, canonical_name, inv_freq
+from model import PRESETS, VLM, canonical_name
+from rope import inv_freq
 
 
 def twins(cfg, device, dtype):

@@ -1,8 +1,19 @@
 """
-StreamingCache: the KV cache of StreamingVLM (arXiv 2510.09608), which lets a VLM watch a stream forever at
-constant memory and latency.
+The KV caches, and the protocol every cache follows with model.forward.
 
-What it keeps (the paper's Fig. 3, defaults in brackets):
+The protocol (one forward of T new tokens, with a cache):
+  1. stage:  pos = cache.add_tokens(ids, ...)  records the tokens' bookkeeping and hands out their M-RoPE
+             positions (3, B, T). The cache owns positions: nothing else assigns `next_pos`.
+  2. write:  model.forward(ids, position_ids=pos, cache=cache); each attention layer calls
+             cache.update(layer, k, v, raw_k), which stores the new keys/values at slots [length, length + T)
+             and returns all keys/values so far (the new ones last).
+  3. commit: forward ends with cache.commit(T): the staged tokens become part of `length`.
+A forward without position_ids stages its tokens itself (KVCache: plain prompts and generate). Between commits
+`added` counts what was staged, so a mismatch between what was staged and what was forwarded fails loudly.
+
+KVCache is the plain growing cache of model.generate. StreamingCache is StreamingVLM's (arXiv 2510.09608),
+which lets a VLM watch a stream forever at constant memory and latency. What it keeps (the paper's Fig. 3,
+defaults in brackets):
   attention sink   the system prompt, the "previous text" header and the first `text_sink` [512] tokens of
                    the previous text; never evicted;
   long text window the last `text_window` [512] tokens of commentary whose rounds have left the vision window;
@@ -21,20 +32,21 @@ Design choices:
   new positions. Re-rotating rotated bf16 keys by -delta would be cheaper in memory, but each re-rotation
   rounds again and a text token is shifted once per second for minutes: the error would random-walk. From raw
   keys the cached key is bit-identical to the one a fresh prefill at the new position computes.
-- Per-token bookkeeping lives on the CPU: token id, segment kind, round, and the position relative to its
-  "unit" (a text token, or a whole vision block) from which contiguous positions are re-derived.
-- The paper's baselines are policies of the same machinery (POLICIES): full attention (never evict), native
-  RoPE (evict but keep the old, growing positions: Table 4's ablation), sliding window without overlap (the
-  loop resets everything every N s) and with overlap (the loop re-prefills the window every second).
+- Per-token bookkeeping lives on the CPU: token id, segment kind (layout.Kind), round, and the position relative
+  to its "unit" (a text token, or a whole vision block) from which contiguous positions are re-derived.
+- Two of the paper's baselines are cache policies (POLICIES): full attention (never evict) and native RoPE
+  (evict but keep the old, growing positions: the paper's Table 4 ablation). The other two, sliding windows with
+  and without overlap, change the loop rather than the cache (stream.py).
+- DecodeSlots is the cache as a fixed-shape decode step sees it (decode.py): whole-capacity views written at a
+  device index, so the step can be captured in a CUDA graph.
 """
 from dataclasses import dataclass
 
 import torch
 
-from model import VLMConfig, apply_rope, inv_freq, mrope_cos_sin, mrope_positions
+from layout import Kind, cut_previous
+from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 
-# segment kinds, in the order they sit in the cache
-SYS, PREV_HEAD, PREV_BODY, PREV_END, USER, REPLY, END = range(7)
 
 
 @dataclass
@@ -42,21 +54,52 @@ class Policy:
     name: str
     evict: bool            # drop rounds that left the vision window (replies move to the previous text)
     reindex: bool          # contiguous RoPE: re-derive positions of the kept tokens after eviction
-    reset_every: int = 0   # seconds: start over with an empty cache (sliding window without overlap)
-    recompute: bool = False  # re-prefill the kept window from its frames every second (with overlap)
 
 
 POLICIES = {
     "streaming": Policy("streaming", evict=True, reindex=True),
     "native": Policy("native", evict=True, reindex=False),
     "full": Policy("full", evict=False, reindex=False),
-    "reset": Policy("reset", evict=False, reindex=False, reset_every=100),
-    "recompute": Policy("recompute", evict=True, reindex=True, recompute=True),
 }
 
 
+class KVCache:
+    """The plain growing cache: preallocated (layers, B, Hkv, max_len, D) buffers written by index, for a batch of
+    prompts (model.generate). Padding masks are the caller's (forward's attention_mask covers past + new)."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.cfg = cfg
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length, self.added, self.max_len = 0, 0, max_len
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long)  # the next M-RoPE position of each row
+
+    def add_tokens(self, input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+                   attention_mask=None):
+        """Stage a (B, T) chunk; returns its position ids (3, B, T). attention_mask (B, T) marks padded slots."""
+        T = input_ids.shape[1]
+        if self.length + self.added + T > self.max_len:
+            raise RuntimeError(f"KVCache is full: {self.length} + {T} tokens > max_len {self.max_len}")
+        pos, self.next_pos = mrope_positions(input_ids, self.cfg, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                             attention_mask, self.next_pos)
+        self.added += T
+        return pos
+
+    def update(self, layer, k, v, raw_k=None):
+        n, T = self.length, k.shape[2]
+        self.k[layer, :, :, n:n + T] = k
+        self.v[layer, :, :, n:n + T] = v
+        return self.k[layer, :, :, :n + T], self.v[layer, :, :, :n + T]
+
+    def commit(self, T):
+        assert T == self.added, f"forwarded {T} tokens but add_tokens staged {self.added}"
+        self.length += T
+        self.added = 0
+
+
 class StreamingCache:
-    def __init__(self, cfg: VLMConfig, policy="streaming", text_sink=512, text_window=512, vision_window=16,
+    def __init__(self, cfg, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  capacity=1024, device="cpu", dtype=torch.float32):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
@@ -123,14 +166,14 @@ class StreamingCache:
         self.raw_k[layer, :, :, n:n + T] = raw_k
         return self.k[layer, :, :, :n + T], self.v[layer, :, :, :n + T]
 
-    def advance(self, T):
-        assert T == self.added, f"forwarded {T} tokens but add_tokens recorded {self.added}"
+    def commit(self, T):
+        assert T == self.added, f"forwarded {T} tokens but add_tokens staged {self.added}"
         self.length += T
         self.added = 0
 
     def drop_last(self):
         """Forget the last committed token, a reply token (a decode step queued ahead whose token went unused)."""
-        assert self.length > 0 and self.kind[self.length - 1] == REPLY
+        assert self.length > 0 and self.kind[self.length - 1] == Kind.REPLY
         self.rewind(1)
 
     def rewind(self, n):
@@ -145,7 +188,7 @@ class StreamingCache:
         self.next_pos = self.next_pos - n
 
     def relabel(self, start, end, kind):
-        """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from REPLY to END."""
+        """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from Kind.REPLY to Kind.END."""
         self.kind[start:end] = kind
 
     # ---- eviction and contiguous RoPE ------------------------------------------------------------------------
@@ -156,14 +199,13 @@ class StreamingCache:
             return
         L = self.length
         kind, rnd, idx = self.kind[:L], self.round[:L], torch.arange(L)
-        old = (kind >= USER) & (rnd <= current_round - self.vision_window)
-        body = torch.cat([idx[kind == PREV_BODY], idx[old & (kind == REPLY)]])  # replies join the previous text
-        if len(body) > self.text_sink + self.text_window:
-            body = torch.cat([body[:self.text_sink], body[len(body) - self.text_window:]])
-        keep = torch.cat([idx[kind <= PREV_HEAD], body, idx[kind == PREV_END], idx[(kind >= USER) & ~old]])
+        old = (kind >= Kind.USER) & (rnd <= current_round - self.vision_window)
+        body = torch.cat([idx[kind == Kind.PREV_BODY], idx[old & (kind == Kind.REPLY)]])  # replies join the previous text
+        body = cut_previous(body, self.text_sink, self.text_window)
+        keep = torch.cat([idx[kind <= Kind.PREV_HEAD], body, idx[kind == Kind.PREV_END], idx[(kind >= Kind.USER) & ~old]])
         if len(keep) == L and bool((keep == idx).all()):
             return
-        self.kind[body] = PREV_BODY
+        self.kind[body] = Kind.PREV_BODY
         self._gather(keep)
 
     def _gather(self, keep):
@@ -213,3 +255,19 @@ def contiguous_positions(unit, rel):
     width = torch.zeros(int(u[-1]) + 1, dtype=torch.long).scatter_reduce(0, u, rel.max(0).values + 1, "amax")
     start = width.cumsum(0) - width                                          # exclusive cumsum
     return start[u] + rel, width.sum().view(1)
+
+
+class DecodeSlots:
+    """The cache as a fixed-shape decode step sees it (decode.py): each layer writes its new key/value at the
+    device index `index` and reads the whole capacity-long buffers back; the step's mask hides the slots past the
+    current length. Views are made once, outside any compiled code."""
+
+    def __init__(self, cache, index):
+        self.k, self.v, self.raw_k = (list(getattr(cache, n).unbind(0)) for n in ("k", "v", "raw_k"))
+        self.index = index
+
+    def update(self, layer, k, v, raw_k):
+        self.k[layer].index_copy_(2, self.index, k)      # (1, Hkv, capacity, D), slot `index` <- (1, Hkv, 1, D)
+        self.v[layer].index_copy_(2, self.index, v)
+        self.raw_k[layer].index_copy_(2, self.index, raw_k)
+        return self.k[layer], self.v[layer]

@@ -1,6 +1,7 @@
 """
-The fast decode step: one token in, next-token logits out, over the StreamingCache's fixed buffers, captured
-once in a CUDA graph and replayed for every token.
+The fast path of the streaming loop, beside the plain one in stream.py: a decode step of fixed shape captured
+in a CUDA graph (GraphDecoder), greedy decoding one step ahead of the host (decode_ahead), and per-phase timing
+(PhaseTimer). Streamer(decode="graphs" or "compiled") switches them on; the tokens are the plain loop's.
 
 Why: a 7B decode step reads ~15 GB of weights, about 5 ms on an H100, but the eager step launches ~600 small
 kernels from Python, one after the other, and that launch overhead, not the GPU, sets the pace (~40 ms per
@@ -25,29 +26,20 @@ compiled step as one view per layer, made outside it: indexing cache.k[layer] in
 treat the K/V write as a mutation of the whole buffer and copy all of it on every token.
 
 The step reuses the model's own layers (Attention, MLP, norms), so it computes exactly what the eager path
-does; only the cache adapter (_Slot) and the mask differ. tests/test_decode.py runs the same step eagerly on
+does; only the cache adapter (cache.DecodeSlots) and the mask differ. tests/test_decode.py runs the same step eagerly on
 the CPU against model.forward, and on a GPU compares the replayed graph with the eager step.
 
 References: gpt-fast (static KV cache + CUDA graphs for decode), PyTorch's torch.cuda.graphs.
 """
+import contextlib
+import functools
+import time
+
 import torch
 
-from model import mrope_axis, mrope_cos_sin
-
-
-class _Slot:
-    """What each Attention layer sees as its cache during the step: it writes the new key/value at `index`
-    and returns the whole (capacity-long) buffers; the mask hides the unused slots."""
-
-    def __init__(self, cache, index):
-        self.k, self.v, self.raw_k = (list(getattr(cache, n).unbind(0)) for n in ("k", "v", "raw_k"))
-        self.index = index
-
-    def update(self, layer, k, v, raw_k):
-        self.k[layer].index_copy_(2, self.index, k)      # (1, Hkv, capacity, D), slot `index` <- (1, Hkv, 1, D)
-        self.v[layer].index_copy_(2, self.index, v)
-        self.raw_k[layer].index_copy_(2, self.index, raw_k)
-        return self.k[layer], self.v[layer]
+from cache import DecodeSlots
+from layout import Kind
+from rope import mrope_axis, mrope_cos_sin
 
 
 class GraphDecoder:
@@ -88,7 +80,7 @@ class GraphDecoder:
     def step(self):
         # the function, not a bound method, is what gets compiled and stored (a bound method kept on self would be a
         # reference cycle that holds the cache and the graph's memory until the next garbage collection)
-        return _compiled_step(self) if self.compiled else GraphDecoder._step(self)
+        return _compiled_step()(self) if self.compiled else GraphDecoder._step(self)
 
     def _capture(self):
         # warm up on a side stream (lazy cuBLAS/SDPA initialisation must not happen during capture), then record
@@ -123,7 +115,7 @@ class GraphDecoder:
         self.index.fill_(c.length)
         key = (c.k.data_ptr(), c.capacity)  # the cache reallocated: its buffers moved
         if key != self.key:
-            self.slot, self.key, self.graph = _Slot(c, self.index), key, None
+            self.slot, self.key, self.graph = DecodeSlots(c, self.index), key, None
         if not self.graphs:
             logits = self.step()
             self.argmax = logits.argmax(-1)
@@ -138,7 +130,7 @@ class GraphDecoder:
         if self.events is not None:
             self.events[slot].record(torch.cuda.current_stream(self.model.device))
         self.steps += 1
-        c.advance(1)
+        c.commit(1)
         return logits
 
     def read(self, back=1):
@@ -150,8 +142,62 @@ class GraphDecoder:
         return int(self.host[slot])
 
 
-# One compiled step for all decoders of a process: the first cache capacity it meets is compiled static; a second
-# capacity (a cache that grew) recompiles once with the capacity as a symbolic size (torch.compile's automatic
-# dynamic shapes), so the growing caches of long runs do not hit the recompile limit. Size the cache up front
-# (Streamer(capacity=...)) to keep the faster static version, as eval.py's efficiency task does.
-_compiled_step = torch.compile(GraphDecoder._step, fullgraph=True)
+# One compiled step for all decoders of a process, made on first use: the first cache capacity it meets is
+# compiled static; a second capacity (a cache that grew) recompiles once with the capacity as a symbolic size
+# (torch.compile's automatic dynamic shapes), so the growing caches of long runs do not hit the recompile limit.
+# Size the cache up front (Streamer(capacity=...)) to keep the faster static version, as the benchmark does.
+@functools.cache
+def _compiled_step():
+    return torch.compile(GraphDecoder._step, fullgraph=True)
+
+
+def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
+    """Greedy (or forced) decoding one step ahead of the host: while step k runs, step k+1 is already queued,
+    fed on the device with step k's argmax, and only then is step k's token read back. Same tokens as the plain
+    loop (stream.py's Streamer.decode); a step queued past the end of the reply is dropped from the cache.
+    logits: the prefill's; forced: tokens to teacher-force (or None); cap: the most tokens; readback: with forced
+    tokens, still read each step's argmax back to the host, as real decoding must. Returns (tokens, last logits)."""
+    first = int(logits[0, -1].argmax()) if forced is None or readback else None  # after the prefill
+    out = [forced[0] if forced is not None else first]
+    if out[0] in stops or cap == 1:
+        return out, logits
+    last = [dec(out[0], cache.add_tokens(out[:1], Kind.REPLY, round_))]  # step 1; logits of the kept steps
+    while True:
+        k = len(out)  # step k (fed out[k-1]) is queued; its token out[k] is not known yet
+        ahead = k + 1 < cap  # out[k] will be fed unless it is the cap's last token (or a stop)
+        if ahead:
+            tok = forced[k] if forced is not None else None  # None: step k's argmax, on the device
+            last.append(dec(tok, cache.add_tokens([tok if tok is not None else 0], Kind.REPLY, round_)))
+        read = dec.read(back=2 if ahead else 1) if forced is None or readback else None
+        out.append(forced[k] if forced is not None else read)
+        if out[-1] in (dec.model.cfg.image_token_id, dec.model.cfg.video_token_id):
+            raise ValueError(f"the model emitted a vision placeholder token ({out[-1]}) as text")
+        if out[-1] in stops or len(out) == cap:
+            if ahead:  # the step queued ahead fed a token that ends up unused
+                cache.drop_last()
+                last.pop()
+            return out, last[-1][:, None]
+        if forced is None:
+            cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
+        last = last[-2:]
+
+
+class PhaseTimer:
+    """with timer("prefill"): ... adds the block's wall time to timer.phases["prefill"]. On a GPU it waits for the
+    queued work at both ends, so a phase counts its own kernels (the waits cost a little: off unless asked)."""
+
+    def __init__(self, enabled, device):
+        self.enabled, self.sync, self.phases = enabled, enabled and device.type == "cuda", {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0

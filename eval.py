@@ -31,7 +31,9 @@ from tqdm import tqdm
 from cache import POLICIES
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, preprocess_video
-from stream import FRAME_PIXELS, Streamer, end_ids, load_checkpoint, open_video, reply_ids, seconds_of
+from layout import FRAME_PIXELS, end_ids, prefix_segments, question_segments, reply_ids, user_ids
+from stream import Streamer, load_checkpoint
+from video import open_video, seconds_of
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
@@ -381,7 +383,6 @@ def hf_loop(hf, tok, seconds, frames_of, args, warmup, pixels):
     second follow transformers' text rule (rope_deltas), not the video one: the same work, other numbers."""
     import transformers
     from transformers import DynamicCache
-    from stream import prefix_segments, user_ids
     dev = hf.device
     fresh_peak(dev)
     # transformers 5 builds the M-RoPE runs from token types it is given; 4.x reads them off the ids
@@ -451,7 +452,6 @@ def long_prefill_check(args):
     sink, the text window and the vision window, which is what the model was trained on."""
     from flexprefill import causal_attention, flexprefill_attention
     from data import build_sample
-    from stream import question_segments
     model, tok, st = load(args)
     fp = dict(gamma=args.gamma, min_budget=args.min_budget)
     stats = dict(density=[], rel_err=[])

@@ -44,12 +44,28 @@ The flex path is forward-only (the BlockMask skips the transposed metadata that 
 `torch.compile(select_blocks, dynamic=False)` traces without graph breaks and gives the same selection (one
 compile per shape); bench_flexprefill.py --compile-select measures whether it pays.
 """
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _flex_compiled():
+    """flex_attention compiled once per process (on first use), shapes static."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# dynamo keeps 8 compiled graphs per function by default and then falls back to eager flex attention, which
+# materialises the N x N scores; each new (Nq, Nk) is a new graph, so a run over many lengths needs more. The
+# limit is raised around our calls only: importing this module changes no global setting.
+@torch._dynamo.config.patch(recompile_limit=64)
+def _flex(q, k, v, block_mask, enable_gqa):
+    return _flex_compiled()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def _cdiv(a, b):
@@ -236,12 +252,14 @@ def block_mask_from_selection(sel, q_len, kv_len, block_size=128):
 
 
 def causal_attention(q, k, v):
-    """Dense causal SDPA; when Nq < Nk the queries are the last Nq positions (bottom-right aligned)."""
+    """Dense causal SDPA, the reference for everything sparse and the model's default attention. q (B, Hq, Nq, D),
+    k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions (a chunk on a KV cache): causal
+    aligned to the bottom right, which SDPA's is_causal (top-left) is not. causal_lower_right reaches the flash
+    kernel on a GPU with GQA and no mask in memory; elsewhere it falls back to a materialised mask."""
     Nq, Nk, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
     if Nq == Nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) >= torch.arange(Nk, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
 
 
 def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
@@ -257,7 +275,7 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
     gqa = Hq != k.shape[1]
     if backend == "flex":
         block_mask = block_mask_from_selection(sel, Nq, Nk, block_size)
-        return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        return _flex(q, k, v, block_mask, gqa)
     if backend == "dense":
         mask = sel.repeat_interleave(block_size, 2)[:, :, :Nq].repeat_interleave(block_size, 3)[..., :Nk]
         causal = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq) >= torch.arange(Nk, device=q.device)
@@ -279,6 +297,28 @@ def flexprefill_attention(q, k, v, gamma=0.9, tau=0.1, min_budget=1024, max_budg
         sel, info = select_blocks(q, k, gamma, tau, min_budget, max_budget, block_size)
         out, info["dense_fallback"] = sparse_attention(q, k, v, sel, block_size, backend), False
     return (out, info) if return_info else out
+
+
+@dataclass
+class FlexPrefill:
+    """FlexPrefill as a model's attention function (VLM.enable_flexprefill): chunks of at least `min_len` new
+    tokens go through flexprefill_attention, shorter ones stay dense (selection costs more than it saves there).
+    gamma: the attention mass each head's selection must cover (higher: denser, closer to exact);
+    tau: the sqrt-JS threshold under which a head counts as query-aware (higher: more query-aware heads);
+    min_budget / max_budget: bounds, in tokens, on the vertical and slash lines a vertical-slash head keeps."""
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+    max_budget: int | None = None
+    block_size: int = 128
+    min_len: int = 4096
+    backend: str = "auto"
+
+    def __call__(self, q, k, v):
+        if q.shape[2] < self.min_len:
+            return causal_attention(q, k, v)
+        return flexprefill_attention(q, k, v, self.gamma, self.tau, self.min_budget, self.max_budget,
+                                     self.block_size, backend=self.backend)
 
 
 if __name__ == "__main__":

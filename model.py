@@ -16,10 +16,10 @@ References:
   numerical oracle in tests/test_model.py.
 
 Module names follow the published checkpoint keys (visual.*, model.*, lm_head), so loading is a plain
-state-dict copy. The attention layers take an optional cache object with `update(layer, k, v) -> (k, v)`;
-KVCache below is the plain growing one, cache.py's StreamingCache evicts.
+state-dict copy. forward takes an optional cache (cache.py: the stage / write / commit protocol is written there).
+Attention has three paths: one decoded token (two matmuls), a prompt or a chunk on a cache (a pluggable causal
+attention function: dense SDPA, or FlexPrefill after enable_flexprefill), and an explicit padding mask.
 """
-import functools
 import json
 import os
 import tempfile
@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.bias import causal_lower_right
 
-from vision import GatedMLP, RMSNorm, VisionConfig, VisionTower, inv_freq, rotate_half
+from cache import KVCache
+from flexprefill import FlexPrefill, causal_attention
+from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
+from vision import GatedMLP, RMSNorm, VisionConfig, VisionTower
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -116,115 +118,6 @@ PRESETS = {
 # Language model
 
 
-@functools.lru_cache(maxsize=256)
-def _vision_block_positions(t, h, w, seconds, tokens_per_second):
-    """(3, t*h*w) M-RoPE offsets of one vision block of t x h x w merged tokens: t = floor(k * seconds per grid
-    * tokens per second) for the k-th temporal patch, h = row, w = column. Cached: a training batch holds
-    hundreds of equal blocks."""
-    tt = (torch.arange(t) * seconds * tokens_per_second).long()  # floor of a non-negative float, in the
-    # reference's order of operations
-    return torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
-
-
-def mrope_positions(input_ids, cfg: VLMConfig, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
-                    attention_mask=None, start=0):
-    """3-D M-RoPE position ids (3, B, L) for a batch of prompts, and the next free position per row (B,).
-
-    The reference algorithm (transformers 4.x, vLLM): text advances all three axes by 1 per token; a vision
-    run of (T, H, W) merged tokens gets t = cur + floor(k * seconds_per_grid * tokens_per_second),
-    h = cur + row, w = cur + col, and the text after it starts at max(all ids) + 1. Images use seconds 0.
-    Padded slots (attention_mask 0) get 0 and must be masked. `start` offsets a chunk appended to a cache.
-    """
-    B, L = input_ids.shape
-    m = cfg.vision.spatial_merge_size
-    pos = torch.zeros(3, B, L, dtype=torch.long)
-    next_pos = torch.zeros(B, dtype=torch.long)
-    grids = {cfg.image_token_id: list(image_grid_thw.tolist()) if image_grid_thw is not None else [],
-             cfg.video_token_id: list(video_grid_thw.tolist()) if video_grid_thw is not None else []}
-    secs = {cfg.image_token_id: [0.0] * len(grids[cfg.image_token_id]),
-            cfg.video_token_id: (second_per_grid_ts.tolist() if second_per_grid_ts is not None
-                                 else [1.0] * len(grids[cfg.video_token_id]))}
-    used = {cfg.image_token_id: 0, cfg.video_token_id: 0}
-    starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
-    for b in range(B):
-        keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
-        ids = input_ids[b].cpu()[keep]
-        # runs of equal kind (text, image pads, video pads), found at once; a loop over runs, not tokens
-        kind = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.video_token_id, 2, 0))
-        run_kind, run_len = torch.unique_consecutive(kind, return_counts=True)
-        chunks, cur = [], starts[b]
-        for k, n in zip(run_kind.tolist(), run_len.tolist()):
-            if k == 0:
-                chunks.append(torch.arange(cur, cur + n).expand(3, -1))
-                cur += n
-                continue
-            tok = cfg.image_token_id if k == 1 else cfg.video_token_id
-            while n > 0:  # a vision run: consume the next grids of its kind (adjacent blocks share a run)
-                if used[tok] >= len(grids[tok]):
-                    raise ValueError(f"more {'image' if tok == cfg.image_token_id else 'video'} runs in input_ids "
-                                     "than grids given")
-                t, h, w = grids[tok][used[tok]]
-                block = _vision_block_positions(t, h // m, w // m, secs[tok][used[tok]], cfg.vision.tokens_per_second)
-                used[tok] += 1
-                if block.shape[1] > n:
-                    raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
-                                     "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video")
-                chunks.append(block + cur)  # (3, t*h*w)
-                cur = int(chunks[-1][:, -1].max()) + 1  # the block's largest ids sit at its last token
-                n -= block.shape[1]
-        p = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
-        pos[:, b, keep] = p
-        next_pos[b] = cur
-    return pos.to(input_ids.device), next_pos
-
-
-def mrope_axis(mrope_section, device=None):
-    """Which axis (0 = t, 1 = h, 2 = w) each of the head_dim/2 frequencies takes its position from."""
-    return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)
-
-
-def mrope_cos_sin(position_ids, freq, mrope_section, dtype, axis=None):
-    """M-RoPE cos/sin (B, 1, T, head_dim) from position ids (3, B, T) and inv_freq (head_dim/2,). Pass `axis`
-    (mrope_axis, on the device) to keep host-to-device copies out of a captured CUDA graph."""
-    # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
-    axis = mrope_axis(mrope_section, position_ids.device) if axis is None else axis
-    p = position_ids[axis].permute(1, 2, 0).float()  # (3, B, T) -> (B, T, head_dim/2), one axis per frequency
-    emb = (p * freq.to(p.device)).repeat(1, 1, 2)     # angles in fp32 (spec 6.2), (B, T, head_dim)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """The plain growing cache: preallocated (layers, B, Hkv, max_len, D) buffers written by index.
-
-    Interface shared with cache.py's StreamingCache: `length` tokens are stored, `update(layer, k, v)` writes
-    the new keys/values of one layer and returns all of them, `advance(n)` commits after the last layer,
-    and `next_pos` (B,) is the next M-RoPE position per row. Padding masks are the caller's (forward's
-    attention_mask covers past + new tokens).
-    """
-
-    def __init__(self, cfg: VLMConfig, batch_size, max_len, device, dtype):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length, self.max_len = 0, max_len
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long)
-
-    def update(self, layer, k, v, raw_k=None):
-        T = k.shape[2]
-        if self.length + T > self.max_len:
-            raise RuntimeError(f"KVCache is full: {self.length} + {T} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, self.length:self.length + T] = k
-        self.v[layer, :, :, self.length:self.length + T] = v
-        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
-
-    def advance(self, n):
-        self.length += n
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: VLMConfig, layer_idx):
         super().__init__()
@@ -234,7 +127,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.prefill_attn = None  # an optional sparse prefill function (see VLM.enable_flexprefill)
+        self.attn_fn = causal_attention  # (q, k, v) -> causal attention output; see VLM.use_attention
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -245,7 +138,7 @@ class Attention(nn.Module):
         if cache is not None:
             # all keys so far, the new ones last; the raw keys let a streaming cache re-rotate after eviction
             k, v = cache.update(self.layer_idx, k, v, raw_k)
-        Nk, G = k.shape[2], self.n_heads // self.n_kv
+        G = self.n_heads // self.n_kv
         if T == 1:
             # decode: one query per head, so the G query heads sharing a KV head sit on the query axis and GQA
             # needs no copies of K/V. Two plain matmuls: the fused SDPA kernels split work by head and query
@@ -257,15 +150,10 @@ class Attention(nn.Module):
                 s = s.masked_fill(~mask, float("-inf"))
             p = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
             o = (p.to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)             # -> (B, H, 1, D)
-        elif mask is None and self.prefill_attn is not None and T >= self.prefill_attn.min_len:
-            o = self.prefill_attn(q, k, v)  # block-sparse; the queries are the last T of the Nk positions
-        elif mask is None and T == Nk:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif mask is None:
-            # a chunk on a cache: all cached keys plus a causal triangle, i.e. causal aligned to the bottom right
-            # (SDPA's is_causal is top-left aligned). causal_lower_right reaches the flash kernel on a GPU, with
-            # GQA and no mask in memory; elsewhere it falls back to the materialised mask
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, Nk), enable_gqa=True)
+            # a prompt, or a chunk on a cache (the queries are the last T of the keys): causal attention, dense
+            # by default, FlexPrefill's block-sparse attention after VLM.enable_flexprefill
+            o = self.attn_fn(q, k, v)
         else:
             # an explicit mask (left padding): the fused kernels need K/V per query head, so copy them
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
@@ -323,16 +211,17 @@ class VLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
 
-    def enable_flexprefill(self, min_len=4096, **kw):
-        """Run prefill chunks of at least `min_len` new tokens (without padding) through FlexPrefill's block-sparse
-        attention (flexprefill.py; keyword arguments go to flexprefill_attention: gamma, tau, min_budget, ...).
-        Decode steps and shorter chunks stay dense."""
-        from flexprefill import flexprefill_attention
-        fn = functools.partial(flexprefill_attention, **kw)
-        fn.min_len = min_len
+    def use_attention(self, attn_fn=None):
+        """Run prompts and prefill chunks through attn_fn(q, k, v) (None: dense causal SDPA). Decode steps and
+        explicitly masked (padded) batches stay dense."""
         for layer in self.model.layers:
-            layer.self_attn.prefill_attn = fn
+            layer.self_attn.attn_fn = attn_fn or causal_attention
         return self
+
+    def enable_flexprefill(self, **kw):
+        """Block-sparse prefill: chunks of at least min_len new tokens (default 4096) go through FlexPrefill
+        (flexprefill.py); keyword arguments are flexprefill.FlexPrefill's (gamma, tau, min_budget, min_len, ...)."""
+        return self.use_attention(FlexPrefill(**kw))
 
     @property
     def device(self):
@@ -379,18 +268,17 @@ class VLM(nn.Module):
                 logits_to_keep=0, compile_vision=False):
         """Logits (B, T, vocab) (the last `logits_to_keep` positions when > 0).
 
-        attention_mask (B, past + T), 1 = real token, for left-padded batches; position_ids (3, B, T) or
-        computed by the M-RoPE rule starting at cache.next_pos; cache: KVCache / StreamingCache or None.
+        attention_mask (B, past + T), 1 = real token, for left-padded batches; position_ids (3, B, T), or made
+        here by the M-RoPE rule (by the cache when there is one: cache.py's stage / write / commit protocol);
+        cache: a KVCache / StreamingCache (StreamingCache callers stage their tokens and pass position_ids).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            start = cache.next_pos if cache is not None else 0
             new_mask = attention_mask[:, -T:] if attention_mask is not None else None
-            position_ids, next_pos = mrope_positions(input_ids, self.cfg, image_grid_thw, video_grid_thw,
-                                                     second_per_grid_ts, new_mask, start)
-            if cache is not None:
-                cache.next_pos = next_pos
+            grids = (image_grid_thw, video_grid_thw, second_per_grid_ts, new_mask)
+            position_ids = (cache.add_tokens(input_ids, *grids) if cache is not None
+                            else mrope_positions(input_ids, self.cfg, *grids)[0])
         x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, compile_vision)
         cos, sin = mrope_cos_sin(position_ids.to(x.device), self.model.inv_freq, self.cfg.mrope_section, x.dtype)
         mask = None
@@ -407,7 +295,7 @@ class VLM(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.commit(T)
         x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
         return self.lm_head(x) if self.lm_head is not None else x @ self.model.embed_tokens.weight.T
 
@@ -433,11 +321,9 @@ class VLM(nn.Module):
             done |= torch.isin(tok, torch.tensor(stop_ids, device=tok.device))
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            pos = cache.next_pos.view(1, B, 1).expand(3, B, 1)
-            cache.next_pos = cache.next_pos + 1
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
-            logits = self(tok[:, None], attention_mask=attention_mask, position_ids=pos, cache=cache)
+            logits = self(tok[:, None], attention_mask=attention_mask, cache=cache)
         return torch.cat([input_ids, torch.stack(out, 1)], 1)
 
     # ---- checkpoints --------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from rope import inv_freq, rotate_half
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -57,16 +59,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def inv_freq(dim, base):
-    # exactly this expression, in fp32 on CPU: other formulas differ in the last bit (spec 6.4)
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
 class GatedMLP(nn.Module):

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import POLICIES, PREV_BODY, REPLY, StreamingCache
+from cache import StreamingCache
+from layout import Kind, end_ids, prefix_segments, round_segments
 from model import VLM, PRESETS
 from processor import Tokenizer, build_tokenizer
-from stream import Streamer, end_ids, prefix_segments, round_segments
+from stream import POLICIES, Streamer, make_streamer
 
 TEXTS = ["Red scores! Red 1, Blue 0.", "Blue shoots!", "Foul by Red.", "Corner for Blue.", "Blue keeper saves.",
          "Time=12.0-13.0s", " ..."]
@@ -57,7 +58,7 @@ def fresh_logits(model, s, pixels):
 
 def run_and_compare(model, tok, seconds, **kw):
     from processor import preprocess_video
-    s = Streamer(model, tok, **kw)
+    s = make_streamer(model, tok, **kw)
     pixels, errs = {}, []
     for t in range(seconds):
         f = frames(t)
@@ -82,7 +83,7 @@ def test_no_eviction_equals_full_forward(tok):
 def test_chunk_on_cache_equals_one_forward(tok, device):
     """A prompt fed as two chunks (the second attends to the cache bottom-right causally) gives the logits of one
     forward; on a GPU in bf16 this is the flash kernel for the chunk against the plain causal one."""
-    from model import KVCache
+    from cache import KVCache
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = tiny_model(tok, layers=3).to(device, dtype)
     ids = torch.randint(0, 250, (1, 300), generator=torch.Generator().manual_seed(0)).to(device)
@@ -102,9 +103,9 @@ def test_contiguous_rope_after_eviction_equals_fresh_forward(tok):
     assert err <= 1e-4, err
     ids, kinds, rounds = s.cache.tokens()
     assert sorted({int(r) for r in rounds[kinds >= 4]}) == [11, 12, 13]  # only the vision window is left
-    assert int((kinds == PREV_BODY).sum()) == 10                          # head 4 + tail 6
+    assert int((kinds == Kind.PREV_BODY).sum()) == 10                          # head 4 + tail 6
     # the previous-text tail is the most recent commentary that left the window, in order
-    body = tok.decode(ids[kinds == PREV_BODY][4:])
+    body = tok.decode(ids[kinds == Kind.PREV_BODY][4:])
     assert body.endswith(" " + script(9))
 
 
@@ -112,9 +113,9 @@ def test_ask_equals_generate_over_the_kept_tokens(tok):
     """Streamer.ask (a question on top of the cache) answers what greedy generation from a fresh prompt of the
     kept tokens + the question answers (no eviction, so the comparison is exact)."""
     from processor import preprocess_video
-    from stream import question_segments
+    from layout import question_segments
     model = tiny_model(tok, layers=3)
-    s = Streamer(model, tok, vision_window=100, text_sink=1000, text_window=1000)
+    s = make_streamer(model, tok, vision_window=100, text_sink=1000, text_window=1000)
     pixels = {}
     for t in range(5):
         pixels[t] = preprocess_video(frames(t), min_pixels=28 * 28 * 4)[:2]
@@ -134,7 +135,7 @@ def test_ask_leaves_the_stream_as_it_was(tok, policy):
     logits are those of a stream that was never asked."""
     model = tiny_model(tok, layers=2)
     kw = dict(policy=policy, vision_window=3, text_sink=4, text_window=6)
-    a, b = Streamer(model, tok, **kw), Streamer(model, tok, **kw)
+    a, b = make_streamer(model, tok, **kw), make_streamer(model, tok, **kw)
     for t in range(8):
         if t in (0, 5):
             a.ask("What is the score?", max_new_tokens=4)
@@ -150,7 +151,7 @@ def test_ask_leaves_the_stream_as_it_was(tok, policy):
 def test_prepared_frames_equal_frames(tok):
     """step(prepare(frames)) (the resize done ahead, as eval.py does on a thread) is step(frames)."""
     model = tiny_model(tok, layers=2)
-    a, b = Streamer(model, tok), Streamer(model, tok)
+    a, b = make_streamer(model, tok), make_streamer(model, tok)
     for t in range(4):
         a.step(frames(t), force_text=script(t))
         b.step(b.prepare(frames(t)), force_text=script(t))
@@ -160,7 +161,7 @@ def test_prepared_frames_equal_frames(tok):
 def test_layout_round_trips_with_training_builder(tok):
     """Teacher-forced streaming with no eviction holds exactly the ids the training builder writes."""
     model = tiny_model(tok)
-    s = Streamer(model, tok, policy="full")
+    s = make_streamer(model, tok, policy="full")
     for t in range(5):
         s.step(frames(t), force_text=script(t))
     expect = [i for ids, _ in prefix_segments(tok) for i in ids]
@@ -178,7 +179,7 @@ def test_long_stream_is_flat(tok):
     as maxima over 200 s spans from second 1,000 on (the commentary repeats every 15 s; and before second
     1,000 the "Time=..." stamps still gain digits)."""
     model = tiny_model(tok, layers=1)
-    s = Streamer(model, tok, vision_window=4, text_sink=8, text_window=16, max_new_tokens=3)
+    s = make_streamer(model, tok, vision_window=4, text_sink=8, text_window=16, max_new_tokens=3)
     spans = {1000: [], 4800: []}
     for t in range(5000):
         s.step(frames(t % 7), force_text=script(t))
@@ -194,7 +195,7 @@ def test_native_rope_positions_grow_and_streaming_stay_bounded(tok):
     model = tiny_model(tok, layers=1)
     maxpos = {}
     for policy in ("streaming", "native"):
-        s = Streamer(model, tok, policy=policy, vision_window=3, text_sink=4, text_window=4)
+        s = make_streamer(model, tok, policy=policy, vision_window=3, text_sink=4, text_window=4)
         for t in range(60):
             s.step(frames(t % 5), force_text=script(t))
         maxpos[policy] = s.cache.max_position()
@@ -205,7 +206,7 @@ def test_native_rope_positions_grow_and_streaming_stay_bounded(tok):
 
 def test_reset_and_recompute_policies(tok):
     model = tiny_model(tok, layers=2)
-    s = Streamer(model, tok, policy="reset", reset_every=5)
+    s = make_streamer(model, tok, policy="reset", reset_every=5)
     for t in range(11):
         s.step(frames(t), force_text=script(t))
         _, kinds, rounds = s.cache.tokens()
@@ -213,7 +214,7 @@ def test_reset_and_recompute_policies(tok):
     # recompute: re-prefilled from frames every second, so it equals a fresh forward even with 2 layers
     s, err = run_and_compare(model, tok, 8, policy="recompute", vision_window=3, text_sink=4, text_window=4)
     assert err <= 1e-4
-    ref = Streamer(model, tok, policy="streaming", vision_window=3, text_sink=4, text_window=4)
+    ref = make_streamer(model, tok, policy="streaming", vision_window=3, text_sink=4, text_window=4)
     for t in range(8):
         ref.step(frames(t), force_text=script(t))
     assert torch.equal(ref.cache.tokens()[0], s.cache.tokens()[0])
@@ -221,12 +222,12 @@ def test_reset_and_recompute_policies(tok):
 
 def test_decoding_loop_generates_and_stops(tok):
     model = tiny_model(tok)
-    s = Streamer(model, tok, max_new_tokens=5)
+    s = make_streamer(model, tok, max_new_tokens=5)
     for t in range(3):
         text = s.step(frames(t))
         assert isinstance(text, str)
     kinds = s.cache.tokens()[1]
-    assert (kinds == REPLY).sum() <= 3 * 5
+    assert (kinds == Kind.REPLY).sum() <= 3 * 5
 
 
 def test_policies_are_named():

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from test_cache import frames, tiny_model, tok  # noqa: F401  (tok is a fixture)
-from stream import Streamer
+from stream import Streamer, make_streamer
 
 
 def run(model, tok, seconds, force=None, **kw):
-    s = Streamer(model, tok, max_new_tokens=6, **kw)
+    s = make_streamer(model, tok, max_new_tokens=6, **kw)
     out, logits = [], []
     for t in range(seconds):
         out.append(s.step(frames(t), force_text=force))
@@ -25,7 +25,7 @@ def test_static_step_equals_eager_forward(tok, policy):
     model = tiny_model(tok, layers=2, seed=1)
     kw = dict(policy=policy, text_sink=4, text_window=8, vision_window=3, capacity=64)
     ref, out_ref, logits_ref = run(model, tok, 10, **kw)
-    fast, out_fast, logits_fast = run(model, tok, 10, graphs=True, **kw)
+    fast, out_fast, logits_fast = run(model, tok, 10, decode="graphs", **kw)
     assert fast.decoder is not None and fast.cache.capacity > 64
     assert out_fast == out_ref
     assert sum(len(o) for o in out_ref) > 0  # the random model says things: decode steps really ran
@@ -36,7 +36,7 @@ def test_static_step_equals_eager_forward(tok, policy):
 def test_decoding_ahead_drops_the_step_past_a_stop(tok):
     """The decoder queues step k+1 before reading token k back; when token k ends the reply, step k+1 must leave
     no trace. A token the random model says mid-reply is made a stop token, so replies end before the cap."""
-    from cache import REPLY
+    from layout import Kind; REPLY = Kind.REPLY
     model = tiny_model(tok, layers=2, seed=1)
     kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
     probe = Streamer(model, tok, max_new_tokens=6, **kw)
@@ -44,8 +44,8 @@ def test_decoding_ahead_drops_the_step_past_a_stop(tok):
     said = probe.cache.ids[:probe.cache.length][probe.cache.kind[:probe.cache.length] == REPLY].tolist()
     assert len(said) >= 2
     runs = []
-    for graphs in (False, True):
-        s = Streamer(model, tok, max_new_tokens=6, graphs=graphs, **kw)
+    for decode in ("plain", "graphs"):
+        s = Streamer(model, tok, max_new_tokens=6, decode=decode, **kw)
         s.stops = s.stops | {said[1]}
         texts = [s.step(frames(t)) for t in range(8)]
         runs.append((s, texts))
@@ -54,7 +54,7 @@ def test_decoding_ahead_drops_the_step_past_a_stop(tok):
     for a, b in zip(ref.cache.tokens(), fast.cache.tokens()):
         assert torch.equal(a, b)
     assert int(ref.cache.next_pos) == int(fast.cache.next_pos)
-    assert fast.decode_tokens > ref.decode_tokens  # steps queued ahead past a stop ran, and were dropped
+    assert fast.forwards > ref.forwards  # steps queued ahead past a stop ran, and were dropped
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
 
 
@@ -65,7 +65,7 @@ def test_cuda_graph_replay_equals_eager(tok, compile):
     model = tiny_model(tok, layers=2, seed=2).to("cuda")
     kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
     ref, out_ref, logits_ref = run(model, tok, 10, **kw)
-    fast, out_fast, logits_fast = run(model, tok, 10, graphs=True, compile=compile, **kw)
+    fast, out_fast, logits_fast = run(model, tok, 10, decode="compiled" if compile else "graphs", **kw)
     assert fast.decoder.captures >= 2  # captured, and again after the cache grew
     assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
@@ -80,7 +80,7 @@ def test_cuda_graph_replay_in_bf16(tok, compile):
     kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
     force = "Red scores! Red 1, Blue 0."
     ref, _, logits_ref = run(model, tok, 6, force=force, **kw)
-    fast, _, logits_fast = run(model, tok, 6, force=force, graphs=True, compile=compile, **kw)
+    fast, _, logits_fast = run(model, tok, 6, force=force, decode="compiled" if compile else "graphs", **kw)
     assert fast.decoder.captures >= 1
     scale = logits_ref.abs().max()
     torch.testing.assert_close(logits_fast / scale, logits_ref / scale, atol=2e-2, rtol=0)
@@ -94,7 +94,7 @@ def test_compiled_step_equals_eager_forward(tok):
     ref, out_ref, logits_ref = run(model, tok, 8, **kw)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    fast, out_fast, logits_fast = run(model, tok, 8, compile=True, **kw)
+    fast, out_fast, logits_fast = run(model, tok, 8, decode="compiled", **kw)
     assert fast.cache.capacity > 160
     # the decode step itself was compiled, and again after the growth (the vision blocks compile separately)
     from decode import GraphDecoder
@@ -112,7 +112,7 @@ def test_dropping_a_streamer_frees_its_cache_at_once(tok, compile):
     import gc
     import weakref
     model = tiny_model(tok, layers=2, seed=4)
-    s, _, _ = run(model, tok, 2, graphs=True, compile=compile, capacity=256)
+    s, _, _ = run(model, tok, 2, decode="compiled" if compile else "graphs", capacity=256)
     ref = weakref.ref(s.cache)
     gc.disable()
     try:

@@ -346,7 +346,8 @@ def test_bad_inputs_raise():
 def test_wired_into_the_model_prefill():
     """VLM.enable_flexprefill: long prefill chunks go through FlexPrefill; with every block kept the logits equal
     the dense model's, a sparse selection changes them, and decode stays dense."""
-    from model import PRESETS, VLM, KVCache
+    from cache import KVCache
+    from model import PRESETS, VLM
     cfg = PRESETS["tiny"](vocab_size=128)
     cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 2, 64, 128
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mrope_section = 4, 2, [2, 3, 3]
@@ -360,7 +361,7 @@ def test_wired_into_the_model_prefill():
         sparse = model(ids)
         cache = KVCache(cfg, 1, 301, "cpu", torch.float32)  # prefill sparse, then one dense decode step
         model(ids, cache=cache)
-        step = model(ids[:, :1], cache=cache, position_ids=torch.full((3, 1, 1), 300))
+        step = model(ids[:, :1], cache=cache)  # the cache hands out position 300
     assert (every - dense).abs().max() < 1e-4
     assert (sparse - dense).abs().max() > 1e-3
     assert step.shape == (1, 1, 128)

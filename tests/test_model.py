@@ -307,7 +307,7 @@ def test_sampling_is_seeded_and_top_p_keeps_the_head():
 
 
 def test_compiled_vision_blocks_equal_eager():
-    """The compiled vision blocks (Streamer(compile=True), the fast path) against the eager ones."""
+    """The compiled vision blocks (Streamer(decode="compiled"), the fast path) against the eager ones."""
     from model import PRESETS
     cfg = PRESETS["tiny"]()
     model = VLM(cfg).init_weights(seed=0).eval()

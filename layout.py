@@ -1,0 +1,100 @@
+"""
+The token layout of a stream: one definition that the training chunks (data.py) and the streaming loop
+(stream.py) both build from, so that training and inference see byte-identical sequences.
+
+  <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n                              SYS
+  <|im_start|>previous text\\n                                                                PREV_HEAD
+      HEAD(text_sink tokens) TAIL(text_window tokens) of all earlier commentary              PREV_BODY
+  <|im_end|>\\n                                                                              PREV_END
+  per second t:
+  <|im_start|>user\\nTime=t.0-t+1.0s<|vision_start|>[video_pad]*N<|vision_end|><|im_end|>\\n
+  <|im_start|>assistant\\n                                                                   USER
+      " Red scores! Red 3, Blue 2."   (nothing when the second is quiet)                     REPLY
+      " ..." <|im_end|> \\n                                                                    END
+
+Training supervises REPLY and END (except its final newline, which the next prompt starts with). A question
+about the whole stream (world.QUESTIONS) is a user turn and an answer after the last second.
+
+StreamingVLM (arXiv 2510.09608, mit-han-lab/streaming-vlm) trains and serves its checkpoint with slightly
+different layouts (an extra space before <|vision_start|> in training, "assistant\\n\\n" vs "assistant\\n", a
+query only at inference, a 508/510 vs 512/511 head/tail cut of the previous text); here both sides use this one.
+"""
+from enum import IntEnum
+
+import torch
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+SILENCE = " ..."       # what a quiet second says before <|im_end|>
+FPS = 2                # frames a second: one temporal patch (2 frames) per second
+FRAME_PIXELS = (4 * 28 * 28, 768 * 28 * 28)  # (min, max) pixels of a frame after resizing (smart_resize)
+
+
+class Kind(IntEnum):
+    """What a token is, in the order the kinds sit in a cache (eviction and training labels read it)."""
+    SYS = 0        # system prompt: an attention sink, never evicted
+    PREV_HEAD = 1  # "<|im_start|>previous text\n"
+    PREV_BODY = 2  # earlier commentary, cut to head + tail
+    PREV_END = 3   # "<|im_end|>\n" closing the previous text
+    USER = 4       # a second's user turn (time, vision block) and the assistant header
+    REPLY = 5      # what the model said that second
+    END = 6        # " ..." <|im_end|> "\n" closing a reply
+
+
+def stop_ids(tok):
+    """Token ids that end a reply."""
+    return {tok.im_end_id, tok.endoftext_id}
+
+
+def cut_previous(body, text_sink, text_window):
+    """The previous text kept: its first text_sink and last text_window tokens (a list or a 1-D tensor)."""
+    if len(body) <= text_sink + text_window:
+        return body
+    head, tail = body[:text_sink], body[len(body) - text_window:]
+    return torch.cat([head, tail]) if torch.is_tensor(body) else list(head) + list(tail)
+
+
+def prefix_segments(tok, previous_ids=(), text_sink=512, text_window=512):
+    """System prompt and previous-text block as [(ids, kind)], the previous text cut to head + tail tokens."""
+    return [(tok.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"), Kind.SYS),
+            (tok.encode("<|im_start|>previous text\n"), Kind.PREV_HEAD),
+            (cut_previous(list(previous_ids), text_sink, text_window), Kind.PREV_BODY),
+            (tok.encode("<|im_end|>\n"), Kind.PREV_END)]
+
+
+def user_ids(tok, t, n_vision):
+    """The user turn of second t with n_vision video tokens, and the assistant header after it."""
+    return (tok.encode(f"<|im_start|>user\nTime={t:.1f}-{t + 1:.1f}s<|vision_start|>") + [tok.video_pad_id] * n_vision
+            + tok.encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n"))
+
+
+def reply_ids(tok, text):
+    """The commentary tokens of a reply ('' = silence, no tokens)."""
+    return tok.encode(" " + text.strip()) if text.strip() else []
+
+
+def end_ids(tok):
+    """What closes every reply: ' ...' <|im_end|> and the newline."""
+    return tok.encode(SILENCE) + [tok.im_end_id] + tok.encode("\n")
+
+
+def round_segments(tok, t, n_vision, text):
+    """One whole second as [(ids, kind)]: user turn, reply, end."""
+    return [(user_ids(tok, t, n_vision), Kind.USER), (reply_ids(tok, text), Kind.REPLY), (end_ids(tok), Kind.END)]
+
+
+def question_segments(tok, question, answer=""):
+    """A question about the whole stream after its last second, as [(ids, kind)]: the user turn and assistant
+    header (USER), then the answer and <|im_end|> (REPLY: both supervised). A prompt for generation is the first
+    segment alone."""
+    return [(tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), Kind.USER),
+            (reply_ids(tok, answer) + [tok.im_end_id], Kind.REPLY)]
+
+
+def split_reply(out, silence, stops):
+    """Split the tokens decoded for a second into (content, rest): the reply is what comes before ' ...' (or
+    before the stop or the cap); the rest is the closing ' ...' <|im_end|>."""
+    content = out[:-1] if out and out[-1] in stops else list(out)
+    for i in range(len(content) - len(silence) + 1):
+        if content[i:i + len(silence)] == silence:
+            return content[:i], out[i:]
+    return content, out[len(content):]
