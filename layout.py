@@ -15,10 +15,20 @@ The token layout of a stream: one definition that the training chunks (data.py) 
 Training supervises REPLY and END (except its final newline, which the next prompt starts with). A question
 about the whole stream (world.QUESTIONS) is a user turn and an answer after the last second.
 
-StreamingVLM (arXiv 2510.09608, mit-han-lab/streaming-vlm) trains and serves its checkpoint with slightly
-different layouts (an extra space before <|vision_start|> in training, "assistant\\n\\n" vs "assistant\\n", a
-query only at inference, a 508/510 vs 512/511 head/tail cut of the previous text); here both sides use this one.
+What a checkpoint expects travels with it, in its stream.json: a StreamLayout (system prompt, the query after
+the first second's video, the three cache windows, frame rate and pixel budget, sampling defaults). LAYOUTS
+names two: "nanostream" (what train.py trains: no query, greedy) and "streamingvlm", the per-second prompt of
+the authors' inference (mit-han-lab/streaming-vlm, streaming_vlm/inference/inference.py) for their released
+checkpoint: the query "Commentate on this match" after the first second's video only, sampling at temperature
+0.9 with repetition penalty 1.05, a previous text cut to its first 512 and last 511 tokens, frames resized to
+between 78,400 and 602,112 pixels. Their training layout differs from their inference in four places (a space
+before <|vision_start|> from the second second on, "assistant\\n\\n", no query, a 508 / 510 cut); we follow
+their inference, which is what a user of their checkpoint runs, and train our own models with that same layout,
+so our training and inference are byte-identical (tests/test_train.py checks it).
 """
+import json
+import os
+from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
 
 import torch
@@ -27,6 +37,42 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
 FPS = 2                # frames a second: one temporal patch (2 frames) per second
 FRAME_PIXELS = (4 * 28 * 28, 768 * 28 * 28)  # (min, max) pixels of a frame after resizing (smart_resize)
+
+
+@dataclass
+class StreamLayout:
+    """How a checkpoint is served second by second; saved as its stream.json."""
+    system_prompt: str = SYSTEM_PROMPT
+    query: str = ""                 # text after the first second's video ("" = none)
+    text_sink: int = 512            # previous-text head tokens kept (an attention sink)
+    text_window: int = 512          # previous-text tail tokens kept
+    vision_window: int = 16         # seconds of vision (and their replies) kept
+    fps: int = FPS
+    min_pixels: int = FRAME_PIXELS[0]
+    max_pixels: int = FRAME_PIXELS[1]
+    temperature: float = 0.0        # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 20        # tokens decoded a second at most
+
+    def save(self, folder, **extra):
+        """Write stream.json into a checkpoint folder, atomically; `extra` keys (e.g. how it was trained) ride along."""
+        path = os.path.join(folder, "stream.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({**asdict(self), **extra}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def from_dict(cls, d):
+        """The layout in a stream.json's dict; keys it does not know (training notes) are ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+LAYOUTS = {
+    "nanostream": StreamLayout(),
+    "streamingvlm": StreamLayout(query="Commentate on this match", text_sink=512, text_window=511,
+                                 min_pixels=78_400, max_pixels=602_112, temperature=0.9, repetition_penalty=1.05),
+}
 
 
 class Kind(IntEnum):
@@ -53,18 +99,18 @@ def cut_previous(body, text_sink, text_window):
     return torch.cat([head, tail]) if torch.is_tensor(body) else list(head) + list(tail)
 
 
-def prefix_segments(tok, previous_ids=(), text_sink=512, text_window=512):
+def prefix_segments(tok, previous_ids=(), text_sink=512, text_window=512, system_prompt=SYSTEM_PROMPT):
     """System prompt and previous-text block as [(ids, kind)], the previous text cut to head + tail tokens."""
-    return [(tok.encode(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"), Kind.SYS),
+    return [(tok.encode(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"), Kind.SYS),
             (tok.encode("<|im_start|>previous text\n"), Kind.PREV_HEAD),
             (cut_previous(list(previous_ids), text_sink, text_window), Kind.PREV_BODY),
             (tok.encode("<|im_end|>\n"), Kind.PREV_END)]
 
 
-def user_ids(tok, t, n_vision):
-    """The user turn of second t with n_vision video tokens, and the assistant header after it."""
+def user_ids(tok, t, n_vision, query=""):
+    """The user turn of second t with n_vision video tokens (and a query after them), and the assistant header."""
     return (tok.encode(f"<|im_start|>user\nTime={t:.1f}-{t + 1:.1f}s<|vision_start|>") + [tok.video_pad_id] * n_vision
-            + tok.encode("<|vision_end|><|im_end|>\n<|im_start|>assistant\n"))
+            + tok.encode(f"<|vision_end|>{query}<|im_end|>\n<|im_start|>assistant\n"))
 
 
 def reply_ids(tok, text):
@@ -98,3 +144,20 @@ def split_reply(out, silence, stops):
         if content[i:i + len(silence)] == silence:
             return content[:i], out[i:]
     return content, out[len(content):]
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser(description="Write the stream.json a checkpoint is served with (e.g. for a "
+                                 "downloaded StreamingVLM checkpoint: python layout.py DIR --layout streamingvlm).")
+    ap.add_argument("folder", help="the checkpoint folder")
+    ap.add_argument("--layout", default="streamingvlm", choices=list(LAYOUTS))
+    args = ap.parse_args()
+    if not os.path.isdir(args.folder):
+        ap.error(f"{args.folder} is not a folder")
+    LAYOUTS[args.layout].save(args.folder, layout=args.layout)
+    print(f"wrote {os.path.join(args.folder, 'stream.json')} ({args.layout}): {asdict(LAYOUTS[args.layout])}")
+
+
+if __name__ == "__main__":
+    main()

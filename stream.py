@@ -32,8 +32,8 @@ import torch
 
 import cache as caches
 from decode import GraphDecoder, PhaseTimer, decode_ahead
-from layout import (FPS, FRAME_PIXELS, SILENCE, Kind, end_ids, prefix_segments, question_segments, reply_ids,
-                    split_reply, stop_ids, user_ids)
+from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, end_ids, prefix_segments,
+                    question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
 from processor import Tokenizer, patchify_video, resize_video
 from video import open_video, seconds_of
@@ -54,12 +54,13 @@ class Streamer:
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
                  frame_pixels=FRAME_PIXELS, seed=0, fps=FPS, decode="plain", capacity=1024, readback=False,
-                 timed=False):
+                 timed=False, system_prompt=SYSTEM_PROMPT, query=""):
         if decode not in DECODERS:
             raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODERS)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.model, self.tok = model, tok
+        self.system_prompt, self.query = system_prompt, query  # layout.StreamLayout: the checkpoint's prompt
         self.text_sink, self.text_window, self.vision_window = text_sink, text_window, vision_window
         self.sampling = dict(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
         self.greedy = temperature == 0 and repetition_penalty == 1.0
@@ -85,7 +86,8 @@ class Streamer:
     def restart(self):
         """Forget everything: an empty cache, and the system prompt and previous text to feed first."""
         self.cache.clear()
-        self.pending = prefix_segments(self.tok, self.previous_ids, self.text_sink, self.text_window)
+        self.pending = prefix_segments(self.tok, self.previous_ids, self.text_sink, self.text_window,
+                                       self.system_prompt)
 
     @property
     def phases(self):
@@ -107,12 +109,16 @@ class Streamer:
             clip, grid, secs = frames if isinstance(frames, Prepared) else self.prepare(frames)
             vision = (patchify_video(clip, self.model.device), grid, secs)
         with timer("prefill"):
-            turn = self._after_pending(user_ids(tok, t, int(grid.prod()) // 4))
+            turn = self._after_pending(user_ids(tok, t, int(grid.prod()) // 4, self.query if t == 0 else ""))
             logits = self.prefill(turn, [vision])
         with timer("decode"):
             forced = None if force_text is None else reply_ids(tok, force_text) + self.end[:-1]
             out = self.decode(logits, forced)
         return self._hand_back(out)
+
+    def skip(self):
+        """Let a second go by unseen (a live loop that fell behind): the next step is second t + 1."""
+        self.t += 1
 
     def _after_pending(self, user_turn):
         """[(ids, kind, round)]: what is still to be fed (the end of the last reply, or the prefix), then a user
@@ -270,47 +276,128 @@ def load_checkpoint(path, device=None, flexprefill=False):
     return model, Tokenizer.from_file(path), settings
 
 
+def layout_of(settings, args=None):
+    """The StreamLayout to serve with: a flag when given, else the checkpoint's stream.json, else our defaults."""
+    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings)
+    flags = {k: getattr(args, k) for k in vars(StreamLayout()) if getattr(args, k, None) is not None}
+    return StreamLayout(**{**vars(base), **flags})
+
+
 def windows(settings, args=None):
-    """The cache windows: a flag when given, else the checkpoint's stream.json, else the paper's 512 / 512 / 16."""
-    out = {}
-    for name, default in (("text_sink", 512), ("text_window", 512), ("vision_window", 16)):
-        flag = getattr(args, name, None) if args is not None else None
-        out[name] = flag if flag is not None else settings.get(name, default)
-    return out
+    """The three cache windows of layout_of(settings, args)."""
+    layout = layout_of(settings, args)
+    return dict(text_sink=layout.text_sink, text_window=layout.text_window, vision_window=layout.vision_window)
+
+
+def streamer_kwargs(layout):
+    """Streamer keyword arguments of a StreamLayout."""
+    kw = {k: v for k, v in vars(layout).items() if k not in ("min_pixels", "max_pixels")}
+    return dict(kw, frame_pixels=(layout.min_pixels, layout.max_pixels))
+
+
+def timestamp(seconds):
+    """WebVTT time, HH:MM:SS.mmm."""
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+
+class Outputs:
+    """--vtt (a cue for each second that says something) and --jsonl (one object a second), written and flushed
+    as the stream goes, so a crash loses nothing already said."""
+
+    def __init__(self, vtt=None, jsonl=None):
+        self.vtt = open(vtt, "w") if vtt else None
+        self.jsonl = open(jsonl, "w") if jsonl else None
+        if self.vtt:
+            self.vtt.write("WEBVTT\n\n")
+
+    def write(self, t, text, ms, s):
+        if self.vtt and text:
+            self.vtt.write(f"{timestamp(t)} --> {timestamp(t + 1)}\n{text}\n\n")
+            self.vtt.flush()
+        if self.jsonl:
+            self.jsonl.write(json.dumps(dict(t=t, text=text, latency_ms=round(ms, 1), cache_tokens=s.cache.length,
+                                             max_position=s.cache.max_position())) + "\n")
+            self.jsonl.flush()
+
+    def close(self):
+        for f in (self.vtt, self.jsonl):
+            if f:
+                f.close()
+
+
+def run(s, frames, args, out):
+    """Stream the seconds of `frames` through s, printing and writing each; with --realtime, pace by the wall
+    clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. Returns (seen, skipped)."""
+    start, seen, skipped = time.monotonic(), 0, 0
+    for t, second in enumerate(frames):
+        if args.seconds and t >= args.seconds:
+            break
+        if args.realtime:
+            late = time.monotonic() - start - (t + 1)
+            if late < 0:
+                time.sleep(-late)
+            elif late >= 1:  # a whole second behind: drop this one to catch up
+                s.skip()
+                skipped += 1
+                continue
+        t0 = time.perf_counter()
+        text = s.step(second)
+        ms = (time.perf_counter() - t0) * 1000
+        seen += 1
+        out.write(t, text, ms, s)
+        print(f"[{timestamp(t)}] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
+              f"max pos {s.cache.max_position()})", flush=True)
+    return seen, skipped
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Stream a video through a checkpoint and print live commentary.")
+    ap = argparse.ArgumentParser(description="Stream a video (a file, a URL, a camera, a GIF or a folder of frames) "
+                                 "through a checkpoint: live commentary, optionally WebVTT subtitles and JSON lines.")
     ap.add_argument("--model", default="out/tiny", help="checkpoint folder (config.json, model.safetensors, "
-                    "tokenizer.json); default: what `python train.py` writes")
-    ap.add_argument("--video", required=True, help="a folder of frames, a GIF, or a video file (mp4 needs PyAV)")
+                    "tokenizer.json, stream.json); default: what `python train.py` writes")
+    ap.add_argument("--video", required=True, help="a video file or anything PyAV opens (rtsp://..., /dev/video0), "
+                    "a GIF, or a folder of frames")
+    ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
+    ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, max_position)")
+    ap.add_argument("--realtime", action="store_true", help="pace by the wall clock; skip seconds when behind")
     ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="cache policy")
     ap.add_argument("--seconds", type=int, default=0, help="stop after this many seconds (0 = the whole video)")
-    ap.add_argument("--text-sink", type=int, help="previous-text head tokens (default: the checkpoint's stream.json)")
-    ap.add_argument("--text-window", type=int, help="previous-text tail tokens (default: the checkpoint's)")
-    ap.add_argument("--vision-window", type=int, help="seconds of vision kept (default: the checkpoint's)")
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--layout", choices=list(LAYOUTS), help="serve with a named layout (layout.py) instead of the "
+                    "checkpoint's stream.json; the flags below override either")
+    ap.add_argument("--query", help="text after the first second's video")
+    ap.add_argument("--text-sink", type=int, help="previous-text head tokens")
+    ap.add_argument("--text-window", type=int, help="previous-text tail tokens")
+    ap.add_argument("--vision-window", type=int, help="seconds of vision kept")
+    ap.add_argument("--max-new-tokens", type=int, help="tokens decoded a second at most")
+    ap.add_argument("--temperature", type=float, help="0 = greedy")
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--max-pixels", type=int, help="per-frame pixel budget (smart_resize)")
     ap.add_argument("--previous-text", default="", help="context the commentary continues from")
-    ap.add_argument("--max-pixels", type=int, default=FRAME_PIXELS[1], help="per-frame pixel budget (smart_resize)")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
+    for flag in ("seconds", "text_sink", "text_window", "vision_window", "max_new_tokens", "max_pixels",
+                 "temperature", "repetition_penalty", "top_p"):
+        v = getattr(args, flag)
+        low = 1 if flag in ("vision_window", "max_new_tokens", "max_pixels") else 0
+        if v is not None and (v < low or (flag == "top_p" and not 0 < v <= 1)):
+            ap.error(f"--{flag.replace('_', '-')} must be {'in (0, 1]' if flag == 'top_p' else f'at least {low}'}, got {v}")
     model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill)
+    layout = layout_of(settings, args)
+    print(f"layout: {vars(layout)}")
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU
-    s = make_streamer(model, tok, args.policy, **windows(settings, args), max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                      previous_text=args.previous_text, frame_pixels=(FRAME_PIXELS[0], args.max_pixels), decode=decode)
-    for t, frames in enumerate(seconds_of(open_video(args.video))):
-        if args.seconds and t >= args.seconds:
-            break
-        t0 = time.perf_counter()
-        text = s.step(frames)
-        ms = (time.perf_counter() - t0) * 1000
-        print(f"[{t:6d}s] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
-              f"max pos {s.cache.max_position()})", flush=True)
+    s = make_streamer(model, tok, args.policy, **streamer_kwargs(layout), previous_text=args.previous_text,
+                      decode=decode)
+    out = Outputs(args.vtt, args.jsonl)
+    try:
+        seen, skipped = run(s, seconds_of(open_video(args.video, layout.fps), layout.fps), args, out)
+    except (ValueError, OSError) as e:  # the video reader's errors name the file
+        sys.exit(f"error: {e}")
+    finally:
+        out.close()
+    print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ compared with the eager path in bf16."""
 import pytest
 import torch
 
-from test_cache import frames, tiny_model, tok  # noqa: F401  (tok is a fixture)
 from stream import Streamer, make_streamer
+
+from conftest import frames, tiny_model
 
 
 def run(model, tok, seconds, force=None, **kw):
@@ -92,13 +93,12 @@ def test_compiled_step_equals_eager_forward(tok):
     model = tiny_model(tok, layers=2, seed=3)
     kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=160)
     ref, out_ref, logits_ref = run(model, tok, 8, **kw)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    torch.compiler.reset()
     fast, out_fast, logits_fast = run(model, tok, 8, decode="compiled", **kw)
     assert fast.cache.capacity > 160
     # the decode step itself was compiled, and again after the growth (the vision blocks compile separately)
     from decode import GraphDecoder
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # no public API counts one function's graphs
     assert len(_debug_get_cache_entry_list(GraphDecoder._step.__code__)) >= 2
     assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)

@@ -10,15 +10,12 @@ outputs are compared with the fp64 reference on the same bf16 inputs to 2e-2 (bf
 about 4e-3 relative per rounding, and attention rounds q.k, the probabilities and the output).
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flexprefill import (block_mask_from_selection, causal_attention, flexprefill_attention,  # noqa: E402
+from flexprefill import (block_mask_from_selection, causal_attention, flexprefill_attention,
                          select_blocks, sparse_attention)
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -301,7 +298,7 @@ def test_flex_backend_matches_dense_on_cpu():
         dense = sparse_attention(q, k, v, sel, bs, "dense")
         assert_close(sparse_attention(q, k, v, sel, bs, "flex"), dense, FP32_TOL, f"flex {Nq}x{Nk}")
         # a new selection with the same shapes must reuse the compiled kernel
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch.compiler.set_stance("fail_on_recompile"):
             sel2 = sel | (torch.rand(sel.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
             out2 = sparse_attention(q, k, v, sel2, bs, "flex")
         assert_close(out2, sparse_attention(q, k, v, sel2, bs, "dense"), FP32_TOL, "flex, second selection")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")  # test dependency, pinned in requirements-dev.txt
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from model import VLM, VLMConfig, mrope_positions  # noqa: E402
-from vision import vision_layout  # noqa: E402
+from model import VLM, VLMConfig, mrope_positions
+from vision import vision_layout
 
 VOCAB, VS, VE, IMG, VID = 300, 290, 291, 292, 293  # vision start/end, image pad, video pad
 TOL = 1e-4

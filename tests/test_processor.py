@@ -9,17 +9,15 @@ A hand-written loop over the spec's index formula (2.1.4) checks the patch layou
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import processor as P  # noqa: E402
+import processor as P
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor  # noqa: E402
+from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",

@@ -1,13 +1,10 @@
 """Tests for world.py: determinism, random access, score bookkeeping, visible cues, rates."""
-import os
 import re
-import sys
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from world import (COLOUR, EVENTS, FLASH, TEAMS, YELLOW, SportsStream, WorldConfig,  # noqa: E402
+from world import (COLOUR, EVENTS, FLASH, TEAMS, YELLOW, SportsStream, WorldConfig,
                    commentary, parse_goal, save_gif, seed_split, split_seed)
 
 LONG = 20_000  # seconds scanned by the rate / score tests (metadata only, no rendering)

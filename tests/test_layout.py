@@ -1,0 +1,53 @@
+"""layout.py: the per-second prompt text, byte for byte, for our layout and for the StreamingVLM authors' inference.
+
+The golden strings are written out by hand from how mit-han-lab/streaming-vlm's inference.py builds its prompt
+(the Qwen2.5-VL chat template over a "previous text" turn, then per second a user turn `Time=a-bs` + the video,
+the query after the first second's video only, and the assistant header; each reply ends with <|im_end|> and the
+next turn starts on a new line). The Streamer's cache, decoded back to text, must equal them."""
+import json
+
+import pytest
+
+from layout import LAYOUTS, StreamLayout
+from stream import make_streamer, streamer_kwargs
+
+from conftest import frames, tiny_model
+
+SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+PREV = "<|im_start|>previous text\n<|im_end|>\n"
+
+
+def turn(t, n, query=""):
+    return (f"<|im_start|>user\nTime={t}.0-{t + 1}.0s<|vision_start|>" + "<|video_pad|>" * n
+            + f"<|vision_end|>{query}<|im_end|>\n<|im_start|>assistant\n")
+
+
+GOLDEN = {  # the prompt when the model starts to speak at second 2, after replies R0 and R1 (silence)
+    # 56 x 56 frames are kept at 56 x 56: 2 x 2 merged tokens
+    "nanostream": SYS + PREV + turn(0, 4) + " Red scores! Red 1, Blue 0. ...<|im_end|>\n"
+                  + turn(1, 4) + " ...<|im_end|>\n" + turn(2, 4),
+    # the authors' 78,400-pixel minimum resizes them to 280 x 280: 10 x 10 merged tokens; a query at second 0
+    "streamingvlm": SYS + PREV + turn(0, 100, "Commentate on this match") + " Red scores! Red 1, Blue 0. ...<|im_end|>\n"
+                    + turn(1, 100) + " ...<|im_end|>\n" + turn(2, 100),
+}
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_prompt_text_of_the_first_three_seconds(tok, name):
+    model = tiny_model(tok, layers=1)
+    kw = streamer_kwargs(LAYOUTS[name])
+    kw.update(temperature=0.0, repetition_penalty=1.0)  # the text is forced; sampling plays no part
+    s = make_streamer(model, tok, **kw)
+    for t, reply in enumerate(["Red scores! Red 1, Blue 0.", "", ""]):
+        s.step(frames(t), force_text=reply)
+    text = tok.decode(s.cache.ids[:s.cache.length].tolist())
+    assert text.endswith(" ...")  # second 2's forced silence, fed; its <|im_end|> is not
+    assert text[:-len(" ...")] == GOLDEN[name]
+
+
+def test_layout_round_trips_through_stream_json(tmp_path):
+    LAYOUTS["streamingvlm"].save(tmp_path, trained_steps=3)
+    d = json.loads((tmp_path / "stream.json").read_text())
+    assert d["trained_steps"] == 3 and d["query"] == "Commentate on this match"
+    assert StreamLayout.from_dict(d) == LAYOUTS["streamingvlm"]
+    assert StreamLayout.from_dict({"text_sink": 64}) == StreamLayout(text_sink=64)  # older files: the rest defaults
