@@ -4,14 +4,19 @@ real videos with word timestamps.
 
 A sample is one chunk of `chunk_seconds` (24) seconds; consecutive chunks overlap by `overlap` (12) seconds,
 so every second is trained both near the start of a chunk (long previous text, little vision history) and in
-its middle. The chunk is laid out exactly as the streaming loop lays out its cache (stream.py's round_segments
-and prefix_segments: one definition):
+its middle. The chunk is laid out exactly as the streaming loop lays out its cache (layout.py's round_segments
+and prefix_segments: one definition for both):
 
   system | previous text = all commentary before the chunk, cut to head text_sink + tail text_window tokens
          | 24 x (user turn with 2 frames, reply, " ..." <|im_end|>)
 
 The cut happens on token ids before the forward, so positions are contiguous as at inference. Attention is
 plain causal over the whole chunk; the loss covers only the reply tokens, " ..." and <|im_end|>.
+
+Two optional curricula shape the synthetic training chunks (chunk_schedule): the chunk length ramps up from
+2 s (a model from scratch first has to find that a reply depends on *this* second's few vision tokens), and
+chunk starts widen from a stream's first minute to the whole stream (first copy the one score in the previous
+text, then find the latest of many). Validation chunks never follow them and always use the default world.
 
 Real data (JSONL, one object per line; decoded with PyAV when installed):
   {"video": "clip.mp4", "start": 120.0, "end": 144.0,
@@ -27,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from cache import END, REPLY
+from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, prefix_segments, question_segments, reply_ids,
+                    round_segments)
 from processor import Tokenizer, build_tokenizer, preprocess_video
-from stream import FPS, SILENCE, prefix_segments, question_segments, reply_ids, round_segments
+from rope import mrope_positions
 from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
 
 IGNORE = -100
@@ -59,7 +65,7 @@ def make_tokenizer(vocab_size=640, seed=0):
     texts += [f"<|im_start|>user\n{q}<|im_end|>\n" for q in QUESTIONS.values()] * 20
     texts += [f" Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
     texts += ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
-              "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"]
+              f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"]
     return Tokenizer(build_tokenizer(texts * 3, vocab_size))
 
 
@@ -119,36 +125,37 @@ def chunk_question(tok, stream, t0, t1, events, rng, text_sink, text_window):
     return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), first[1] if first else None)
 
 
-def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, max_pixels=768 * 28 * 28,
+def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, frame_pixels=FRAME_PIXELS,
                  question=None):
     """One chunk: frames[k] are the 2 frames of second t0 + k, texts[k] its commentary, `previous` the list of
-    commentary sentences before t0 (oldest first); `question` an optional (question, answer) after the chunk."""
+    commentary sentences before t0 (oldest first); `question` an optional (question, answer) after the chunk.
+    Frames are resized to (min, max) `frame_pixels`, as the streaming loop resizes them."""
     ids, labels, pix, grids = [], [], [], []
     for seg, _ in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
                                   text_window):
         ids += seg
         labels += [IGNORE] * len(seg)
     for k, (fr, text) in enumerate(zip(frames, texts)):
-        pv, grid, _ = preprocess_video(fr, fps=FPS, min_pixels=28 * 28 * 4, max_pixels=max_pixels)
+        pv, grid, _ = preprocess_video(fr, fps=FPS, min_pixels=frame_pixels[0], max_pixels=frame_pixels[1])
         pix.append(pv)
         grids.append(grid)
         for seg, kind in round_segments(tok, t0 + k, int(grid.prod()) // 4, text):
             ids += seg
-            if kind == REPLY:
+            if kind == Kind.REPLY:
                 labels += seg
-            elif kind == END:  # supervise " ..." and <|im_end|>, not the newline the next prompt starts with
+            elif kind == Kind.END:  # supervise " ..." and <|im_end|>, not the newline the next prompt starts with
                 labels += seg[:-1] + [IGNORE]
             else:
                 labels += [IGNORE] * len(seg)
     if question:
         for seg, kind in question_segments(tok, *question):
             ids += seg
-            labels += seg if kind == REPLY else [IGNORE] * len(seg)
+            labels += seg if kind == Kind.REPLY else [IGNORE] * len(seg)
     return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids))
 
 
 def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
-                     text_window=512, world=None, question_rate=0.0):
+                     text_window=512, world=None, question_rate=0.0, frame_pixels=FRAME_PIXELS):
     """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
     on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap. With probability
     question_rate the chunk ends with a question about the whole stream (chunk_question)."""
@@ -170,13 +177,13 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
     question = (chunk_question(tok, stream, t0, t0 + chunk_seconds, events, qrng, text_sink, text_window)
                 if qrng.random() < question_rate else None)
     return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, [text for _, text in events],
-                        text_sink, text_window, question=question)
+                        text_sink, text_window, frame_pixels, question)
 
 
-def jsonl_samples(path, tok, chunk_seconds=24, text_sink=512, text_window=512, max_pixels=768 * 28 * 28):
+def jsonl_samples(path, tok, chunk_seconds=24, text_sink=512, text_window=512, frame_pixels=FRAME_PIXELS):
     """Samples from a JSONL file of real videos (format in the module docstring); video paths are relative
     to the JSONL file. Yields one Sample per line."""
-    from stream import open_video, seconds_of
+    from video import open_video, seconds_of
     root = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -194,7 +201,73 @@ def jsonl_samples(path, tok, chunk_seconds=24, text_sink=512, text_window=512, m
             texts = [" ".join(w for ws, we, w in words if t < float(we) <= t + 1) for t in range(t_first, t_last)]
             previous = [rec["previous"]] if rec.get("previous") else []
             yield build_sample(tok, secs[t_first:t_last], texts, t_first, previous, text_sink, text_window,
-                               max_pixels)
+                               frame_pixels)
+
+
+def chunk_schedule(step, cfg):
+    """(chunk_seconds, overlap, stream_seconds) of the synthetic training chunks at optimizer step `step`
+    (None: no curriculum, as for validation). Over the first cfg.curriculum steps the chunk grows linearly from
+    2 s to cfg.chunk_seconds (the overlap at most half of it); over the first cfg.time_curriculum steps the
+    stretch of stream that chunks start in grows from 60 s to cfg.stream_seconds."""
+    chunk, overlap, stream_seconds = cfg.chunk_seconds, cfg.overlap, cfg.stream_seconds
+    if step is not None and step < cfg.curriculum:
+        chunk = min(chunk, 2 + (chunk - 2) * step // cfg.curriculum)
+        overlap = min(overlap, chunk // 2)
+    if step is not None and step < cfg.time_curriculum:
+        stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // cfg.time_curriculum)
+    return chunk, overlap, stream_seconds
+
+
+def world_config(split, cfg):
+    """The synthetic world's settings for a split: training may use a busier world (cfg.event_rate,
+    cfg.goal_rate; None = world.py's default); validation always uses the default one, as eval.py does."""
+    world = dict(size=cfg.frame_size)
+    if split == "train":
+        world.update({k: getattr(cfg, k) for k in ("event_rate", "goal_rate") if getattr(cfg, k) is not None})
+    return world
+
+
+def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=None):
+    """Chunks number `indices` of a split, collated. `cfg` holds train.TrainConfig's fields. With `jsonl` (a list
+    of Samples from jsonl_samples) the chunks are taken from it in a cycle; otherwise they are synthetic: training
+    chunks follow chunk_schedule(step) and end with a question at cfg.question_rate, validation chunks at
+    `question_rate`."""
+    if jsonl is not None:
+        return collate([jsonl[i % len(jsonl)] for i in indices], tok.pad_id)
+    train = split == "train"
+    chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
+    rate = cfg.question_rate if train else question_rate
+    samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, cfg.text_sink, cfg.text_window,
+                                world_config(split, cfg), rate, (cfg.min_pixels, cfg.max_pixels)) for i in indices]
+    return collate(samples, tok.pad_id)
+
+
+def with_positions(batch, model_cfg):
+    """Add the M-RoPE position ids, made here (in the DataLoader workers) rather than in the forward, where the
+    per-sample bookkeeping would hold up the GPU."""
+    batch["position_ids"], _ = mrope_positions(batch["input_ids"], model_cfg, video_grid_thw=batch["video_grid_thw"],
+                                               attention_mask=batch["attention_mask"])
+    return batch
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch i of a run that starts at `first_step`: (step first_step + i // grad_accum, micro-batch
+    i % grad_accum), built in DataLoader workers. Its chunks are a pure function of (step, micro-batch, rank),
+    so a resumed run and a 2-process run see exactly the samples of an uninterrupted 1-process run."""
+
+    def __init__(self, tok, cfg, model_cfg, jsonl, first_step, rank, world):
+        self.tok, self.cfg, self.model_cfg, self.jsonl = tok, cfg, model_cfg, jsonl
+        self.first, self.rank, self.world = first_step, rank, world
+
+    def __len__(self):
+        return (self.cfg.steps - self.first) * self.cfg.grad_accum
+
+    def __getitem__(self, i):
+        c = self.cfg
+        step, micro = self.first + i // c.grad_accum, i % c.grad_accum
+        first = (step * c.grad_accum + micro) * c.batch_size * self.world + self.rank * c.batch_size
+        batch = make_batch(self.tok, "train", range(first, first + c.batch_size), c, step, jsonl=self.jsonl)
+        return with_positions(batch, self.model_cfg)
 
 
 def collate(samples, pad_id):

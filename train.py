@@ -4,16 +4,25 @@ streaming cache.
 
 With no arguments this trains the tiny VLM from scratch on the synthetic sports stream (world.py) and writes
 out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from_pretrained and transformers),
-stream.json (the window sizes it was trained for) and train_state.pt (optimizer and step, for --resume).
+stream.json (the layout it was trained with: windows, fps, frame pixels, system prompt) and the train state for
+--resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # CPU: a short run (< 10 min on 2 cores) with a clearly falling loss
   python train.py --preset gpu             # one H100, 6,000 steps at ~4 a second (~25 min): events and the score
-  python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint, vision tower frozen
+  python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
+
+Settings: every default is in TrainConfig below. --preset picks one of PRESETS, --init lays StreamingVLM's
+fine-tune recipe (INIT_RECIPE) over it, a flag wins over both; the run prints each value and where it came from.
 
 Each optimizer step sees batch_size x grad_accum x world_size chunks; the loss is the mean over all supervised
 tokens of the step (all ranks and micro-batches together), so the result does not depend on how a step is
-split across processes.
+split across processes. The chunks of a step are a pure function of (step, micro-batch, rank), so a resumed
+run continues the uninterrupted one exactly.
+
+A checkpoint is whole or absent: it is written into a hidden folder beside --out and swapped in by two renames;
+a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A non-finite loss
+or gradient stops the run before the update, so the last checkpoint is never overwritten with NaN weights.
 """
 import argparse
 import contextlib
@@ -21,28 +30,40 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import IGNORE, collate, jsonl_samples, make_tokenizer, synthetic_sample
-from model import PRESETS, VLM, mrope_positions, pick_device_dtype
-from processor import Tokenizer
-from stream import SILENCE
+import checkpoint as ckpt
+from data import IGNORE, MicroBatches, jsonl_samples, make_batch, make_tokenizer, with_positions
+from layout import FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT
+from model import PRESETS as MODEL_PRESETS
+from model import VLM, pick_device_dtype
+from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
+from world import WorldConfig
 
-PRESET_ARGS = {  # --preset: defaults that suit a machine; any flag given explicitly wins
-    "cpu": dict(steps=150, batch_size=2, grad_accum=1, lr=2e-3, text_sink=64, text_window=128, eval_every=50,
-                curriculum=0, time_curriculum=0, event_rate=None, goal_rate=None, question_rate=0.25),
-    # the GPU preset trains on a busier world (more events; each stream draws its goal rate between one goal in
-    # 100 s and one in 7 s, so goal sentences are often a few tokens apart and copying the last score is easy to
-    # discover) and starts with short chunks: a model from scratch must first discover that the reply
-    # depends on *this* second's 4 vision tokens, which is a 24-way needle in a 24 s chunk (see the README)
-    "gpu": dict(steps=6000, batch_size=32, grad_accum=1, lr=1e-3, text_sink=64, text_window=512, eval_every=250,
-                curriculum=300, time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
-                question_rate=0.5),
-}
+# -----------------------------------------------------------------------------
+# settings: every default in one place
+
+
+def checked(kind, ok, what):
+    """An argparse type: kind(text), finite, and satisfying `ok`; else a one-line error saying it must be `what`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def at_least(lo, kind=int):
+    return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
 def rate_or_range(text):
@@ -57,132 +78,233 @@ def rate_or_range(text):
     return rates if colon else rates[0]
 
 
-def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESET_ARGS), default=None,
-                    help="defaults for a machine (default: gpu when CUDA is available, else cpu)")
-    ap.add_argument("--out", default="out/tiny", help="checkpoint folder")
-    ap.add_argument("--init", default=None, help="fine-tune this Qwen2.5-VL checkpoint (vision tower frozen)")
-    ap.add_argument("--data", default=None, help="a JSONL file of real videos (data.py); default: synthetic")
-    ap.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt")
-    ap.add_argument("--stop-at", type=int, default=None,
-                    help="end this run after this step, with a checkpoint (the schedule still spans --steps)")
+def adam_betas(text):
+    """'0.9,0.999' -> (0.9, 0.999)"""
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise argparse.ArgumentTypeError(f"expected B1,B2 with each in [0, 1), got {text!r}")
+    return betas
+
+
+def knob(default, help, parse):
+    """A TrainConfig field: its default, its --help text, and the argparse type that parses and range-checks it
+    (None: an on/off flag)."""
+    return field(default=default, metadata=dict(help=help, parse=parse))
+
+
+POSITIVE = checked(float, lambda v: v > 0, "> 0")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """What a run computes; the defaults are the cpu preset."""
     # optimisation
-    ap.add_argument("--steps", type=int, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, help="chunks per micro-batch per process")
-    ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    ap.add_argument("--lr", type=float, help="peak learning rate (the paper: 1e-5 for --init)")
-    ap.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (cosine after)")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
+    steps: int = knob(150, "optimizer steps (the learning-rate schedule spans them)", at_least(1))
+    batch_size: int = knob(2, "chunks per micro-batch per process", at_least(1))
+    grad_accum: int = knob(1, "micro-batches per optimizer step", at_least(1))
+    lr: float = knob(2e-3, "peak learning rate", POSITIVE)
+    warmup: float = knob(0.03, "warm-up fraction of the steps (linear, then cosine)",
+                         checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
+    min_lr: float = knob(0.1, "the cosine ends at this fraction of --lr", FRACTION)
+    betas: tuple = knob((0.9, 0.95), "AdamW betas B1,B2", adam_betas)
+    weight_decay: float = knob(0.0, "AdamW weight decay", at_least(0.0, float))
+    grad_clip: float = knob(1.0, "clip the gradient norm to this", POSITIVE)
+    freeze_vision: bool = knob(False, "freeze the vision tower, merger included", None)
     # data
-    ap.add_argument("--chunk-seconds", type=int, default=24)
-    ap.add_argument("--overlap", type=int, default=12)
-    ap.add_argument("--stream-seconds", type=int, help="chunks start anywhere in streams this long (3600; a "
-                    "stream with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)")
-    ap.add_argument("--curriculum", type=int, help="steps over which the chunk length ramps from 2 s up to "
-                                                   "--chunk-seconds (0 = none)")
-    ap.add_argument("--time-curriculum", type=int, default=None,
-                    help="steps over which chunk start times widen from a stream's first minute to all of "
-                    "--stream-seconds: early chunks hold few goal sentences before them, so the model first learns "
-                    "to copy the one score there, then to find the latest of many (0 = none)")
-    ap.add_argument("--event-rate", type=float, help="synthetic world: P(shot/save/foul/corner) a second "
-                                                     "(default: world.py's 0.12)")
-    ap.add_argument("--goal-rate", type=rate_or_range, help="synthetic world: P(goal) a second (default: 1/150), "
-                                                         "or LO:HI for a rate drawn per stream")
-    ap.add_argument("--question-rate", type=float, help="fraction of training chunks that end with a question "
-                    "about the whole stream (world.QUESTIONS; eval.py's flexprefill task asks them)")
-    ap.add_argument("--text-sink", type=int, help="previous-text head tokens (inference default 512)")
-    ap.add_argument("--text-window", type=int, help="previous-text tail tokens (inference default 512)")
-    ap.add_argument("--frame-size", type=int, default=56, help="synthetic frame side in pixels (multiple of 28)")
-    # system
-    ap.add_argument("--eval-every", type=int, help="validation loss every N steps (and a checkpoint)")
-    ap.add_argument("--eval-chunks", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) - 1),
-                    help="DataLoader processes that render and tokenize chunks")
-    ap.add_argument("--device", default=None)
+    chunk_seconds: int = knob(24, "seconds per training chunk", at_least(1))
+    overlap: int = knob(12, "seconds that consecutive chunks of a stream share (< --chunk-seconds)", at_least(0))
+    stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
+                               "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
+    curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
+                           at_least(0))
+    time_curriculum: int = knob(0, "steps over which chunk starts widen from a stream's first minute to all of "
+                                "--stream-seconds (0: none)", at_least(0))
+    event_rate: float = knob(None, "synthetic world: P(shot/save/foul/corner) a second (none: world.py's "
+                             f"{WorldConfig.event_rate})", FRACTION)
+    goal_rate: float = knob(None, "synthetic world: P(goal) a second, or LO:HI for a rate drawn per stream "
+                            f"(none: world.py's {WorldConfig.goal_rate:.4f})", rate_or_range)
+    question_rate: float = knob(0.25, "fraction of training chunks that end with a question about the whole "
+                                "stream (world.QUESTIONS)", FRACTION)
+    text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", at_least(0))
+    text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", at_least(0))
+    frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", at_least(56))
+    min_pixels: int = knob(FRAME_PIXELS[0], "a frame's fewest pixels after resizing (smart_resize)", at_least(784))
+    max_pixels: int = knob(FRAME_PIXELS[1], "a frame's most pixels after resizing (smart_resize)", at_least(784))
+    # bookkeeping: these change nothing a step computes, so a resumed run may change them
+    eval_every: int = knob(50, "validation and a checkpoint every N steps", at_least(1))
+    eval_chunks: int = knob(8, "validation chunks", at_least(1))
+    workers: int = knob(min(8, (os.cpu_count() or 2) - 1), "DataLoader processes that render and tokenize chunks "
+                        "(CPUs - 1, at most 8)", at_least(0))
+    seed: int = knob(0, "seed of a fresh model's weights", at_least(0))
+
+
+BOOKKEEPING = ("eval_every", "eval_chunks", "workers")
+
+PRESETS = {
+    "cpu": TrainConfig(),
+    # a busier world (more events; each stream draws its goal rate between one goal in 100 s and one in 7 s, so
+    # goal sentences are often a few tokens apart and copying the last score is easy to discover) and both
+    # curricula: a model from scratch must first discover that the reply depends on *this* second's 4 vision
+    # tokens, a 24-way needle in a 24 s chunk (see the README)
+    "gpu": TrainConfig(steps=6000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+                       time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
+                       question_rate=0.5),
+}
+
+INIT_SOURCE = "--init recipe (StreamingVLM SFT)"
+INIT_RECIPE = dict(  # mit-han-lab/streaming-vlm scripts/sft_stage_*.sh and train.py: HF Trainer with AdamW
+    lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0,  # --learning_rate 1e-5; Trainer's AdamW defaults
+    warmup=0.03, min_lr=0.0, grad_clip=1.0,         # --warmup_ratio 0.03, cosine to 0; Trainer's max_grad_norm
+    freeze_vision=True,                             # train.py: model.visual.requires_grad_(False)
+    text_sink=512, text_window=512,                 # text_sink=512, TEXT_SLIDING_WINDOW=512 (at 2 fps: layout.FPS)
+    min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)  # Qwen2.5-VL's video frame limits (processor.py)
+
+VISION_WINDOW = 16      # seconds of vision the streaming cache keeps (training attends to the whole chunk)
+PEAK_FLOPS = 989e12     # H100 SXM dense bf16, for the MFU readout
+
+
+def show(value, name=""):
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return (":" if name == "goal_rate" else ",").join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_values(name):
+    """'cpu 0.002, gpu 0.001, --init 1e-05' (or 'default 24' when all agree): shown in --help."""
+    values = {p: getattr(c, name) for p, c in PRESETS.items()}
+    if name in INIT_RECIPE:
+        values["--init"] = INIT_RECIPE[name]
+    if len({show(v, name) for v in values.values()}) == 1:
+        return f"default {show(values['cpu'], name)}"
+    return ", ".join(f"{k} {show(v, name)}" for k, v in values.items())
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line, without the long usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def device_name(text):
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}")
+    return text
+
+
+def build_parser():
+    ap = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a column of defaults (gpu when CUDA is available, "
+                    "else cpu); [...] in each flag's help shows its values")
+    ap.add_argument("--out", default="out/tiny", help="checkpoint folder (default out/tiny)")
+    ap.add_argument("--init", help="fine-tune this Qwen2.5-VL checkpoint folder with StreamingVLM's SFT recipe "
+                    "(the --init values below)")
+    ap.add_argument("--data", help="a JSONL file of real videos (data.py); default: the synthetic world")
+    ap.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    ap.add_argument("--overwrite", action="store_true", help="start afresh although --out holds a checkpoint "
+                    "(it stays until the first save replaces it)")
+    ap.add_argument("--stop-at", type=at_least(1), help="end this run after this step, with a checkpoint (the "
+                    "schedule still spans --steps)")
+    for f in fields(TrainConfig):
+        flag, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{preset_values(f.name)}]"
+        if f.metadata["parse"] is None:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            ap.add_argument(flag, type=f.metadata["parse"], help=help)
+    ap.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the language model")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP under torchrun")
-    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def get_args(argv=None):
+    """Run options on the namespace; args.cfg the resolved TrainConfig, args.sources where each value came from
+    ('preset cpu', the --init recipe, 'flag')."""
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    for k, v in PRESET_ARGS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.stream_seconds = args.stream_seconds or 3600
-    if args.overlap >= args.chunk_seconds or args.chunk_seconds < 1:
-        ap.error(f"--overlap ({args.overlap}) must be smaller than --chunk-seconds ({args.chunk_seconds})")
-    if args.frame_size % 28:
-        ap.error(f"--frame-size must be a multiple of 28, got {args.frame_size}")
-    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        ap.error("--steps, --batch-size and --grad-accum must be positive")
-    goal_hi = max(args.goal_rate) if isinstance(args.goal_rate, tuple) else (args.goal_rate or 1 / 150)
-    if not 0 <= (args.event_rate if args.event_rate is not None else 0.12) <= 1 - goal_hi:
-        ap.error(f"need 0 <= --event-rate <= 1 - the highest --goal-rate ({goal_hi:g})")
+    values, args.sources = asdict(PRESETS[args.preset]), {}
+    for f in fields(TrainConfig):
+        args.sources[f.name] = f"preset {args.preset}"
+        if args.init and f.name in INIT_RECIPE:
+            values[f.name], args.sources[f.name] = INIT_RECIPE[f.name], INIT_SOURCE
+        if getattr(args, f.name) is not None:
+            values[f.name], args.sources[f.name] = getattr(args, f.name), "flag"
+        delattr(args, f.name)  # one place for each value: args.cfg
+    args.cfg = TrainConfig(**values)
+    check_combinations(ap, args)
     return args
 
 
-def lr_at(step, args):
-    """Linear warm-up, then cosine to 10% of the peak."""
-    warm = max(1, int(args.warmup * args.steps))
+def check_combinations(ap, args):
+    """Settings that are each in range but make no sense together."""
+    c = args.cfg
+    if c.overlap >= c.chunk_seconds:
+        ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
+    if c.stream_seconds < c.chunk_seconds:
+        ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
+    if c.frame_size % 28:
+        ap.error(f"--frame-size must be a multiple of 28, got {c.frame_size}")
+    if c.min_pixels > c.max_pixels:
+        ap.error(f"--min-pixels ({c.min_pixels}) must not exceed --max-pixels ({c.max_pixels})")
+    goal_hi = max(c.goal_rate) if isinstance(c.goal_rate, tuple) else (c.goal_rate or WorldConfig.goal_rate)
+    event = WorldConfig.event_rate if c.event_rate is None else c.event_rate
+    if event + goal_hi > 1:
+        ap.error(f"--event-rate ({event:g}) plus the highest --goal-rate ({goal_hi:g}) must not exceed 1")
+    if args.stop_at is not None and args.stop_at > c.steps:
+        ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a file, not a folder")
+    if args.data and not os.path.isfile(args.data):
+        ap.error(f"--data {args.data}: no such file")
+    synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
+                 "time_curriculum", "stream_seconds", "frame_size") if args.sources[k] == "flag"]
+    if args.data and synthetic:
+        ap.error(f"{', '.join(synthetic)} only apply to the synthetic world, not to --data")
+    for name in ("config.json", "tokenizer.json"):
+        if args.init and not os.path.isfile(os.path.join(args.init, name)):
+            ap.error(f"--init {args.init}: no {name} there (expected a Qwen2.5-VL checkpoint folder)")
+    if not os.path.isdir(ckpt.beside(args.out, "old")) and out_problem(args):  # else: after prepare_out's repair
+        ap.error(out_problem(args))
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        ap.error("--fsdp shards over several processes: run it under torchrun --nproc_per_node=N")
+    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, "
+                 f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'})")
+
+
+def print_config(args):
+    print(f"settings ({args.preset} preset{', --init ' + args.init if args.init else ''}):")
+    for f in fields(TrainConfig):
+        print(f"  {f.name:<16} {show(getattr(args.cfg, f.name), f.name):<14} {args.sources[f.name]}")
+
+
+def lr_at(step, cfg):
+    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
-        return args.lr * (step + 1) / warm
-    p = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def make_batch(tok, split, indices, args, step=None, question_rate=None):
-    """Chunks number `indices` of a split (synthetic) or of the JSONL file, collated, with their positions.
-    Training chunks end with a question at args.question_rate, validation ones at `question_rate` (default 0)."""
-    if args.data:
-        samples = [args.jsonl_cache[i % len(args.jsonl_cache)] for i in indices]
-    else:
-        world_cfg = dict(size=args.frame_size)
-        if split == "train":  # validation always uses the default world, as eval.py does
-            world_cfg.update({k: getattr(args, k) for k in ("event_rate", "goal_rate") if getattr(args, k) is not None})
-        chunk, overlap, stream_seconds = args.chunk_seconds, args.overlap, args.stream_seconds
-        if split == "train" and step is not None and step < args.curriculum:
-            chunk = min(chunk, 2 + (chunk - 2) * step // args.curriculum)  # 2 s chunks first, growing linearly
-            overlap = min(overlap, chunk // 2)
-        if split == "train" and step is not None and step < args.time_curriculum:
-            stream_seconds = min(stream_seconds, 60 + (stream_seconds - 60) * step // args.time_curriculum)
-        if split == "train":
-            question_rate = args.question_rate
-        samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, args.text_sink, args.text_window,
-                                    world_cfg, question_rate or 0.0) for i in indices]
-    return with_positions(collate(samples, tok.pad_id), args)
-
-
-def with_positions(batch, args):
-    """Add the M-RoPE position ids, made here (in the DataLoader workers) rather than in the forward, where the
-    per-sample bookkeeping would hold up the GPU (args.model_cfg is set by main)."""
-    if getattr(args, "model_cfg", None) is not None:
-        batch["position_ids"], _ = mrope_positions(batch["input_ids"], args.model_cfg,
-                                                   video_grid_thw=batch["video_grid_thw"],
-                                                   attention_mask=batch["attention_mask"])
-    return batch
-
-
-def batch_for(step, micro, rank, world, args, tok):
-    """The chunks of one micro-batch: a pure function of (step, micro-batch, rank), so a resumed run and a
-    2-process run see exactly the samples of an uninterrupted 1-process run."""
-    first = (step * args.grad_accum + micro) * args.batch_size * world + rank * args.batch_size
-    return make_batch(tok, "train", range(first, first + args.batch_size), args, step)
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch number i = (step i // grad_accum, micro-batch i % grad_accum), built in DataLoader workers."""
-
-    def __init__(self, first_step, args, tok, rank, world):
-        self.first, self.args, self.tok, self.rank, self.world = first_step, args, tok, rank, world
-
-    def __len__(self):
-        return (self.args.steps - self.first) * self.args.grad_accum
-
-    def __getitem__(self, i):
-        step, micro = self.first + i // self.args.grad_accum, i % self.args.grad_accum
-        return batch_for(step, micro, self.rank, self.world, self.args, self.tok)
+# -----------------------------------------------------------------------------
+# batches, loss, validation
 
 
 def loss_sum(model, batch, device):
@@ -229,116 +351,27 @@ def answer_right(model, batch, device, im_start_id):
     return bool((pred[pos - 1] == labels[pos]).all())
 
 
-def save_checkpoint(raw, opt, step, history, args, tok_path, master):
-    """The model in the official layout plus train_state.pt, each file written atomically. Under FSDP every
-    rank takes part in gathering the full tensors; only the master writes."""
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in raw.state_dict().items()}
-    if not master:
-        return
-    raw.tokenizer_path = tok_path
-    raw.save_pretrained(args.out, state)
-    with open(os.path.join(args.out, "stream.json.tmp"), "w") as f:
-        json.dump(dict(text_sink=args.text_sink, text_window=args.text_window, vision_window=16,
-                       frame_size=args.frame_size, train_event_rate=args.event_rate, train_goal_rate=args.goal_rate),
-                  f)
-    os.replace(os.path.join(args.out, "stream.json.tmp"), os.path.join(args.out, "stream.json"))
-    tmp = os.path.join(args.out, "train_state.pt.tmp")
-    torch.save(dict(optimizer=opt.state_dict(), step=step, history=history,
-                    args={k: v for k, v in vars(args).items() if k not in ("jsonl_cache", "model_cfg")}), tmp)
-    os.replace(tmp, os.path.join(args.out, "train_state.pt"))
+class Validator:
+    """Fixed validation chunks, made once: of the default world (or the first --data chunks) and, when training
+    asks questions, ones that end with a question. Calling it reports the loss and the hits that matter."""
 
+    def __init__(self, tok, cfg, jsonl, model_cfg):
+        batch = lambda i, rate: with_positions(make_batch(tok, "eval", [i], cfg, question_rate=rate, jsonl=jsonl),
+                                               model_cfg)
+        self.val = [batch(i, 0.0) for i in range(cfg.eval_chunks)]
+        self.val_q = [batch(i, 1.0) for i in range(cfg.eval_chunks)] if jsonl is None and cfg.question_rate else []
+        self.silence_id, self.im_start_id = tok.encode(SILENCE)[0], tok.im_start_id
+        self.number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # one-token scores
+        if not self.number_ids:
+            print("note: this tokenizer splits numbers, so validation counts no score numbers (0/0)")
 
-def main(argv=None):
-    args = get_args(argv)
-    # ---- processes and device ----
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    master = rank == 0
-    device, _ = pick_device_dtype(args.device, torch.float32, quiet=not master)
-    amp = device.type == "cuda"  # bf16 autocast on GPU, fp32 master weights
-    torch.manual_seed(args.seed)
-    if master:
-        print(f"preset {args.preset}: {args.steps} steps x {args.batch_size} chunks x {args.grad_accum} accum x "
-              f"{world} processes, lr {args.lr}, text sink/window {args.text_sink}/{args.text_window}"
-              f"{', bf16 autocast' if amp else ''}")
-    # ---- tokenizer and model ----
-    os.makedirs(args.out, exist_ok=True)
-    tok_path = os.path.join(args.out, "tokenizer.json")
-    if args.init:
-        model = VLM.from_pretrained(args.init, device=device, dtype=torch.float32)
-        tok = Tokenizer.from_file(args.init)
-        tok_path = model.tokenizer_path
-        for p in model.visual.parameters():  # the paper's recipe: the whole vision tower, merger included, frozen
-            p.requires_grad_(False)
-    elif args.resume:
-        model = VLM.from_pretrained(args.out, device=device, dtype=torch.float32)
-        tok = Tokenizer.from_file(args.out)
-    else:
-        tok = make_tokenizer()
-        if master:
-            tok.tok.save(tok_path + ".tmp")
-            os.replace(tok_path + ".tmp", tok_path)
-        cfg = PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
-        cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
-        cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
-        cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id
-        model = VLM(cfg).init_weights(seed=args.seed).to(device)
-    if args.data:
-        args.jsonl_cache = list(jsonl_samples(args.data, tok, args.chunk_seconds, args.text_sink, args.text_window))
-    raw = model
-    args.model_cfg = raw.cfg  # for the position ids made with each batch (with_positions)
-    model.checkpointing = args.checkpointing
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if master:
-        print(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained)")
-    if ddp and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        raw.model.compile()
-    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step, history = 0, []
-    if args.resume:
-        state = torch.load(os.path.join(args.out, "train_state.pt"), map_location=device, weights_only=False)
-        # the samples of a step depend on these: a resumed run must use the ones it started with
-        data_args = ("preset", "steps", "batch_size", "grad_accum", "chunk_seconds", "overlap", "stream_seconds",
-                     "curriculum", "time_curriculum", "event_rate", "goal_rate", "text_sink", "text_window", "frame_size", "data",
-                     "seed", "lr", "warmup", "question_rate")
-        saved = state.get("args", {})
-        changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in data_args
-                   if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-        if master:
-            print(f"resumed at step {step}")
-    val = [make_batch(tok, "eval", [i], args) for i in range(args.eval_chunks)] if master else []
-    val_q = ([make_batch(tok, "eval", [i], args, question_rate=1.0) for i in range(args.eval_chunks)]
-             if master and not args.data and args.question_rate else [])
-    silence_id = tok.encode(SILENCE)[0]
-    number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # scores are single tokens
-    if master and not number_ids:
-        print("note: this tokenizer splits numbers, so validation counts no score numbers (0/0)")
-
-    def validate():
+    def __call__(self, model, raw, run):
         model.eval()
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            tot = [loss_sum(raw, b, device) for b in val]
-            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, device, silence_id, number_ids) for b in val))]
-            answers = [answer_right(raw, b, device, tok.im_start_id) for b in val_q]
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
+            tot = [loss_sum(raw, b, run.device) for b in self.val]
+            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, run.device, self.silence_id, self.number_ids)
+                                          for b in self.val))]
+            answers = [answer_right(raw, b, run.device, self.im_start_id) for b in self.val_q]
         model.train()
         asked = sum(a is not None for a in answers)
         return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
@@ -346,52 +379,285 @@ def main(argv=None):
                 f"{hits[4]}/{hits[5]}"
                 + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
 
-    # ---- the loop ----
-    flops_per_token = 6 * n_train  # matmul FLOPs of forward + backward (attention left out: short chunks)
-    peak = 989e12 if amp else None  # H100 SXM dense bf16
+
+# -----------------------------------------------------------------------------
+# setup and build
+
+
+@dataclass
+class Run:
+    """This process's place in the job and where it computes."""
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool  # bf16 autocast; the weights, gradients and optimizer state stay fp32 either way
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+
+def setup(args):
+    """Join the process group under torchrun and pick the device (printed with the reason). Training keeps fp32
+    master weights everywhere and computes in bf16 autocast on a GPU: bf16 weights would lose small updates (a
+    1e-5 step vanishes against a weight of 1 in bf16's 8-bit mantissa)."""
+    rank, world, device = 0, int(os.environ.get("WORLD_SIZE", "1")), args.device
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    device, _ = pick_device_dtype(device, torch.float32, quiet=rank != 0)
+    run = Run(rank, world, device, device.type == "cuda")
+    if run.master:
+        print("training: fp32 master weights and optimizer state, " + (
+            "bf16 autocast compute (fast on the GPU; fp32 weights keep small updates)" if run.amp else
+            "fp32 compute (CPUs are slow and inexact in bf16)") + f"; {world} process{'es' * (world > 1)}")
+    torch.manual_seed(args.cfg.seed)
+    return run
+
+
+def tiny_config(tok):
+    """The tiny model's config for a tokenizer: vocabulary padded to a multiple of 64, Qwen's special ids."""
+    cfg = MODEL_PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
+    cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id
+    return cfg
+
+
+def load_model(args, run):
+    """(model, tokenizer, tokenizer.json text): the checkpoint in --out when resuming, else --init's weights, else
+    a fresh tiny model on a new tokenizer; fp32 on the run's device, the vision tower frozen when configured."""
+    source = args.out if args.resume else args.init
+    if source:
+        try:
+            model = VLM.from_pretrained(source, device=run.device, dtype=torch.float32)
+            tok = Tokenizer.from_file(source)
+            with open(os.path.join(source, "tokenizer.json")) as f:
+                tok_json = f.read()
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{'--out' if args.resume else '--init'} {source}: {e}")
+    else:
+        tok = make_tokenizer()
+        tok_json = tok.tok.to_str(pretty=True)
+        model = VLM(tiny_config(tok)).init_weights(seed=args.cfg.seed).to(run.device)
+    model.tokenizer_path = None  # save_checkpoint writes tokenizer.json from tok_json
+    model.checkpointing = args.checkpointing
+    if args.cfg.freeze_vision:
+        model.visual.requires_grad_(False)
+    if run.master:
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), from "
+              f"{source or 'scratch'}")
+    return model, tok, tok_json
+
+
+def read_jsonl(args, tok):
+    cfg = args.cfg
+    try:
+        samples = list(jsonl_samples(args.data, tok, cfg.chunk_seconds, cfg.text_sink, cfg.text_window,
+                                     (cfg.min_pixels, cfg.max_pixels)))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"--data {args.data}: {e}")
+    if not samples:
+        raise SystemExit(f"--data {args.data}: no samples in the file")
+    return samples
+
+
+def distribute(raw, args, run):
+    """DDP (or FSDP2 with --fsdp) across processes; torch.compile of the language model with --compile."""
+    model = raw
+    if run.ddp and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in raw.model.layers:
+            fully_shard(layer)
+        fully_shard(raw)
+    elif run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(raw)
+    if args.compile:
+        raw.model.compile()
+    return model
+
+
+def make_optimizer(raw, cfg):
+    return torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (checkpoint.py: whole or absent, no pickle)
+
+
+def stream_settings(cfg):
+    """stream.json: the layout the checkpoint was trained with, for the streaming loop to reproduce."""
+    return dict(text_sink=cfg.text_sink, text_window=cfg.text_window, vision_window=VISION_WINDOW, fps=FPS,
+                frame_pixels=[cfg.min_pixels, cfg.max_pixels], system_prompt=SYSTEM_PROMPT,
+                frame_size=cfg.frame_size, train_event_rate=cfg.event_rate, train_goal_rate=cfg.goal_rate)
+
+
+def save_checkpoint(raw, opt, step, history, args, run, tok_json):
+    """The model, tokenizer, stream.json and train state, swapped into --out whole. Under FSDP every rank takes
+    part in gathering the full tensors; only the master writes."""
+    model_state = {k: ckpt.full(v) for k, v in raw.state_dict().items()}
+    optimizer = ckpt.optimizer_state(opt)
+    if run.master:
+        state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
+                     init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
+        ckpt.save(args.out, raw, model_state, optimizer, tok_json, stream_settings(args.cfg), state)
+
+
+def out_problem(args):
+    """Why --out does not suit this run, or None: a checkpoint that a fresh run would replace unasked, or no
+    readable train state for --resume."""
+    if args.resume:
+        try:
+            ckpt.read_state(args.out)
+        except ValueError as e:
+            return f"--resume: {e}"
+    elif not args.overwrite and ckpt.holds_checkpoint(args.out):
+        return f"--out {args.out} holds a checkpoint: pass --resume to continue it or --overwrite to replace it"
+    return None
+
+
+def prepare_out(args, run):
+    """Before anything is loaded or written: repair what a killed save left (master), check --out again, and
+    with --resume read the train state and check it against this run's settings."""
+    if run.master:
+        ckpt.clean_leftovers(args.out)
+    if run.ddp:
+        dist.barrier()
+    if out_problem(args):
+        raise SystemExit(out_problem(args))
+    if not args.resume:
+        return None
+    try:
+        state = ckpt.read_state(args.out)
+        check_resume(state, args, run)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"--resume: {args.out}/{ckpt.STATE} is not a train state of this train.py ({e!r})")
+    return state
+
+
+def check_resume(state, args, run):
+    """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
+    optimisation, the data, the model's source, the processes) must be the one the run started with."""
+    now = json.loads(json.dumps(asdict(args.cfg)))  # tuples as lists, as the saved ones
+    changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}" for k, v in now.items()
+               if k not in BOOKKEEPING and state["config"].get(k) != v]
+    for k in ("init", "data"):
+        mine = getattr(args, k) and os.path.abspath(getattr(args, k))
+        if state[k] != mine:
+            changed.append(f"--{k} {state[k]} -> {mine}")
+    if state["processes"] != run.world:
+        changed.append(f"processes {state['processes']} -> {run.world}")
+    if changed:
+        raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
+    if args.stop_at is not None and args.stop_at <= state["step"]:
+        raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint in {args.out} is already at step {state['step']}")
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+class NonFinite(Exception):
+    pass
+
+
+def train_step(step, model, raw, opt, batches, args, run):
+    """One optimizer step over this process's micro-batches; returns (loss, gradient norm, tokens). The loss is
+    the mean over all supervised tokens of the step, on every rank and micro-batch. A non-finite loss or norm
+    raises NonFinite before the update, so no NaN reaches the weights (or a checkpoint)."""
+    cfg = args.cfg
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    count = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device=run.device)
+    if run.ddp:
+        dist.all_reduce(count)
+    total, tokens = 0.0, 0
+    for m, b in enumerate(batches):
+        quiet = run.ddp and not args.fsdp and m < len(batches) - 1  # DDP: all-reduce after the last micro-batch
+        with model.no_sync() if quiet else contextlib.nullcontext(), \
+                torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
+            s, _ = loss_sum(model, b, run.device)
+            (s * run.world / count).backward()  # DDP averages gradients over ranks: * world undoes that
+        total += s.item()
+        tokens += int(b["attention_mask"].sum())
+    norm = float(ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)))
+    loss = torch.tensor(total, device=run.device)
+    if run.ddp:
+        dist.all_reduce(loss)
+    loss = loss.item() / count.item()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        opt.zero_grad(set_to_none=True)
+        raise NonFinite(f"loss {loss}, gradient norm {norm}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, norm, tokens
+
+
+def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
+    """Steps from `step` to --stop-at (or --steps), with validation and a checkpoint every --eval-every steps and
+    at the end. Returns the loss history."""
+    cfg, saved = args.cfg, step
+    validate = Validator(tok, cfg, jsonl, raw.cfg) if run.master else None
+    end = min(cfg.steps, args.stop_at or cfg.steps)
+    loader = iter(torch.utils.data.DataLoader(MicroBatches(tok, cfg, raw.cfg, jsonl, step, run.rank, run.world),
+                                              batch_size=None, num_workers=cfg.workers, pin_memory=run.amp,
+                                              prefetch_factor=4 if cfg.workers else None))
+    flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
+    bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
-    end = min(args.steps, args.stop_at or args.steps)
-    bar = tqdm(range(step, end), initial=step, total=args.steps, disable=not master, desc="train")
-    loader = iter(torch.utils.data.DataLoader(MicroBatches(step, args, tok, rank, world), batch_size=None,
-                                              num_workers=args.workers, prefetch_factor=4 if args.workers else None,
-                                              persistent_workers=False, pin_memory=device.type == "cuda"))
     for step in bar:
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args)
-        batches = [next(loader) for _ in range(args.grad_accum)]
-        # the step's loss is a mean over all its supervised tokens, on every rank and micro-batch
-        count = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device=device)
-        if ddp:
-            dist.all_reduce(count)
-        total, tokens = 0.0, 0
-        for m, b in enumerate(batches):
-            # DDP: all-reduce the gradients only after the last micro-batch
-            quiet = ddp and not args.fsdp and m < len(batches) - 1
-            with model.no_sync() if quiet else contextlib.nullcontext(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                s, n = loss_sum(model, b, device)
-                (s * world / count).backward()  # DDP averages gradients over ranks: * world undoes that
-            total += s.item()
-            tokens += b["attention_mask"].sum().item()
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.tensor(total, device=device)
-        if ddp:
-            dist.all_reduce(loss)
-        loss = loss.item() / count.item()
+        try:
+            loss, norm, tokens = train_step(step, model, raw, opt, [next(loader) for _ in range(cfg.grad_accum)],
+                                            args, run)
+        except NonFinite as e:
+            raise SystemExit(f"step {step + 1}: non-finite {e}; stopped before the update; " + (
+                f"the checkpoint of step {saved} in {args.out} is kept" if saved else "this run wrote no checkpoint"))
         history.append(loss)
-        dt = time.perf_counter() - t0
-        tps = tokens * world / dt
-        mfu = f" mfu {100 * flops_per_token * tps / (peak * world):.1f}%" if peak else ""
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, args):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == end:
-            if master:
-                tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate()}")
-            save_checkpoint(raw, opt, step + 1, history, args, tok_path, master)
-    if master:
+        tps = tokens * run.world / (time.perf_counter() - t0)
+        mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == end:
+            if run.master:
+                tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
+            save_checkpoint(raw, opt, step + 1, history, args, run, tok_json)
+            saved = step + 1
+    return history
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = setup(args)
+    if run.master:
+        print_config(args)
+    state = prepare_out(args, run)
+    raw, tok, tok_json = load_model(args, run)
+    jsonl = read_jsonl(args, tok) if args.data else None
+    model = distribute(raw, args, run)
+    opt = make_optimizer(raw, args.cfg)
+    step, history = 0, []
+    if state:
+        try:
+            ckpt.load_optimizer(opt, args.out, state["optimizer"])
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}")
+        step, history = state["step"], state["history"]
+        if run.master:
+            print(f"resumed at step {step}")
+    history = train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history)
+    if run.master:
         print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}")
-    if ddp:
+    if run.ddp:
         dist.barrier()
         dist.destroy_process_group()
     return history

@@ -1,0 +1,147 @@
+"""
+Training checkpoints that are whole or absent, with a train state that needs no pickle.
+
+A checkpoint folder (train.py's --out) holds the model in the official Qwen2.5-VL layout (config.json,
+model.safetensors and tokenizer.json, written by VLM.save_pretrained), stream.json (the token layout it was
+trained with) and the train state for a resume: train_state.json (step, loss history, settings, the optimizer's
+hyper-parameters) and optimizer.safetensors (its moment tensors). Nothing is pickled, so loading a checkpoint
+from elsewhere cannot run code, as unpickling a torch.save file can.
+
+A save writes every file into .tmp-NAME beside the folder NAME, then swaps it in with two renames (the old
+folder to .old-NAME, the new one to NAME) and deletes the old one. Each rename is atomic, so a process killed at
+any moment leaves the previous checkpoint or the new one, each whole. clean_leftovers, run at the next start and
+before each save, puts the previous checkpoint back if the kill fell between the two renames, and deletes the
+rest. (A folder swap rather than file-by-file renames: a model from one step beside the optimizer state of
+another would resume into a run that never happened.)
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "stream.json", STATE, OPTIMIZER)
+
+
+def beside(out, kind):
+    """The hidden folder beside `out` for a save in progress (kind 'tmp') or the checkpoint it replaces ('old')."""
+    parent, name = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{kind}-{name}")
+
+
+def clean_leftovers(out):
+    """Undo what a killed save left: if it died between the two renames of swap_in (`out` gone), the previous
+    checkpoint goes back in place; then the half-written folder and the replaced one are deleted."""
+    old, tmp = beside(out, "old"), beside(out, "tmp")
+    if not os.path.exists(out) and os.path.isdir(old):
+        os.rename(old, out)
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def holds_checkpoint(out):
+    return any(os.path.exists(os.path.join(out, f)) for f in FILES)
+
+
+def link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def swap_in(tmp, out):
+    """Replace folder `out` by the complete folder `tmp`: rename the old one away, rename the new one in, delete
+    the old. Other files a user keeps in `out` are hard-linked (or copied) into the new folder first."""
+    old = beside(out, "old")
+    if os.path.isdir(out):
+        for entry in set(os.listdir(out)) - set(FILES):
+            src, dst = os.path.join(out, entry), os.path.join(tmp, entry)
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+            else:
+                link_or_copy(src, dst)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def full(t):
+    """A tensor whole: for an FSDP-sharded one a collective that every rank must join."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def optimizer_state(opt):
+    """opt.state_dict() as (tensors for safetensors, named '{param index}.{name}'; JSON: the param groups and any
+    non-tensor entries). Under FSDP every rank must call it (full)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for i, entries in sd["state"].items():
+        for name, v in entries.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{name}"] = full(v).detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{name}"] = v
+    return tensors, dict(param_groups=sd["param_groups"], scalars=scalars)
+
+
+def load_optimizer(opt, out, meta):
+    """The inverse of optimizer_state, from folder `out` (meta: the JSON half). Under FSDP each tensor is sharded
+    like its parameter. Raises ValueError, in one line, for a truncated, foreign or mismatched file."""
+    path = os.path.join(out, OPTIMIZER)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    try:
+        tensors = load_file(path)  # plain tensors: reading them runs no code
+        state = {}
+        for key, v in [*tensors.items(), *meta["scalars"].items()]:
+            i, name = key.split(".", 1)
+            p = params[int(i)]
+            if torch.is_tensor(v) and hasattr(p, "device_mesh") and v.dim():
+                from torch.distributed.tensor import distribute_tensor
+                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            state.setdefault(int(i), {})[name] = v
+        groups = [{**g, "betas": tuple(g["betas"])} for g in meta["param_groups"]]
+        opt.load_state_dict(dict(state=state, param_groups=groups))
+    except Exception as e:  # safetensors, index and shape errors alike: name the file, not a traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot load the optimizer state {path} ({type(e).__name__}: {first})") from None
+
+
+def read_state(out):
+    """The JSON half of the train state in folder `out`. Raises ValueError (one line) when there is none or it is
+    not JSON; an older train_state.pt (a pickle) is named and never loaded."""
+    path = os.path.join(out, STATE)
+    if not os.path.isfile(path):
+        old = os.path.isfile(os.path.join(out, "train_state.pt"))
+        raise ValueError(f"no {STATE} in {out}" + (" (its train_state.pt is an older pickle format, never "
+                                                  "loaded: unpickling can run code)" if old else ""))
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e})") from None
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save(out, model, model_state, optimizer, tok_json, stream, state):
+    """Write a whole checkpoint into folder `out`, atomically: `model` (a VLM) with the full `model_state`,
+    tokenizer.json from the text `tok_json`, stream.json from the dict `stream`, the train state from `state`
+    (JSON) and `optimizer` (optimizer_state's pair)."""
+    clean_leftovers(out)
+    tmp = beside(out, "tmp")
+    os.makedirs(tmp)
+    model.tokenizer_path = None  # tokenizer.json comes from tok_json
+    model.save_pretrained(tmp, model_state)
+    with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+        f.write(tok_json)
+    write_json(os.path.join(tmp, "stream.json"), stream)
+    tensors, meta = optimizer
+    save_file(tensors, os.path.join(tmp, OPTIMIZER))
+    write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})
+    swap_in(tmp, out)
