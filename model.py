@@ -68,8 +68,8 @@ class VLMConfig:
     def from_hf_dict(cls, d):
         """Read an official config.json: the flat published layout or the newer one with a text_config."""
         if d.get("model_type") != "qwen2_5_vl":
-            raise ValueError(f"config.json has model_type={d.get('model_type')!r}; this code loads 'qwen2_5_vl' "
-                             "(Qwen2.5-VL) checkpoints only")
+            raise ValueError(f"model_type={d.get('model_type')!r}; this code loads 'qwen2_5_vl' (Qwen2.5-VL) "
+                             "checkpoints only")
         flat = {**d, **d.get("text_config", {})}  # text_config (transformers >= 4.52) wins over top-level copies
         names = {f.name for f in fields(cls)} - {"vision", "mrope_section"}
         kw = {k: flat[k] for k in names if k in flat}
@@ -185,16 +185,34 @@ class TextModel(nn.Module):
 # The whole model
 
 
+def check_device(device):
+    """torch.device(device), or a one-line ValueError saying why this machine cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        cpu_only = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+        raise ValueError(f"device {device!r}: CUDA is not available ("
+                         + ("this torch is CPU-only)" if cpu_only else "no GPU is visible: see nvidia-smi)"))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS (Apple GPU) is not available on this machine")
+    return dev
+
+
 def pick_device_dtype(device=None, dtype=None, quiet=False):
     """Explicit device/dtype choice, printed with its reason (bf16 on a GPU, fp32 on a CPU)."""
     why = []
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         why.append(f"device={device} ({'a GPU is available' if device == 'cuda' else 'no GPU found'})")
-    device = torch.device(device)
+    device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        why.append(f"dtype={str(dtype).split('.')[-1]} ({'bf16 is native on the GPU' if device.type == 'cuda' else 'CPUs are slow and inexact in bf16'})")
+        reason = "bf16 is native on the GPU" if device.type == "cuda" else "CPUs are slow and inexact in bf16"
+        why.append(f"dtype={str(dtype).split('.')[-1]} ({reason})")
     if why and not quiet:
         print("using " + ", ".join(why))
     return device, dtype
@@ -335,23 +353,19 @@ class VLM(nn.Module):
         The model is built on the meta device and each tensor is read from the memory-mapped file straight
         to `device` in `dtype`, so a 7B checkpoint never exists twice (it loads with 24 GB of RAM to a GPU).
         """
-        from safetensors import SafetensorError, safe_open
+        from processor import read_json
+        path = os.fspath(path)
         device, dtype = pick_device_dtype(device, dtype)
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{cfg_file} not found: a checkpoint folder needs config.json")
-        with open(cfg_file) as f:
-            cfg = VLMConfig.from_hf_dict(json.load(f))
-        files = checkpoint_files(path)
-        # map each tensor name (published or transformers >= 4.52 layout) to (file, name in file)
-        where = {}
-        for file in files:
-            try:
-                with safe_open(file, "pt") as f:
-                    for name in f.keys():
-                        where[canonical_name(name)] = (file, name)
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"cannot read {file}: the file is truncated or not a safetensors file ({e})")
+            raise FileNotFoundError(f"{path}: no config.json in this folder; make a checkpoint with `python "
+                                    "train.py` (it writes out/tiny) or download a Qwen2.5-VL one")
+        raw = read_json(cfg_file)
+        try:
+            cfg = VLMConfig.from_hf_dict(raw)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
+        where = tensor_locations(checkpoint_files(path))
         if "lm_head.weight" not in where and cfg.tie_word_embeddings is False and not cfg._tie_explicit:
             cfg.tie_word_embeddings = True  # no lm_head and no word on tying: the embeddings are the head
         tok = os.path.join(path, "tokenizer.json")
@@ -364,21 +378,7 @@ class VLM(nn.Module):
             raise ValueError(f"checkpoint {path} does not fit the config: missing tensors {missing[:20]}"
                              f"{' ...' if len(missing) > 20 else ''}, unexpected tensors {unexpected[:20]}"
                              f"{' ...' if len(unexpected) > 20 else ''}")
-        state = {}
-        for file in files:
-            with safe_open(file, "pt", device="cpu") as f:
-                for key, (fname, name) in where.items():
-                    if fname != file:
-                        continue
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(expected[key]):
-                        raise ValueError(f"tensor {name} in {file} has shape {shape}, the config expects "
-                                         f"{tuple(expected[key])}")
-                    try:
-                        state[key] = f.get_tensor(name).to(device=device, dtype=dtype)
-                    except Exception as e:
-                        raise ValueError(f"cannot read tensor {name} from {file}: truncated or corrupt ({e})")
-        model.load_state_dict(state, assign=True)
+        model.load_state_dict(read_tensors(where, expected, device, dtype), assign=True)
         model.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
         return model.eval()
 
@@ -397,6 +397,9 @@ class VLM(nn.Module):
             with open(self.tokenizer_path, "rb") as src, open(os.path.join(tmp, "tokenizer.json"), "wb") as dst:
                 dst.write(src.read())
             names.append("tokenizer.json")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):  # an earlier sharded save: its index would win over the new file when loading
+            os.remove(index)
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         os.rmdir(tmp)
@@ -413,19 +416,82 @@ def canonical_name(name):
 
 
 def checkpoint_files(path):
+    """{safetensors file: the tensor names to read from it, or None for all of them}. A sharded checkpoint's
+    model.safetensors.index.json decides which shard each tensor comes from (even when two shards hold it);
+    its shard names must stay inside the folder: no absolute paths, no ../"""
+    from processor import read_json
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        absent = [f for f in files if not os.path.isfile(f)]
-        if absent:
-            raise FileNotFoundError(f"the index names shards that are not in {path}: {absent}")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    return [single]
+    if not os.path.isfile(index):
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(single):
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        return {single: None}
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: needs a \"weight_map\" object of tensor name -> shard file name")
+    files = {}
+    for name, shard in weight_map.items():
+        rel = os.path.normpath(shard)
+        if os.path.isabs(shard) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise ValueError(f"{index}: the shard {shard!r} of {name} is outside the checkpoint folder")
+        files.setdefault(os.path.join(path, rel), []).append(name)
+    absent = sorted(f for f in files if not os.path.isfile(f))
+    if absent:
+        raise FileNotFoundError(f"{index}: names shards that are not in {path}: {absent}")
+    return files
+
+
+def tensor_locations(files):
+    """{our tensor name: (file, name in the file)} from checkpoint_files' answer; names in the published or the
+    transformers >= 4.52 layout."""
+    from safetensors import SafetensorError, safe_open
+    where = {}
+    for file, names in files.items():
+        try:
+            with safe_open(file, "pt") as f:
+                present = set(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {file}: the file is truncated or not a safetensors file ({e})") from None
+        for name in sorted(present) if names is None else names:
+            if name not in present:
+                raise ValueError(f"{file}: has no tensor {name}, though the index places it there")
+            where[canonical_name(name)] = (file, name)
+    return where
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the dtypes weights may be stored in
+
+
+def read_tensors(where, expected, device, dtype):
+    """Each tensor of `where`, its stored dtype and shape checked, read from the memory-mapped file straight to
+    `device` in `dtype`. Weights holding NaN or inf load with a warning (every output would be NaN)."""
+    from safetensors import safe_open
+    by_file, state, nonfinite = {}, {}, []
+    for key, (file, name) in where.items():
+        by_file.setdefault(file, []).append((key, name))
+    for file, items in by_file.items():
+        with safe_open(file, "pt", device="cpu") as f:
+            for key, name in items:
+                info = f.get_slice(name)  # the header's dtype and shape, no data read yet
+                stored, shape = info.get_dtype(), tuple(info.get_shape())
+                if stored not in FLOAT_DTYPES:  # e.g. a header flipped from F32 to I32: same bytes, garbage values
+                    raise ValueError(f"{file}: tensor {name} is stored as {stored}, not a float type "
+                                     f"({'/'.join(FLOAT_DTYPES)}); the file is corrupt or quantized")
+                if shape != tuple(expected[key]):
+                    raise ValueError(f"tensor {name} in {file} has shape {shape}, the config expects "
+                                     f"{tuple(expected[key])}")
+                try:
+                    state[key] = f.get_tensor(name).to(device=device, dtype=dtype)
+                except Exception as e:
+                    raise ValueError(f"cannot read tensor {name} from {file}: truncated or corrupt ({e})") from None
+                if not bool(torch.isfinite(state[key]).all()):
+                    nonfinite.append(f"{name} (in {file})")
+    if nonfinite:
+        import warnings
+        n = len(nonfinite)
+        warnings.warn(f"{n} tensor{'s hold' if n > 1 else ' holds'} NaN or inf values, the first is "
+                      f"{nonfinite[0]}: the model's outputs will be NaN", stacklevel=3)
+    return state
 
 
 def sample_next(logits, seen, temperature=0.0, top_p=1.0, repetition_penalty=1.0, generator=None):

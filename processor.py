@@ -15,8 +15,9 @@ The ideas, in the order the data flows:
    <|image_pad|> grid_t*grid_h*grid_w/4 times, so the text holds one placeholder id per merged vision token.
    Special tokens are atomic "added tokens" of tokenizer.json; no BOS is prepended.
 
-Reference: shared/docs/QWEN25VL_SPEC.md sections 1.2, 1.3, 2.1, 5 and 6 (items 14-15). Parity target is
-transformers 4.57's slow `Qwen2VLImageProcessor` (PIL resize). The torchvision "fast" processor (resize on uint8
+References: the Qwen2.5-VL report (arXiv 2502.13923), the published checkpoints' tokenizer.json and
+preprocessor_config.json, and qwen-vl-utils. Parity target (tests/test_processor.py) is transformers 4.57's
+slow `Qwen2VLImageProcessor` (PIL resize). The torchvision "fast" processor (resize on uint8
 tensors with antialias, fused (x - 255*mean)/(255*std)) gives pixels that differ by a few LSB; we do not use it
 because torchvision is not a dependency here. RGBA images are composited over white, like qwen-vl-utils (which
 produced the model's training inputs) and HF's video path; HF 4.57's image path instead drops alpha.
@@ -42,8 +43,8 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # published preprocessor_config.json: 3136, 12845056
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28  # HF video defaults / qwen-vl-utils
 
-# Qwen2.5 added tokens, in id order starting at 151643 (spec 1.2). The first 14 are "special" (skipped by
-# decode(skip_special=True)); tool-call and fill-in-the-middle tokens are ordinary added tokens.
+# Qwen2.5 added tokens, in id order starting at 151643 (as in the published tokenizer.json). The first 14 are
+# "special" (skipped by decode(skip_special=True)); tool-call and fill-in-the-middle tokens are ordinary ones.
 QWEN_FIRST_SPECIAL_ID = 151643
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -62,12 +63,12 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
-    """(h, w) -> (h', w'), both multiples of factor, h'*w' within [min_pixels, max_pixels] (spec 2.1.1)."""
+    """(h, w) -> (h', w'), both multiples of factor, h'*w' within [min_pixels, max_pixels]."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image has an empty side: {height}x{width}")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width)}")
-    # Python's round is half-to-even; rounding half-up changes the grid at exact .5 boundaries (spec 6.14)
+    # Python's round is half-to-even; rounding half-up changes the grid at exact .5 boundaries
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -81,7 +82,8 @@ def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels
 
 
 def to_rgb_image(x):
-    """PIL image, or uint8 tensor/array (H,W,3|4) or (H,W) -> PIL RGB image; alpha is composited over white."""
+    """PIL image (any mode: 16-bit grey, palette, CMYK, grey/RGB with alpha, ...), or a uint8 tensor/array
+    (H,W,3|4) or (H,W) -> PIL RGB image; alpha is composited over white."""
     if hasattr(x, "__array_interface__") and not isinstance(x, Image.Image):
         x = torch.as_tensor(x)  # a numpy array (numpy is installed if the caller made one)
     if isinstance(x, torch.Tensor):
@@ -93,6 +95,10 @@ def to_rgb_image(x):
         x = Image.frombytes(mode, (x.shape[1], x.shape[0]), ctypes.string_at(x.data_ptr(), x.numel()))
     if not isinstance(x, Image.Image):
         raise TypeError(f"expected a PIL image or a uint8 (H,W,3) tensor, got {type(x).__name__}")
+    if x.mode == "I" or x.mode.startswith("I;16"):
+        # 16-bit grey (a 16-bit PNG opens as I;16 or I): PIL's own conversion clips at 255, so anything above
+        # 1/256 of full scale would come out white. Scale 0..65535 to 0..255 (x/257, rounded) first.
+        x = x.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L")
     if x.mode in ("RGBA", "LA", "PA") or (x.mode == "P" and "transparency" in x.info):
         x = x.convert("RGBA")
         out = Image.new("RGB", x.size, (255, 255, 255))
@@ -117,7 +123,7 @@ def _patchify(frames):
     x = (frames.to(torch.float64) * (1 / 255)).to(torch.float32)
     mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device) for v in (IMAGE_MEAN, IMAGE_STD))
     x = (x - mean) / std
-    # Row r = ((t*hb_n + hb)*wb_n + wb)*4 + mh*2 + mw; column = ((c*2 + tp)*14 + py)*14 + px (spec 2.1.4).
+    # Row r = ((t*hb_n + hb)*wb_n + wb)*4 + mh*2 + mw; column = ((c*2 + tp)*14 + py)*14 + px.
     # The source pixel of (t, tp, hb, mh, py, wb, mw, px) is frame 2t+tp, y=(2hb+mh)*14+py, x=(2wb+mw)*14+px.
     return rearrange(
         x, "(t tp) (hb mh py) (wb mw px) c -> (t hb wb mh mw) (c tp py px)",
@@ -232,14 +238,22 @@ class Tokenizer:
         for name, s in self.SPECIALS.items():  # self.im_start_id, self.image_pad_id, ...
             setattr(self, f"{name}_id", tok.token_to_id(s))
         self.pad_id = self.endoftext_id  # Qwen pads with <|endoftext|>
-        self.stop_ids = [self.im_end_id, self.endoftext_id]  # generation stops on either (spec 1.2)
+        self.stop_ids = [self.im_end_id, self.endoftext_id]  # generation stops on either (Qwen's generation_config)
 
     @classmethod
     def from_file(cls, path):
         """path: a tokenizer.json, or a folder holding one."""
+        path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (a checkpoint folder holds its tokenizer.json; "
+                                    "`python train.py` writes one)")
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust side raises a bare Exception whose text lacks the file name
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        return cls(tok)
 
     def __len__(self):
         return self.tok.get_vocab_size(with_added_tokens=True)
@@ -260,8 +274,9 @@ class Tokenizer:
 
 def build_prompt(messages, add_generation_prompt=True, add_vision_id=False):
     """
-    Render messages with the Qwen2-VL chat_template (spec 5). A message is {"role": str, "content": str or list of
-    {"type": "image"|"video"|"text", ...}}; each image/video item becomes one vision_start/pad/vision_end triple.
+    Render messages with the Qwen2-VL chat_template (of the published tokenizer_config.json). A message is
+    {"role": str, "content": str or list of {"type": "image"|"video"|"text", ...}}; each image/video item becomes
+    one vision_start/pad/vision_end triple.
     """
     out, n_images, n_videos = [], 0, 0
     for i, msg in enumerate(messages):
@@ -309,6 +324,20 @@ def _is_single_video(v):
     return len(v) > 0 and (isinstance(v[0], Image.Image) or getattr(v[0], "ndim", 0) in (2, 3))
 
 
+def read_json(path):
+    """A JSON object from a file; any failure is a one-line error that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(out).__name__}")
+    return out
+
+
 class Processor:
     """Text + images + videos -> model inputs, with the keys, shapes and dtypes of HF's Qwen2_5_VLProcessor."""
 
@@ -318,18 +347,21 @@ class Processor:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         # Note: HF 4.57 loads the video processor from preprocessor_config.json when a checkpoint has no
         # video_preprocessor_config.json, so it then uses the *image* limits for videos. We keep the video
-        # defaults unless a video config says otherwise (spec 2.1.3: pass video sizes explicitly).
+        # defaults unless a video config says otherwise (so pass video sizes to HF explicitly when comparing).
         self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
 
     @staticmethod
     def _read_pixels(path, lo, hi):
         if not os.path.exists(path):
             return lo, hi
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
         size = cfg.get("size") or {}
+        if not isinstance(size, dict):
+            raise ValueError(f"{path}: 'size' must be an object like {{\"shortest_edge\": ...}}, got {size!r}")
         lo = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or lo
         hi = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or hi
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (lo, hi)):
+            raise ValueError(f"{path}: the pixel limits must be positive numbers, got {lo!r} and {hi!r}")
         return int(lo), int(hi)
 
     @classmethod

@@ -1,60 +1,69 @@
 """
-Frame sources, one second at a time: a folder of images, a GIF, or anything PyAV opens (a file, a URL, a camera).
+Frame sources, one second at a time: a folder of images, a GIF, or anything PyAV opens (a file, an rtsp:// or
+http:// URL, a v4l2 camera such as /dev/video0).
 
-A stream is read at FPS (2) frames a second: the frame showing at each instant k / FPS is kept (the last one at or
-before it), and the frames are grouped into seconds of FPS frames each, one temporal patch of the vision tower.
+Which frames a second is made of. StreamingVLM's streaming inference (mit-han-lab/streaming-vlm,
+streaming_vlm/inference/inference.py) asks its reader (livecc_utils' decord reader in its strict-fps mode) once a
+second for the frames of [s, s+1] and keeps the last FPS (2) of them. That reader
+  - stamps every frame with the time it stops being shown: its pts plus its duration, from the stream's start;
+  - takes the frames whose stop time lies inside the second;
+  - lays sample instants 1/FPS apart, starting at the first of those stop times and ending at the last;
+  - for each instant, takes the first frame whose stop time reaches it; and repeats the last frame taken until
+    the count is even.
+So, but for what happens exactly on a second's boundary (below), sample 0 of second s is the frame on screen
+at instant s, and sample k is the first frame that stops at or after (the stop time of sample 0) + k/FPS. For a
+constant r fps from t = 0 that is frames floor(s*r) and floor(s*r) + ceil(r/2): 30 fps -> 30s, 30s+15; 25 fps
+-> 25s, 25s+13; 29.97 fps -> floor(29.97s), that + 15.
+
+We use this rule with one change. Their window is closed at both ends, so at 30 or 25 fps, where a frame stops
+exactly on every whole second, the seconds after the first hold three instants (s, s+1/2, s+1); padded to four
+and cut to the last two, such a second is its last frame twice. We take the window (s, s+1], open at its start:
+the same frames as theirs for the first second at any rate and for every second at 29.97 fps, and no frame is
+used twice unless the source shows fewer than FPS frames a second (then the frame on screen is held, which is
+what their padding does). A second that nothing stops inside (a frame shown for several seconds) is the frame
+on screen, repeated.
+
+Time comes from the container as exact fractions: a frame stops where the next one starts (the last one after
+its own duration). A stream whose frames carry no timestamps at all (a raw .h264) is timed by frame index and
+the stream's rate. A folder of images is taken as FPS frames a second, in natural order (frame2 < frame10); a GIF
+is timed by its per-frame delays (100 ms where a frame has none, as browsers do).
+
+Every failure is a VideoError, "<source>: <what went wrong>", raised after the seconds that could be read were
+yielded, so a caller keeps the part of a broken file that was good.
 """
 import os
+import re
+from fractions import Fraction
+
+from PIL import Image, ImageSequence
 
 from layout import FPS
+from processor import to_rgb_image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+GIF_DEFAULT_MS = 100  # a GIF frame without a delay is shown this long (the browsers' convention)
+URL_TIMEOUT_S = 30    # a network source silent this long is an error rather than a hang
+
+
+class VideoError(ValueError):
+    """A frame source that cannot be read, or stopped being readable: "<source>: <what went wrong>"."""
 
 
 def open_video(path, fps=FPS):
-    """Frames (PIL RGB) of a folder of images (sorted; taken as `fps` frames a second), a GIF, or a video file
-    through PyAV, resampled to `fps`. Returns an iterator."""
-    from PIL import Image
+    """Frames (PIL RGB) of a source, `fps` per second by the rule above. Returns an iterator; a source that
+    cannot be opened raises VideoError here, one that breaks later raises it where the iteration stops."""
+    path = os.fspath(path)
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
-        if not names:
-            raise ValueError(f"{path} holds no .png/.jpg/.jpeg/.bmp/.webp images")
-        return (Image.open(os.path.join(path, n)).convert("RGB") for n in names)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such video file or frame folder: {path}")
+        return _folder_frames(path)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) or path.startswith("/dev/"):
+        return _av_source(path, fps)  # a URL or a device: PyAV decides whether it is there
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file or folder")
+    if path.lower().endswith(IMAGE_EXTS):
+        raise VideoError(f"{path}: an image, not a video (a folder of images is read as {fps} frames a second)")
     if path.lower().endswith(".gif"):
-        return _resample(_gif_frames(path), fps)
-    try:
-        import av
-    except ImportError:
-        raise SystemExit(f"reading {path} needs PyAV (pip install av); a folder of images or a GIF needs nothing")
-    return _resample(_av_frames(av, path), fps)
-
-
-def _gif_frames(path):
-    from PIL import Image, ImageSequence
-    with Image.open(path) as im:
-        t = 0.0
-        for frame in ImageSequence.Iterator(im):
-            yield t, frame.convert("RGB")
-            t += frame.info.get("duration", 100) / 1000
-
-
-def _av_frames(av, path):
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            yield float(frame.pts * stream.time_base), frame.to_image()
-
-
-def _resample(timed, fps):
-    """Keep the frame showing at each instant k/fps (the last one at or before it)."""
-    k, last = 0, None
-    for t, frame in timed:
-        while last is not None and k / fps < t:
-            yield last
-            k += 1
-        last = frame
-    if last is not None:
-        yield last
+        return _gif_source(path, fps)
+    return _av_source(path, fps)
 
 
 def seconds_of(frames, fps=FPS):
@@ -65,3 +74,149 @@ def seconds_of(frames, fps=FPS):
         if len(chunk) == fps:
             yield chunk
             chunk = []
+
+
+def _per_second(timed, fps):
+    """(stop time, frame) pairs, stop times increasing -> `fps` frames for every second (module docstring).
+    Frames go out as soon as they are chosen, so a live source is not held back by a second."""
+    step = Fraction(1, fps)
+    sec, n, first_stop, last = 0, 0, None, None  # the second being filled, frames chosen for it, ...
+    for stop, frame in timed:
+        while stop > sec + 1:  # `frame` is still on screen when second `sec` is over: finish that second
+            yield from [last if n else frame] * (fps - n)
+            sec, n = sec + 1, 0
+        while n < fps and (n == 0 or stop >= first_stop + n * step):
+            first_stop = stop if n == 0 else first_stop
+            yield frame
+            last, n = frame, n + 1
+        if stop == sec + 1:  # nothing later can stop inside this second: finish it now, not at the next frame
+            yield from [last] * (fps - n)
+            sec, n = sec + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# folders and GIFs (PIL)
+
+
+def _natural_key(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _folder_frames(path):
+    names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTS)), key=_natural_key)
+    if not names:
+        raise VideoError(f"{path}: holds no {'/'.join(IMAGE_EXTS)} images")
+    return (_read_image(os.path.join(path, n)) for n in names)
+
+
+def _read_image(file):
+    try:
+        with Image.open(file) as im:
+            im.load()  # read the pixels before the file closes (to_rgb_image may return `im` itself)
+            return to_rgb_image(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise VideoError(f"{file}: cannot read the image ({e})") from None
+
+
+def _gif_source(path, fps):
+    try:
+        im = Image.open(path)
+        n_frames = getattr(im, "n_frames", 1)
+    except (OSError, ValueError, EOFError) as e:
+        raise VideoError(f"{path}: cannot read the GIF ({e})") from None
+    if n_frames == 1 and not im.info.get("duration"):
+        im.close()
+        raise VideoError(f"{path}: a one-frame GIF with no frame delay has no length to read at {fps} frames a "
+                         "second (give the frame a delay, or pass the image to the processor as an image)")
+    return _per_second(_gif_timed(path, im), fps)
+
+
+def _gif_timed(path, im):
+    stop, i = Fraction(0), 0
+    with im:
+        try:
+            for i, frame in enumerate(ImageSequence.Iterator(im)):
+                stop += Fraction(frame.info.get("duration") or GIF_DEFAULT_MS) / 1000
+                rgb = to_rgb_image(frame)
+                yield stop, (rgb.copy() if rgb is frame else rgb)  # the iterator reuses `frame` for the next one
+        except (OSError, ValueError, EOFError) as e:
+            raise VideoError(f"{path}: cannot read frame {i} of the GIF ({e})") from None
+
+
+# -----------------------------------------------------------------------------
+# everything else (PyAV)
+
+
+def _av_source(path, fps):
+    try:
+        import av
+    except ImportError:
+        raise VideoError(f"{path}: reading it needs PyAV (pip install av); a folder of images or a GIF needs "
+                         "nothing") from None
+    try:
+        if path.startswith("/dev/video"):
+            container = av.open(path, format="v4l2")
+        elif "://" in path:
+            container = av.open(path, timeout=URL_TIMEOUT_S)
+        else:
+            container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: cannot open it ({getattr(e, 'strerror', None) or e})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: holds no video stream")
+    return (f.to_image() for f in _per_second(_av_timed(path, container), fps))
+
+
+def _av_timed(path, container):
+    """(stop time, frame) of the container's first video stream; the container is closed at the end."""
+    with container:
+        stream = container.streams.video[0]
+        yield from _timed_frames(path, stream, _decode(path, container, stream))
+
+
+def _decode(path, container, stream):
+    import av
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            n += 1
+            yield frame
+    except av.error.FFmpegError as e:
+        raise VideoError(f"{path}: decoding stopped after {n} frames ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _timed_frames(path, stream, frames):
+    """Decoded frames -> (stop time, frame), times in exact seconds from the first frame. A frame stops where
+    the next one starts; the last one after its own duration (else the gap before it, else 1 / rate)."""
+    rate = stream.average_rate or stream.guessed_rate
+    gap = 1 / Fraction(rate) if rate else None
+    held, indexed, zero = None, False, 0  # held: (start, frame) waiting for the next frame's start
+    for i, frame in enumerate(frames):
+        if i == 0 and frame.pts is None:  # no timestamps at all (a raw .h264): frame i starts at i / rate
+            if gap is None:
+                raise VideoError(f"{path}: its frames carry no timestamps and it states no frame rate")
+            indexed = True
+        if indexed:
+            start = i * gap
+        elif frame.pts is None:
+            raise VideoError(f"{path}: frame {i} has no timestamp (pts), though the frames before it had")
+        else:
+            start = frame.pts * (frame.time_base or stream.time_base)
+            zero = start if i == 0 else zero
+            start -= zero
+        if held is not None:
+            if start < held[0]:
+                raise VideoError(f"{path}: timestamps go backwards at frame {i} ({float(start):.3f} s after "
+                                 f"{float(held[0]):.3f} s)")
+            if start > held[0]:  # (a frame sharing its start with the next is never on screen: dropped)
+                gap = start - held[0]
+                yield start, held[1]
+        held = (start, frame)
+    if held is None:
+        raise VideoError(f"{path}: no video frames could be decoded")
+    last = held[1]
+    length = last.duration * (last.time_base or stream.time_base) if last.duration else gap
+    if not length:
+        raise VideoError(f"{path}: cannot tell how long its only frame lasts (no duration, no frame rate)")
+    yield held[0] + length, last
