@@ -129,10 +129,10 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def save(out, model, model_state, optimizer, tok_json, stream, state):
+def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     """Write a whole checkpoint into folder `out`, atomically: `model` (a VLM) with the full `model_state`,
-    tokenizer.json from the text `tok_json`, stream.json from the dict `stream`, the train state from `state`
-    (JSON) and `optimizer` (optimizer_state's pair)."""
+    tokenizer.json from the text `tok_json`, stream.json from `layout` (a layout.StreamLayout) and the dict
+    `notes`, the train state from `state` (JSON) and `optimizer` (optimizer_state's pair)."""
     clean_leftovers(out)
     tmp = beside(out, "tmp")
     os.makedirs(tmp)
@@ -140,7 +140,7 @@ def save(out, model, model_state, optimizer, tok_json, stream, state):
     model.save_pretrained(tmp, model_state)
     with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
         f.write(tok_json)
-    write_json(os.path.join(tmp, "stream.json"), stream)
+    layout.save(tmp, **notes)
     tensors, meta = optimizer
     save_file(tensors, os.path.join(tmp, OPTIMIZER))
     write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 from data import IGNORE, MicroBatches, jsonl_samples, make_batch, make_tokenizer, with_positions
-from layout import FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT
+from layout import FRAME_PIXELS, SILENCE, StreamLayout
 from model import PRESETS as MODEL_PRESETS
 from model import VLM, pick_device_dtype
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
@@ -163,8 +163,7 @@ INIT_RECIPE = dict(  # mit-han-lab/streaming-vlm scripts/sft_stage_*.sh and trai
     text_sink=512, text_window=512,                 # text_sink=512, TEXT_SLIDING_WINDOW=512 (at 2 fps: layout.FPS)
     min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)  # Qwen2.5-VL's video frame limits (processor.py)
 
-VISION_WINDOW = 16      # seconds of vision the streaming cache keeps (training attends to the whole chunk)
-PEAK_FLOPS = 989e12     # H100 SXM dense bf16, for the MFU readout
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16, for the MFU readout
 
 
 def show(value, name=""):
@@ -495,11 +494,12 @@ def make_optimizer(raw, cfg):
 # checkpoints (checkpoint.py: whole or absent, no pickle)
 
 
-def stream_settings(cfg):
-    """stream.json: the layout the checkpoint was trained with, for the streaming loop to reproduce."""
-    return dict(text_sink=cfg.text_sink, text_window=cfg.text_window, vision_window=VISION_WINDOW, fps=FPS,
-                frame_pixels=[cfg.min_pixels, cfg.max_pixels], system_prompt=SYSTEM_PROMPT,
-                frame_size=cfg.frame_size, train_event_rate=cfg.event_rate, train_goal_rate=cfg.goal_rate)
+def stream_layout(cfg):
+    """The layout the checkpoint was trained with (its stream.json), for the streaming loop to reproduce: the
+    previous-text cut and the frame pixels of the chunks; the system prompt, fps and vision window as layout.py
+    has them (training attends to the whole chunk, so the vision window is the streaming default)."""
+    return StreamLayout(text_sink=cfg.text_sink, text_window=cfg.text_window, min_pixels=cfg.min_pixels,
+                        max_pixels=cfg.max_pixels)
 
 
 def save_checkpoint(raw, opt, step, history, args, run, tok_json):
@@ -510,7 +510,9 @@ def save_checkpoint(raw, opt, step, history, args, run, tok_json):
     if run.master:
         state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
                      init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
-        ckpt.save(args.out, raw, model_state, optimizer, tok_json, stream_settings(args.cfg), state)
+        notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
+                     train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
+        ckpt.save(args.out, raw, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
 
 
 def out_problem(args):

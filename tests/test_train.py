@@ -46,6 +46,23 @@ def test_sample_layout_token_by_token(tok):
     assert s.grid_thw.tolist() == [[1, 4, 4]] * 3
 
 
+def test_training_chunk_is_byte_identical_to_the_teacher_forced_stream(tok):
+    """What training builds for a chunk (data.build_sample) is exactly what the streaming loop feeds its cache
+    when forced to say the same commentary: the same ids, and the same frames resized to the same grids."""
+    from conftest import tiny_model
+    from stream import Streamer
+    w = SportsStream(WorldConfig(seed=3, event_rate=0.5))
+    secs = [w.second(t) for t in range(5)]
+    assert any(s.text for s in secs) and not all(s.text for s in secs)
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], 16, 16)
+    s = Streamer(tiny_model(tok), tok, policy="full", text_sink=16, text_window=16)
+    for sec in secs:
+        assert s.step(sec.frames, force_text=sec.text) == sec.text
+    ids, _, _ = s.cache.tokens()
+    assert ids.tolist() + [i for seg, _ in s.pending for i in seg] == sample.ids.tolist()
+    assert [s.prepare(sec.frames).grid.tolist() for sec in secs] == [[g] for g in sample.grid_thw.tolist()]
+
+
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
     stream = SportsStream(WorldConfig(seed=5))
     t0 = 600
