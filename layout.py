@@ -63,9 +63,19 @@ class StreamLayout:
         os.replace(path + ".tmp", path)
 
     @classmethod
-    def from_dict(cls, d):
-        """The layout in a stream.json's dict; keys it does not know (training notes) are ignored."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+    def from_dict(cls, d, source="stream.json"):
+        """The layout in a stream.json's dict; keys it does not know (training notes) are ignored, a value of the
+        wrong type or range is a ValueError that names `source`."""
+        out = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        for f in fields(cls):
+            v, kind = getattr(out, f.name), type(getattr(cls, f.name))
+            ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and (kind is float or float(v).is_integer()) and v >= 0)
+            if not ok:
+                raise ValueError(f"{source}: {f.name} = {v!r} is not a valid {kind.__name__}")
+        if out.vision_window < 1 or out.max_new_tokens < 1 or out.fps < 1 or not 0 < out.top_p <= 1:
+            raise ValueError(f"{source}: vision_window, max_new_tokens and fps must be at least 1, top_p in (0, 1]")
+        return out
 
 
 LAYOUTS = {

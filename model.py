@@ -12,7 +12,7 @@ is plain 1-D RoPE.
 
 References:
 - Qwen2.5-VL technical report, arXiv 2502.13923; Qwen2-VL, arXiv 2409.12191 (M-RoPE).
-- ../shared/docs/QWEN25VL_SPEC.md for every number and pitfall; transformers' modeling_qwen2_5_vl.py is the
+- transformers' modeling_qwen2_5_vl.py (Qwen/Qwen2.5-VL-7B-Instruct's config.json for the 7B numbers) is the
   numerical oracle in tests/test_model.py.
 
 Module names follow the published checkpoint keys (visual.*, model.*, lm_head), so loading is a plain

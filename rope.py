@@ -22,7 +22,8 @@ def rotate_half(x):
 
 
 def inv_freq(dim, base):
-    # exactly this expression, in fp32 on CPU: other formulas differ in the last bit (spec 6.4)
+    # exactly this expression, in fp32 on CPU: other formulas differ in the last bit from
+    # the checkpoints' reference (transformers' Qwen2.5-VL)
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
@@ -99,7 +100,7 @@ def mrope_cos_sin(position_ids, freq, mrope_section, dtype, axis=None):
     # frequency j takes its position from axis t, h or w by mrope_section (e.g. 16/24/24)
     axis = mrope_axis(mrope_section, position_ids.device) if axis is None else axis
     p = position_ids[axis].permute(1, 2, 0).float()  # (3, B, T) -> (B, T, head_dim/2), one axis per frequency
-    emb = (p * freq.to(p.device)).repeat(1, 1, 2)     # angles in fp32 (spec 6.2), (B, T, head_dim)
+    emb = (p * freq.to(p.device)).repeat(1, 1, 2)     # angles in fp32, as the reference, (B, T, head_dim)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 

@@ -35,7 +35,7 @@ from decode import GraphDecoder, PhaseTimer, decode_ahead
 from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, end_ids, prefix_segments,
                     question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
-from processor import Tokenizer, patchify_video, resize_video
+from processor import Tokenizer, patchify_video, read_json, resize_video
 from video import open_video, seconds_of
 
 DECODERS = ("plain", "graphs", "compiled")
@@ -254,31 +254,29 @@ def make_streamer(model, tok, policy="streaming", reset_every=100, **kw):
 # Checkpoints and the command line
 
 
-def read_json(path):
-    """A JSON file's content, or a one-line error naming the file."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"{path}: cannot read it as JSON ({e})")
-
-
 def load_checkpoint(path, device=None, flexprefill=False):
     """(model, tokenizer, settings) from a checkpoint folder; settings are the layout it was trained with
     (stream.json, written by train.py: the windows, ...), or {}. Exits with how to make one when there is none."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         sys.exit(f"no checkpoint at {path}: make one with `python train.py` (or pass --model DIR)")
-    device, dtype = pick_device_dtype(device)
-    model = VLM.from_pretrained(path, device=device, dtype=dtype)
+    try:  # a bad file or device is the user's to fix: one line that names it, no traceback
+        device, dtype = pick_device_dtype(device)
+        model = VLM.from_pretrained(path, device=device, dtype=dtype)
+        tok = Tokenizer.from_file(path)
+        stream_json = os.path.join(path, "stream.json")
+        settings = dict(read_json(stream_json), _path=stream_json) if os.path.isfile(stream_json) else {}
+        layout_of(settings)  # fails here, naming the file, if its values do not fit a StreamLayout
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
     if flexprefill:
         model.enable_flexprefill()
-    settings = read_json(os.path.join(path, "stream.json")) if os.path.isfile(os.path.join(path, "stream.json")) else {}
-    return model, Tokenizer.from_file(path), settings
+    return model, tok, settings
 
 
 def layout_of(settings, args=None):
     """The StreamLayout to serve with: a flag when given, else the checkpoint's stream.json, else our defaults."""
-    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings)
+    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings, settings.get(
+        "_path", "stream.json"))
     flags = {k: getattr(args, k) for k in vars(StreamLayout()) if getattr(args, k, None) is not None}
     return StreamLayout(**{**vars(base), **flags})
 

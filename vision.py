@@ -8,11 +8,10 @@ videos of a batch are packed in one sequence, and attention never crosses a wind
 (segment_attention). Rows are reordered into window order first, keeping the 2x2 patches of each merge unit
 together, and a merger turns each 2x2 unit into one token of the language model's width, back in raster order.
 
-The small pieces both towers share (RMSNorm, the gated MLP, rotary helpers) live here, the file model.py imports
-first.
+The small layers both towers share (RMSNorm, the gated MLP) live here; the rotary helpers are rope.py's.
 
-References: Qwen2.5-VL technical report, arXiv 2502.13923; ../shared/docs/QWEN25VL_SPEC.md (window layout, the
-RMSNorm order, inv_freq in the last bit); transformers' modeling_qwen2_5_vl.py is the oracle in tests/test_model.py.
+References: Qwen2.5-VL technical report, arXiv 2502.13923; transformers' modeling_qwen2_5_vl.py (the window
+layout, the RMSNorm order, inv_freq to the last bit) is the oracle in tests/test_model.py.
 """
 import functools
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32, cast back, *then* scale: the order the checkpoints were trained with (spec 6.1)
+        # normalise in fp32, cast back, *then* scale: the order the checkpoints were trained with
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -119,7 +118,7 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, segments, cos, sin):
         q, k, v = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.n_heads)
-        # the vision rotary is applied in fp32 and cast back (the opposite of the text model, spec 6.3)
+        # the vision rotary is applied in fp32 and cast back (the opposite of the text model)
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
         o = segment_attention(q, k, v, segments)

@@ -203,7 +203,7 @@ def test_published_config_values():
 
 def test_index_functions_match_spec_examples():
     cfg = VLMConfig()
-    # spec 2.2.4: grid (1, 12, 20) -> these windows
+    # grid (1, 12, 20) -> these windows (as transformers' get_window_index makes them)
     pos, window_index, cu_window, cu_full = vision_layout(torch.tensor([[1, 12, 20]]), cfg.vision)
     assert cu_window.tolist() == [0, 64, 128, 160, 192, 224, 240]
     assert window_index[:8].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
@@ -211,7 +211,7 @@ def test_index_functions_match_spec_examples():
     _, _, _, cu_full = vision_layout(torch.tensor([[1, 4, 6]]), cfg.vision)
     p, _, _, _ = vision_layout(torch.tensor([[1, 4, 6]]), cfg.vision)
     assert p[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
-    # spec 3.5.5: 3 text, image (1,4,6), 2 text
+    # 3 text tokens, an image of grid (1, 4, 6), 2 text tokens
     ids = torch.tensor([[1, 2, 3] + [cfg.image_token_id] * 6 + [4, 5]])
     pos, nxt = mrope_positions(ids, cfg, image_grid_thw=torch.tensor([[1, 4, 6]]))
     assert pos[:, 0].tolist() == [[0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7], [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7],
