@@ -13,13 +13,20 @@ any moment leaves the previous checkpoint or the new one, each whole. clean_left
 before each save, puts the previous checkpoint back if the kill fell between the two renames, and deletes the
 rest. (A folder swap rather than file-by-file renames: a model from one step beside the optimizer state of
 another would resume into a run that never happened.)
+
+The last section is train.py's side: what --out must hold for a fresh run (no checkpoint, unless --overwrite)
+or for --resume (a readable train state), and a save of a whole run.
 """
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+
+from layout import StreamLayout
 
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "stream.json", STATE, OPTIMIZER)
@@ -145,3 +152,53 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     save_file(tensors, os.path.join(tmp, OPTIMIZER))
     write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})
     swap_in(tmp, out)
+
+
+# -----------------------------------------------------------------------------
+# train.py's runs: args (out, resume, overwrite, init, data, cfg) and run (master, ddp, world) as train.py has them
+
+
+def stream_layout(cfg):
+    """The layout a run trains with (its stream.json), for the streaming loop to reproduce: the previous-text cut
+    and the frame pixels of the chunks; the system prompt, fps and vision window as layout.py has them (training
+    attends to the whole chunk, so the vision window is the streaming default)."""
+    return StreamLayout(text_sink=cfg.text_sink, text_window=cfg.text_window, min_pixels=cfg.min_pixels,
+                        max_pixels=cfg.max_pixels)
+
+
+def save_run(model, opt, step, history, args, run, tok_json):
+    """A run's checkpoint after `step`, swapped into args.out whole (save). Under FSDP every rank takes part in
+    gathering the full tensors; only the master writes."""
+    model_state = {k: full(v) for k, v in model.state_dict().items()}
+    optimizer = optimizer_state(opt)
+    if run.master:
+        state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
+                     init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
+        notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
+                     train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
+        save(args.out, model, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
+
+
+def out_problem(args):
+    """Why args.out does not suit the run, or None: a checkpoint that a fresh run would replace unasked, or no
+    readable train state for --resume."""
+    if args.resume:
+        try:
+            read_state(args.out)
+        except ValueError as e:
+            return f"--resume: {e}"
+    elif not args.overwrite and holds_checkpoint(args.out):
+        return f"--out {args.out} holds a checkpoint: pass --resume to continue it or --overwrite to replace it"
+    return None
+
+
+def prepare(args, run):
+    """Before a run loads or writes anything: repair what a killed save left (the master), check args.out again
+    (one-line SystemExit), and return the train state to resume, or None."""
+    if run.master:
+        clean_leftovers(args.out)
+    if run.ddp:
+        dist.barrier()
+    if out_problem(args):
+        raise SystemExit(out_problem(args))
+    return read_state(args.out) if args.resume else None

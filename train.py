@@ -20,9 +20,10 @@ tokens of the step (all ranks and micro-batches together), so the result does no
 split across processes. The chunks of a step are a pure function of (step, micro-batch, rank), so a resumed
 run continues the uninterrupted one exactly.
 
-A checkpoint is whole or absent: it is written into a hidden folder beside --out and swapped in by two renames;
-a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A non-finite loss
-or gradient stops the run before the update, so the last checkpoint is never overwritten with NaN weights.
+A checkpoint is whole or absent (checkpoint.py): it is written into a hidden folder beside --out and swapped in
+by two renames; a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A
+non-finite loss or gradient stops the run before the update, so the last checkpoint is never overwritten with
+NaN weights. Every --eval-every steps the run validates on fixed chunks (validate.py) and saves.
 """
 import argparse
 import contextlib
@@ -34,15 +35,15 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from data import IGNORE, MicroBatches, jsonl_samples, make_batch, make_tokenizer, with_positions
-from layout import FRAME_PIXELS, SILENCE, StreamLayout
+from data import IGNORE, MicroBatches, jsonl_samples, make_tokenizer
+from layout import FRAME_PIXELS
 from model import PRESETS as MODEL_PRESETS
 from model import VLM, pick_device_dtype
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
+from validate import Validator, loss_sum
 from world import WorldConfig
 
 # -----------------------------------------------------------------------------
@@ -278,8 +279,8 @@ def check_combinations(ap, args):
     for name in ("config.json", "tokenizer.json"):
         if args.init and not os.path.isfile(os.path.join(args.init, name)):
             ap.error(f"--init {args.init}: no {name} there (expected a Qwen2.5-VL checkpoint folder)")
-    if not os.path.isdir(ckpt.beside(args.out, "old")) and out_problem(args):  # else: after prepare_out's repair
-        ap.error(out_problem(args))
+    if not os.path.isdir(ckpt.beside(args.out, "old")) and ckpt.out_problem(args):  # else: after ckpt.prepare
+        ap.error(ckpt.out_problem(args))
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         ap.error("--fsdp shards over several processes: run it under torchrun --nproc_per_node=N")
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -300,83 +301,6 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / warm
     p = (step - warm) / max(1, cfg.steps - warm)
     return cfg.lr * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-# -----------------------------------------------------------------------------
-# batches, loss, validation
-
-
-def loss_sum(model, batch, device):
-    """Sum of token cross-entropies over the supervised tokens, and their count."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    logits = model(**batch)
-    targets = labels[:, 1:]  # position i predicts token i + 1
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((targets != IGNORE).sum())
-
-
-def first_token_hits(model, batch, device, silence_id, number_ids=()):
-    """How often the argmax is right at the first reply token of a second, for event seconds and for quiet ones
-    (the event/silence decision the commentary metrics hinge on, which the mean loss hides), and at the score
-    numbers of goal sentences (the one thing the frames never show). Returns
-    (event right, events, quiet right, quiet seconds, score tokens right, score tokens)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    targets = labels[:, 1:]
-    pred = model(**batch)[:, :-1].argmax(-1)
-    first = (targets != IGNORE) & (labels[:, :-1] == IGNORE)  # the first supervised token of each second
-    right = pred[first] == targets[first]
-    event = targets[first] != silence_id
-    score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
-    return (int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum()),
-            int((pred[score] == targets[score]).sum()), int(score.sum()))
-
-
-def answer_right(model, batch, device, im_start_id):
-    """Whether a one-chunk batch that ends with a question gets its whole answer right (teacher-forced argmax at
-    every answer token), or None if the chunk asks none (data.chunk_question found it unanswerable)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")[0]
-    ids = batch["input_ids"][0]
-    turns = (ids == im_start_id).nonzero().flatten().tolist()
-    user, header = turns[-2], turns[-1]  # the last user turn and the assistant header after it
-    if (ids[user:header] == model.cfg.video_token_id).any():  # the last second's turn: no question was asked
-        return None
-    pos = (labels != IGNORE).nonzero().flatten()
-    pos = pos[pos > header]
-    pred = model(**batch)[0].argmax(-1)
-    return bool((pred[pos - 1] == labels[pos]).all())
-
-
-class Validator:
-    """Fixed validation chunks, made once: of the default world (or the first --data chunks) and, when training
-    asks questions, ones that end with a question. Calling it reports the loss and the hits that matter."""
-
-    def __init__(self, tok, cfg, jsonl, model_cfg):
-        batch = lambda i, rate: with_positions(make_batch(tok, "eval", [i], cfg, question_rate=rate, jsonl=jsonl),
-                                               model_cfg)
-        self.val = [batch(i, 0.0) for i in range(cfg.eval_chunks)]
-        self.val_q = [batch(i, 1.0) for i in range(cfg.eval_chunks)] if jsonl is None and cfg.question_rate else []
-        self.silence_id, self.im_start_id = tok.encode(SILENCE)[0], tok.im_start_id
-        self.number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # one-token scores
-        if not self.number_ids:
-            print("note: this tokenizer splits numbers, so validation counts no score numbers (0/0)")
-
-    def __call__(self, model, raw, run):
-        model.eval()
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
-            tot = [loss_sum(raw, b, run.device) for b in self.val]
-            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, run.device, self.silence_id, self.number_ids)
-                                          for b in self.val))]
-            answers = [answer_right(raw, b, run.device, self.im_start_id) for b in self.val_q]
-        model.train()
-        asked = sum(a is not None for a in answers)
-        return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
-                f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
-                f"{hits[4]}/{hits[5]}"
-                + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +370,7 @@ def load_model(args, run):
         tok = make_tokenizer()
         tok_json = tok.tok.to_str(pretty=True)
         model = VLM(tiny_config(tok)).init_weights(seed=args.cfg.seed).to(run.device)
-    model.tokenizer_path = None  # save_checkpoint writes tokenizer.json from tok_json
+    model.tokenizer_path = None  # checkpoint.save writes tokenizer.json from tok_json
     model.checkpointing = args.checkpointing
     if args.cfg.freeze_vision:
         model.visual.requires_grad_(False)
@@ -491,74 +415,22 @@ def make_optimizer(raw, cfg):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints (checkpoint.py: whole or absent, no pickle)
-
-
-def stream_layout(cfg):
-    """The layout the checkpoint was trained with (its stream.json), for the streaming loop to reproduce: the
-    previous-text cut and the frame pixels of the chunks; the system prompt, fps and vision window as layout.py
-    has them (training attends to the whole chunk, so the vision window is the streaming default)."""
-    return StreamLayout(text_sink=cfg.text_sink, text_window=cfg.text_window, min_pixels=cfg.min_pixels,
-                        max_pixels=cfg.max_pixels)
-
-
-def save_checkpoint(raw, opt, step, history, args, run, tok_json):
-    """The model, tokenizer, stream.json and train state, swapped into --out whole. Under FSDP every rank takes
-    part in gathering the full tensors; only the master writes."""
-    model_state = {k: ckpt.full(v) for k, v in raw.state_dict().items()}
-    optimizer = ckpt.optimizer_state(opt)
-    if run.master:
-        state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
-                     init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
-        notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
-                     train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
-        ckpt.save(args.out, raw, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
-
-
-def out_problem(args):
-    """Why --out does not suit this run, or None: a checkpoint that a fresh run would replace unasked, or no
-    readable train state for --resume."""
-    if args.resume:
-        try:
-            ckpt.read_state(args.out)
-        except ValueError as e:
-            return f"--resume: {e}"
-    elif not args.overwrite and ckpt.holds_checkpoint(args.out):
-        return f"--out {args.out} holds a checkpoint: pass --resume to continue it or --overwrite to replace it"
-    return None
-
-
-def prepare_out(args, run):
-    """Before anything is loaded or written: repair what a killed save left (master), check --out again, and
-    with --resume read the train state and check it against this run's settings."""
-    if run.master:
-        ckpt.clean_leftovers(args.out)
-    if run.ddp:
-        dist.barrier()
-    if out_problem(args):
-        raise SystemExit(out_problem(args))
-    if not args.resume:
-        return None
-    try:
-        state = ckpt.read_state(args.out)
-        check_resume(state, args, run)
-    except (KeyError, TypeError) as e:
-        raise SystemExit(f"--resume: {args.out}/{ckpt.STATE} is not a train state of this train.py ({e!r})")
-    return state
+# resume
 
 
 def check_resume(state, args, run):
     """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
     optimisation, the data, the model's source, the processes) must be the one the run started with."""
     now = json.loads(json.dumps(asdict(args.cfg)))  # tuples as lists, as the saved ones
-    changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}" for k, v in now.items()
-               if k not in BOOKKEEPING and state["config"].get(k) != v]
-    for k in ("init", "data"):
-        mine = getattr(args, k) and os.path.abspath(getattr(args, k))
-        if state[k] != mine:
-            changed.append(f"--{k} {state[k]} -> {mine}")
-    if state["processes"] != run.world:
-        changed.append(f"processes {state['processes']} -> {run.world}")
+    try:
+        changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}"
+                   for k, v in now.items() if k not in BOOKKEEPING and state["config"].get(k) != v]
+        changed += [f"--{k} {state[k]} -> {mine}" for k in ("init", "data")
+                    if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
+        if state["processes"] != run.world:
+            changed.append(f"processes {state['processes']} -> {run.world}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--resume: {args.out}/{ckpt.STATE} is not a train state of this train.py ({e!r})")
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
     if args.stop_at is not None and args.stop_at <= state["step"]:
@@ -632,7 +504,7 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
         if (step + 1) % cfg.eval_every == 0 or step + 1 == end:
             if run.master:
                 tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
-            save_checkpoint(raw, opt, step + 1, history, args, run, tok_json)
+            ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json)
             saved = step + 1
     return history
 
@@ -642,7 +514,9 @@ def main(argv=None):
     run = setup(args)
     if run.master:
         print_config(args)
-    state = prepare_out(args, run)
+    state = ckpt.prepare(args, run)
+    if state:
+        check_resume(state, args, run)
     raw, tok, tok_json = load_model(args, run)
     jsonl = read_jsonl(args, tok) if args.data else None
     model = distribute(raw, args, run)
@@ -650,7 +524,7 @@ def main(argv=None):
     step, history = 0, []
     if state:
         try:
-            ckpt.load_optimizer(opt, args.out, state["optimizer"])
+            ckpt.load_optimizer(opt, args.out, state.get("optimizer", {}))
         except ValueError as e:
             raise SystemExit(f"--resume: {e}")
         step, history = state["step"], state["history"]

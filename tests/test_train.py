@@ -155,7 +155,7 @@ def test_time_curriculum_starts_chunks_early_in_the_stream(tok):
 
 
 def test_first_token_hits_counts_events_and_quiet_seconds(tok):
-    from train import first_token_hits
+    from validate import first_token_hits
     b = make_batch_for_hits(tok)
     labels = b["labels"]
 
@@ -262,7 +262,7 @@ def test_first_goal_and_answers():
 
 def test_answer_right_reads_only_the_answer(tok):
     from data import collate
-    from train import answer_right
+    from validate import answer_right
     w = SportsStream(WorldConfig(seed=2, size=56))
     secs = [w.second(t) for t in range(3)]
     args = ([s.frames for s in secs], [s.text for s in secs], 0, [], 16, 16)

@@ -1,0 +1,85 @@
+"""
+Validation during training, teacher-forced on fixed chunks: the mean loss over the supervised tokens, and three
+readings the mean loss hides. The first reply token of each second decides between commentary and silence (what
+the stream's event metrics hinge on); the score numbers in goal sentences are the one thing the frames never show
+(the model must read them from the previous text); a question about the whole stream at the end of a chunk tests
+whether that previous text is read at all.
+"""
+import torch
+import torch.nn.functional as F
+
+from data import IGNORE, make_batch, with_positions
+from layout import SILENCE
+
+
+def loss_sum(model, batch, device):
+    """Sum of token cross-entropies over the supervised tokens, and their count."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    logits = model(**batch)
+    targets = labels[:, 1:]  # position i predicts token i + 1
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+def first_token_hits(model, batch, device, silence_id, number_ids=()):
+    """How often the argmax is right at the first reply token of a second, for event seconds and for quiet ones
+    (the event/silence decision the commentary metrics hinge on, which the mean loss hides), and at the score
+    numbers of goal sentences (the one thing the frames never show). Returns
+    (event right, events, quiet right, quiet seconds, score tokens right, score tokens)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+    targets = labels[:, 1:]
+    pred = model(**batch)[:, :-1].argmax(-1)
+    first = (targets != IGNORE) & (labels[:, :-1] == IGNORE)  # the first supervised token of each second
+    right = pred[first] == targets[first]
+    event = targets[first] != silence_id
+    score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
+    return (int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum()),
+            int((pred[score] == targets[score]).sum()), int(score.sum()))
+
+
+def answer_right(model, batch, device, im_start_id):
+    """Whether a one-chunk batch that ends with a question gets its whole answer right (teacher-forced argmax at
+    every answer token), or None if the chunk asks none (data.chunk_question found it unanswerable)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")[0]
+    ids = batch["input_ids"][0]
+    turns = (ids == im_start_id).nonzero().flatten().tolist()
+    user, header = turns[-2], turns[-1]  # the last user turn and the assistant header after it
+    if (ids[user:header] == model.cfg.video_token_id).any():  # the last second's turn: no question was asked
+        return None
+    pos = (labels != IGNORE).nonzero().flatten()
+    pos = pos[pos > header]
+    pred = model(**batch)[0].argmax(-1)
+    return bool((pred[pos - 1] == labels[pos]).all())
+
+
+class Validator:
+    """Fixed validation chunks, made once: of the default world (or the first --data chunks) and, when training
+    asks questions, ones that end with a question. Calling it reports the loss and the hits that matter."""
+
+    def __init__(self, tok, cfg, jsonl, model_cfg):
+        batch = lambda i, rate: with_positions(make_batch(tok, "eval", [i], cfg, question_rate=rate, jsonl=jsonl),
+                                               model_cfg)
+        self.val = [batch(i, 0.0) for i in range(cfg.eval_chunks)]
+        self.val_q = [batch(i, 1.0) for i in range(cfg.eval_chunks)] if jsonl is None and cfg.question_rate else []
+        self.silence_id, self.im_start_id = tok.encode(SILENCE)[0], tok.im_start_id
+        self.number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # one-token scores
+        if not self.number_ids:
+            print("note: this tokenizer splits numbers, so validation counts no score numbers (0/0)")
+
+    def __call__(self, model, raw, run):
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
+            tot = [loss_sum(raw, b, run.device) for b in self.val]
+            hits = [sum(x) for x in zip(*(first_token_hits(raw, b, run.device, self.silence_id, self.number_ids)
+                                          for b in self.val))]
+            answers = [answer_right(raw, b, run.device, self.im_start_id) for b in self.val_q]
+        model.train()
+        asked = sum(a is not None for a in answers)
+        return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
+                f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
+                f"{hits[4]}/{hits[5]}"
+                + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
