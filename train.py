@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from data import IGNORE, MicroBatches, jsonl_samples, make_tokenizer
+from data import IGNORE, DataError, JsonlSamples, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import PRESETS as MODEL_PRESETS
 from model import VLM, pick_device_dtype
@@ -211,7 +211,9 @@ def build_parser():
     ap.add_argument("--out", default="out/tiny", help="checkpoint folder (default out/tiny)")
     ap.add_argument("--init", help="fine-tune this Qwen2.5-VL checkpoint folder with StreamingVLM's SFT recipe "
                     "(the --init values below)")
-    ap.add_argument("--data", help="a JSONL file of real videos (data.py); default: the synthetic world")
+    ap.add_argument("--data", help="a JSONL of videos with timed words: StreamingVLM's Inf-Stream-Train (LiveCC) "
+                    "format, or data.py's own; default: the synthetic world")
+    ap.add_argument("--video-root", help="the folder relative video paths in --data are under (default: its own)")
     ap.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     ap.add_argument("--overwrite", action="store_true", help="start afresh although --out holds a checkpoint "
                     "(it stays until the first save replaces it)")
@@ -272,6 +274,8 @@ def check_combinations(ap, args):
         ap.error(f"--out {args.out} is a file, not a folder")
     if args.data and not os.path.isfile(args.data):
         ap.error(f"--data {args.data}: no such file")
+    if args.video_root and not os.path.isdir(args.video_root):
+        ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
                  "time_curriculum", "stream_seconds", "frame_size") if args.sources[k] == "flag"]
     if args.data and synthetic:
@@ -382,18 +386,6 @@ def load_model(args, run):
     return model, tok, tok_json
 
 
-def read_jsonl(args, tok):
-    cfg = args.cfg
-    try:
-        samples = list(jsonl_samples(args.data, tok, cfg.chunk_seconds, cfg.text_sink, cfg.text_window,
-                                     (cfg.min_pixels, cfg.max_pixels)))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"--data {args.data}: {e}")
-    if not samples:
-        raise SystemExit(f"--data {args.data}: no samples in the file")
-    return samples
-
-
 def distribute(raw, args, run):
     """DDP (or FSDP2 with --fsdp) across processes; torch.compile of the language model with --compile."""
     model = raw
@@ -483,9 +475,7 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     cfg, saved = args.cfg, step
     validate = Validator(tok, cfg, jsonl, raw.cfg) if run.master else None
     end = min(cfg.steps, args.stop_at or cfg.steps)
-    loader = iter(torch.utils.data.DataLoader(MicroBatches(tok, cfg, raw.cfg, jsonl, step, run.rank, run.world),
-                                              batch_size=None, num_workers=cfg.workers, pin_memory=run.amp,
-                                              prefetch_factor=4 if cfg.workers else None))
+    loader = micro_batches(tok, cfg, raw.cfg, jsonl, step, run.rank, run.world, pin_memory=run.amp)
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
@@ -518,7 +508,6 @@ def main(argv=None):
     if state:
         check_resume(state, args, run)
     raw, tok, tok_json = load_model(args, run)
-    jsonl = read_jsonl(args, tok) if args.data else None
     model = distribute(raw, args, run)
     opt = make_optimizer(raw, args.cfg)
     step, history = 0, []
@@ -530,7 +519,11 @@ def main(argv=None):
         step, history = state["step"], state["history"]
         if run.master:
             print(f"resumed at step {step}")
-    history = train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history)
+    try:  # a bad --data record, found now or while its chunk is built (a damaged video): one line, no traceback
+        jsonl = JsonlSamples(args.data, tok, args.cfg, args.video_root) if args.data else None
+        history = train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history)
+    except DataError as e:
+        raise SystemExit(str(e))
     if run.master:
         print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}")
     if run.ddp:

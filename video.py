@@ -28,9 +28,15 @@ its own duration). A stream whose frames carry no timestamps at all (a raw .h264
 the stream's rate. A folder of images is taken as FPS frames a second, in natural order (frame2 < frame10); a GIF
 is timed by its per-frame delays (100 ms where a frame has none, as browsers do).
 
+Training reads a chunk of a long video at a time (read_seconds): it seeks to the keyframe before the chunk and
+decodes only the chunk's seconds, with the same rule, time counted from the chunk's start (which may be
+fractional). Times keep their origin at the stream's start, so a chunk read this way is the same frames as the
+same seconds of a read from the beginning.
+
 Every failure is a VideoError, "<source>: <what went wrong>", raised after the seconds that could be read were
 yielded, so a caller keeps the part of a broken file that was good.
 """
+import itertools
 import os
 import re
 from fractions import Fraction
@@ -76,6 +82,28 @@ def seconds_of(frames, fps=FPS):
             chunk = []
 
 
+def read_seconds(path, start, n, fps=FPS):
+    """Seconds [start, start + n) of a local video as n lists of `fps` frames (PIL RGB), chosen by the rule above
+    with time counted from `start` (seconds from the stream's start; fractional is fine); fewer lists when the
+    video ends first. A file PyAV reads is entered by seeking, and decoding stops after the last second asked for,
+    so memory and time do not grow with the video's length; a folder of images or a GIF is read from its start."""
+    path = os.fspath(path)
+    start = Fraction(str(start))  # exact: 12.3 is 123/10, so a frame stopping at 13.3 s is in the first second
+    if start < 0 or n < 0:
+        raise VideoError(f"{path}: cannot read {n} seconds from {float(start)} s")
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file or folder")
+    if os.path.isdir(path):  # a folder's frames are FPS a second: frame i stops at (i + 1) / FPS
+        timed = ((Fraction(i + 1, fps), f) for i, f in enumerate(_folder_frames(path)))
+    elif path.lower().endswith(".gif"):
+        timed = _gif_timed(path, _gif_open(path, fps))
+    else:
+        timed = _av_timed(path, _av_open(path), start)
+    later = ((stop - start, frame) for stop, frame in timed if stop > start)  # frames gone by `start` are not seen
+    frames = (f.to_image() if hasattr(f, "to_image") else f for f in _per_second(later, fps))
+    return list(itertools.islice(seconds_of(frames, fps), n))  # the generators (and the file) close on return
+
+
 def _per_second(timed, fps):
     """(stop time, frame) pairs, stop times increasing -> `fps` frames for every second (module docstring).
     Frames go out as soon as they are chosen, so a live source is not held back by a second."""
@@ -119,6 +147,10 @@ def _read_image(file):
 
 
 def _gif_source(path, fps):
+    return _per_second(_gif_timed(path, _gif_open(path, fps)), fps)
+
+
+def _gif_open(path, fps):
     try:
         im = Image.open(path)
         n_frames = getattr(im, "n_frames", 1)
@@ -128,7 +160,7 @@ def _gif_source(path, fps):
         im.close()
         raise VideoError(f"{path}: a one-frame GIF with no frame delay has no length to read at {fps} frames a "
                          "second (give the frame a delay, or pass the image to the processor as an image)")
-    return _per_second(_gif_timed(path, im), fps)
+    return im
 
 
 def _gif_timed(path, im):
@@ -148,6 +180,10 @@ def _gif_timed(path, im):
 
 
 def _av_source(path, fps):
+    return (f.to_image() for f in _per_second(_av_timed(path, _av_open(path)), fps))
+
+
+def _av_open(path):
     try:
         import av
     except ImportError:
@@ -165,14 +201,20 @@ def _av_source(path, fps):
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: holds no video stream")
-    return (f.to_image() for f in _per_second(_av_timed(path, container), fps))
+    return container
 
 
-def _av_timed(path, container):
-    """(stop time, frame) of the container's first video stream; the container is closed at the end."""
+def _av_timed(path, container, start=0):
+    """(stop time, frame) of the container's first video stream; the container is closed at the end. With a
+    `start` (s) the container first seeks to the keyframe at or before start - 1 s (the margin covers frames
+    reordered around the keyframe; they are decoded and dropped), and times still count from the stream's start."""
     with container:
         stream = container.streams.video[0]
-        yield from _timed_frames(path, stream, _decode(path, container, stream))
+        origin = None  # None: time counts from the first decoded frame (a read from the beginning)
+        if start > 0 and stream.start_time is not None and stream.time_base:
+            origin = stream.start_time * stream.time_base
+            container.seek(max(0, int((origin + start - 1) / stream.time_base)), stream=stream)
+        yield from _timed_frames(path, stream, _decode(path, container, stream), origin)
 
 
 def _decode(path, container, stream):
@@ -186,12 +228,13 @@ def _decode(path, container, stream):
         raise VideoError(f"{path}: decoding stopped after {n} frames ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _timed_frames(path, stream, frames):
-    """Decoded frames -> (stop time, frame), times in exact seconds from the first frame. A frame stops where
-    the next one starts; the last one after its own duration (else the gap before it, else 1 / rate)."""
+def _timed_frames(path, stream, frames, origin=None):
+    """Decoded frames -> (stop time, frame), times in exact seconds from `origin` (default: the first frame). A
+    frame stops where the next one starts; the last one after its own duration (else the gap before it, else
+    1 / rate)."""
     rate = stream.average_rate or stream.guessed_rate
     gap = 1 / Fraction(rate) if rate else None
-    held, indexed, zero = None, False, 0  # held: (start, frame) waiting for the next frame's start
+    held, indexed = None, False  # held: (start, frame) waiting for the next frame's start
     for i, frame in enumerate(frames):
         if i == 0 and frame.pts is None:  # no timestamps at all (a raw .h264): frame i starts at i / rate
             if gap is None:
@@ -203,8 +246,8 @@ def _timed_frames(path, stream, frames):
             raise VideoError(f"{path}: frame {i} has no timestamp (pts), though the frames before it had")
         else:
             start = frame.pts * (frame.time_base or stream.time_base)
-            zero = start if i == 0 else zero
-            start -= zero
+            origin = start if origin is None else origin
+            start -= origin
         if held is not None:
             if start < held[0]:
                 raise VideoError(f"{path}: timestamps go backwards at frame {i} ({float(start):.3f} s after "
