@@ -12,19 +12,36 @@ kept fraction of causal blocks, the share of query-aware heads and the output er
     python bench_flexprefill.py --lengths 131072 --compile-select --json out.json
     python bench_flexprefill.py --activations qkv_layer10.pt      # q, k, v captured from a model
     python bench_flexprefill.py --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
+    python bench_flexprefill.py --long-prefill --model out/tiny   # dense vs FlexPrefill answers, a trained model
+
+--long-prefill asks a trained checkpoint questions whose answers need the whole video (world.QUESTIONS: the
+score, the number of goals, the first scorer) after prefilling --seconds of a held-out stream in one forward,
+with the true commentary as the context, laid out as in training: dense attention and FlexPrefill side by side
+(the answers, the prefill time, the density FlexPrefill kept and its attention-output error against dense).
+For contrast the same questions go to the StreamingVLM cache after streaming the same seconds (Streamer.ask):
+its memory is the sink, the text window and the vision window, which is what the model was trained on.
 """
 import argparse
-import json
 import math
 import os
 import statistics
 import time
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
 
-from flexprefill import _flex, block_mask_from_selection, causal_attention, select_blocks, sparse_attention
+from data import build_sample
+from eval import Results, hardware, table
+from flexprefill import (FlexPrefill, _flex, block_mask_from_selection, causal_attention, flexprefill_attention,
+                         select_blocks, sparse_attention)
+from layout import question_segments
+from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from train import Parser, at_least, checked
+from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 
 def timeit(fn, device, warmup, iters):
@@ -143,30 +160,108 @@ def print_row(row):
     print(" ".join(fmt.format(row[key]) for key, fmt in COLUMNS), flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
-    p.add_argument("--heads", type=int, nargs=2, default=[28, 4], metavar=("HQ", "HKV"))
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--inputs", nargs="+", default=["random", "planted"], choices=["random", "planted"])
-    p.add_argument("--activations", help=".pt file with q (B,Hq,N,D), k, v (B,Hkv,N,D) as a dict or tuple; "
-                   "each length takes the first L tokens (a causal prefix)")
-    p.add_argument("--gamma", type=float, default=0.9)
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--min-budget", type=int, default=1024)
-    p.add_argument("--max-budget", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--backend", default="auto", choices=["auto", "flex", "dense"])
-    p.add_argument("--compile-select", action="store_true",
-                   help="torch.compile(select_blocks, dynamic=False): one compile per length")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
+# -----------------------------------------------------------------------------
+# The long-prefill check: the answers of a trained model, dense and sparse
 
+
+@dataclass
+class MeasuredFlexPrefill(FlexPrefill):
+    """FlexPrefill that also records, for each chunk it makes sparse, the kept density (1.0 where it fell back to
+    dense) and the relative error of its output against dense causal attention (computed beside it: slower)."""
+    density: list = field(default_factory=list)
+    rel_err: list = field(default_factory=list)
+
+    def __call__(self, q, k, v):
+        if q.shape[2] < self.min_len:
+            return causal_attention(q, k, v)
+        out, info = flexprefill_attention(q, k, v, self.gamma, self.tau, self.min_budget, self.max_budget,
+                                          self.block_size, return_info=True, backend=self.backend)
+        dense = causal_attention(q, k, v)
+        self.density.append(1.0 if info["dense_fallback"] else float(info["density"].float().mean()))
+        self.rel_err.append(float((out - dense).float().norm() / dense.float().norm()))
+        return out
+
+
+def timed_prefill(model, ids, vision):
+    """Seconds of one prefill forward, after a warm-up forward (allocation; compilation of the flex kernel)."""
+    model(ids, **vision, logits_to_keep=1)
+    return timeit(lambda: model(ids, **vision, logits_to_keep=1), model.device, 0, 1) / 1e3
+
+
+def reply(model, tok, ids, vision):
+    out = model.generate(ids, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
+    return tok.decode([i for i in out if i != tok.im_end_id]).strip()
+
+
+@torch.no_grad()
+def ask_stream(args, model, tok, st, world, res):
+    """The three questions after --seconds of one held-out world: dense, FlexPrefill, and the streaming cache.
+    Returns the rows and (dense, FlexPrefill) prefill seconds of the first question (they share all but a few
+    tokens)."""
+    fast = FlexPrefill(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
+    measured = MeasuredFlexPrefill(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
+    secs = [world.second(t) for t in range(args.seconds)]
+    kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
+    vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
+    streamer = make_streamer(model, tok, "streaming", **kw)
+    for s in secs:  # the same context as the prefill: the true commentary, teacher-forced
+        streamer.step(s.frames, force_text=s.text)
+    first = world.first_goal(args.seconds - 1)
+    rows, times = [], None
+    for kind, question in QUESTIONS.items():
+        truth = answer(kind, world.score(args.seconds - 1), first[1] if first else None)
+        ids = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None].to(model.device)
+        if times is None:
+            times = (timed_prefill(model.use_attention(None), ids, vision),
+                     timed_prefill(model.use_attention(fast), ids, vision))
+            model.use_attention(measured)(ids, **vision, logits_to_keep=1)
+        dense = reply(model.use_attention(None), tok, ids, vision)
+        sparse = reply(model.use_attention(fast), tok, ids, vision)
+        model.use_attention(None)
+        streaming = streamer.ask(question)
+        rows.append(dict(seed=world.cfg.seed, question=kind, tokens=ids.shape[1], truth=truth, dense=dense,
+                         flexprefill=sparse, same=dense == sparse, dense_right=dense == truth,
+                         flexprefill_right=sparse == truth, streaming=streaming, streaming_right=streaming == truth))
+        res.log(**rows[-1])
+    return rows, times, measured
+
+
+def long_prefill(args):
+    """Dense vs FlexPrefill vs the streaming cache on whole-video questions after a long prefill (see the top)."""
+    model, tok, st = load_checkpoint(args.model, args.device)
+    print(f"whole-video questions after a {args.seconds} s prefill on {args.model} ({hardware()}; gamma "
+          f"{args.gamma}, min_budget {args.min_budget}; prefill times include the vision tower)", flush=True)
+    res, rows, times, density, err = Results(args.out, "long_prefill"), [], [], [], []
+    for i in tqdm(range(args.streams), desc="streams", disable=args.streams < 2):
+        world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56)))
+        r, t, measured = ask_stream(args, model, tok, st, world, res)
+        rows, times, density, err = rows + r, times + [t], density + measured.density, err + measured.rel_err
+    k, share = len(rows), lambda key: round(sum(r[key] for r in rows) / len(rows), 3)
+    summary = dict(seconds=args.seconds, tokens=max(r["tokens"] for r in rows), streams=args.streams, questions=k,
+                   dense_right=share("dense_right"), flexprefill_right=share("flexprefill_right"),
+                   same_answer=share("same"), streaming_right=share("streaming_right"),
+                   dense_ms=round(1000 * sum(d for d, _ in times) / len(times), 1),
+                   flexprefill_ms=round(1000 * sum(f for _, f in times) / len(times), 1),
+                   density=round(sum(density) / len(density), 3), attn_rel_err=round(max(err), 4))
+    print(table(rows[:12], [c for c in rows[0] if c != "tokens"]))
+    if k > 12:
+        print(f"... {k - 12} more rows in {res.path}.jsonl")
+    print(table([summary]))
+    per_kind = {q: {m: sum(r[f"{m}_right"] for r in rows if r["question"] == q)
+                    for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
+                for q in QUESTIONS}
+    print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
+        f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in per_kind.items()))
+    result = dict(summary=summary, per_question=per_kind, rows=rows)
+    res.save(result)
+    return result
+
+# -----------------------------------------------------------------------------
+
+
+def kernel_bench(args):
+    """The kernel table: per input kind and length, FlexPrefill's parts against dense SDPA."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     Hq, Hkv = args.heads
     select_fn = torch.compile(select_blocks, dynamic=False) if args.compile_select else select_blocks
@@ -179,11 +274,10 @@ def main(argv=None):
     if max(args.lengths) <= max(2 * args.block_size, math.ceil(args.min_budget / args.block_size) * args.block_size):
         print("note: flexprefill_attention runs dense SDPA at these lengths; the sparse path is timed anyway")
     print(" ".join(f"{key:>{len(fmt.format(0))}}" for key, fmt in COLUMNS))
-
-    sources = ["activations"] if args.activations else args.inputs
     acts = load_activations(args.activations) if args.activations else None
+    res = Results.at(args.json) if args.json else None
     rows = []
-    for source in sources:
+    for source in ["activations"] if acts else args.inputs:
         for N in args.lengths:
             gen = torch.Generator().manual_seed(args.seed)
             if source == "activations":
@@ -191,25 +285,69 @@ def main(argv=None):
                     print(f"  skipping N={N}: the activations hold {acts[0].shape[2]} tokens")
                     continue
                 q, k, v = (x[:, :, :N] for x in acts)
-            elif source == "random":
-                q, k, v = random_inputs(N, Hq, Hkv, args.head_dim, gen)
             else:
-                q, k, v = planted_inputs(N, Hq, Hkv, args.head_dim, gen)
+                q, k, v = (random_inputs if source == "random" else planted_inputs)(N, Hq, Hkv, args.head_dim, gen)
             q, k, v = (x.to(device, dtype).contiguous() for x in (q, k, v))
             row = run_one(source, q, k, v, args, device, select_fn)
             print_row(row)
-            rows.append(row)
+            rows.append({key: None if val != val else val for key, val in row.items()})  # NaN: null in JSON
+            if res:
+                res.log(**rows[-1])
             del q, k, v
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json + ".tmp", "w") as f:  # written whole, then renamed
-            rows = [{key: None if val != val else val for key, val in row.items()} for row in rows]  # NaN -> null
-            json.dump(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows), f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
-        print(f"wrote {args.json}")
+    if res:
+        res.save(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows))
     return rows
+
+
+def build_parser():
+    p = Parser(prog="bench_flexprefill.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--lengths", type=at_least(1), nargs="+", default=[8192, 32768, 65536, 131072])
+    p.add_argument("--heads", type=at_least(1), nargs=2, default=[28, 4], metavar=("HQ", "HKV"))
+    p.add_argument("--head-dim", type=at_least(1), default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--inputs", nargs="+", default=["random", "planted"], choices=["random", "planted"])
+    p.add_argument("--activations", help=".pt file with q (B,Hq,N,D), k, v (B,Hkv,N,D) as a dict or tuple; "
+                   "each length takes the first L tokens (a causal prefix)")
+    p.add_argument("--gamma", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=0.9)
+    p.add_argument("--tau", type=at_least(0.0, float), default=0.1)
+    p.add_argument("--min-budget", type=at_least(0), default=1024)
+    p.add_argument("--max-budget", type=at_least(1), default=None)
+    p.add_argument("--block-size", type=at_least(1), default=128)
+    p.add_argument("--backend", default="auto", choices=["auto", "flex", "dense"])
+    p.add_argument("--compile-select", action="store_true",
+                   help="torch.compile(select_blocks, dynamic=False): one compile per length")
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--iters", type=at_least(1), default=5)
+    p.add_argument("--seed", type=at_least(0), default=0, help="inputs' seed; --long-prefill: the first "
+                   "held-out stream (world.split_seed('eval', SEED + i))")
+    p.add_argument("--json", help="also write the results here (and each row to the .jsonl beside it)")
+    p.add_argument("--long-prefill", action="store_true", help="instead of the kernels: whole-video questions "
+                   "to --model after a long prefill, dense vs FlexPrefill (see above)")
+    p.add_argument("--model", default="out/tiny", help="--long-prefill: checkpoint folder (default out/tiny)")
+    p.add_argument("--seconds", type=at_least(1), default=None, help="--long-prefill: seconds prefilled (1800 on "
+                   "a GPU, 120 on a CPU)")
+    p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
+                   "the three questions")
+    p.add_argument("--out", default="out/bench", help="--long-prefill: folder for long_prefill.json(l)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
+    if not args.long_prefill:
+        if args.activations and not os.path.isfile(args.activations):
+            p.error(f"--activations {args.activations}: no such file")
+        return kernel_bench(args)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model}: no checkpoint there; make one with `python train.py` or pass --model DIR")
+    args.seconds = args.seconds or (1800 if args.device.startswith("cuda") else 120)
+    return long_prefill(args)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,33 @@
-"""eval.py: the metrics on hand-made transcripts, and each task end to end at a tiny size on the CPU."""
+"""eval.py: the metrics on hand-made transcripts; each task end to end at a tiny size on the CPU; results kept as
+they go; every bad flag refused in one line."""
+import argparse
 import json
+import os
 
 import pytest
 import torch
 
-from eval import main, parse_event, score_transcript, slices
-from world import SportsStream, WorldConfig
-from test_cache import tok  # noqa: F401  (a fixture)
+from eval import main, parse_event, run_policy, score_transcript, slices
+from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 
 def truth(n=400, seed=3):
     w = SportsStream(WorldConfig(seed=seed))
     return [w.text(t) for t in range(n)]
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+def refused(main, argv, capsys):
+    """main(argv) must stop with a one-line error (argparse's exit status 2, no usage block, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    return err
 
 
 def test_perfect_transcript_scores_one():
@@ -54,28 +70,59 @@ def ckpt(tmp_path_factory):
     from train import main as train
     out = tmp_path_factory.mktemp("ckpt")
     train(["--out", str(out), "--steps", "2", "--batch-size", "1", "--chunk-seconds", "4", "--overlap", "2",
-           "--text-sink", "8", "--text-window", "8", "--eval-chunks", "1"])
+           "--text-sink", "8", "--text-window", "8", "--eval-chunks", "1", "--workers", "0"])
     return out
 
 
 def test_stream_task_end_to_end(ckpt, tmp_path):
-    res = main(["stream", "--model", str(ckpt), "--seconds", "12", "--reset-every", "5", "--out", str(tmp_path)])
+    res = main(["stream", "--model", str(ckpt), "--seconds", "6", "--reset-every", "3", "--out", str(tmp_path)])
     assert set(res["policies"]) == {"streaming", "native", "full", "reset", "recompute"}
     saved = json.load(open(tmp_path / "stream.json"))
     assert saved["policies"]["streaming"]["runs"][0]["failed"] is None
-    assert len(saved["policies"]["full"]["runs"][0]["texts"]) == 12
+    assert saved["policies"]["full"]["runs"][0]["seconds"] == 6
+    assert len(saved["policies"]["streaming"]["slices"]) == 5
+    rows = {p: v["summary"] for p, v in saved["policies"].items()}
+    assert rows["streaming"]["x_streaming"] == 1.0 and rows["recompute"]["x_streaming"] > 0
+    # one JSON line per policy and second, in order, with the world's own sentence beside the model's
+    logged = lines(tmp_path / "stream.jsonl")
+    assert [(x["policy"], x["t"]) for x in logged] == [(p, t) for p in res["policies"] for t in range(6)]
+    w = SportsStream(WorldConfig(seed=split_seed("eval", 0)))
+    assert all(x["truth"] == w.text(x["t"]) and x["seed"] == split_seed("eval", 0) for x in logged)
+
+
+def test_results_are_written_as_they_go(ckpt, tmp_path, monkeypatch):
+    """A run killed at its fourth second keeps the three seconds it measured."""
+    import stream
+    step = stream.Streamer.step
+
+    def dies_at_three(self, frames, force_text=None):
+        if self.t == 3:
+            raise KeyboardInterrupt
+        return step(self, frames, force_text)
+    monkeypatch.setattr(stream.Streamer, "step", dies_at_three)
+    with pytest.raises(KeyboardInterrupt):
+        main(["stream", "--model", str(ckpt), "--seconds", "10", "--policies", "native", "--out", str(tmp_path)])
+    assert [x["t"] for x in lines(tmp_path / "stream.jsonl")] == [0, 1, 2]
+    assert not (tmp_path / "stream.json").exists()  # the summary is whole or absent
+
+
+def test_seed_chooses_the_held_out_streams(ckpt, tmp_path):
+    main(["--model", str(ckpt), "--seconds", "3", "--policies", "streaming", "--seed", "5", "--streams", "2",
+          "--out", str(tmp_path)])
+    logged = lines(tmp_path / "stream.jsonl")
+    assert [x["seed"] for x in logged] == [split_seed("eval", 5)] * 3 + [split_seed("eval", 6)] * 3
+    for x in logged:
+        assert x["truth"] == SportsStream(WorldConfig(seed=x["seed"])).text(x["t"])
 
 
 def test_prefetching_frames_on_a_thread_changes_nothing(tok):
     """eval.py's loop with the resize of second t+1 on a thread during second t against the plain loop: the cache
     (whose vision window holds the last seconds' K/V) must come out identical, so every second got its own frames."""
-    import argparse
-    from eval import run_policy
-    from test_cache import frames, tiny_model
+    from conftest import frames, tiny_model
     model = tiny_model(tok, layers=2)
     caches = []
     for prefetch in (True, False):
-        args = argparse.Namespace(prefetch=prefetch, time_limit=0)
+        args = argparse.Namespace(prefetch=prefetch, time_limit=0, reset_every=100)
         r = run_policy(model, tok, "streaming", 6, frames, args, force=lambda t: "", vision_window=3)
         assert len(r["resize"]) == (6 if prefetch else 0)
         c = r["streamer"].cache
@@ -83,66 +130,114 @@ def test_prefetching_frames_on_a_thread_changes_nothing(tok):
     assert torch.equal(caches[0], caches[1])
 
 
-def test_stream_task_reports_timeouts(ckpt, tmp_path):
-    res = main(["stream", "--model", str(ckpt), "--seconds", "50", "--time-limit", "0.0001", "--policies", "full",
+def test_a_run_stopped_in_its_first_second_has_no_scores(ckpt, tmp_path):
+    """An empty transcript is not a perfect one: a policy stopped before its first second reports no F1 (it used
+    to report F1 1.0, as a negative --time-limit did)."""
+    res = main(["stream", "--model", str(ckpt), "--seconds", "50", "--time-limit", "1e-9", "--policies", "full",
                 "--out", str(tmp_path)])
-    assert res["policies"]["full"]["summary"]["failed"].startswith("TimeoutError at")
+    row = res["policies"]["full"]["summary"]
+    assert row["failed"] == "TimeoutError at 0 s"
+    assert row["f1"] is None and row["f1_1s"] is None and row["silence"] is None and row["p50_ms"] is None
 
 
-def test_efficiency_task_end_to_end(tmp_path):
-    # with --hf: transformers' Qwen2.5-VL (the same random weights) on the same per-second loop
-    res = main(["efficiency", "--preset", "tiny", "--seconds", "4", "--warmup", "1", "--height", "56", "--width",
-                "84", "--policies", "streaming", "full", "--max-new-tokens", "4", "--hf", "--out", str(tmp_path)])
-    assert res["policies"]["streaming"]["summary"]["ms_per_token"] > 0
-    hf = res["policies"]["transformers"]
-    assert len(hf["latency"]) == 4 and hf["summary"]["failed"] == "-" and hf["summary"]["ms_per_token"] > 0
-    assert res["policies"]["full"]["summary"]["hf_ms_per_token_ratio"] > 0
-    # the same loop: transformers' growing cache holds about what our never-evicting policy holds
-    assert abs(hf["summary"]["cache"] - res["policies"]["full"]["summary"]["cache"]) <= 8
+def test_stream_task_reports_timeouts(ckpt, tmp_path):
+    res = main(["stream", "--model", str(ckpt), "--seconds", "50", "--time-limit", "0.5", "--policies", "full",
+                "--out", str(tmp_path)])
+    row = res["policies"]["full"]["summary"]
+    assert row["failed"].startswith("TimeoutError at") and row["failed"] != "TimeoutError at 0 s"
+    assert row["f1"] is not None
 
 
-def test_efficiency_reports_a_failure_in_the_first_second(tmp_path):
-    res = main(["efficiency", "--preset", "tiny", "--seconds", "3", "--height", "56", "--width", "84",
-                "--policies", "streaming", "--max-new-tokens", "4", "--time-limit", "1e-9", "--out", str(tmp_path)])
-    row = res["policies"]["streaming"]["summary"]
-    assert row["failed"] == "TimeoutError at 0 s" and row["ms_per_token"] is None
+def test_questions_task_asks_at_every_fifth_of_the_stream(ckpt, tmp_path):
+    res = main(["questions", "--model", str(ckpt), "--seconds", "10", "--policies", "streaming", "reset",
+                "--reset-every", "4", "--teacher-forced", "--out", str(tmp_path)])
+    logged = lines(tmp_path / "questions.jsonl")
+    assert len(logged) == 2 * 5 * len(QUESTIONS)
+    assert sorted({x["t"] for x in logged}) == [1, 3, 5, 7, 9]
+    w = SportsStream(WorldConfig(seed=split_seed("eval", 0)))
+    for x in logged:  # the truth is the world's answer after second t, and right means equal to it
+        first = w.first_goal(x["t"])
+        assert x["truth"] == answer(x["question"], w.score(x["t"]), first[1] if first else None)
+        assert x["right"] == (x["answer"] == x["truth"])
+    summary = res["policies"]["reset"]["summary"]
+    assert summary["asked"] == 15 and summary["right"] == pytest.approx(sum(x["right"] for x in logged[15:]) / 15,
+                                                                        abs=1e-3)
+    assert json.load(open(tmp_path / "questions.json"))["policies"]["streaming"]["rows"] == logged[:15]
+
+
+def gif(path, seconds):
+    from PIL import Image
+    frames = [Image.new("RGB", (56, 56), (40 * i, 120, 60)) for i in range(2 * seconds)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=500, loop=0)  # 2 frames a second
 
 
 def test_video_flag_streams_a_gif(ckpt, tmp_path):
-    from PIL import Image
-    frames = [Image.new("RGB", (56, 56), (40 * i, 120, 60)) for i in range(6)]
-    gif = tmp_path / "clip.gif"
-    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=500, loop=0)  # 2 frames a second, 3 s
-    main(["--model", str(ckpt), "--video", str(gif), "--out", str(tmp_path)])
+    gif(tmp_path / "clip.gif", 3)
+    main(["--model", str(ckpt), "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path)])
     out = json.load(open(tmp_path / "video.json"))
-    assert [c["t"] for c in out["commentary"]] == [0, 1, 2]
+    assert [c["t"] for c in out["commentary"]] == [0, 1, 2] and out["error"] is None
+    assert [x["t"] for x in lines(tmp_path / "video.jsonl")] == [0, 1, 2]
 
 
-def test_bad_decode_flag_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        main(["efficiency", "--decode", "eager,fast"])
-    assert "--decode takes eager, graphs, compiled" in capsys.readouterr().err
+def test_a_video_that_breaks_is_one_line_after_saving(ckpt, tmp_path, capsys):
+    """A folder of frames whose fifth image is not an image: the seconds before it are commented and saved, then
+    one line names the bad file (no traceback)."""
+    from PIL import Image
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (56, 56), (50 * i, 0, 0)).save(folder / f"f{i}.png")
+    (folder / "f4.png").write_bytes(b"not a png")
+    for i in range(5, 8):
+        Image.new("RGB", (56, 56), (0, 50 * i, 0)).save(folder / f"f{i}.png")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(ckpt), "--video", str(folder), "--out", str(tmp_path / "out")])
+    message = str(e.value.code)
+    assert "\n" not in message and str(folder / "f4.png") in message
+    out = json.load(open(tmp_path / "out" / "video.json"))
+    assert out["seconds"] >= 1 and str(folder / "f4.png") in out["error"]
+    assert len(lines(tmp_path / "out" / "video.jsonl")) == out["seconds"]
+
+
+def test_an_unreadable_video_is_one_line(ckpt, tmp_path):
+    (tmp_path / "clip.gif").write_bytes(b"GIF89a but not really")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(ckpt), "--video", str(tmp_path / "clip.gif"), "--out", str(tmp_path)])
+    assert str(e.value.code).startswith(str(tmp_path / "clip.gif")) and "\n" not in str(e.value.code)
+    assert json.load(open(tmp_path / "video.json"))["seconds"] == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seconds", "0"], "--seconds: must be >= 1"),
+    (["--streams", "0"], "--streams: must be >= 1"),
+    (["--time-limit", "-1"], "--time-limit: must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--reset-every", "0"], "--reset-every: must be >= 1"),
+    (["--warmup", "-1"], "--warmup: must be >= 0"),
+    (["--seed", "-1"], "--seed: must be in [0, 1000000)"),
+    (["--seed", "999999", "--streams", "2"], "leaves the held-out range"),
+    (["efficiency"], "invalid choice: 'efficiency'"),
+    (["efficiency", "--video", "x.mp4"], "invalid choice: 'efficiency'"),
+    (["stream", "--video", "x.mp4"], "--video streams a video (the video task), not the stream task"),
+    (["video"], "the video task needs --video"),
+    (["--decode", "plain,fast"], "--decode: expected plain, graphs, compiled"),
+    (["--decode", "plain,graphs"], "--decode takes one path here"),
+])
+def test_bad_flags_are_one_line_errors(ckpt, tmp_path, capsys, argv, says):
+    assert says in refused(main, argv + ["--model", str(ckpt), "--out", str(tmp_path / "out")], capsys)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="python train.py"):
-        main(["stream", "--model", str(tmp_path / "nothing")])
+    err = refused(main, ["stream", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")], capsys)
+    assert "nothing: no checkpoint there" in err and "python train.py" in err
+    assert not (tmp_path / "out").exists()
 
 
-def test_flexprefill_task_end_to_end(ckpt, tmp_path):
-    res = main(["flexprefill", "--model", str(ckpt), "--seconds", "20", "--min-budget", "128", "--streams", "2",
-                "--out", str(tmp_path)])
-    summary, rows = res["long_prefill"]["summary"], res["long_prefill"]["rows"]
-    assert summary["questions"] == len(rows) == 6  # 2 streams x the three whole-video questions
-    assert {r["question"] for r in rows} == {"score", "goals", "first"}
-    from world import answer, split_seed
-    for r in rows:  # the truth is the world's answer after the prefilled seconds, and right means equal to it
-        w = SportsStream(WorldConfig(seed=split_seed("eval", r["stream"])))
-        first = w.first_goal(19)
-        assert r["truth"] == answer(r["question"], w.score(19), first[1] if first else None)
-        assert r["dense_right"] == (r["dense"] == r["truth"]) and r["same"] == (r["dense"] == r["flexprefill"])
-        assert r["streaming_right"] == (r["streaming"] == r["truth"])
-    assert summary["dense_right"] == sum(r["dense_right"] for r in rows) / 6
-    assert 0 < summary["density"] <= 1 and summary["attn_rel_err"] >= 0 and summary["dense_ms"] > 0
-    assert json.load(open(tmp_path / "long_prefill.json"))["summary"]["tokens"] == summary["tokens"]
-    assert res["kernel"]  # the CPU smoke run of the kernel benchmark
+def test_default_model_is_the_shipped_one_when_there_is_one(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert "--model out/tiny: no checkpoint there" in refused(main, ["--seconds", "2"], capsys)
+    os.makedirs("checkpoints")
+    os.symlink(ckpt, "checkpoints/tiny")
+    main(["--seconds", "2", "--policies", "streaming"])
+    assert capsys.readouterr().out.splitlines()[0].startswith("eval.py stream: model checkpoints/tiny")

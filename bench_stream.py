@@ -1,0 +1,253 @@
+"""
+How fast is the streaming loop at full size? The Qwen2.5-VL-7B config (random weights: speed does not depend on
+them) streams a synthetic 720p video for --seconds, decoding exactly --max-new-tokens tokens every second, under
+each policy and decode path; with --hf, transformers' own Qwen2.5-VL holding the same tensors runs the same loop.
+
+  python bench_stream.py                                   # 7B, 720p, 3,600 s: streaming, native and full
+  python bench_stream.py --hf --policies streaming --decode graphs,compiled --seconds 150 --warmup 30
+  python bench_stream.py --preset tiny --height 56 --width 84 --seconds 8 --warmup 2   # a CPU smoke run
+
+The ideas:
+- The same work every second, so that seconds compare: a teacher-forced reply of one-token words, " ..." and
+  <|im_end|>, exactly --max-new-tokens tokens. Greedy decoding must read each token back to the host before it can
+  feed it, so the forced run does too (--no-readback lets the CPU run ahead, which real decoding cannot).
+- What a second costs, as a live source would see it: a thread resizes second t+1's frames while the GPU works on
+  second t (--no-prefetch: inside the step); the latency of a second still includes any wait for its frames.
+- Steady state, not start-up: the first --warmup seconds (allocation, kernel selection, compiling, the cache
+  growing to its size) are left out; the table shows the mean of the first and the last 10% of the rest (a bounded
+  cache stays flat, a growing one does not), p99 over the last half, the mean per phase (evict, preprocess, prefill,
+  decode), ms per decoded token, peak memory and the memory held after a second (first / last 10%), the cache
+  length and the largest M-RoPE position.
+- Side by side: transformers runs --hf-seconds seconds with its default growing DynamicCache, a forward for the
+  user turn and generate() for the reply; hf_ms_per_token_ratio is its ms per token over ours in the same seconds
+  of the same run. Both loops are eval.timed_seconds, so they are timed the same way.
+Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
+                  steady_capacity, sync, table, timed_seconds)
+from layout import FRAME_PIXELS, end_ids, prefix_segments, reply_ids, user_ids
+from model import PRESETS, VLM, pick_device_dtype
+from processor import Tokenizer, build_tokenizer, preprocess_video
+from train import Parser, at_least
+
+
+def build_models(args):
+    """(ours, transformers' or None, tokenizer): random weights of the --preset config, shared with transformers'
+    model under --hf; a toy tokenizer whose ids sit where the config expects them."""
+    device, dtype = pick_device_dtype(args.device)
+    cfg = PRESETS[args.preset]()
+    tok = Tokenizer(build_tokenizer(["a b c d e f g", " ...", " ..."], 300, qwen_ids=cfg.vocab_size > 151664))
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    hf = None
+    if args.hf:
+        from bench_model import twins  # transformers' model built first; ours shares its tensors
+        torch.manual_seed(0)
+        hf, model = twins(cfg, device, dtype)
+    else:
+        with torch.device(device):
+            model = VLM(cfg).to(dtype).init_weights(std=0.02).eval()
+    if args.flexprefill:
+        model.enable_flexprefill()
+    return model, hf, tok
+
+
+def fixed_reply(tok, n):
+    """A reply of exactly n decoded tokens: words of one token each, then ' ...' and <|im_end|>."""
+    words = " ".join(["b"] * (n - len(end_ids(tok)) + 1))
+    assert len(reply_ids(tok, words)) + len(end_ids(tok)) - 1 == n, "the toy tokenizer changed"
+    return words
+
+
+@torch.no_grad()
+def hf_loop(hf, tok, seconds, frames_of, args, after=None):
+    """transformers' Qwen2.5-VL on our per-second loop: its default (growing) DynamicCache, a forward for the new
+    user turn with its frames, then generate() for exactly --max-new-tokens tokens. Its positions after the first
+    second follow transformers' text rule (rope_deltas), not the video one: the same work, other numbers. Returns
+    records like eval.run_policy's (phases preprocess, prefill, decode)."""
+    import transformers
+    from transformers import DynamicCache
+    dev, n = hf.device, args.max_new_tokens
+    fresh_peak(dev)
+    types = int(transformers.__version__.split(".")[0]) >= 5  # 5.x builds M-RoPE runs from token types it is given
+    pixels = dict(min_pixels=FRAME_PIXELS[0], max_pixels=FRAME_PIXELS[1])  # what the Streamer resizes to
+    state = dict(cache=DynamicCache(), ids=torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]],
+                                                         device=dev))
+    records = []
+
+    def step(t):
+        cache, t0 = state["cache"], time.perf_counter()
+        pv, grid, secs = preprocess_video(frames_of(t), fps=args.fps, device=dev, **pixels)
+        sync(dev)
+        t1 = time.perf_counter()
+        ids = torch.cat([state["ids"], torch.tensor([user_ids(tok, t, int(grid.prod()) // 4)], device=dev)], 1)
+        new = ids[:, cache.get_seq_length():-1]  # the last token is left for generate to feed
+        vision = dict(pixel_values_videos=pv.to(hf.dtype), video_grid_thw=grid.to(dev), second_per_grid_ts=secs)
+        if types:
+            vision["mm_token_type_ids"] = (new == tok.video_pad_id).long() * 2
+        hf(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1, **vision)
+        sync(dev)
+        t2 = time.perf_counter()
+        state["ids"] = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+        sync(dev)
+        records.append(dict(t=t, forwards=n, phases=dict(preprocess=t1 - t0, prefill=t2 - t1,
+                                                         decode=time.perf_counter() - t2)))
+
+    def measured(t, latency):
+        records[-1].update(latency=latency, memory_gib=torch.cuda.memory_allocated() / 2**30
+                           if dev.type == "cuda" else None)
+        if after is not None:
+            after(None, records[-1])
+    lat, failed = timed_seconds(seconds, step, dev, args.time_limit, measured, desc="transformers")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else 0.0
+    # max_position: None, transformers' positions (cache position + rope_deltas) are not ours to report
+    return dict(seconds=records[:len(lat)], latency=lat, failed=failed, peak_gib=peak,
+                cache_tokens=state["cache"].get_seq_length(), max_position=None, resize=[])
+
+
+def ms_per_token(records):
+    """Mean decode time per forward over some seconds' records; None when they decoded nothing."""
+    forwards = sum(r["forwards"] for r in records)
+    return round(1000 * sum(r["phases"].get("decode", 0.0) for r in records) / forwards, 2) if forwards else None
+
+
+def report(name, decode, r, warmup):
+    """A table row for one run: the steady seconds (after `warmup`), first and last 10%, p99 over the last half."""
+    steady, recs = r["latency"][warmup:], r["seconds"][warmup:]  # empty when the run failed within the warm-up
+    k = max(1, len(steady) // 10)
+    avg = lambda xs: ms(sum(xs) / len(xs)) if xs else None
+    row = dict(policy=name, decode=decode, first_ms=avg(steady[:k]), last_ms=avg(steady[-k:]),
+               p99_ms=ms(percentile(steady[len(steady) // 2:], 99)), ms_per_token=ms_per_token(recs),
+               peak_gib=round(r["peak_gib"], 2), cache=r["cache_tokens"], max_pos=r["max_position"],
+               failed=f"{r['failed']['reason']} at {r['failed']['second']} s" if r["failed"] else "-")
+    for ph in dict.fromkeys(p for rec in recs for p in rec["phases"]):  # mean per steady second
+        row[f"{ph}_ms"] = avg([rec["phases"].get(ph, 0.0) for rec in recs])
+    mem = [rec["memory_gib"] for rec in recs if rec.get("memory_gib") is not None]  # GPU; CPU: the cache
+    if mem:
+        row["mem_first_last_gib"] = f"{sum(mem[:k]) / len(mem[:k]):.2f}/{sum(mem[-k:]) / len(mem[-k:]):.2f}"
+    if len(r["resize"]) > warmup:  # prefetched: frames and resize ran on a thread meanwhile
+        row["resize_ms_on_thread"] = avg(r["resize"][warmup:])
+    return row
+
+
+def plot(out, name, series, xlabel, ylabel):
+    """A PNG of series {label: (xs, ys)} in out; skipped without matplotlib (an optional extra) or without series."""
+    if not series:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+def build_parser():
+    ap = Parser(prog="bench_stream.py", description=__doc__.strip().split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--preset", default="7B", choices=list(PRESETS), help="model config (random weights)")
+    ap.add_argument("--seconds", type=at_least(1), default=3600, help="stream length")
+    ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels")
+    ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels")
+    ap.add_argument("--fps", type=int, default=2, choices=[2, 4, 6, 8], help="frames a second")
+    ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill (FlexPrefill) in our model")
+    ap.add_argument("--hf", action="store_true", help="also run transformers' Qwen2.5-VL (same weights) on the same "
+                    "loop with its default cache and generate()")
+    ap.add_argument("--hf-seconds", type=at_least(1), default=120, help="seconds of the transformers run")
+    ap.add_argument("--no-readback", action="store_true", help="do not read each forced token's argmax back to "
+                    "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
+    add_run_flags(ap, warmup=30, out="out/bench")
+    ap.set_defaults(policies=["streaming", "native", "full"], max_new_tokens=20)
+    return ap
+
+
+def get_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_run_flags(ap, args)
+    if args.hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            ap.error("--hf needs transformers (pip install -r requirements-dev.txt)")
+    return args
+
+
+def run_all(args, model, hf, tok, frames_of, warmup, res):
+    """transformers first (when asked), then every policy x decode path; a table row and a summary for each."""
+    rows, runs, hf_window, hf_ms = [], {}, (0, 0), None
+    reply = fixed_reply(tok, args.max_new_tokens)
+    capacity = steady_capacity(frames_of(0), fps=args.fps)[1]  # the Streamer's default windows
+    for name, decode in ([("transformers", "generate")] if hf is not None else []) + [
+            (p, d) for p in args.policies for d in args.decode]:
+        log = lambda s, rec: res.log(policy=name, decode=decode, **{k: v for k, v in rec.items() if k != "text"})
+        if name == "transformers":
+            seconds = min(args.seconds, args.hf_seconds)
+            r, w = hf_loop(hf, tok, seconds, frames_of, args, after=log), min(warmup, seconds // 2)
+            hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
+        else:
+            r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
+                              max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
+                              readback=not args.no_readback, decode=decode, timed=True), warmup
+        row = report(name, decode, r, w)
+        ours = ms_per_token(r["seconds"][hf_window[0]:hf_window[1]])
+        if name == "transformers":
+            hf_ms = row["ms_per_token"]
+        elif hf_ms and ours:
+            row["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
+        rows.append(row)
+        print(table([row]), flush=True)
+        key = name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"
+        runs[key] = dict(summary=row, latency=r["latency"], memory_gib=[x["memory_gib"] for x in r["seconds"]])
+        del r  # free this run's cache (and graph) before the next run measures its peak memory
+    return rows, runs, hf_window
+
+
+def main(argv=None):
+    args = get_args(argv)
+    model, hf, tok = build_models(args)
+    if args.max_new_tokens < len(end_ids(tok)):
+        sys.exit(f"bench_stream.py: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, ' ...' "
+                 "and <|im_end|>)")
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
+    frames_of = lambda t: [frames[(t + j) % 4] for j in range(args.fps)]
+    n_vision = steady_capacity(frames_of(0), fps=args.fps)[0]
+    warmup = min(args.warmup, args.seconds // 2)
+    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
+          f"tokens a second), {args.seconds} s; means leave out the first {warmup} s", flush=True)
+    res = Results(args.out, "bench_stream")
+    rows, runs, hf_window = run_all(args, model, hf, tok, frames_of, warmup, res)
+    print("\n" + table(rows))
+    if hf is not None:
+        print(f"hf_ms_per_token_ratio: transformers' ms per token over ours in the same seconds of the stream "
+              f"({hf_window[0]} to {hf_window[1]}: transformers runs the first {min(args.seconds, args.hf_seconds)} s "
+              "only, its cache only grows), same weights, same loop, same run")
+    result = dict(settings=vars(args), hardware=hardware(), runs=runs)
+    res.save(result)
+    # second 0 left out: its start-up (and compilation, tens of seconds) would flatten everything else
+    plot(args.out, "bench_stream_latency", {p: (range(1, len(v["latency"])), v["latency"][1:])
+                                            for p, v in runs.items()}, "stream second", "seconds per second")
+    if model.device.type == "cuda":
+        plot(args.out, "bench_stream_memory", {p: (range(len(v["memory_gib"])), v["memory_gib"])
+                                               for p, v in runs.items()}, "stream second", "GPU memory held (GiB)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

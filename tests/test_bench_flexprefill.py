@@ -1,0 +1,53 @@
+"""bench_flexprefill.py on the CPU: the kernel table at a smoke size, and the long-prefill check end to end."""
+import json
+
+import pytest
+import torch
+
+from bench_flexprefill import MeasuredFlexPrefill, main
+from flexprefill import FlexPrefill
+from test_eval import ckpt, refused  # noqa: F401  (ckpt: a fixture, a 2-step checkpoint)
+from world import SportsStream, WorldConfig, answer, split_seed
+
+
+def test_kernel_table_smoke(tmp_path):
+    rows = main(["--device", "cpu", "--lengths", "1024", "--heads", "4", "1", "--iters", "1", "--warmup", "0",
+                 "--json", str(tmp_path / "k.json")])
+    assert [r["input"] for r in rows] == ["random", "planted"] and all(r["max_err"] < 1e-4 for r in rows)
+    assert json.load(open(tmp_path / "k.json"))["rows"] == rows
+    assert [json.loads(x) for x in open(tmp_path / "k.jsonl")] == rows  # each row as it was measured
+
+
+def test_measured_flexprefill_is_flexprefill_plus_a_record():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 1024, 32, generator=g) for h in (4, 2, 2))
+    kw = dict(min_budget=256, min_len=512)
+    measured = MeasuredFlexPrefill(**kw)
+    assert torch.equal(measured(q, k, v), FlexPrefill(**kw)(q, k, v))
+    assert len(measured.density) == len(measured.rel_err) == 1 and 0 < measured.density[0] < 1
+    measured(q[:, :, :256], k[:, :, :256], v[:, :, :256])  # under min_len: dense, and nothing to record
+    assert len(measured.density) == 1
+
+
+def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
+    res = main(["--long-prefill", "--model", str(ckpt), "--device", "cpu", "--seconds", "12", "--min-budget", "128",
+                "--streams", "2", "--seed", "3", "--out", str(tmp_path)])
+    summary, rows = res["summary"], res["rows"]
+    assert summary["questions"] == len(rows) == 6  # 2 streams x the three whole-video questions
+    assert {r["question"] for r in rows} == {"score", "goals", "first"}
+    assert {r["seed"] for r in rows} == {split_seed("eval", 3), split_seed("eval", 4)}
+    for r in rows:  # the truth is the world's answer after the prefilled seconds, and right means equal to it
+        w = SportsStream(WorldConfig(seed=r["seed"]))
+        first = w.first_goal(11)
+        assert r["truth"] == answer(r["question"], w.score(11), first[1] if first else None)
+        assert r["dense_right"] == (r["dense"] == r["truth"]) and r["same"] == (r["dense"] == r["flexprefill"])
+        assert r["streaming_right"] == (r["streaming"] == r["truth"])
+    assert summary["dense_right"] == pytest.approx(sum(r["dense_right"] for r in rows) / 6, abs=1e-3)
+    assert 0 < summary["density"] <= 1 and summary["attn_rel_err"] >= 0 and summary["dense_ms"] > 0
+    assert json.load(open(tmp_path / "long_prefill.json"))["summary"]["tokens"] == summary["tokens"]
+    assert len(open(tmp_path / "long_prefill.jsonl").readlines()) == 6
+
+
+def test_long_prefill_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    err = refused(main, ["--long-prefill", "--model", str(tmp_path / "none")], capsys)
+    assert "no checkpoint there" in err and "python train.py" in err

@@ -1,0 +1,47 @@
+"""bench_stream.py at a tiny size on the CPU: our loop and transformers' on the same seconds, side by side."""
+import json
+
+import pytest
+
+from bench_stream import main
+from test_eval import lines, refused
+
+
+
+
+def test_ours_and_transformers_side_by_side(tmp_path):
+    pytest.importorskip("transformers")
+    res = main(["--preset", "tiny", "--seconds", "4", "--warmup", "1", "--height", "56", "--width", "84",
+                "--policies", "streaming", "full", "--max-new-tokens", "4", "--hf", "--out", str(tmp_path)])
+    runs = res["runs"]
+    assert runs["streaming"]["summary"]["ms_per_token"] > 0
+    hf = runs["transformers"]
+    assert len(hf["latency"]) == 4 and hf["summary"]["failed"] == "-" and hf["summary"]["ms_per_token"] > 0
+    assert runs["full"]["summary"]["hf_ms_per_token_ratio"] > 0
+    # the same loop: transformers' growing cache holds about what our never-evicting policy holds
+    assert abs(hf["summary"]["cache"] - runs["full"]["summary"]["cache"]) <= 8
+    # every second of every run is a JSON line; ours decode the same number of tokens a second as transformers
+    logged = lines(tmp_path / "bench_stream.jsonl")
+    assert [(x["policy"], x["t"]) for x in logged] == [(p, t) for p in ("transformers", "streaming", "full")
+                                                       for t in range(4)]
+    assert {x["forwards"] for x in logged if x["policy"] == "transformers"} == {4}
+    assert {x["forwards"] for x in logged if x["policy"] != "transformers"} == {3}  # the 4th token is never fed
+    assert json.load(open(tmp_path / "bench_stream.json"))["runs"]["full"]["summary"] == runs["full"]["summary"]
+
+
+def test_a_failure_in_the_first_second_is_reported(tmp_path):
+    res = main(["--preset", "tiny", "--seconds", "3", "--height", "56", "--width", "84", "--policies", "streaming",
+                "--max-new-tokens", "4", "--time-limit", "1e-9", "--out", str(tmp_path)])
+    row = res["runs"]["streaming"]["summary"]
+    assert row["failed"] == "TimeoutError at 0 s" and row["ms_per_token"] is None and row["p99_ms"] is None
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--decode", "eager"], "--decode: expected plain, graphs, compiled"),
+    (["--seconds", "0"], "--seconds: must be >= 1"),
+    (["--warmup", "-2"], "--warmup: must be >= 0"),
+    (["--hf-seconds", "0"], "--hf-seconds: must be >= 1"),
+    (["--time-limit", "-1"], "--time-limit: must be >= 0"),
+])
+def test_bad_flags_are_one_line_errors(capsys, argv, says):
+    assert says in refused(main, argv, capsys)
