@@ -87,9 +87,13 @@ class KVCache:
         return pos
 
     def update(self, layer, k, v, raw_k=None):
+        """Called by each attention layer: store this chunk's keys/values (and raw keys, when the cache keeps
+        them), return all of them."""
         n, T = self.length, k.shape[2]
         self.k[layer, :, :, n:n + T] = k
         self.v[layer, :, :, n:n + T] = v
+        if getattr(self, "raw_k", None) is not None:
+            self.raw_k[layer, :, :, n:n + T] = raw_k
         return self.k[layer, :, :, :n + T], self.v[layer, :, :, :n + T]
 
     def commit(self, T):
@@ -98,7 +102,10 @@ class KVCache:
         self.added = 0
 
 
-class StreamingCache:
+class StreamingCache(KVCache):
+    """A KVCache (update and commit are its) that stages tokens with their kind and round, keeps raw keys too,
+    and evicts once a round."""
+
     def __init__(self, cfg, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  capacity=1024, device="cpu", dtype=torch.float32):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
@@ -157,19 +164,6 @@ class StreamingCache:
         self.next_pos = nxt
         self.added += T
         return pos[:, None]
-
-    def update(self, layer, k, v, raw_k):
-        """Called by each attention layer: store this chunk's keys/values, return all of them."""
-        n, T = self.length, k.shape[2]
-        self.k[layer, :, :, n:n + T] = k
-        self.v[layer, :, :, n:n + T] = v
-        self.raw_k[layer, :, :, n:n + T] = raw_k
-        return self.k[layer, :, :, :n + T], self.v[layer, :, :, :n + T]
-
-    def commit(self, T):
-        assert T == self.added, f"forwarded {T} tokens but add_tokens staged {self.added}"
-        self.length += T
-        self.added = 0
 
     def drop_last(self):
         """Forget the last committed token, a reply token (a decode step queued ahead whose token went unused)."""

@@ -202,3 +202,23 @@ def prepare(args, run):
     if out_problem(args):
         raise SystemExit(out_problem(args))
     return read_state(args.out) if args.resume else None
+
+
+def check_resume(state, config, bookkeeping, args, world, show=str):
+    """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
+    optimisation, the data, the model's source, the processes) must be the one the run started with. `config`
+    is the run's settings as a dict; `bookkeeping` names the ones that may change (how often to validate, ...)."""
+    now = json.loads(json.dumps(config))  # tuples as lists, as the saved ones
+    try:
+        changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}"
+                   for k, v in now.items() if k not in bookkeeping and state["config"].get(k) != v]
+        changed += [f"--{k} {state[k]} -> {mine}" for k in ("init", "data")
+                    if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
+        if state["processes"] != world:
+            changed.append(f"processes {state['processes']} -> {world}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"--resume: {args.out}/{STATE} is not a train state of this train.py ({e!r})")
+    if changed:
+        raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
+    if args.stop_at is not None and args.stop_at <= state["step"]:
+        raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint in {args.out} is already at step {state['step']}")

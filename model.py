@@ -21,6 +21,7 @@ Attention has three paths: one decoded token (two matmuls), a prompt or a chunk 
 attention function: dense SDPA, or FlexPrefill after enable_flexprefill), and an explicit padding mask.
 """
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -113,6 +114,14 @@ PRESETS = {
                             vision=VisionConfig(out_hidden_size=2048)),
     "7B": lambda: VLMConfig(),
 }
+
+def tiny_config(tok):
+    """The tiny preset for a tokenizer: its vocabulary (padded to a multiple of 64) and its special token ids."""
+    cfg = PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
+    cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id
+    return cfg
 
 # -----------------------------------------------------------------------------
 # Language model

@@ -15,10 +15,9 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 Settings: every default is in TrainConfig below. --preset picks one of PRESETS, --init lays StreamingVLM's
 fine-tune recipe (INIT_RECIPE) over it, a flag wins over both; the run prints each value and where it came from.
 
-Each optimizer step sees batch_size x grad_accum x world_size chunks; the loss is the mean over all supervised
-tokens of the step (all ranks and micro-batches together), so the result does not depend on how a step is
-split across processes. The chunks of a step are a pure function of (step, micro-batch, rank), so a resumed
-run continues the uninterrupted one exactly.
+A step's loss is the mean over all its supervised tokens (every rank and micro-batch), so it does not depend on
+how the step is split across processes; its chunks are a function of (step, micro-batch, rank), so a resumed run
+continues the uninterrupted one exactly.
 
 A checkpoint is whole or absent (checkpoint.py): it is written into a hidden folder beside --out and swapped in
 by two renames; a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A
@@ -40,8 +39,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from data import IGNORE, DataError, JsonlSamples, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
-from model import PRESETS as MODEL_PRESETS
-from model import VLM, pick_device_dtype
+from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from validate import Validator, loss_sum
 from world import WorldConfig
@@ -147,10 +145,8 @@ BOOKKEEPING = ("eval_every", "eval_chunks", "workers")
 
 PRESETS = {
     "cpu": TrainConfig(),
-    # a busier world (more events; each stream draws its goal rate between one goal in 100 s and one in 7 s, so
-    # goal sentences are often a few tokens apart and copying the last score is easy to discover) and both
-    # curricula: a model from scratch must first discover that the reply depends on *this* second's 4 vision
-    # tokens, a 24-way needle in a 24 s chunk (see the README)
+    # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
+    # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s)
     "gpu": TrainConfig(steps=6000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
                        question_rate=0.5),
@@ -349,15 +345,6 @@ def setup(args):
     return run
 
 
-def tiny_config(tok):
-    """The tiny model's config for a tokenizer: vocabulary padded to a multiple of 64, Qwen's special ids."""
-    cfg = MODEL_PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
-    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
-    cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
-    cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id
-    return cfg
-
-
 def load_model(args, run):
     """(model, tokenizer, tokenizer.json text): the checkpoint in --out when resuming, else --init's weights, else
     a fresh tiny model on a new tokenizer; fp32 on the run's device, the vision tower frozen when configured."""
@@ -404,29 +391,6 @@ def distribute(raw, args, run):
 def make_optimizer(raw, cfg):
     return torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                              weight_decay=cfg.weight_decay)
-
-
-# -----------------------------------------------------------------------------
-# resume
-
-
-def check_resume(state, args, run):
-    """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
-    optimisation, the data, the model's source, the processes) must be the one the run started with."""
-    now = json.loads(json.dumps(asdict(args.cfg)))  # tuples as lists, as the saved ones
-    try:
-        changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}"
-                   for k, v in now.items() if k not in BOOKKEEPING and state["config"].get(k) != v]
-        changed += [f"--{k} {state[k]} -> {mine}" for k in ("init", "data")
-                    if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
-        if state["processes"] != run.world:
-            changed.append(f"processes {state['processes']} -> {run.world}")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise SystemExit(f"--resume: {args.out}/{ckpt.STATE} is not a train state of this train.py ({e!r})")
-    if changed:
-        raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
-    if args.stop_at is not None and args.stop_at <= state["step"]:
-        raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint in {args.out} is already at step {state['step']}")
 
 
 # -----------------------------------------------------------------------------
@@ -506,7 +470,7 @@ def main(argv=None):
         print_config(args)
     state = ckpt.prepare(args, run)
     if state:
-        check_resume(state, args, run)
+        ckpt.check_resume(state, asdict(args.cfg), BOOKKEEPING, args, run.world, show)
     raw, tok, tok_json = load_model(args, run)
     model = distribute(raw, args, run)
     opt = make_optimizer(raw, args.cfg)
