@@ -25,16 +25,14 @@ The ideas:
   past --time-limit is reported with the second it stopped at, and a video the reader rejects ends the run with
   one line after the commentary so far is saved.
 
-Speed is benchmarked elsewhere: bench_stream.py (the 7B config, ours against transformers), bench_flexprefill.py
-(the sparse kernel, and dense vs FlexPrefill answers after a long prefill), bench_model.py (model.py vs transformers).
-Reference: StreamingVLM, arXiv 2510.09608, and mit-han-lab/streaming-vlm.
+Speed is benchmarked in bench_stream.py, bench_flexprefill.py and bench_model.py. Reference: StreamingVLM, arXiv
+2510.09608, and mit-han-lab/streaming-vlm.
 """
 import argparse
 import gc
 import json
 import os
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,24 +46,12 @@ from processor import resize_video
 from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from train import Parser, at_least, checked, device_name
 from video import open_video, seconds_of
-from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, split_seed
+from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
 
 TASKS = ("stream", "questions", "video")
-EVENT_RES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
-             ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),
-             ("foul", re.compile(r"^Foul by (Red|Blue)\.$")), ("corner", re.compile(r"^Corner for (Red|Blue)\.$"))]
 
 # -----------------------------------------------------------------------------
 # Metrics (tested on hand-made transcripts in tests/test_eval.py)
-
-
-def parse_event(text):
-    """(event, team, score or None) of a commentary sentence, None for silence or anything unrecognised."""
-    for name, rx in EVENT_RES:
-        m = rx.match(text.strip())
-        if m:
-            return name, m.group(1), (int(m.group(2)), int(m.group(3))) if name == "goal" else None
-    return None
 
 
 def score_transcript(truth, pred, t0=0, t1=None):

@@ -48,7 +48,6 @@ NET, BALL, BALL_EDGE, YELLOW = (170, 170, 170), (255, 255, 255), (20, 20, 20), (
 COLOUR = {"Red": (225, 30, 30), "Blue": (30, 70, 240)}
 FLASH = {"Red": (255, 120, 120), "Blue": (120, 160, 255)}  # second tint of a goal flash
 
-_GOAL_RE = re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")
 
 
 @dataclass
@@ -82,12 +81,6 @@ def split_seed(split: str, index: int) -> int:
     return index + (SPLIT_SIZE if split == "eval" else 0)
 
 
-def seed_split(seed: int) -> str:
-    if not 0 <= seed < 2 * SPLIT_SIZE:
-        raise ValueError(f"seed {seed} is in no split")
-    return "train" if seed < SPLIT_SIZE else "eval"
-
-
 def commentary(event: str | None, team: str | None, score: tuple[int, int]) -> str:
     """The one fixed sentence per (event, team); score is the score *after* the event."""
     if event is None:
@@ -116,10 +109,19 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
     }[question]
 
 
-def parse_goal(text: str) -> tuple[str, int, int] | None:
-    """(scorer, red, blue) from a goal sentence, else None; handy for scoring a model's output."""
-    m = _GOAL_RE.match(text.strip())
-    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+# commentary's sentences read back (eval.py scores a model's output with these)
+SENTENCES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
+             ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),
+             ("foul", re.compile(r"^Foul by (Red|Blue)\.$")), ("corner", re.compile(r"^Corner for (Red|Blue)\.$"))]
+
+
+def parse_event(text: str) -> tuple[str, str, tuple[int, int] | None] | None:
+    """(event, team, score or None) of a commentary sentence, None for silence or anything unrecognised."""
+    for name, rx in SENTENCES:
+        m = rx.match(text.strip())
+        if m:
+            return name, m.group(1), (int(m.group(2)), int(m.group(3))) if name == "goal" else None
+    return None
 
 
 @dataclass
