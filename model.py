@@ -20,9 +20,11 @@ state-dict copy. forward takes an optional cache (cache.py: the stage / write / 
 Attention has three paths: one decoded token (two matmuls), a prompt or a chunk on a cache (a pluggable causal
 attention function: dense SDPA, or FlexPrefill after enable_flexprefill), and an explicit padding mask.
 """
+import glob
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
@@ -393,10 +395,20 @@ class VLM(nn.Module):
 
     def save_pretrained(self, path, state_dict=None):
         """config.json + model.safetensors (+ tokenizer.json) in the official layout, written atomically:
-        everything goes to a temporary folder beside `path`, then each file is renamed into place."""
-        from safetensors.torch import save_file
+        everything goes to a temporary folder beside `path`, then each file is renamed into place; the temporary
+        folder goes whatever happens, and leftovers of a save killed half-way go at the next save."""
         os.makedirs(path, exist_ok=True)
+        for old in glob.glob(os.path.join(path, ".tmp-save-*")):  # what a save killed half-way left behind
+            shutil.rmtree(old, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=path)
+        try:
+            self._save_into(tmp, path, state_dict)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.tokenizer_path = os.path.join(path, "tokenizer.json") if self.tokenizer_path is not None else None
+
+    def _save_into(self, tmp, path, state_dict):
+        from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -411,8 +423,6 @@ class VLM(nn.Module):
             os.remove(index)
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        os.rmdir(tmp)
-        self.tokenizer_path = os.path.join(path, "tokenizer.json") if "tokenizer.json" in names else None
 
 
 def canonical_name(name):

@@ -168,3 +168,21 @@ def test_cuda_on_a_cpu_only_torch(monkeypatch):
     with pytest.raises(ValueError, match=r"'gpu' is not a torch device"):
         M.pick_device_dtype("gpu")
     assert M.pick_device_dtype("cpu", quiet=True) == (torch.device("cpu"), torch.float32)
+
+
+def test_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """A save that fails half-way (here: the weights cannot be written) leaves no .tmp-save-* folder, and one
+    left by a save that was killed is cleaned up by the next save."""
+    import model as M
+    m = M.VLM(M.PRESETS["tiny"]()).init_weights()
+    (tmp_path / ".tmp-save-killed").mkdir()
+    m.save_pretrained(str(tmp_path))
+    assert not list(tmp_path.glob(".tmp-save-*"))
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        m.save_pretrained(str(tmp_path))
+    assert not list(tmp_path.glob(".tmp-save-*"))
+    assert M.VLM.from_pretrained(str(tmp_path)) is not None  # the earlier save is whole
