@@ -13,8 +13,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from eval import default_model
-from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from stream import default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from world import SportsStream, WorldConfig, split_seed
 
 GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (170, 170, 170)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS
 from processor import resize_video
-from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from stream import DECODERS, POLICIES, default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from train import Parser, at_least, checked, device_name
 from video import open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
@@ -388,11 +388,6 @@ def task_video(args, model, tok, st, res):
 
 # -----------------------------------------------------------------------------
 # The command line
-
-
-def default_model():
-    """A shipped checkpoint when there is one, else what `python train.py` writes."""
-    return "checkpoints/tiny" if os.path.isdir("checkpoints/tiny") else "out/tiny"
 
 
 def decode_paths(text):

@@ -254,6 +254,11 @@ def make_streamer(model, tok, policy="streaming", reset_every=100, **kw):
 # Checkpoints and the command line
 
 
+def default_model():
+    """A shipped checkpoint when there is one, else what `python train.py` writes."""
+    return "checkpoints/tiny" if os.path.isdir("checkpoints/tiny") else "out/tiny"
+
+
 def load_checkpoint(path, device=None, flexprefill=False):
     """(model, tokenizer, settings) from a checkpoint folder; settings are the layout it was trained with
     (stream.json, written by train.py: the windows, ...), or {}. Exits with how to make one when there is none."""
@@ -352,8 +357,9 @@ def run(s, frames, args, out):
 def main():
     ap = argparse.ArgumentParser(description="Stream a video (a file, a URL, a camera, a GIF or a folder of frames) "
                                  "through a checkpoint: live commentary, optionally WebVTT subtitles and JSON lines.")
-    ap.add_argument("--model", default="out/tiny", help="checkpoint folder (config.json, model.safetensors, "
-                    "tokenizer.json, stream.json); default: what `python train.py` writes")
+    ap.add_argument("--model", default=default_model(), help="checkpoint folder (config.json, model.safetensors, "
+                    "tokenizer.json, stream.json); default: the shipped checkpoints/tiny if it exists, else out/tiny, "
+                    f"what `python train.py` writes; now {default_model()}")
     ap.add_argument("--video", required=True, help="a video file or anything PyAV opens (rtsp://..., /dev/video0), "
                     "a GIF, or a folder of frames")
     ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
