@@ -269,8 +269,8 @@ def load_checkpoint(path, device=None, flexprefill=False):
         model = VLM.from_pretrained(path, device=device, dtype=dtype)
         tok = Tokenizer.from_file(path)
         stream_json = os.path.join(path, "stream.json")
-        settings = dict(read_json(stream_json), _path=stream_json) if os.path.isfile(stream_json) else {}
-        layout_of(settings)  # fails here, naming the file, if its values do not fit a StreamLayout
+        settings = read_json(stream_json) if os.path.isfile(stream_json) else {}
+        StreamLayout.from_dict(settings, stream_json)  # fails here, naming the file, if its values do not fit
     except (OSError, ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
     if flexprefill:
@@ -280,16 +280,9 @@ def load_checkpoint(path, device=None, flexprefill=False):
 
 def layout_of(settings, args=None):
     """The StreamLayout to serve with: a flag when given, else the checkpoint's stream.json, else our defaults."""
-    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings, settings.get(
-        "_path", "stream.json"))
+    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings)
     flags = {k: getattr(args, k) for k in vars(StreamLayout()) if getattr(args, k, None) is not None}
     return StreamLayout(**{**vars(base), **flags})
-
-
-def windows(settings, args=None):
-    """The three cache windows of layout_of(settings, args)."""
-    layout = layout_of(settings, args)
-    return dict(text_sink=layout.text_sink, text_window=layout.text_window, vision_window=layout.vision_window)
 
 
 def streamer_kwargs(layout):
