@@ -26,7 +26,6 @@ NaN weights. Every --eval-every steps the run validates on fixed chunks (validat
 """
 import argparse
 import contextlib
-import json
 import math
 import os
 import time

@@ -10,9 +10,8 @@ import torch
 
 from cache import StreamingCache
 from layout import Kind, end_ids, prefix_segments, round_segments
-from model import VLM, PRESETS
-from processor import Tokenizer, build_tokenizer
-from stream import POLICIES, Streamer, make_streamer
+from model import PRESETS
+from stream import POLICIES, make_streamer
 
 from conftest import frames, script, tiny_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import IGNORE, build_sample, make_tokenizer, previous_ids, synthetic_sample
-from layout import Kind, end_ids, prefix_segments, reply_ids, round_segments, user_ids
+from layout import end_ids, prefix_segments, reply_ids, user_ids
 from world import SportsStream, WorldConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
