@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 EVENTS = ("goal", "shot", "save", "foul", "corner")
@@ -173,6 +174,30 @@ def _wave(terms, tau: float) -> float:
     return sum(a * math.sin(w * tau + p) for a, w, p in terms)
 
 
+def _mix64_np(x: np.ndarray) -> np.ndarray:
+    """_mix64 on an array of uint64 (numpy's uint64 arithmetic wraps modulo 2**64, as the masks do above)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def event_table(cfg: WorldConfig, t0: int, t1: int) -> list[tuple[int, str, str]]:
+    """(t, event, team) of every non-quiet second in [t0, t1): SportsStream.event for many seconds at once, the
+    three _uniforms of each second drawn as arrays (a 2-hour stream in milliseconds instead of a second)."""
+    h = np.uint64(cfg.seed << 32) ^ np.arange(t0, t1, dtype=np.uint64)
+    u = []
+    for _ in range(3):  # the same chain as _uniforms
+        h = _mix64_np(h)
+        u.append((h >> np.uint64(11)).astype(np.float64) / 2.0**53)
+    out = []
+    for i in np.flatnonzero(u[0] < cfg.goal_rate + cfg.event_rate).tolist():
+        team = "Red" if u[2][i] < 0.5 else "Blue"
+        ev = "goal" if u[0][i] < cfg.goal_rate else EVENTS[1 + min(3, int(4 * u[1][i]))]
+        out.append((t0 + i, ev, team))
+    return out
+
+
 class SportsStream:
     """An endless match. ``second(t)`` renders second t; everything else is cheap metadata."""
 
@@ -213,14 +238,14 @@ class SportsStream:
         return EVENTS[1 + min(3, int(4 * k))], team
 
     def _scan(self, t: int):
-        """Extend the event cache to cover second t, in chunks, once per stream: a chunk at hour 2 needs every
-        event before it (the transcript and the score), and each second is drawn only once. Not thread-safe: one
-        thread at a time per SportsStream (eval.py's frame thread is the only one touching its world)."""
+        """Extend the event cache to cover second t, 4,096 seconds at a time, once per stream: a chunk at hour 2
+        needs every event before it (the transcript and the score). The seconds are drawn together in numpy
+        (event_table), which gives exactly what event() gives second by second (tests/test_world.py). Not
+        thread-safe: one thread at a time per SportsStream (eval.py's frame thread is the only one touching its
+        world)."""
         while self._scanned <= t:
-            for s in range(self._scanned, self._scanned + 4096):
-                ev, team = self.event(s)
-                if ev:
-                    self._events.append((s, ev, team))
+            for s, ev, team in event_table(self.cfg, self._scanned, self._scanned + 4096):
+                self._events.append((s, ev, team))
                 if ev == "goal":
                     self._red_cum.append((self._red_cum[-1] if self._red_cum else 0) + (team == "Red"))
                     self._goal_t.append(s)
@@ -256,7 +281,8 @@ class SportsStream:
 
     def transcript(self, t0: int, t1: int) -> list[tuple[int, str]]:
         """(t, text) for every second in [t0, t1) with commentary."""
-        return [(t, self.text(t)) for t, _, _ in self.events(t0, t1)]
+        return [(t, commentary(ev, team, self.score(t) if ev == "goal" else (0, 0))) for t, ev, team in
+                self.events(t0, t1)]
 
     # ---- rendering -----------------------------------------------------------------
     def second(self, t: int) -> Second:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from world import (COLOUR, EVENTS, FLASH, TEAMS, YELLOW, SportsStream, WorldConfig,
-                   commentary, parse_event, save_gif, split_seed)
+                   commentary, event_table, parse_event, save_gif, split_seed)
 
 LONG = 20_000  # seconds scanned by the rate / score tests (metadata only, no rendering)
 SENTENCE = re.compile(r"^((Red|Blue) scores! Red \d+, Blue \d+\.|(Red|Blue) shoots!|"
@@ -63,6 +63,16 @@ def test_random_access_equals_sequential():
     # seconds() without an end is endless; take a few
     it = fresh.seconds(7)
     assert [next(it).t for _ in range(3)] == [7, 8, 9]
+
+
+@pytest.mark.parametrize("world", [dict(seed=3), dict(seed=1_999_999, event_rate=0.3, goal_rate=0.15),
+                                   dict(seed=12, event_rate=0.0, goal_rate=0.01)])
+def test_event_table_is_event_second_by_second(world):
+    """The numpy scan (the fast path) against SportsStream.event, the definition, over 10,000 seconds from 5,000."""
+    cfg = WorldConfig(**world)
+    stream = SportsStream(cfg)
+    slow = [(t, *stream.event(t)) for t in range(5_000, 15_000) if stream.event(t)[0]]
+    assert event_table(cfg, 5_000, 15_000) == slow and len(slow) > 50
 
 
 def test_score_bookkeeping():
