@@ -86,10 +86,10 @@ def make_tokenizer(vocab_size=640, seed=0):
     said += [answer(q, (rng.randint(0, 60), rng.randint(0, 60)), rng.choice(["Red", "Blue", None]))
              for q in QUESTIONS for _ in range(100)]
     texts = [" " + t for t in said] + [SILENCE] * 400
-    texts += [f"<|im_start|>user\n{q}<|im_end|>\n" for q in QUESTIONS.values()] * 20
-    texts += [f" Time={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
-    texts += ["<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>previous text\n",
-              f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"]
+    # the text between the special tokens of every prompt (layout.py), so that "assistant" or "Time" is one token
+    texts += [f"user\n{q}" for q in QUESTIONS.values()] * 20
+    texts += [f"user\nTime={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
+    texts += ["assistant\n", "previous text\n", f"system\n{SYSTEM_PROMPT}"] * 400
     return Tokenizer(build_tokenizer(texts * 3, vocab_size))
 
 

@@ -135,8 +135,9 @@ class TrainConfig:
     # bookkeeping: these change nothing a step computes, so a resumed run may change them
     eval_every: int = knob(50, "validation and a checkpoint every N steps", at_least(1))
     eval_chunks: int = knob(8, "validation chunks", at_least(1))
-    workers: int = knob(min(8, (os.cpu_count() or 2) - 1), "DataLoader processes that render and tokenize chunks "
-                        "(CPUs - 1, at most 8)", at_least(0))
+    workers: int = knob(min(16, (os.cpu_count() or 2) - 1), "DataLoader processes that render and tokenize chunks "
+                        "(CPUs - 1, at most 16: on a GPU the synthetic chunks, not the model, set the pace)",
+                        at_least(0))
     seed: int = knob(0, "seed of a fresh model's weights", at_least(0))
 
 
