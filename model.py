@@ -100,13 +100,15 @@ class VLMConfig:
         return d
 
 
-def _tiny(vocab_size=512):
-    """A named preset for tests and for training from scratch on the synthetic stream (a few M parameters)."""
-    return VLMConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12],
+def _tiny(vocab_size=512, layers=4, width=256):
+    """A named preset for tests and for training from scratch on the synthetic stream (a few M parameters):
+    `layers` decoder layers of `width` (a multiple of 64: heads of 64 dims, half as many K/V heads)."""
+    heads = width // 64
+    return VLMConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), mrope_section=[8, 12, 12],
                      tie_word_embeddings=True, max_position_embeddings=32768,
                      vision=VisionConfig(depth=4, hidden_size=128, num_heads=4, intermediate_size=256,
-                                         out_hidden_size=256, fullatt_block_indexes=[1, 3]))
+                                         out_hidden_size=width, fullatt_block_indexes=[1, 3]))
 
 
 PRESETS = {
@@ -117,9 +119,9 @@ PRESETS = {
     "7B": lambda: VLMConfig(),
 }
 
-def tiny_config(tok):
+def tiny_config(tok, layers=4, width=256):
     """The tiny preset for a tokenizer: its vocabulary (padded to a multiple of 64) and its special token ids."""
-    cfg = PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64))
+    cfg = PRESETS["tiny"](vocab_size=64 * math.ceil(len(tok) / 64), layers=layers, width=width)
     cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
     cfg.vision_start_token_id, cfg.vision_end_token_id = tok.vision_start_id, tok.vision_end_id
     cfg.eos_token_id, cfg.bos_token_id = tok.im_end_id, tok.endoftext_id

@@ -97,6 +97,13 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
     m = VLM.from_pretrained(out, device="cpu")
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "optimizer.safetensors", "stream.json",
                                        "tokenizer.json", "train_state.json"]
+    # the cpu preset's decoder, and a streaming window no longer than a training chunk (6 s here, 16 s by default)
+    assert (m.cfg.num_hidden_layers, m.cfg.hidden_size) == (2, 128)
+    with open(out / "stream.json") as f:
+        assert json.load(f)["vision_window"] == 6
+    from checkpoint import stream_layout
+    from train import PRESETS
+    assert stream_layout(PRESETS["gpu"]).vision_window == 16
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, torch_dtype=torch.float32)
     ids = torch.tensor([[m.cfg.eos_token_id, 5, 6, 7]])
@@ -125,10 +132,10 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4), (two, one)
 
 
-def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok):
+def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok, tmp_path):
     from data import make_batch
     from train import get_args
-    args = get_args(["--preset", "cpu", "--curriculum", "10", "--chunk-seconds", "24", "--event-rate", "0.9",
+    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--curriculum", "10", "--chunk-seconds", "24", "--event-rate", "0.9",
                      "--goal-rate", "0.05", "--stream-seconds", "300"]).cfg
     secs = lambda b: len(b["video_grid_thw"])  # one temporal grid per second
     assert secs(make_batch(tok, "train", [0], args, step=0)) == 2     # short chunks first
@@ -143,10 +150,10 @@ def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok):
     assert event_share("train") > 0.7 > 0.3 > event_share("eval")     # the busy world trains, the default validates
 
 
-def test_time_curriculum_starts_chunks_early_in_the_stream(tok):
+def test_time_curriculum_starts_chunks_early_in_the_stream(tok, tmp_path):
     from data import make_batch
     from train import get_args
-    args = get_args(["--preset", "cpu", "--time-curriculum", "100", "--stream-seconds", "3600"]).cfg
+    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--time-curriculum", "100", "--stream-seconds", "3600"]).cfg
     start = lambda b, i: int(re.search(r"Time=(\d+)", tok.decode(b["input_ids"][i].tolist())).group(1))
     early = make_batch(tok, "train", range(16), args, step=0)
     late = make_batch(tok, "train", range(16), args, step=100)

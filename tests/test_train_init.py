@@ -51,12 +51,12 @@ def test_one_init_step_moves_the_language_model_by_lr_and_the_vision_tower_not_a
         assert any(line.split() == [name, value, *source.split()] for line in printed.splitlines()), name
     assert any(line.split() == ["steps", "1", "flag"] for line in printed.splitlines())
     assert any(line.split() == ["batch_size", "1", "flag"] for line in printed.splitlines())
-    assert any(line.split() == ["eval_every", "50", "preset", "cpu"] for line in printed.splitlines())
+    assert any(line.split() == ["eval_every", "400", "preset", "cpu"] for line in printed.splitlines())
     stream = json.load(open(out / "stream.json"))
     assert (stream["text_sink"], stream["text_window"], stream["fps"], stream["system_prompt"]) == \
         (512, 512, FPS, SYSTEM_PROMPT)
     assert (stream["min_pixels"], stream["max_pixels"]) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
-    assert stream["vision_window"] == 16 and stream["frame_size"] == 56
+    assert stream["vision_window"] == 2 and stream["frame_size"] == 56  # never more seconds than a chunk (2 here)
 
 
 def test_resuming_an_init_run_continues_from_its_checkpoint_not_from_init(init_dir, tmp_path):
@@ -68,9 +68,10 @@ def test_resuming_an_init_run_continues_from_its_checkpoint_not_from_init(init_d
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-7
 
 
-def test_from_scratch_presets_keep_their_recipe_and_a_flag_wins_over_init(init_dir):
-    cpu, gpu = train.get_args(["--preset", "cpu"]), train.get_args(["--preset", "gpu"])
-    assert (cpu.cfg.lr, gpu.cfg.lr) == (2e-3, 1e-3)
+def test_from_scratch_presets_keep_their_recipe_and_a_flag_wins_over_init(init_dir, tmp_path):
+    out = ["--out", str(tmp_path / "unused")]
+    cpu, gpu = train.get_args([*out, "--preset", "cpu"]), train.get_args([*out, "--preset", "gpu"])
+    assert (cpu.cfg.lr, gpu.cfg.lr) == (3e-3, 1e-3)
     for a in (cpu, gpu):
         assert (a.cfg.betas, a.cfg.min_lr, a.cfg.freeze_vision) == ((0.9, 0.95), 0.1, False)
         assert a.sources["lr"] == f"preset {a.preset}"
@@ -78,21 +79,23 @@ def test_from_scratch_presets_keep_their_recipe_and_a_flag_wins_over_init(init_d
     assert (ft.cfg.lr, ft.sources["lr"]) == (2e-5, "flag")
     assert (ft.cfg.betas, ft.cfg.weight_decay, ft.cfg.freeze_vision) == ((0.9, 0.999), 0.0, True)
     assert ft.sources["betas"] == "--init recipe (StreamingVLM SFT)" and ft.sources["steps"] == "preset cpu"
+    assert (ft.cfg.chunk_seconds, ft.cfg.overlap) == (24, 12)  # the authors' windows, whatever the preset
 
 
-def test_schedule_warms_up_then_cosines_to_the_recipes_floor():
-    ft = train.get_args(["--preset", "cpu", "--steps", "100"]).cfg
+def test_schedule_warms_up_then_cosines_to_the_recipes_floor(tmp_path):
+    out = ["--out", str(tmp_path / "unused")]
+    ft = train.get_args([*out, "--preset", "cpu", "--steps", "100"]).cfg
     ft.min_lr, ft.lr = 0.0, 1e-5
     assert [train.lr_at(s, ft) for s in range(3)] == pytest.approx([1e-5 / 3, 2e-5 / 3, 1e-5])  # 3% of 100 steps
     assert train.lr_at(99, ft) < 1e-8  # cosine to 0
-    scratch = train.get_args(["--preset", "cpu"]).cfg  # 150 steps, cosine to 10% of 2e-3
-    assert train.lr_at(149, scratch) == pytest.approx(2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 145 / 146)))
+    scratch = train.get_args([*out, "--preset", "cpu"]).cfg  # 2,400 steps (72 warm-up), cosine to 10% of 3e-3
+    assert train.lr_at(2399, scratch) == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 2327 / 2328)))
 
 
 def test_help_shows_every_presets_value(capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[cpu 0.002, gpu 0.001, --init 1e-05]" in text
+    assert "[cpu 0.003, gpu 0.001, --init 1e-05]" in text
     assert "[cpu 0.9,0.95, gpu 0.9,0.95, --init 0.9,0.999]" in text
-    assert "[cpu 150, gpu 6000]" in text and "[default 24]" in text
+    assert "[cpu 2400, gpu 6000]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
