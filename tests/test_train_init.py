@@ -88,8 +88,8 @@ def test_schedule_warms_up_then_cosines_to_the_recipes_floor(tmp_path):
     ft.min_lr, ft.lr = 0.0, 1e-5
     assert [train.lr_at(s, ft) for s in range(3)] == pytest.approx([1e-5 / 3, 2e-5 / 3, 1e-5])  # 3% of 100 steps
     assert train.lr_at(99, ft) < 1e-8  # cosine to 0
-    scratch = train.get_args([*out, "--preset", "cpu"]).cfg  # 2,400 steps (72 warm-up), cosine to 10% of 3e-3
-    assert train.lr_at(2399, scratch) == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 2327 / 2328)))
+    scratch = train.get_args([*out, "--preset", "cpu"]).cfg  # 2,800 steps (84 warm-up), cosine to 10% of 3e-3
+    assert train.lr_at(2799, scratch) == pytest.approx(3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * 2715 / 2716)))
 
 
 def test_help_shows_every_presets_value(capsys):
@@ -98,4 +98,4 @@ def test_help_shows_every_presets_value(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "[cpu 0.003, gpu 0.001, --init 1e-05]" in text
     assert "[cpu 0.9,0.95, gpu 0.9,0.95, --init 0.9,0.999]" in text
-    assert "[cpu 2400, gpu 6000]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
+    assert "[cpu 2800, gpu 6000]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
