@@ -156,7 +156,7 @@ def test_tensor_and_array_inputs_match_pil():
 
 
 def loop_patchify(frames):
-    """Spec 2.1.4 written as plain loops: float32 frames [F, 3, H, W] (F even) -> rows [t*h*w, 1176]."""
+    """The processor's patchify written as plain loops: float32 frames [F, 3, H, W] (F even) -> rows [t*h*w, 1176]."""
     F, _, H, W = frames.shape
     rows = []
     for t in range(F // 2):
