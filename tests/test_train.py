@@ -135,8 +135,8 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
 def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok, tmp_path):
     from data import make_batch
     from train import get_args
-    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--curriculum", "10", "--chunk-seconds", "24", "--event-rate", "0.9",
-                     "--goal-rate", "0.05", "--stream-seconds", "300"]).cfg
+    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--curriculum", "10", "--chunk-seconds", "24",
+                     "--event-rate", "0.9", "--goal-rate", "0.05", "--stream-seconds", "300"]).cfg
     secs = lambda b: len(b["video_grid_thw"])  # one temporal grid per second
     assert secs(make_batch(tok, "train", [0], args, step=0)) == 2     # short chunks first
     assert secs(make_batch(tok, "train", [0], args, step=5)) == 13    # 2 + 22 * 5 // 10
@@ -153,7 +153,8 @@ def test_curriculum_ramps_chunks_and_world_knobs_apply_to_training_only(tok, tmp
 def test_time_curriculum_starts_chunks_early_in_the_stream(tok, tmp_path):
     from data import make_batch
     from train import get_args
-    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--time-curriculum", "100", "--stream-seconds", "3600"]).cfg
+    args = get_args(["--out", str(tmp_path / "x"), "--preset", "cpu", "--time-curriculum", "100",
+                     "--stream-seconds", "3600"]).cfg
     start = lambda b, i: int(re.search(r"Time=(\d+)", tok.decode(b["input_ids"][i].tolist())).group(1))
     early = make_batch(tok, "train", range(16), args, step=0)
     late = make_batch(tok, "train", range(16), args, step=100)
