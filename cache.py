@@ -147,14 +147,8 @@ class StreamingCache(KVCache):
         pos, nxt = mrope_positions(ids[None], self.cfg, video_grid_thw=video_grid_thw,
                                    second_per_grid_ts=second_per_grid_ts, start=self.next_pos)
         pos = pos[:, 0]
-        # units: each text token is one, each run of vision pads is one; rel = position - start of the unit
-        vis = torch.isin(ids, torch.tensor([self.cfg.image_token_id, self.cfg.video_token_id]))
-        starts = ~(vis & torch.cat([torch.tensor([False]), vis[:-1]]))
-        unit = self.next_unit + starts.cumsum(0) - 1
-        first = torch.zeros_like(ids).scatter_reduce(0, unit - self.next_unit, torch.arange(T), "amin",
-                                                     include_self=False)  # index of each unit's first token
-        unit_start = pos[:, first[unit - self.next_unit]].min(0).values  # a vision block starts at (cur,cur,cur)
-        self.rel[:, n:n + T] = pos - unit_start
+        unit, self.rel[:, n:n + T] = units(ids, pos, self.cfg)
+        unit += self.next_unit
         self.unit[n:n + T] = unit
         self.ids[n:n + T] = ids
         self.kind[n:n + T] = torch.as_tensor(kind)    # an int, or one per token (re-prefilling a window)
@@ -192,12 +186,9 @@ class StreamingCache(KVCache):
         if not self.policy.evict:
             return
         L = self.length
-        kind, rnd, idx = self.kind[:L], self.round[:L], torch.arange(L)
-        old = (kind >= Kind.USER) & (rnd <= current_round - self.vision_window)
-        body = torch.cat([idx[kind == Kind.PREV_BODY], idx[old & (kind == Kind.REPLY)]])  # replies join the previous text
-        body = cut_previous(body, self.text_sink, self.text_window)
-        keep = torch.cat([idx[kind <= Kind.PREV_HEAD], body, idx[kind == Kind.PREV_END], idx[(kind >= Kind.USER) & ~old]])
-        if len(keep) == L and bool((keep == idx).all()):
+        keep, body = kept_after_eviction(self.kind[:L], self.round[:L], current_round, self.vision_window,
+                                         self.text_sink, self.text_window)
+        if len(keep) == L and bool((keep == torch.arange(L)).all()):
             return
         self.kind[body] = Kind.PREV_BODY
         self._gather(keep)
@@ -240,6 +231,31 @@ class StreamingCache(KVCache):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in ("k", "v", "raw_k"))
 
 
+def units(ids, pos, cfg):
+    """Each token's unit (a text token is one, a run of vision pads is one), numbered from 0, and its position
+    relative to the start of its unit: what contiguous_positions re-lays after an eviction.
+    ids (T,), pos (3, T) -> unit (T,), rel (3, T)."""
+    vis = torch.isin(ids, torch.tensor([cfg.image_token_id, cfg.video_token_id]))
+    starts = ~(vis & torch.cat([torch.tensor([False]), vis[:-1]]))
+    unit = starts.cumsum(0) - 1
+    first = torch.zeros_like(ids).scatter_reduce(0, unit, torch.arange(len(ids)), "amin",
+                                                 include_self=False)  # index of each unit's first token
+    unit_start = pos[:, first[unit]].min(0).values  # a vision block starts at (cur, cur, cur)
+    return unit, pos - unit_start
+
+
+def kept_after_eviction(kind, rnd, current_round, vision_window, text_sink, text_window):
+    """StreamingVLM's eviction, on a kept sequence's kinds and rounds (1-D tensors): when round `current_round`
+    arrives, the rounds up to current_round - vision_window leave; their replies join the previous text, which is
+    cut back to head + tail. Returns (indices kept, in order; those of them that are previous text)."""
+    idx = torch.arange(len(kind))
+    old = (kind >= Kind.USER) & (rnd <= current_round - vision_window)
+    body = torch.cat([idx[kind == Kind.PREV_BODY], idx[old & (kind == Kind.REPLY)]])  # replies join previous text
+    body = cut_previous(body, text_sink, text_window)
+    keep = torch.cat([idx[kind <= Kind.PREV_HEAD], body, idx[kind == Kind.PREV_END], idx[(kind >= Kind.USER) & ~old]])
+    return keep, body
+
+
 def contiguous_positions(unit, rel):
     """Positions of a kept sequence as a fresh prompt: units (text tokens, vision blocks) laid end to end, each
     as wide as its largest relative position + 1 (a vision block: max(h, w) after the merge).
@@ -265,3 +281,44 @@ class DecodeSlots:
         self.v[layer].index_copy_(2, self.index, v)
         self.raw_k[layer].index_copy_(2, self.index, raw_k)
         return self.k[layer], self.v[layer]
+
+
+# -----------------------------------------------------------------------------
+# training on the cache that streaming leaves (train.py --evict-seconds; data.py lays the batches out)
+
+
+class CaptureKV:
+    """A forward with no past that keeps every layer's raw keys and values (B, Hkv, T, D) as it makes them, still
+    attached to the graph, so that a second forward can attend to them as the streaming cache would (PrefixKV)."""
+    length = 0
+
+    def __init__(self):
+        self.raw_k, self.v = {}, {}
+
+    def update(self, layer, k, v, raw_k=None):
+        self.raw_k[layer], self.v[layer] = raw_k, v
+        return k, v
+
+    def commit(self, T):
+        pass
+
+
+class PrefixKV:
+    """The streaming cache after an eviction, made from a CaptureKV: per row the captured tokens `keep` (B, P)
+    (data.py pads short rows; forward's attention_mask hides the padding), keys rotated afresh at their
+    contiguous positions `pos` (3, B, P). The reused K/V are the ones each token got with its own round in view,
+    exactly what StreamingCache.evict keeps; the gradient flows back through them into the first forward."""
+
+    def __init__(self, capture, keep, pos, cfg):
+        self.capture, self.length = capture, keep.shape[1]
+        self.index = keep[:, None, :, None].expand(-1, cfg.num_key_value_heads, -1, cfg.head_dim)  # (B, Hkv, P, D)
+        self.cos, self.sin = mrope_cos_sin(pos, inv_freq(cfg.head_dim, cfg.rope_theta), cfg.mrope_section,
+                                           torch.float32)
+
+    def update(self, layer, k, v, raw_k=None):
+        old_k = apply_rope(self.capture.raw_k[layer].gather(2, self.index).float(), self.cos, self.sin)
+        old_v = self.capture.v[layer].gather(2, self.index)
+        return torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+
+    def commit(self, T):
+        pass

@@ -57,7 +57,8 @@ import torch
 
 from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, prefix_segments, question_segments, reply_ids,
                     round_segments)
-from processor import Tokenizer, build_tokenizer, preprocess_video
+from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
+from cache import contiguous_positions, kept_after_eviction, units
 from rope import mrope_positions
 from video import VideoError, read_seconds
 from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
@@ -74,6 +75,8 @@ class Sample:
     labels: torch.Tensor         # (T,) the id where supervised, else -100 (not yet shifted)
     pixel_values: torch.Tensor   # (sum of patches, 1176)
     grid_thw: torch.Tensor       # (seconds, 3)
+    kind: torch.Tensor           # (T,) layout.Kind of each token
+    round: torch.Tensor          # (T,) the second of the chunk each token belongs to (-1: system, previous text)
 
 
 def make_tokenizer(vocab_size=640, seed=0):
@@ -158,27 +161,35 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
     asked = {k: list(qs) for k, qs in (asked or {}).items()}
     if question:
         asked.setdefault(len(frames) - 1, []).append(question)
-    ids, labels, pix, grids = [], [], [], []
-    for seg, _ in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
-                                  text_window):
+    ids, labels, pix, grids, kinds, rounds = [], [], [], [], [], []
+    for seg, kind in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
+                                     text_window):
         ids += seg
         labels += [IGNORE] * len(seg)
-    for k, (fr, text) in enumerate(zip(frames, texts)):
-        pv, grid, _ = preprocess_video(fr, fps=FPS, min_pixels=frame_pixels[0], max_pixels=frame_pixels[1])
-        pix.append(pv)
+        kinds += [kind] * len(seg)
+        rounds += [-1] * len(seg)
+    clips = [resize_video(fr, FPS, *frame_pixels)[:2] for fr in frames]
+    if len({clip.shape for clip, _ in clips}) == 1:  # one patchify for the chunk: rows are in time order
+        pix.append(patchify_video(torch.cat([clip for clip, _ in clips])))
+    else:
+        pix += [patchify_video(clip) for clip, _ in clips]
+    for k, ((_, grid), text) in enumerate(zip(clips, texts)):
         grids.append(grid)
         segments = round_segments(tok, t0 + k, int(grid.prod()) // 4, text)
         for q in asked.get(k, ()):
             segments += question_segments(tok, *q)
         for seg, kind in segments:
             ids += seg
+            kinds += [kind] * len(seg)
+            rounds += [k] * len(seg)
             if kind == Kind.REPLY:  # a reply, or a question's answer and its <|im_end|>
                 labels += seg
             elif kind == Kind.END:  # supervise " ..." and <|im_end|>, not the newline the next prompt starts with
                 labels += seg[:-1] + [IGNORE]
             else:
                 labels += [IGNORE] * len(seg)
-    return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids))
+    return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids), torch.tensor(kinds),
+                  torch.tensor(rounds))
 
 
 def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
@@ -429,21 +440,104 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
     chunks follow chunk_schedule(step) and end with a question at cfg.question_rate, validation chunks at
     `question_rate`."""
     if jsonl is not None:
-        return collate([jsonl[i % len(jsonl)] for i in indices], tok.pad_id)
+        return collate_chunks([jsonl[i % len(jsonl)] for i in indices], tok.pad_id, cfg)
     train = split == "train"
     chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
     rate = cfg.question_rate if train else question_rate
     samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, cfg.text_sink, cfg.text_window,
                                 world_config(split, cfg), rate, (cfg.min_pixels, cfg.max_pixels)) for i in indices]
-    return collate(samples, tok.pad_id)
+    return collate_chunks(samples, tok.pad_id, cfg)
 
 
 def with_positions(batch, model_cfg):
     """Add the M-RoPE position ids, made here (in the DataLoader workers) rather than in the forward, where the
-    per-sample bookkeeping would hold up the GPU."""
+    per-sample bookkeeping would hold up the GPU; for chunks split for eviction, also the cache their second
+    halves start on (evicted_prefix)."""
     batch["position_ids"], _ = mrope_positions(batch["input_ids"], model_cfg, video_grid_thw=batch["video_grid_thw"],
                                                attention_mask=batch["attention_mask"])
+    if "then" in batch:
+        evicted_prefix(batch, model_cfg)
     return batch
+
+
+# -----------------------------------------------------------------------------
+# training on the cache that streaming leaves (--evict-seconds)
+#
+# Training computes a chunk's previous text afresh, as one block; streaming moves each reply into the previous
+# text with the K/V it got inside its own round, vision in view. A small model can learn to read only the first.
+# So a chunk may be cut in two: the first half is a plain forward, and the second half attends to the cache that
+# streaming would hold after evicting the first `evict_seconds` seconds (cache.kept_after_eviction), the kept
+# tokens' K/V taken from the first forward (cache.CaptureKV, cache.PrefixKV) at contiguous positions. Both halves
+# are supervised; the second sees the evicted replies exactly as the streaming cache shows them.
+
+
+def split_chunk(s, half):
+    """A Sample cut before its second `half`: (the first `half` seconds with the prefix, the rest)."""
+    cut = int((s.round < half).sum())             # rounds never decrease along a chunk
+    pcut = int(s.grid_thw[:half].prod(-1).sum())  # the patches of the first `half` seconds
+    return (Sample(s.ids[:cut], s.labels[:cut], s.pixel_values[:pcut], s.grid_thw[:half], s.kind[:cut],
+                   s.round[:cut]),
+            Sample(s.ids[cut:], s.labels[cut:], s.pixel_values[pcut:], s.grid_thw[half:], s.kind[cut:],
+                   s.round[cut:]))
+
+
+def collate_chunks(samples, pad_id, cfg):
+    """collate, or with cfg.evict_seconds (and every chunk at least 2 s long) the two halves of each chunk
+    (split_chunk): the first as the batch, the second under "then", and the eviction each row makes, as
+    (round arriving, vision window, text sink, text window) in "evict" (B, 4)."""
+    seconds = [len(s.grid_thw) for s in samples]
+    if not getattr(cfg, "evict_seconds", 0) or min(seconds) < 2:
+        return collate(samples, pad_id)
+    halves = [n // 2 for n in seconds]
+    firsts, rests = zip(*(split_chunk(s, h) for s, h in zip(samples, halves)))
+    batch = collate(firsts, pad_id)
+    batch["then"] = collate(rests, pad_id)
+    T = batch["input_ids"].shape[1]
+    batch["kind"] = torch.stack([torch.nn.functional.pad(s.kind, (0, T - len(s.kind))) for s in firsts])
+    batch["round"] = torch.stack([torch.nn.functional.pad(s.round, (0, T - len(s.round))) for s in firsts])
+    # the first min(evict_seconds, half) seconds leave: at round `half` a window of half - evicted + 1 seconds
+    batch["evict"] = torch.tensor([[h, h - min(cfg.evict_seconds, h) + 1, cfg.text_sink, cfg.text_window]
+                                   for h in halves])
+    return batch
+
+
+def evicted_prefix(batch, model_cfg):
+    """For a split batch (collate_chunks) with its first halves' positions: which first-half tokens each row
+    keeps, "keep" (B, P), at which contiguous positions, "keep_pos" (3, B, P), and the second halves' positions,
+    after them; the second halves' attention_mask grows to (B, P + T2), 0 on padding."""
+    then, kinds, rounds, plan = batch["then"], batch.pop("kind"), batch.pop("round"), batch.pop("evict")
+    keeps, positions, starts = [], [], []
+    for b in range(len(kinds)):
+        n = int(batch["attention_mask"][b].sum())
+        now, window, sink, tail = plan[b].tolist()
+        keep, _ = kept_after_eviction(kinds[b, :n], rounds[b, :n], now, window, sink, tail)
+        unit, rel = units(batch["input_ids"][b, :n], batch["position_ids"][:, b, :n], model_cfg)
+        pos, nxt = contiguous_positions(unit[keep], rel[:, keep])
+        keeps.append(keep)
+        positions.append(pos)
+        starts.append(int(nxt))
+    B, P = len(keeps), max(len(k) for k in keeps)
+    then["keep"] = torch.zeros(B, P, dtype=torch.long)
+    then["keep_pos"] = torch.zeros(3, B, P, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.long)
+    for b, (keep, pos) in enumerate(zip(keeps, positions)):
+        then["keep"][b, :len(keep)], then["keep_pos"][:, b, :len(keep)], valid[b, :len(keep)] = keep, pos, 1
+    then["position_ids"], _ = mrope_positions(then["input_ids"], model_cfg, video_grid_thw=then["video_grid_thw"],
+                                              attention_mask=then["attention_mask"], start=starts)
+    then["attention_mask"] = torch.cat([valid, then["attention_mask"]], 1)
+
+
+def supervised_tokens(batch):
+    """Supervised tokens of a batch (both halves of a split one): what a step's mean loss divides by."""
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return n + (supervised_tokens(batch["then"]) if "then" in batch else 0)
+
+
+def new_tokens(batch):
+    """Tokens a batch forwards (the second halves' reused prefix not counted)."""
+    then = batch.get("then")
+    return int(batch["attention_mask"].sum()) + (int(then["attention_mask"][:, -then["input_ids"].shape[1]:].sum())
+                                                 if then is not None else 0)
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from data import IGNORE, DataError, JsonlSamples, make_tokenizer, micro_batches
+from data import DataError, JsonlSamples, make_tokenizer, micro_batches, new_tokens, supervised_tokens
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
@@ -118,6 +119,10 @@ class TrainConfig:
     # data
     chunk_seconds: int = knob(24, "seconds per training chunk", at_least(1))
     overlap: int = knob(12, "seconds that consecutive chunks of a stream share (< --chunk-seconds)", at_least(0))
+    evict_seconds: int = knob(0, "cut each chunk in half; the second half attends to the cache that streaming "
+                              "leaves after the first N seconds leave the vision window: their replies in the "
+                              "previous text with the K/V of their own round (0: one plain forward per chunk, "
+                              "the authors' layout; at most half of --chunk-seconds)", at_least(0))
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -155,9 +160,9 @@ PRESETS = {
                        eval_every=400, eval_chunks=32),
     # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
     # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s)
-    "gpu": TrainConfig(steps=6000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+    "gpu": TrainConfig(steps=4000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
-                       question_rate=0.5),
+                       question_rate=0.5, evict_seconds=8),
 }
 
 INIT_SOURCE = "--init recipe (StreamingVLM SFT)"
@@ -261,6 +266,8 @@ def check_combinations(ap, args):
     c = args.cfg
     if c.overlap >= c.chunk_seconds:
         ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
+    if 2 * c.evict_seconds > c.chunk_seconds:
+        ap.error(f"--evict-seconds ({c.evict_seconds}) must be at most half of --chunk-seconds ({c.chunk_seconds})")
     if c.stream_seconds < c.chunk_seconds:
         ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
     if c.width % 64:
@@ -419,7 +426,7 @@ def train_step(step, model, raw, opt, batches, args, run):
     cfg = args.cfg
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    count = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches), device=run.device)
+    count = torch.tensor(sum(supervised_tokens(b) for b in batches), device=run.device)
     if run.ddp:
         dist.all_reduce(count)
     total, tokens = 0.0, 0
@@ -430,7 +437,7 @@ def train_step(step, model, raw, opt, batches, args, run):
             s, _ = loss_sum(model, b, run.device)
             (s * run.world / count).backward()  # DDP averages gradients over ranks: * world undoes that
         total += s.item()
-        tokens += int(b["attention_mask"].sum())
+        tokens += new_tokens(b)
     norm = float(ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)))
     loss = torch.tensor(total, device=run.device)
     if run.ddp:
@@ -454,24 +461,48 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
-    for step in bar:
-        t0 = time.perf_counter()
-        try:
-            loss, norm, tokens = train_step(step, model, raw, opt, [next(loader) for _ in range(cfg.grad_accum)],
-                                            args, run)
-        except NonFinite as e:
-            raise SystemExit(f"step {step + 1}: non-finite {e}; stopped before the update; " + (
-                f"the checkpoint of step {saved} in {args.out} is kept" if saved else "this run wrote no checkpoint"))
-        history.append(loss)
-        tps = tokens * run.world / (time.perf_counter() - t0)
-        mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == end:
-            if run.master:
+    with stop_on_ctrl_c(not run.ddp) as stop:
+        for step in bar:
+            t0 = time.perf_counter()
+            try:
+                loss, norm, tokens = train_step(step, model, raw, opt, [next(loader) for _ in range(cfg.grad_accum)],
+                                                args, run)
+            except NonFinite as e:
+                kept = f"the checkpoint of step {saved} in {args.out} is kept" if saved else "no checkpoint was written"
+                raise SystemExit(f"step {step + 1}: non-finite {e}; stopped before the update; {kept}")
+            history.append(loss)
+            tps = tokens * run.world / (time.perf_counter() - t0)
+            mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
+            bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
+            due = (step + 1) % cfg.eval_every == 0 or step + 1 == end
+            if due and run.master:
                 tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
-            ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json)
-            saved = step + 1
+            if due or stop:
+                ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json)
+                saved = step + 1
+            if stop:
+                raise SystemExit(f"stopped by Ctrl-C after step {saved}: the checkpoint is in {args.out}; "
+                                 "--resume continues the run exactly")
     return history
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(enabled):
+    """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
+    checkpoint (a second Ctrl-C stops at once). One process only: under torchrun every rank would have to agree."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again stops at once, without saving)")
+    previous = signal.signal(signal.SIGINT, handler) if enabled else None
+    try:
+        yield stop
+    finally:
+        if enabled:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):

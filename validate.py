@@ -8,19 +8,39 @@ whether that previous text is read at all.
 import torch
 import torch.nn.functional as F
 
+from cache import CaptureKV, PrefixKV
 from data import IGNORE, make_batch, with_positions
 from layout import SILENCE
 
 
+def to_device(batch, device):
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def outputs(model, batch, device):
+    """[(logits, labels, input_ids)] of a batch: one forward; or, for chunks split for eviction (data.py's
+    collate_chunks), the first halves and then the second halves on the cache the first ones leave."""
+    batch = to_device(batch, device)
+    then, labels = batch.pop("then", None), batch.pop("labels")
+    if then is None:
+        return [(model(**batch), labels, batch["input_ids"])]
+    capture = CaptureKV()
+    first = model(**batch, cache=capture)
+    labels2 = then.pop("labels")
+    prefix = PrefixKV(capture, then.pop("keep"), then.pop("keep_pos"), getattr(model, "module", model).cfg)
+    return [(first, labels, batch["input_ids"]), (model(**then, cache=prefix), labels2, then["input_ids"])]
+
+
 def loss_sum(model, batch, device):
     """Sum of token cross-entropies over the supervised tokens, and their count."""
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    logits = model(**batch)
-    targets = labels[:, 1:]  # position i predicts token i + 1
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    loss, count = 0.0, 0
+    for logits, labels, _ in outputs(model, batch, device):
+        targets = labels[:, 1:]  # position i predicts token i + 1
+        loss = loss + F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                      reduction="sum")
+        count += int((targets != IGNORE).sum())
+    return loss, count
 
 
 def first_token_hits(model, batch, device, silence_id, number_ids=()):
@@ -28,31 +48,32 @@ def first_token_hits(model, batch, device, silence_id, number_ids=()):
     (the event/silence decision the commentary metrics hinge on, which the mean loss hides), and at the score
     numbers of goal sentences (the one thing the frames never show). Returns
     (event right, events, quiet right, quiet seconds, score tokens right, score tokens)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")
-    targets = labels[:, 1:]
-    pred = model(**batch)[:, :-1].argmax(-1)
-    first = (targets != IGNORE) & (labels[:, :-1] == IGNORE)  # the first supervised token of each second
-    right = pred[first] == targets[first]
-    event = targets[first] != silence_id
-    score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
-    return (int(right[event].sum()), int(event.sum()), int(right[~event].sum()), int((~event).sum()),
-            int((pred[score] == targets[score]).sum()), int(score.sum()))
+    out = [0] * 6
+    for logits, labels, _ in outputs(model, batch, device):
+        targets = labels[:, 1:]
+        pred = logits[:, :-1].argmax(-1)
+        first = (targets != IGNORE) & (labels[:, :-1] == IGNORE)  # the first supervised token of each second
+        right = pred[first] == targets[first]
+        event = targets[first] != silence_id
+        score = torch.isin(targets, torch.tensor(list(number_ids), dtype=torch.long, device=targets.device))
+        counts = (right[event].sum(), event.sum(), right[~event].sum(), (~event).sum(),
+                  (pred[score] == targets[score]).sum(), score.sum())
+        out = [o + int(c) for o, c in zip(out, counts)]
+    return tuple(out)
 
 
 def answer_right(model, batch, device, im_start_id):
     """Whether a one-chunk batch that ends with a question gets its whole answer right (teacher-forced argmax at
     every answer token), or None if the chunk asks none (data.chunk_question found it unanswerable)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch.pop("labels")[0]
-    ids = batch["input_ids"][0]
+    logits, labels, ids = outputs(model, batch, device)[-1]  # a question ends the chunk: its last part
+    labels, ids = labels[0], ids[0]
     turns = (ids == im_start_id).nonzero().flatten().tolist()
     user, header = turns[-2], turns[-1]  # the last user turn and the assistant header after it
     if (ids[user:header] == model.cfg.video_token_id).any():  # the last second's turn: no question was asked
         return None
     pos = (labels != IGNORE).nonzero().flatten()
     pos = pos[pos > header]
-    pred = model(**batch)[0].argmax(-1)
+    pred = logits[0].argmax(-1)
     return bool((pred[pos - 1] == labels[pos]).all())
 
 

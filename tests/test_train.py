@@ -63,6 +63,39 @@ def test_training_chunk_is_byte_identical_to_the_teacher_forced_stream(tok):
     assert [s.prepare(sec.frames).grid.tolist() for sec in secs] == [[g] for g in sample.grid_thw.tolist()]
 
 
+def test_evicted_half_attends_to_exactly_the_streaming_cache(tok):
+    """--evict-seconds: a chunk's second half, on the K/V its first half leaves (data.collate_chunks, cache.PrefixKV),
+    gives the logits of a StreamingCache that is fed the first half, evicts, and is fed the second half; and the
+    second half's loss reaches the first half's forward through the reused K/V."""
+    from types import SimpleNamespace
+    from cache import StreamingCache
+    from conftest import tiny_model
+    from data import collate_chunks, with_positions
+    from validate import outputs
+    s = synthetic_sample(tok, "train", 3, chunk_seconds=8, overlap=4, text_sink=8, text_window=16,
+                         world=dict(event_rate=0.5, goal_rate=0.1))
+    model = tiny_model(tok)
+    cfg = SimpleNamespace(evict_seconds=3, text_sink=8, text_window=16)
+    batch = with_positions(collate_chunks([s], tok.pad_id, cfg), model.cfg)
+    pixels = batch["pixel_values_videos"].requires_grad_()  # the first half's frames
+    (first, _, _), (second, _, _) = outputs(model, batch, "cpu")
+    cache = StreamingCache(model.cfg, text_sink=8, text_window=16, vision_window=4 - 3 + 1)  # evicts seconds 0-2
+    cut, patches = int((s.round < 4).sum()), int(s.grid_thw[:4].prod(-1).sum())
+    with torch.no_grad():
+        for part, pix, grid in ((slice(0, cut), s.pixel_values[:patches], s.grid_thw[:4]),
+                                (slice(cut, None), s.pixel_values[patches:], s.grid_thw[4:])):
+            if part.start:
+                cache.evict(4)
+            pos = cache.add_tokens(s.ids[part], s.kind[part], s.round[part], video_grid_thw=grid)
+            want = model(s.ids[None, part], pixel_values_videos=pix, video_grid_thw=grid, position_ids=pos,
+                         cache=cache)
+            got = first if part.start == 0 else second
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert cache.length == batch["then"]["attention_mask"].shape[1]  # the reused prefix + the second half
+    assert (cache.kind[:cache.length] == 2).sum() > 0  # evicted replies sit in the previous text
+    assert torch.autograd.grad(second.sum(), pixels)[0].abs().sum() > 0  # reaches the first half's forward
+
+
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
     stream = SportsStream(WorldConfig(seed=5))
     t0 = 600
@@ -122,11 +155,35 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
 
 
+def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch):
+    """Ctrl-C during step 2 (of 6, checkpoints every 3): the step finishes, a checkpoint of step 2 is saved, the run
+    stops with one line, and --resume then ends where the uninterrupted run ends."""
+    import signal
+    import train
+    full, _ = run_train(tmp_path, "full")
+    real_step = train.train_step
+
+    def step_then_ctrl_c(step, *a):
+        out = real_step(step, *a)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(train, "train_step", step_then_ctrl_c)
+    with pytest.raises(SystemExit, match="stopped by Ctrl-C after step 2: .* --resume continues"):
+        run_train(tmp_path, "cut")
+    assert json.load(open(tmp_path / "cut" / "train_state.json"))["step"] == 2
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    resumed, _ = run_train(tmp_path, "cut", "--resume")
+    assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
 def test_ddp_two_cpu_processes_match_one(tmp_path):
-    one, _ = run_train(tmp_path, "one", "--steps", "3", "--batch-size", "2")
+    one, _ = run_train(tmp_path, "one", "--steps", "3", "--batch-size", "2", "--evict-seconds", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, "--steps", "3", "--batch-size", "1"]
+           os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, "--steps", "3", "--batch-size", "1",
+           "--evict-seconds", "2"]  # two forwards a micro-batch (the second on the first's K/V), one backward
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     two = json.load(open(tmp_path / "two" / "train_state.json"))["history"]
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4), (two, one)

@@ -185,7 +185,7 @@ BAD = [
     (["--grad-clip", "0"], "--grad-clip"), (["--overlap", "-1"], "--overlap"), (["--overlap", "24"], "--overlap"),
     (["--text-sink", "-1"], "--text-sink"), (["--text-window", "-2"], "--text-window"),
     (["--chunk-seconds", "24", "--stream-seconds", "10"], "--stream-seconds"),
-    (["--question-rate", "1.5"], "--question-rate"),
+    (["--question-rate", "1.5"], "--question-rate"), (["--chunk-seconds", "6", "--evict-seconds", "4"], "--evict-seconds"),
     (["--warmup", "1"], "--warmup"), (["--eval-every", "0"], "--eval-every"), (["--eval-chunks", "0"], "--eval-chunks"),
     (["--stop-at", "0"], "--stop-at"), (["--steps", "10", "--stop-at", "11"], "--stop-at"), (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"), (["--lr", "x"], "--lr"), (["--steps", "0"], "--steps"), (["--workers", "-1"], "--workers"),
