@@ -318,7 +318,8 @@ class PrefixKV:
     def update(self, layer, k, v, raw_k=None):
         old_k = apply_rope(self.capture.raw_k[layer].gather(2, self.index).float(), self.cos, self.sin)
         old_v = self.capture.v[layer].gather(2, self.index)
-        return torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v.to(v.dtype), v], 2)
+        # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype
+        return torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v, v], 2).to(k.dtype)
 
     def commit(self, T):
         pass

@@ -94,6 +94,8 @@ def test_evicted_half_attends_to_exactly_the_streaming_cache(tok):
     assert cache.length == batch["then"]["attention_mask"].shape[1]  # the reused prefix + the second half
     assert (cache.kind[:cache.length] == 2).sum() > 0  # evicted replies sit in the previous text
     assert torch.autograd.grad(second.sum(), pixels)[0].abs().sum() > 0  # reaches the first half's forward
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # the GPU's mixed precision: keys fp32, values bf16
+        assert torch.allclose(outputs(model, batch, "cpu")[1][0].float(), second, atol=0.5)
 
 
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
