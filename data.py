@@ -55,15 +55,14 @@ from dataclasses import dataclass
 
 import torch
 
-from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, prefix_segments, question_segments, reply_ids,
-                    round_segments)
+from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, prefix_segments, question_segments,
+                    reply_ids, round_segments)
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
-from cache import contiguous_positions, kept_after_eviction, units
+from reuse import evicted_prefix, split_chunk
 from rope import mrope_positions
 from video import VideoError, read_seconds
 from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
 
-IGNORE = -100
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
                         # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
                         # in a question's answer can pass 99 and take two tokens)
@@ -460,27 +459,6 @@ def with_positions(batch, model_cfg):
     return batch
 
 
-# -----------------------------------------------------------------------------
-# training on the cache that streaming leaves (--evict-seconds)
-#
-# Training computes a chunk's previous text afresh, as one block; streaming moves each reply into the previous
-# text with the K/V it got inside its own round, vision in view. A small model can learn to read only the first.
-# So a chunk may be cut in two: the first half is a plain forward, and the second half attends to the cache that
-# streaming would hold after evicting the first `evict_seconds` seconds (cache.kept_after_eviction), the kept
-# tokens' K/V taken from the first forward (cache.CaptureKV, cache.PrefixKV) at contiguous positions. Both halves
-# are supervised; the second sees the evicted replies exactly as the streaming cache shows them.
-
-
-def split_chunk(s, half):
-    """A Sample cut before its second `half`: (the first `half` seconds with the prefix, the rest)."""
-    cut = int((s.round < half).sum())             # rounds never decrease along a chunk
-    pcut = int(s.grid_thw[:half].prod(-1).sum())  # the patches of the first `half` seconds
-    return (Sample(s.ids[:cut], s.labels[:cut], s.pixel_values[:pcut], s.grid_thw[:half], s.kind[:cut],
-                   s.round[:cut]),
-            Sample(s.ids[cut:], s.labels[cut:], s.pixel_values[pcut:], s.grid_thw[half:], s.kind[cut:],
-                   s.round[cut:]))
-
-
 def collate_chunks(samples, pad_id, cfg):
     """collate, or with cfg.evict_seconds (and every chunk at least 2 s long) the two halves of each chunk
     (split_chunk): the first as the batch, the second under "then", and the eviction each row makes, as
@@ -499,45 +477,6 @@ def collate_chunks(samples, pad_id, cfg):
     batch["evict"] = torch.tensor([[h, h - min(cfg.evict_seconds, h) + 1, cfg.text_sink, cfg.text_window]
                                    for h in halves])
     return batch
-
-
-def evicted_prefix(batch, model_cfg):
-    """For a split batch (collate_chunks) with its first halves' positions: which first-half tokens each row
-    keeps, "keep" (B, P), at which contiguous positions, "keep_pos" (3, B, P), and the second halves' positions,
-    after them; the second halves' attention_mask grows to (B, P + T2), 0 on padding."""
-    then, kinds, rounds, plan = batch["then"], batch.pop("kind"), batch.pop("round"), batch.pop("evict")
-    keeps, positions, starts = [], [], []
-    for b in range(len(kinds)):
-        n = int(batch["attention_mask"][b].sum())
-        now, window, sink, tail = plan[b].tolist()
-        keep, _ = kept_after_eviction(kinds[b, :n], rounds[b, :n], now, window, sink, tail)
-        unit, rel = units(batch["input_ids"][b, :n], batch["position_ids"][:, b, :n], model_cfg)
-        pos, nxt = contiguous_positions(unit[keep], rel[:, keep])
-        keeps.append(keep)
-        positions.append(pos)
-        starts.append(int(nxt))
-    B, P = len(keeps), max(len(k) for k in keeps)
-    then["keep"] = torch.zeros(B, P, dtype=torch.long)
-    then["keep_pos"] = torch.zeros(3, B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.long)
-    for b, (keep, pos) in enumerate(zip(keeps, positions)):
-        then["keep"][b, :len(keep)], then["keep_pos"][:, b, :len(keep)], valid[b, :len(keep)] = keep, pos, 1
-    then["position_ids"], _ = mrope_positions(then["input_ids"], model_cfg, video_grid_thw=then["video_grid_thw"],
-                                              attention_mask=then["attention_mask"], start=starts)
-    then["attention_mask"] = torch.cat([valid, then["attention_mask"]], 1)
-
-
-def supervised_tokens(batch):
-    """Supervised tokens of a batch (both halves of a split one): what a step's mean loss divides by."""
-    n = int((batch["labels"][:, 1:] != IGNORE).sum())
-    return n + (supervised_tokens(batch["then"]) if "then" in batch else 0)
-
-
-def new_tokens(batch):
-    """Tokens a batch forwards (the second halves' reused prefix not counted)."""
-    then = batch.get("then")
-    return int(batch["attention_mask"].sum()) + (int(then["attention_mask"][:, -then["input_ids"].shape[1]:].sum())
-                                                 if then is not None else 0)
 
 
 class MicroBatches(torch.utils.data.Dataset):

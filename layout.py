@@ -36,6 +36,7 @@ import torch
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
+IGNORE = -100          # the label of a token training does not supervise (cross_entropy's ignore_index)
 FPS = 2                # frames a second: one temporal patch (2 frames) per second
 FRAME_PIXELS = (4 * 28 * 28, 768 * 28 * 28)  # (min, max) pixels of a frame after resizing (smart_resize)
 

@@ -37,10 +37,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from data import DataError, JsonlSamples, make_tokenizer, micro_batches, new_tokens, supervised_tokens
+from data import DataError, JsonlSamples, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
+from reuse import new_tokens, supervised_tokens
 from validate import Validator, loss_sum
 from world import WorldConfig
 

@@ -8,9 +8,9 @@ whether that previous text is read at all.
 import torch
 import torch.nn.functional as F
 
-from cache import CaptureKV, PrefixKV
 from data import IGNORE, make_batch, with_positions
 from layout import SILENCE
+from reuse import forward_halves
 
 
 def to_device(batch, device):
@@ -20,16 +20,12 @@ def to_device(batch, device):
 
 def outputs(model, batch, device):
     """[(logits, labels, input_ids)] of a batch: one forward; or, for chunks split for eviction (data.py's
-    collate_chunks), the first halves and then the second halves on the cache the first ones leave."""
+    collate_chunks), the first halves and then the second halves on the cache the first ones leave (reuse.py)."""
     batch = to_device(batch, device)
-    then, labels = batch.pop("then", None), batch.pop("labels")
-    if then is None:
-        return [(model(**batch), labels, batch["input_ids"])]
-    capture = CaptureKV()
-    first = model(**batch, cache=capture)
-    labels2 = then.pop("labels")
-    prefix = PrefixKV(capture, then.pop("keep"), then.pop("keep_pos"), getattr(model, "module", model).cfg)
-    return [(first, labels, batch["input_ids"]), (model(**then, cache=prefix), labels2, then["input_ids"])]
+    if "then" in batch:
+        return forward_halves(model, batch)
+    labels = batch.pop("labels")
+    return [(model(**batch), labels, batch["input_ids"])]
 
 
 def loss_sum(model, batch, device):
