@@ -277,17 +277,20 @@ class VLM(nn.Module):
         return self
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-              compile_vision=False):
-        """Token embeddings with the vision tower's output written over the <|image_pad|>/<|video_pad|> slots."""
+              compile_vision=False, video_embeds=None):
+        """Token embeddings with the vision tower's output written over the <|image_pad|>/<|video_pad|> slots
+        (video_embeds: the tower's output for the videos, when the caller ran it already)."""
         x = self.model.embed_tokens(input_ids)
-        for pix, grid, tok, name in ((pixel_values, image_grid_thw, self.cfg.image_token_id, "image"),
-                                     (pixel_values_videos, video_grid_thw, self.cfg.video_token_id, "video")):
+        for pix, grid, feats, tok, name in (
+                (pixel_values, image_grid_thw, None, self.cfg.image_token_id, "image"),
+                (pixel_values_videos, video_grid_thw, video_embeds, self.cfg.video_token_id, "video")):
             slots = input_ids == tok
-            if pix is None:
+            if pix is None and feats is None:
                 if slots.any():
                     raise ValueError(f"input_ids hold <|{name}_pad|> tokens but no pixel values were given")
                 continue
-            feats = self.visual(pix, grid, compiled=compile_vision)
+            if feats is None:
+                feats = self.visual(pix, grid, compiled=compile_vision)
             if int(slots.sum()) != feats.shape[0]:
                 raise ValueError(f"{int(slots.sum())} <|{name}_pad|> tokens in input_ids but the {name}s give "
                                  f"{feats.shape[0]} features (grid_t*grid_h*grid_w/4 each)")
@@ -296,12 +299,13 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                 video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, position_ids=None, cache=None,
-                logits_to_keep=0, compile_vision=False):
+                logits_to_keep=0, compile_vision=False, video_embeds=None):
         """Logits (B, T, vocab) (the last `logits_to_keep` positions when > 0).
 
         attention_mask (B, past + T), 1 = real token, for left-padded batches; position_ids (3, B, T), or made
         here by the M-RoPE rule (by the cache when there is one: cache.py's stage / write / commit protocol);
-        cache: a KVCache / StreamingCache (StreamingCache callers stage their tokens and pass position_ids).
+        cache: a KVCache / StreamingCache (StreamingCache callers stage their tokens and pass position_ids);
+        video_embeds: the vision tower's output for the video pads, instead of pixel_values_videos.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -310,7 +314,8 @@ class VLM(nn.Module):
             grids = (image_grid_thw, video_grid_thw, second_per_grid_ts, new_mask)
             position_ids = (cache.add_tokens(input_ids, *grids) if cache is not None
                             else mrope_positions(input_ids, self.cfg, *grids)[0])
-        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, compile_vision)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, compile_vision,
+                       video_embeds)
         cos, sin = mrope_cos_sin(position_ids.to(x.device), self.model.inv_freq, self.cfg.mrope_section, x.dtype)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):

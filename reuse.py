@@ -86,13 +86,19 @@ def new_tokens(batch):
 
 def forward_halves(model, batch):
     """[(logits, labels, input_ids)] of a split batch on the model's device: the first halves, then the second
-    halves on the cache the first ones leave."""
+    halves on the cache the first ones leave. The vision tower runs once, on both halves' frames: each second's
+    frames are encoded alone, and a training step is bound by kernel launches, half of them the tower's."""
+    raw = getattr(model, "module", model)  # DDP's wrapped model
     then, labels = dict(batch.pop("then")), batch.pop("labels")
-    capture = CaptureKV()
-    first = model(**batch, cache=capture)
     labels2 = then.pop("labels")
-    prefix = PrefixKV(capture, then.pop("keep"), then.pop("keep_pos"), getattr(model, "module", model).cfg)
-    return [(first, labels, batch["input_ids"]), (model(**then, cache=prefix), labels2, then["input_ids"])]
+    vision = raw.visual(torch.cat([batch.pop("pixel_values_videos"), then.pop("pixel_values_videos")]),
+                        torch.cat([batch["video_grid_thw"], then["video_grid_thw"]]))
+    n = int((batch["input_ids"] == raw.cfg.video_token_id).sum())  # the first halves' video tokens come first
+    capture = CaptureKV()
+    first = model(**batch, video_embeds=vision[:n], cache=capture)
+    prefix = PrefixKV(capture, then.pop("keep"), then.pop("keep_pos"), raw.cfg)
+    second = model(**then, video_embeds=vision[n:], cache=prefix)
+    return [(first, labels, batch["input_ids"]), (second, labels2, then["input_ids"])]
 
 
 class CaptureKV:

@@ -300,6 +300,8 @@ def check_combinations(ap, args):
             ap.error(f"--init {args.init}: no {name} there (expected a Qwen2.5-VL checkpoint folder)")
     if not os.path.isdir(ckpt.beside(args.out, "old")) and ckpt.out_problem(args):  # else: after ckpt.prepare
         ap.error(ckpt.out_problem(args))
+    if args.fsdp and c.evict_seconds:  # reuse.forward_halves calls the vision tower outside the sharded forward
+        ap.error("--evict-seconds does not work with --fsdp (DDP or one process: yes)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         ap.error("--fsdp shards over several processes: run it under torchrun --nproc_per_node=N")
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -491,9 +493,11 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
 def stop_on_ctrl_c(enabled):
     """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
     checkpoint (a second Ctrl-C stops at once). One process only: under torchrun every rank would have to agree."""
-    stop = []
+    stop, me = [], os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != me:  # a DataLoader worker (forked with this handler; Ctrl-C reaches the whole group)
+            return
         if stop:
             raise KeyboardInterrupt
         stop.append(True)
