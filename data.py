@@ -72,10 +72,16 @@ GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds 
 class Sample:
     ids: torch.Tensor            # (T,) token ids
     labels: torch.Tensor         # (T,) the id where supervised, else -100 (not yet shifted)
-    pixel_values: torch.Tensor   # (sum of patches, 1176)
+    frames: torch.Tensor | None  # (2 * seconds, H, W, 3) uint8, resized: 4x smaller than patches to ship to the GPU
+    patches: torch.Tensor | None  # (sum of patches, 1176) float32, instead of frames when seconds differ in size
     grid_thw: torch.Tensor       # (seconds, 3)
     kind: torch.Tensor           # (T,) layout.Kind of each token
     round: torch.Tensor          # (T,) the second of the chunk each token belongs to (-1: system, previous text)
+
+    @property
+    def pixel_values(self):
+        """(sum of patches, 1176) float32, what the vision tower takes."""
+        return self.patches if self.frames is None else patchify_video(self.frames)
 
 
 def make_tokenizer(vocab_size=640, seed=0):
@@ -160,7 +166,7 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
     asked = {k: list(qs) for k, qs in (asked or {}).items()}
     if question:
         asked.setdefault(len(frames) - 1, []).append(question)
-    ids, labels, pix, grids, kinds, rounds = [], [], [], [], [], []
+    ids, labels, grids, kinds, rounds = [], [], [], [], []
     for seg, kind in prefix_segments(tok, previous_ids(tok, previous, text_sink, text_window), text_sink,
                                      text_window):
         ids += seg
@@ -168,10 +174,10 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
         kinds += [kind] * len(seg)
         rounds += [-1] * len(seg)
     clips = [resize_video(fr, FPS, *frame_pixels)[:2] for fr in frames]
-    if len({clip.shape for clip, _ in clips}) == 1:  # one patchify for the chunk: rows are in time order
-        pix.append(patchify_video(torch.cat([clip for clip, _ in clips])))
+    if len({clip.shape for clip, _ in clips}) == 1:  # the usual case: patchified later, on the device
+        video, patches = torch.cat([clip for clip, _ in clips]), None
     else:
-        pix += [patchify_video(clip) for clip, _ in clips]
+        video, patches = None, torch.cat([patchify_video(clip) for clip, _ in clips])
     for k, ((_, grid), text) in enumerate(zip(clips, texts)):
         grids.append(grid)
         segments = round_segments(tok, t0 + k, int(grid.prod()) // 4, text)
@@ -187,7 +193,7 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
                 labels += seg[:-1] + [IGNORE]
             else:
                 labels += [IGNORE] * len(seg)
-    return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pix), torch.cat(grids), torch.tensor(kinds),
+    return Sample(torch.tensor(ids), torch.tensor(labels), video, patches, torch.cat(grids), torch.tensor(kinds),
                   torch.tensor(rounds))
 
 
@@ -515,13 +521,17 @@ def micro_batches(tok, cfg, model_cfg, jsonl, first_step, rank, world, pin_memor
 
 
 def collate(samples, pad_id):
-    """Right-pad a list of Samples into a batch for VLM.forward (pixel values concatenated in order)."""
+    """Right-pad a list of Samples into a batch for VLM.forward, its frames concatenated in order: as uint8
+    "video_frames" when all are one size (validate.to_device patchifies them on the device), else as patches."""
     T = max(len(s.ids) for s in samples)
     ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros(len(samples), T, dtype=torch.long)
     for i, s in enumerate(samples):
         ids[i, :len(s.ids)], labels[i, :len(s.ids)], mask[i, :len(s.ids)] = s.ids, s.labels, 1
-    return dict(input_ids=ids, labels=labels, attention_mask=mask,
-                pixel_values_videos=torch.cat([s.pixel_values for s in samples]),
+    if len({None if s.frames is None else s.frames.shape[1:] for s in samples}) == 1 and samples[0].frames is not None:
+        vision = dict(video_frames=torch.cat([s.frames for s in samples]))
+    else:
+        vision = dict(pixel_values_videos=torch.cat([s.pixel_values for s in samples]))
+    return dict(input_ids=ids, labels=labels, attention_mask=mask, **vision,
                 video_grid_thw=torch.cat([s.grid_thw for s in samples]))

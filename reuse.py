@@ -33,12 +33,16 @@ from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 
 def split_chunk(s, half):
     """A data.Sample cut before its second `half`: (the first `half` seconds with the prefix, the rest)."""
-    cut = int((s.round < half).sum())             # rounds never decrease along a chunk
-    pcut = int(s.grid_thw[:half].prod(-1).sum())  # the patches of the first `half` seconds
-    return (replace(s, ids=s.ids[:cut], labels=s.labels[:cut], pixel_values=s.pixel_values[:pcut],
-                    grid_thw=s.grid_thw[:half], kind=s.kind[:cut], round=s.round[:cut]),
-            replace(s, ids=s.ids[cut:], labels=s.labels[cut:], pixel_values=s.pixel_values[pcut:],
-                    grid_thw=s.grid_thw[half:], kind=s.kind[cut:], round=s.round[cut:]))
+    cut = int((s.round < half).sum())  # rounds never decrease along a chunk
+    f = 2 * int(s.grid_thw[:half, 0].sum()) if s.frames is not None else 0  # frames: 2 a temporal patch
+    p = int(s.grid_thw[:half].prod(-1).sum()) if s.patches is not None else 0  # patches of the first seconds
+    first = replace(s, ids=s.ids[:cut], labels=s.labels[:cut], grid_thw=s.grid_thw[:half], kind=s.kind[:cut],
+                    round=s.round[:cut], frames=None if s.frames is None else s.frames[:f],
+                    patches=None if s.patches is None else s.patches[:p])
+    rest = replace(s, ids=s.ids[cut:], labels=s.labels[cut:], grid_thw=s.grid_thw[half:], kind=s.kind[cut:],
+                   round=s.round[cut:], frames=None if s.frames is None else s.frames[f:],
+                   patches=None if s.patches is None else s.patches[p:])
+    return first, rest
 
 
 def evicted_prefix(batch, model_cfg):

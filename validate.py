@@ -10,12 +10,17 @@ import torch.nn.functional as F
 
 from data import IGNORE, make_batch, with_positions
 from layout import SILENCE
+from processor import patchify_video
 from reuse import forward_halves
 
 
 def to_device(batch, device):
-    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
+    """A batch (and its "then" part) on `device`, uint8 "video_frames" patchified there (data.collate)."""
+    out = {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+           for k, v in batch.items()}
+    if "video_frames" in out:
+        out["pixel_values_videos"] = patchify_video(out.pop("video_frames"))
+    return out
 
 
 def outputs(model, batch, device):
