@@ -161,9 +161,9 @@ PRESETS = {
                        eval_every=400, eval_chunks=32),
     # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
     # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s)
-    "gpu": TrainConfig(steps=4000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+    "gpu": TrainConfig(steps=6000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
-                       question_rate=0.5, evict_seconds=8),
+                       question_rate=0.5),
 }
 
 INIT_SOURCE = "--init recipe (StreamingVLM SFT)"
