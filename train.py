@@ -8,7 +8,7 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # 2-core CPU: ~8 min, names the events at the right second (no score)
-  python train.py --preset gpu             # one H200: 6,000 steps at ~5 a second (~21 min), events and the score
+  python train.py --preset gpu             # one H200: 6,000 steps, ~6.5 a second: events; the score (see README)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -22,7 +22,8 @@ continues the uninterrupted one exactly.
 A checkpoint is whole or absent (checkpoint.py): it is written into a hidden folder beside --out and swapped in
 by two renames; a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A
 non-finite loss or gradient stops the run before the update, so the last checkpoint is never overwritten with
-NaN weights. Every --eval-every steps the run validates on fixed chunks (validate.py) and saves.
+NaN weights. Every --eval-every steps the run validates on fixed chunks (validate.py) and saves; Ctrl-C saves after
+the step in progress and stops, and --resume goes on from there.
 """
 import argparse
 import contextlib
