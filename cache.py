@@ -259,7 +259,7 @@ def kept_after_eviction(kind, rnd, current_round, vision_window, text_sink, text
 def contiguous_positions(unit, rel):
     """Positions of a kept sequence as a fresh prompt: units (text tokens, vision blocks) laid end to end, each
     as wide as its largest relative position + 1 (a vision block: max(h, w) after the merge).
-    unit (n,) non-decreasing ids, rel (3, n) -> positions (3, n), next free position (1,)."""
+    unit (n,) ids, a unit's tokens adjacent, rel (3, n) -> positions (3, n), next free position (1,)."""
     new_unit = torch.cat([torch.tensor([True]), unit[1:] != unit[:-1]])
     u = new_unit.cumsum(0) - 1                                               # 0, 1, 2, ... per unit
     width = torch.zeros(int(u[-1]) + 1, dtype=torch.long).scatter_reduce(0, u, rel.max(0).values + 1, "amax")
@@ -281,4 +281,3 @@ class DecodeSlots:
         self.v[layer].index_copy_(2, self.index, v)
         self.raw_k[layer].index_copy_(2, self.index, raw_k)
         return self.k[layer], self.v[layer]
-

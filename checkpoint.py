@@ -206,14 +206,16 @@ def prepare(args, run):
     return read_state(args.out) if args.resume else None
 
 
-def check_resume(state, config, bookkeeping, args, world, show=str):
+def check_resume(state, config, bookkeeping, args, world, show=str, defaults=None):
     """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
     optimisation, the data, the model's source, the processes) must be the one the run started with. `config`
-    is the run's settings as a dict; `bookkeeping` names the ones that may change (how often to validate, ...)."""
+    is the run's settings as a dict; `bookkeeping` names the ones that may change (how often to validate, ...);
+    `defaults` the values of settings newer than a saved run (it ran without them, as with their default)."""
     now = json.loads(json.dumps(config))  # tuples as lists, as the saved ones
+    old = {**json.loads(json.dumps(defaults or {})), **state.get("config", {})}
     try:
-        changed = [f"--{k.replace('_', '-')} {show(state['config'].get(k), k)} -> {show(v, k)}"
-                   for k, v in now.items() if k not in bookkeeping and state["config"].get(k) != v]
+        changed = [f"--{k.replace('_', '-')} {show(old.get(k), k)} -> {show(v, k)}"
+                   for k, v in now.items() if k not in bookkeeping and old.get(k) != v]
         changed += [f"--{k} {state[k]} -> {mine}" for k in ("init", "data")
                     if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
         if state["processes"] != world:

@@ -50,6 +50,7 @@ import math
 import os
 import random
 import re
+import signal
 from array import array
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ class Sample:
     frames: torch.Tensor | None  # (2 * seconds, H, W, 3) uint8, resized: 4x smaller than patches to ship to the GPU
     patches: torch.Tensor | None  # (sum of patches, 1176) float32, instead of frames when seconds differ in size
     grid_thw: torch.Tensor       # (seconds, 3)
-    kind: torch.Tensor           # (T,) layout.Kind of each token
+    kind: torch.Tensor           # (T,) layout.Kind of each token, as the cache files it (a question turn: USER)
     round: torch.Tensor          # (T,) the second of the chunk each token belongs to (-1: system, previous text)
 
     @property
@@ -181,11 +182,14 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
     for k, ((_, grid), text) in enumerate(zip(clips, texts)):
         grids.append(grid)
         segments = round_segments(tok, t0 + k, int(grid.prod()) // 4, text)
+        n_round = len(segments)
         for q in asked.get(k, ()):
             segments += question_segments(tok, *q)
-        for seg, kind in segments:
+        for i, (seg, kind) in enumerate(segments):
             ids += seg
-            kinds += [kind] * len(seg)
+            # a question and its answer are USER to the cache: they leave with their second and never join the
+            # previous text (streaming rewinds them: Streamer.ask)
+            kinds += [kind if i < n_round else Kind.USER] * len(seg)
             rounds += [k] * len(seg)
             if kind == Kind.REPLY:  # a reply, or a question's answer and its <|im_end|>
                 labels += seg
@@ -508,12 +512,18 @@ class MicroBatches(torch.utils.data.Dataset):
         return with_positions(batch, self.model_cfg)
 
 
+def ignore_ctrl_c(worker_id):
+    """Ctrl-C reaches every process of the terminal's group: the workers leave it to the training process, which
+    saves after the step in progress (train.py) and then shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def micro_batches(tok, cfg, model_cfg, jsonl, first_step, rank, world, pin_memory=False):
     """The MicroBatches of a run, in order, built ahead by cfg.workers DataLoader processes; a record that fails
     in a worker raises its DataError here, in the training process."""
     loader = torch.utils.data.DataLoader(MicroBatches(tok, cfg, model_cfg, jsonl, first_step, rank, world),
                                          batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
-                                         prefetch_factor=4 if cfg.workers else None)
+                                         prefetch_factor=4 if cfg.workers else None, worker_init_fn=ignore_ctrl_c)
     for batch in loader:
         if "error" in batch:
             raise DataError(batch["error"])

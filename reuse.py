@@ -6,15 +6,18 @@ as one block after the system prompt. Streaming does not: once a second leaves t
 into the previous text with the K/V it got inside its own round, with that round's frames in view (cache.py; the
 authors' inference does the same, no re-encoding). Same tokens at the same positions, different K/V from layer 1
 on. A large pretrained model reads both alike; a small model trained from scratch can learn to read only the
-fresh kind, and then misreads the score it wrote a minute ago (this repo's tiny model did, see README).
+fresh kind, and then misreads the score it wrote a minute ago (this repo's tiny model may have, see README).
 
 What: cut a chunk of n seconds in two at second n // 2. The first half is a plain forward (the authors' layout)
-that also keeps every layer's raw keys and values (CaptureKV). The second half attends to exactly the cache that
-streaming holds when second n // 2 arrives after the chunk's first `evict_seconds` seconds left the vision window
-(cache.kept_after_eviction): system prompt, previous text with the evicted replies appended (their K/V from the
-first forward, keys rotated afresh at contiguous positions, PrefixKV), and the rounds still in the window. Both
-halves are supervised, and the second half's loss flows back through the reused K/V into the first forward.
-tests/test_train.py checks the second half's logits against a StreamingCache fed the same tokens.
+that also keeps every layer's raw keys and values (CaptureKV). The second half attends to the cache a
+StreamingCache holds when it has taken the first half in one forward and then, as second n // 2 arrives, evicts
+the chunk's first `evict_seconds` seconds at once (cache.kept_after_eviction): system prompt, previous text with
+the evicted replies appended (their K/V from the first forward, keys rotated afresh at contiguous positions,
+PrefixKV), and the rounds still in the window. Streaming second by second evicts one second at a time, but a reply
+gets the same K/V either way: those of its own round. Both halves are supervised, and the second half's loss flows
+back through the reused K/V into the first forward. tests/test_train.py checks the second half's logits against
+such a StreamingCache fed the same tokens. A question asked inside the chunk (--data) is filed as USER, so it
+leaves with its second and never joins the previous text, as Streamer.ask rewinds it.
 
 The bookkeeping per row (which tokens stay, their new positions) is made in the DataLoader workers
 (evicted_prefix, from data.with_positions); the GPU does one gather and one rotation per layer.
@@ -91,12 +94,12 @@ def new_tokens(batch):
 def forward_halves(model, batch):
     """[(logits, labels, input_ids)] of a split batch on the model's device: the first halves, then the second
     halves on the cache the first ones leave. The vision tower runs once, on both halves' frames: each second's
-    frames are encoded alone, and a training step is bound by kernel launches, half of them the tower's."""
+    frames are encoded alone, so one pass is the same computation with half the tower's kernel launches."""
     raw = getattr(model, "module", model)  # DDP's wrapped model
     then, labels = dict(batch.pop("then")), batch.pop("labels")
     labels2 = then.pop("labels")
     vision = raw.visual(torch.cat([batch.pop("pixel_values_videos"), then.pop("pixel_values_videos")]),
-                        torch.cat([batch["video_grid_thw"], then["video_grid_thw"]]))
+                        torch.cat([batch["video_grid_thw"], then["video_grid_thw"]]))  # (video tokens, C)
     n = int((batch["input_ids"] == raw.cfg.video_token_id).sum())  # the first halves' video tokens come first
     capture = CaptureKV()
     first = model(**batch, video_embeds=vision[:n], cache=capture)
@@ -125,7 +128,7 @@ class PrefixKV:
     """The streaming cache after an eviction, made from a CaptureKV: per row the captured tokens `keep` (B, P)
     (data.py pads short rows; forward's attention_mask hides the padding), keys rotated afresh at their
     contiguous positions `pos` (3, B, P). The reused K/V are the ones each token got with its own round in view,
-    exactly what StreamingCache.evict keeps; the gradient flows back through them into the first forward."""
+    as StreamingCache.evict keeps them; the gradient flows back through them into the first forward."""
 
     def __init__(self, capture, keep, pos, cfg):
         self.capture, self.length = capture, keep.shape[1]
@@ -134,6 +137,7 @@ class PrefixKV:
                                            torch.float32)
 
     def update(self, layer, k, v, raw_k=None):
+        # the kept tokens' keys and values (B, Hkv, P, D), then the new ones (B, Hkv, T, D)
         old_k = apply_rope(self.capture.raw_k[layer].gather(2, self.index).float(), self.cos, self.sin)
         old_v = self.capture.v[layer].gather(2, self.index)
         # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype

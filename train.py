@@ -8,7 +8,7 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # 2-core CPU: ~8 min, names the events at the right second (no score)
-  python train.py --preset gpu             # one H200: 6,000 steps, ~6.5 a second: events; the score (see README)
+  python train.py --preset gpu             # one H200: 6,000 steps (~6.5 a second measured, ~16 min): see README
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -405,8 +406,9 @@ def distribute(raw, args, run):
         fully_shard(raw)
     elif run.ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw)
-    if args.compile:
-        raw.model.compile()
+    if args.compile:  # each decoder layer (VLM.forward runs them one by one, so compiling TextModel would not)
+        for layer in raw.model.layers:
+            layer.compile()
     return model
 
 
@@ -465,7 +467,7 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
-    with stop_on_ctrl_c(not run.ddp) as stop:
+    with stop_on_ctrl_c(not run.ddp and threading.current_thread() is threading.main_thread()) as stop:
         for step in bar:
             t0 = time.perf_counter()
             try:
@@ -481,10 +483,12 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
             due = (step + 1) % cfg.eval_every == 0 or step + 1 == end
             if due and run.master:
                 tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
+            if stop:
+                tqdm.write(f"Ctrl-C: saving step {step + 1} (Ctrl-C again stops at once, without saving)")
             if due or stop:
                 ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json)
                 saved = step + 1
-            if stop:
+            if stop and step + 1 < end:
                 raise SystemExit(f"stopped by Ctrl-C after step {saved}: the checkpoint is in {args.out}; "
                                  "--resume continues the run exactly")
     return history
@@ -493,22 +497,20 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
 @contextlib.contextmanager
 def stop_on_ctrl_c(enabled):
     """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
-    checkpoint (a second Ctrl-C stops at once). One process only: under torchrun every rank would have to agree."""
-    stop, me = [], os.getpid()
+    checkpoint (a second Ctrl-C stops at once). One process in its main thread only: under torchrun every rank
+    would have to agree. The handler only raises a flag; the loop reads it between steps."""
+    stop = []
 
     def handler(signum, frame):
-        if os.getpid() != me:  # a DataLoader worker (forked with this handler; Ctrl-C reaches the whole group)
-            return
         if stop:
             raise KeyboardInterrupt
         stop.append(True)
-        tqdm.write("Ctrl-C: saving after this step (Ctrl-C again stops at once, without saving)")
     previous = signal.signal(signal.SIGINT, handler) if enabled else None
     try:
         yield stop
     finally:
         if enabled:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def main(argv=None):
@@ -518,7 +520,7 @@ def main(argv=None):
         print_config(args)
     state = ckpt.prepare(args, run)
     if state:
-        ckpt.check_resume(state, asdict(args.cfg), BOOKKEEPING, args, run.world, show)
+        ckpt.check_resume(state, asdict(args.cfg), BOOKKEEPING, args, run.world, show, asdict(TrainConfig()))
     raw, tok, tok_json = load_model(args, run)
     model = distribute(raw, args, run)
     opt = make_optimizer(raw, args.cfg)

@@ -97,7 +97,12 @@ def test_evicted_half_attends_to_exactly_the_streaming_cache(tok):
     grad = torch.autograd.grad(second.sum(), model.model.embed_tokens.weight)[0]
     assert only_first and (grad[only_first].abs().sum(-1) > 0).all()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # the GPU's mixed precision: keys fp32, values bf16
-        assert torch.allclose(outputs(model, batch, "cpu")[1][0].float(), second, atol=0.5)
+        mixed = outputs(model, batch, "cpu")[1][0].float()
+    assert (mixed - second).abs().max() < 0.06 * second.abs().max()  # bf16 rounding (3% here), not another sum
+    model.checkpointing = True  # activation checkpointing (training mode) recomputes the layers in backward
+    model.train()
+    again = torch.autograd.grad(outputs(model, batch, "cpu")[1][0].sum(), model.model.embed_tokens.weight)[0]
+    assert torch.allclose(again, grad, atol=1e-5)
 
 
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
@@ -315,6 +320,15 @@ def test_question_turn_ends_the_chunk_and_only_its_answer_is_supervised(tok):
     prompt = tok.encode("<|im_start|>user\nWhat is the score?<|im_end|>\n<|im_start|>assistant\n")
     answer = reply_ids(tok, "Red 1, Blue 0.") + [tok.im_end_id]
     assert tail == prompt + answer and labels == [IGNORE] * len(prompt) + answer
+    # to the cache the whole question turn is USER: evicted with its second, it never joins the previous text
+    from cache import kept_after_eviction
+    from layout import Kind
+    mid = build_sample(tok, *args, asked={0: [("What is the score?", "Red 1, Blue 0.")]})
+    start = int((plain.round < 1).sum())  # where second 1 begins without the question
+    question = torch.arange(start, start + len(prompt) + len(answer))
+    assert mid.ids[question].tolist() == prompt + answer and (mid.kind[question] == Kind.USER).all()
+    keep, body = kept_after_eviction(mid.kind, mid.round, 2, 1, 16, 16)  # at second 2, seconds 0-1 leave
+    assert not set(question.tolist()) & set(keep.tolist())
 
 
 def test_first_goal_and_answers():
