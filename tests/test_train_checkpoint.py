@@ -236,3 +236,15 @@ def test_resume_may_change_bookkeeping_but_not_stop_before_the_checkpoint(stoppe
     with pytest.raises(SystemExit, match="already at step 3"):
         run(out, "--resume", "--stop-at", "2")
     assert run(out, "--resume", "--stop-at", "4", "--eval-every", "4", "--eval-chunks", "2")[-1] > 0
+
+
+def test_resume_a_run_saved_before_a_setting_existed(stopped, full, tmp_path):
+    """A train state written before --evict-seconds existed ran as with its default: resuming it with the default
+    continues the run exactly; asking for another value is refused."""
+    out = copy(stopped, tmp_path)
+    saved = state(out)
+    del saved["config"]["evict_seconds"]
+    (out / ckpt.STATE).write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="--evict-seconds 0 -> 1"):
+        run(out, "--resume", "--evict-seconds", "1")
+    assert torch.allclose(torch.tensor(run(out, "--resume")), torch.tensor(full), rtol=1e-5)
