@@ -369,3 +369,25 @@ def test_answer_right_reads_only_the_answer(tok):
     last = int((labels[0] != IGNORE).nonzero()[-1])  # <|im_end|> after the answer
     assert answer_right(Oracle(labels, wrong_at=last - 2), asked, "cpu", tok.im_start_id) is False
     assert answer_right(Oracle(plain["labels"]), plain, "cpu", tok.im_start_id) is None
+
+
+def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(tok):
+    """collate ships one size of frames as uint8 (patchified on the device: validate.to_device), and frames of
+    several sizes as the float patches the vision tower takes; both give the same pixel values."""
+    from data import collate
+    from validate import to_device
+    small = [SportsStream(WorldConfig(seed=1, size=56)).second(t) for t in range(2)]
+    large = [SportsStream(WorldConfig(seed=1, size=84)).second(t) for t in range(2)]
+    a, b = (build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, []) for secs in (small, large))
+    same = collate([a, a], tok.pad_id)
+    assert same["video_frames"].dtype == torch.uint8 and "pixel_values_videos" not in same
+    assert torch.equal(to_device(same, "cpu")["pixel_values_videos"], torch.cat([a.pixel_values] * 2))
+    mixed = collate([a, b], tok.pad_id)
+    assert "video_frames" not in mixed
+    assert torch.equal(mixed["pixel_values_videos"], torch.cat([a.pixel_values, b.pixel_values]))
+    # seconds of different sizes in one chunk (a video that changes resolution) keep patches, and split with them
+    from reuse import split_chunk
+    m = build_sample(tok, [small[0].frames, large[1].frames], [small[0].text, large[1].text], 0, [])
+    first, rest = split_chunk(m, 1)
+    assert m.frames is None and torch.equal(torch.cat([first.pixel_values, rest.pixel_values]), m.pixel_values)
+    assert len(first.pixel_values) == int(m.grid_thw[0].prod())
