@@ -5,8 +5,8 @@ Why: a training chunk (data.py, as in StreamingVLM's SFT, arXiv 2510.09608) comp
 as one block after the system prompt. Streaming does not: once a second leaves the vision window, its reply moves
 into the previous text with the K/V it got inside its own round, with that round's frames in view (cache.py; the
 authors' inference does the same, no re-encoding). Same tokens at the same positions, different K/V from layer 1
-on. A large pretrained model reads both alike; a small model trained from scratch can learn to read only the
-fresh kind, and then misreads the score it wrote a minute ago (this repo's tiny model may have, see README).
+on. The authors serve their 7B model this way; a small model trained from scratch can learn to read only the
+fresh kind, and then misreads the score it wrote a minute ago (this repo's shipped tiny model did, see README).
 
 What: cut a chunk of n seconds in two at second n // 2. The first half is a plain forward (the authors' layout)
 that also keeps every layer's raw keys and values (CaptureKV). The second half attends to the cache a
