@@ -539,7 +539,8 @@ def collate(samples, pad_id):
     mask = torch.zeros(len(samples), T, dtype=torch.long)
     for i, s in enumerate(samples):
         ids[i, :len(s.ids)], labels[i, :len(s.ids)], mask[i, :len(s.ids)] = s.ids, s.labels, 1
-    if len({None if s.frames is None else s.frames.shape[1:] for s in samples}) == 1 and samples[0].frames is not None:
+    sizes = {None if s.frames is None else s.frames.shape[1:] for s in samples}  # (H, W, 3) of each sample's frames
+    if len(sizes) == 1 and None not in sizes:
         vision = dict(video_frames=torch.cat([s.frames for s in samples]))
     else:
         vision = dict(pixel_values_videos=torch.cat([s.pixel_values for s in samples]))

@@ -37,15 +37,15 @@ from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 def split_chunk(s, half):
     """A data.Sample cut before its second `half`: (the first `half` seconds with the prefix, the rest)."""
     cut = int((s.round < half).sum())  # rounds never decrease along a chunk
-    f = 2 * int(s.grid_thw[:half, 0].sum()) if s.frames is not None else 0  # frames: 2 a temporal patch
-    p = int(s.grid_thw[:half].prod(-1).sum()) if s.patches is not None else 0  # patches of the first seconds
-    first = replace(s, ids=s.ids[:cut], labels=s.labels[:cut], grid_thw=s.grid_thw[:half], kind=s.kind[:cut],
-                    round=s.round[:cut], frames=None if s.frames is None else s.frames[:f],
-                    patches=None if s.patches is None else s.patches[:p])
-    rest = replace(s, ids=s.ids[cut:], labels=s.labels[cut:], grid_thw=s.grid_thw[half:], kind=s.kind[cut:],
-                   round=s.round[cut:], frames=None if s.frames is None else s.frames[f:],
-                   patches=None if s.patches is None else s.patches[p:])
-    return first, rest
+    f = 2 * int(s.grid_thw[:half, 0].sum())      # frames of the first seconds: 2 a temporal patch
+    p = int(s.grid_thw[:half].prod(-1).sum())     # their patches
+
+    def part(tokens, seconds, frames, patches):  # slices of the tokens, seconds, frames and patches
+        return replace(s, ids=s.ids[tokens], labels=s.labels[tokens], kind=s.kind[tokens], round=s.round[tokens],
+                       grid_thw=s.grid_thw[seconds], frames=None if s.frames is None else s.frames[frames],
+                       patches=None if s.patches is None else s.patches[patches])
+    return (part(slice(cut), slice(half), slice(f), slice(p)),
+            part(slice(cut, None), slice(half, None), slice(f, None), slice(p, None)))
 
 
 def evicted_prefix(batch, model_cfg):
