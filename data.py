@@ -59,7 +59,7 @@ import torch
 from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, prefix_segments, question_segments,
                     reply_ids, round_segments)
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
-from reuse import evicted_prefix, split_chunk
+from reuse import evicted_prefixes, segment_cuts, split_chunk
 from rope import mrope_positions
 from video import VideoError, read_seconds
 from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
@@ -460,32 +460,34 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
 
 def with_positions(batch, model_cfg):
     """Add the M-RoPE position ids, made here (in the DataLoader workers) rather than in the forward, where the
-    per-sample bookkeeping would hold up the GPU; for chunks split for eviction, also the cache their second
-    halves start on (evicted_prefix)."""
+    per-sample bookkeeping would hold up the GPU; for chunks cut into segments, also the cache each later
+    segment starts on (reuse.evicted_prefixes)."""
     batch["position_ids"], _ = mrope_positions(batch["input_ids"], model_cfg, video_grid_thw=batch["video_grid_thw"],
                                                attention_mask=batch["attention_mask"])
     if "then" in batch:
-        evicted_prefix(batch, model_cfg)
+        evicted_prefixes(batch, model_cfg)
     return batch
 
 
 def collate_chunks(samples, pad_id, cfg):
-    """collate, or with cfg.evict_seconds (and every chunk at least 2 s long) the two halves of each chunk
-    (split_chunk): the first as the batch, the second under "then", and the eviction each row makes, as
-    (round arriving, vision window, text sink, text window) in "evict" (B, 4)."""
+    """collate, or with cfg.segment_seconds (and every chunk longer than that) the segments of each chunk
+    (reuse.split_chunk, at reuse.segment_cuts): the first segments as the batch, each next one under "then", with
+    every segment's token kinds and rounds, and the eviction rule (vision window, text sink, text window) in
+    "evict" (3,)."""
     seconds = [len(s.grid_thw) for s in samples]
-    if not getattr(cfg, "evict_seconds", 0) or min(seconds) < 2:
+    if not getattr(cfg, "segment_seconds", 0) or min(seconds) <= cfg.segment_seconds:
         return collate(samples, pad_id)
-    halves = [n // 2 for n in seconds]
-    firsts, rests = zip(*(split_chunk(s, h) for s, h in zip(samples, halves)))
-    batch = collate(firsts, pad_id)
-    batch["then"] = collate(rests, pad_id)
-    T = batch["input_ids"].shape[1]
-    batch["kind"] = torch.stack([torch.nn.functional.pad(s.kind, (0, T - len(s.kind))) for s in firsts])
-    batch["round"] = torch.stack([torch.nn.functional.pad(s.round, (0, T - len(s.round))) for s in firsts])
-    # the first min(evict_seconds, half) seconds leave: at round `half` a window of half - evicted + 1 seconds
-    batch["evict"] = torch.tensor([[h, h - min(cfg.evict_seconds, h) + 1, cfg.text_sink, cfg.text_window]
-                                   for h in halves])
+    parts = list(zip(*(split_chunk(s, segment_cuts(seconds, cfg.segment_seconds)) for s in samples)))
+    batch = None
+    for rows in reversed(parts):  # the last segment first: each one goes under its predecessor's "then"
+        seg = collate(rows, pad_id)
+        T = seg["input_ids"].shape[1]
+        seg["kind"] = torch.stack([torch.nn.functional.pad(s.kind, (0, T - len(s.kind))) for s in rows])
+        seg["round"] = torch.stack([torch.nn.functional.pad(s.round, (0, T - len(s.round))) for s in rows])
+        if batch is not None:
+            seg["then"] = batch
+        batch = seg
+    batch["evict"] = torch.tensor([cfg.vision_window, cfg.text_sink, cfg.text_window])
     return batch
 
 

@@ -1,26 +1,27 @@
 """
-Training on the cache that streaming leaves (train.py --evict-seconds).
+Training on the cache that streaming leaves (train.py --segment-seconds).
 
 Why: a training chunk (data.py, as in StreamingVLM's SFT, arXiv 2510.09608) computes its previous text afresh,
 as one block after the system prompt. Streaming does not: once a second leaves the vision window, its reply moves
 into the previous text with the K/V it got inside its own round, with that round's frames in view (cache.py; the
 authors' inference does the same, no re-encoding). Same tokens at the same positions, different K/V from layer 1
 on. The authors serve their 7B model this way; a small model trained from scratch can learn to read only the
-fresh kind, and then misreads the score it wrote a minute ago (this repo's shipped tiny model did, see README).
+fresh kind, and then misreads the score it wrote minutes ago (this repo's tiny model did, see README).
 
-What: cut a chunk of n seconds in two at second n // 2. The first half is a plain forward (the authors' layout)
-that also keeps every layer's raw keys and values (CaptureKV). The second half attends to the cache a
-StreamingCache holds when it has taken the first half in one forward and then, as second n // 2 arrives, evicts
-the chunk's first `evict_seconds` seconds at once (cache.kept_after_eviction): system prompt, previous text with
-the evicted replies appended (their K/V from the first forward, keys rotated afresh at contiguous positions,
-PrefixKV), and the rounds still in the window. Streaming second by second evicts one second at a time, but a reply
-gets the same K/V either way: those of its own round. Both halves are supervised, and the second half's loss flows
-back through the reused K/V into the first forward. tests/test_train.py checks the second half's logits against
-such a StreamingCache fed the same tokens. A question asked inside the chunk (--data) is filed as USER, so it
-leaves with its second and never joins the previous text, as Streamer.ask rewinds it.
+What: cut a chunk into segments of `segment_seconds` and forward them in turn. The first is a plain forward (the
+authors' layout). Each later one attends to the cache a StreamingCache holds when it has taken the segments
+before, one forward each, and then, as the segment's first second arrives, evicts the rounds that left the
+vision window (cache.kept_after_eviction): system prompt, previous text with the evicted replies appended (their
+K/V from the forward of their own segment, keys rotated afresh at contiguous positions), and the rounds still in
+the window. Streaming second by second evicts one second at a time, but a reply gets the same K/V either way:
+those of its own round. So in a long chunk the score sentences a later goal copies were all written in their own
+rounds, as at inference, minutes apart. Every segment is supervised, and the loss flows back through the reused
+K/V into the forwards that made them. tests/test_train.py checks every segment's logits against a StreamingCache
+fed the same tokens. A question asked inside the chunk (--data) is filed as USER, so it leaves with its second
+and never joins the previous text, as Streamer.ask rewinds it.
 
 The bookkeeping per row (which tokens stay, their new positions) is made in the DataLoader workers
-(evicted_prefix, from data.with_positions); the GPU does one gather and one rotation per layer.
+(evicted_prefixes, from data.with_positions); the GPU does one gather and one rotation per layer and segment.
 """
 from dataclasses import replace
 
@@ -34,114 +35,149 @@ from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 # the batches (DataLoader workers)
 
 
-def split_chunk(s, half):
-    """A data.Sample cut before its second `half`: (the first `half` seconds with the prefix, the rest)."""
-    cut = int((s.round < half).sum())  # rounds never decrease along a chunk
-    f = 2 * int(s.grid_thw[:half, 0].sum())      # frames of the first seconds: 2 a temporal patch
-    p = int(s.grid_thw[:half].prod(-1).sum())     # their patches
+def split_chunk(s, cuts):
+    """A data.Sample cut before each second in `cuts` (increasing): a list of len(cuts) + 1 parts, the prefix in
+    the first."""
+    bounds = [0, *cuts, len(s.grid_thw)]
+    tok = [0] + [int((s.round < c).sum()) for c in cuts] + [len(s.ids)]   # rounds never decrease along a chunk
+    frames = [2 * int(s.grid_thw[:c, 0].sum()) for c in bounds]            # 2 frames a temporal patch
+    patches = [int(s.grid_thw[:c].prod(-1).sum()) for c in bounds]
+    parts = []
+    for i in range(len(bounds) - 1):
+        t, f, p = slice(tok[i], tok[i + 1]), slice(frames[i], frames[i + 1]), slice(patches[i], patches[i + 1])
+        parts.append(replace(s, ids=s.ids[t], labels=s.labels[t], kind=s.kind[t], round=s.round[t],
+                             grid_thw=s.grid_thw[bounds[i]:bounds[i + 1]],
+                             frames=None if s.frames is None else s.frames[f],
+                             patches=None if s.patches is None else s.patches[p]))
+    return parts
 
-    def part(tokens, seconds, frames, patches):  # slices of the tokens, seconds, frames and patches
-        return replace(s, ids=s.ids[tokens], labels=s.labels[tokens], kind=s.kind[tokens], round=s.round[tokens],
-                       grid_thw=s.grid_thw[seconds], frames=None if s.frames is None else s.frames[frames],
-                       patches=None if s.patches is None else s.patches[patches])
-    return (part(slice(cut), slice(half), slice(f), slice(p)),
-            part(slice(cut, None), slice(half, None), slice(f, None), slice(p, None)))
+
+def segment_cuts(seconds, segment_seconds):
+    """Where a batch of chunks `seconds` long is cut: at every multiple of segment_seconds short of the shortest
+    chunk (a longer chunk's last segment takes the rest), so that every row has as many segments."""
+    return list(range(segment_seconds, min(seconds), segment_seconds))
 
 
-def evicted_prefix(batch, model_cfg):
-    """For a split batch (collate_chunks) with its first halves' positions: which first-half tokens each row
-    keeps, "keep" (B, P), at which contiguous positions, "keep_pos" (3, B, P), and the second halves' positions,
-    after them; the second halves' attention_mask grows to (B, P + T2), 0 on padding."""
-    then, kinds, rounds, plan = batch["then"], batch.pop("kind"), batch.pop("round"), batch.pop("evict")
-    keeps, positions, starts = [], [], []
-    for b in range(len(kinds)):
-        n = int(batch["attention_mask"][b].sum())
-        now, window, sink, tail = plan[b].tolist()
-        keep, _ = kept_after_eviction(kinds[b, :n], rounds[b, :n], now, window, sink, tail)
-        unit, rel = units(batch["input_ids"][b, :n], batch["position_ids"][:, b, :n], model_cfg)
-        pos, nxt = contiguous_positions(unit[keep], rel[:, keep])
-        keeps.append(keep)
-        positions.append(pos)
-        starts.append(int(nxt))
-    B, P = len(keeps), max(len(k) for k in keeps)
-    then["keep"] = torch.zeros(B, P, dtype=torch.long)
-    then["keep_pos"] = torch.zeros(3, B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.long)
-    for b, (keep, pos) in enumerate(zip(keeps, positions)):
-        then["keep"][b, :len(keep)], then["keep_pos"][:, b, :len(keep)], valid[b, :len(keep)] = keep, pos, 1
-    then["position_ids"], _ = mrope_positions(then["input_ids"], model_cfg, video_grid_thw=then["video_grid_thw"],
-                                              attention_mask=then["attention_mask"], start=starts)
-    then["attention_mask"] = torch.cat([valid, then["attention_mask"]], 1)
+def evicted_prefixes(batch, model_cfg):
+    """For a batch cut into segments (data.collate_chunks: each segment's batch under its predecessor's "then"),
+    the first with its positions: for each later segment, which tokens of the earlier ones each row keeps, "keep"
+    (B, P), as indices into the earlier segments' padded tokens laid end to end, at which contiguous positions,
+    "keep_pos" (3, B, P), and the segment's own positions after them; its attention_mask grows to (B, P + T),
+    0 on padding."""
+    window, text_sink, text_window = batch.pop("evict").tolist()
+    B = len(batch["input_ids"])
+    seen = [dict(ids=[], pos=[], kind=[], round=[], index=[]) for _ in range(B)]  # each row's tokens so far
+    seg, offset = batch, 0
+    while "then" in seg:
+        for b, h in enumerate(seen):
+            n = int(seg["attention_mask"][b, -seg["input_ids"].shape[1]:].sum())
+            for key, value in (("ids", seg["input_ids"][b, :n]), ("pos", seg["position_ids"][:, b, :n]),
+                               ("kind", seg["kind"][b, :n]), ("round", seg["round"][b, :n]),
+                               ("index", offset + torch.arange(n))):
+                h[key].append(value)
+        offset += seg["input_ids"].shape[1]
+        del seg["kind"], seg["round"]
+        seg = seg["then"]
+        keeps, positions, starts = [], [], []
+        for b, h in enumerate(seen):
+            ids, pos, kind, rnd, index = (torch.cat(h[k], -1) for k in ("ids", "pos", "kind", "round", "index"))
+            now = int(seg["round"][b, 0])  # the segment's first second arrives
+            keep, _ = kept_after_eviction(kind, rnd, now, window, text_sink, text_window)
+            unit, rel = units(ids, pos, model_cfg)
+            p, nxt = contiguous_positions(unit[keep], rel[:, keep])
+            keeps.append(index[keep])
+            positions.append(p)
+            starts.append(int(nxt))
+        P = max(len(k) for k in keeps)
+        seg["keep"], seg["keep_pos"] = torch.zeros(B, P, dtype=torch.long), torch.zeros(3, B, P, dtype=torch.long)
+        valid = torch.zeros(B, P, dtype=torch.long)
+        for b, (keep, p) in enumerate(zip(keeps, positions)):
+            seg["keep"][b, :len(keep)], seg["keep_pos"][:, b, :len(keep)], valid[b, :len(keep)] = keep, p, 1
+        seg["position_ids"], _ = mrope_positions(seg["input_ids"], model_cfg, video_grid_thw=seg["video_grid_thw"],
+                                                 attention_mask=seg["attention_mask"], start=starts)
+        seg["attention_mask"] = torch.cat([valid, seg["attention_mask"]], 1)
+    del seg["kind"], seg["round"]
+
+
+def segments(batch):
+    """The segments of a batch, in order (one unless it is cut: data.collate_chunks)."""
+    out = [batch]
+    while "then" in out[-1]:
+        out.append(out[-1]["then"])
+    return out
 
 
 def supervised_tokens(batch):
-    """Supervised tokens of a batch (both halves of a split one): what a step's mean loss divides by."""
-    n = int((batch["labels"][:, 1:] != IGNORE).sum())
-    return n + (supervised_tokens(batch["then"]) if "then" in batch else 0)
+    """Supervised tokens of a batch (all its segments): what a step's mean loss divides by."""
+    return sum(int((s["labels"][:, 1:] != IGNORE).sum()) for s in segments(batch))
 
 
 def new_tokens(batch):
-    """Tokens a batch forwards (the second halves' reused prefix not counted)."""
-    then = batch.get("then")
-    return int(batch["attention_mask"].sum()) + (int(then["attention_mask"][:, -then["input_ids"].shape[1]:].sum())
-                                                 if then is not None else 0)
+    """Tokens a batch forwards (the reused prefixes of later segments not counted)."""
+    return sum(int(s["attention_mask"][:, -s["input_ids"].shape[1]:].sum()) for s in segments(batch))
 
 
 # -----------------------------------------------------------------------------
-# the two forwards (the training process)
+# the forwards (the training process)
 
 
-def forward_halves(model, batch):
-    """[(logits, labels, input_ids)] of a split batch on the model's device: the first halves, then the second
-    halves on the cache the first ones leave. The vision tower runs once, on both halves' frames: each second's
-    frames are encoded alone, so one pass is the same computation with half the tower's kernel launches."""
+def forward_segments(model, batch):
+    """[(logits, labels, input_ids)] of a batch cut into segments, on the model's device: each segment on the
+    cache the ones before it leave. The vision tower runs once, on every segment's frames: each second's frames
+    are encoded alone, so one pass is the same computation with fewer kernel launches."""
     raw = getattr(model, "module", model)  # DDP's wrapped model
-    then, labels = dict(batch.pop("then")), batch.pop("labels")
-    labels2 = then.pop("labels")
-    vision = raw.visual(torch.cat([batch.pop("pixel_values_videos"), then.pop("pixel_values_videos")]),
-                        torch.cat([batch["video_grid_thw"], then["video_grid_thw"]]))  # (video tokens, C)
-    n = int((batch["input_ids"] == raw.cfg.video_token_id).sum())  # the first halves' video tokens come first
-    capture = CaptureKV()
-    first = model(**batch, video_embeds=vision[:n], cache=capture)
-    prefix = PrefixKV(capture, then.pop("keep"), then.pop("keep_pos"), raw.cfg)
-    second = model(**then, video_embeds=vision[n:], cache=prefix)
-    return [(first, labels, batch["input_ids"]), (second, labels2, then["input_ids"])]
+    parts = [dict(s) for s in segments(batch)]
+    for s in parts:
+        s.pop("then", None)
+    vision = raw.visual(torch.cat([s.pop("pixel_values_videos") for s in parts]),
+                        torch.cat([s["video_grid_thw"] for s in parts]))  # (video tokens, C), segment by segment
+    store, out, start = ReusedKV(raw.cfg), [], 0
+    for i, s in enumerate(parts):
+        n = int((s["input_ids"] == raw.cfg.video_token_id).sum())
+        labels, cache = s.pop("labels"), store.segment(i, s.pop("keep", None), s.pop("keep_pos", None))
+        out.append((model(**s, video_embeds=vision[start:start + n], cache=cache), labels, s["input_ids"]))
+        start += n
+    return out
 
 
-class CaptureKV:
-    """A forward with no past that keeps every layer's raw keys and values (B, Hkv, T, D) as it makes them, still
-    attached to the graph, so that a second forward can attend to them as the streaming cache would (PrefixKV)."""
-    length = 0
+class ReusedKV:
+    """The streaming cache of a chunk forwarded segment by segment: every layer's raw keys and values (B, Hkv, T, D)
+    of each segment, still attached to the graph. segment(i, keep, pos) is the cache segment i's forward writes
+    into and reads: the tokens `keep` (B, P) of the earlier segments laid end to end (data.py pads short rows;
+    forward's attention_mask hides the padding), keys rotated afresh at their contiguous positions `pos`
+    (3, B, P). The reused K/V are the ones each token got with its own round in view, as StreamingCache.evict
+    keeps them. One object a segment, so that activation checkpointing, which runs a layer again in backward,
+    reads and writes what the first run did."""
 
-    def __init__(self):
-        self.raw_k, self.v = {}, {}
+    def __init__(self, cfg):
+        self.cfg, self.raw_k, self.v = cfg, {}, {}  # layer -> [one tensor a segment]
+        self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
+
+    def segment(self, i, keep=None, pos=None):
+        return SegmentKV(self, i, keep, pos)
+
+
+class SegmentKV:
+    def __init__(self, store, i, keep, pos):
+        cfg = store.cfg
+        self.store, self.i, self.length = store, i, 0 if keep is None else keep.shape[1]
+        if self.length:
+            self.index = keep[:, None, :, None].expand(-1, cfg.num_key_value_heads, -1, cfg.head_dim)  # (B, Hkv, P, D)
+            self.cos, self.sin = mrope_cos_sin(pos, store.inv_freq.to(pos.device), cfg.mrope_section, torch.float32)
 
     def update(self, layer, k, v, raw_k=None):
-        self.raw_k[layer], self.v[layer] = raw_k, v
-        return k, v
-
-    def commit(self, T):
-        pass
-
-
-class PrefixKV:
-    """The streaming cache after an eviction, made from a CaptureKV: per row the captured tokens `keep` (B, P)
-    (data.py pads short rows; forward's attention_mask hides the padding), keys rotated afresh at their
-    contiguous positions `pos` (3, B, P). The reused K/V are the ones each token got with its own round in view,
-    as StreamingCache.evict keeps them; the gradient flows back through them into the first forward."""
-
-    def __init__(self, capture, keep, pos, cfg):
-        self.capture, self.length = capture, keep.shape[1]
-        self.index = keep[:, None, :, None].expand(-1, cfg.num_key_value_heads, -1, cfg.head_dim)  # (B, Hkv, P, D)
-        self.cos, self.sin = mrope_cos_sin(pos, inv_freq(cfg.head_dim, cfg.rope_theta), cfg.mrope_section,
-                                           torch.float32)
-
-    def update(self, layer, k, v, raw_k=None):
-        # the kept tokens' keys and values (B, Hkv, P, D), then the new ones (B, Hkv, T, D)
-        old_k = apply_rope(self.capture.raw_k[layer].gather(2, self.index).float(), self.cos, self.sin)
-        old_v = self.capture.v[layer].gather(2, self.index)
-        # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype
-        return torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v, v], 2).to(k.dtype)
+        raw, vs = self.store.raw_k.setdefault(layer, []), self.store.v.setdefault(layer, [])
+        del raw[self.i:], vs[self.i:]  # a checkpointed layer's second run writes its segment again
+        if self.length:  # the kept tokens' keys and values (B, Hkv, P, D), then the new ones (B, Hkv, T, D)
+            old_k = apply_rope(torch.cat(raw, 2).gather(2, self.index).float(), self.cos, self.sin)
+            old_v = torch.cat(vs, 2).gather(2, self.index)
+            # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype
+            k, v_all = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v, v], 2).to(k.dtype)
+        else:
+            v_all = v
+        raw.append(raw_k)
+        vs.append(v)
+        return k, v_all
 
     def commit(self, T):
         pass

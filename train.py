@@ -122,10 +122,12 @@ class TrainConfig:
     # data
     chunk_seconds: int = knob(24, "seconds per training chunk", at_least(1))
     overlap: int = knob(12, "seconds that consecutive chunks of a stream share (< --chunk-seconds)", at_least(0))
-    evict_seconds: int = knob(0, "cut each chunk in half; the second half attends to the cache that streaming "
-                              "leaves after the first N seconds leave the vision window: their replies in the "
-                              "previous text with the K/V of their own round (0: one plain forward per chunk, "
-                              "the authors' layout; at most half of --chunk-seconds)", at_least(0))
+    vision_window: int = knob(16, "seconds of vision the streaming cache keeps (the served checkpoint's stream.json "
+                              "gets the smaller of this and --chunk-seconds)", at_least(1))
+    segment_seconds: int = knob(0, "cut each chunk into segments of N seconds, forwarded in turn, each on the cache "
+                                "that streaming leaves when its first second arrives: older rounds out of the vision "
+                                "window, their replies in the previous text with the K/V of their own round (0: one "
+                                "forward a chunk, the authors' layout)", at_least(0))
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -269,8 +271,9 @@ def check_combinations(ap, args):
     c = args.cfg
     if c.overlap >= c.chunk_seconds:
         ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
-    if 2 * c.evict_seconds > c.chunk_seconds:
-        ap.error(f"--evict-seconds ({c.evict_seconds}) must be at most half of --chunk-seconds ({c.chunk_seconds})")
+    if c.segment_seconds and c.vision_window > c.chunk_seconds:
+        ap.error(f"--segment-seconds needs --vision-window ({c.vision_window}) at most --chunk-seconds "
+                 f"({c.chunk_seconds}), the vision the served model keeps")
     if c.stream_seconds < c.chunk_seconds:
         ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
     if c.width % 64:
@@ -302,8 +305,8 @@ def check_combinations(ap, args):
             ap.error(f"--init {args.init}: no {name} there (expected a Qwen2.5-VL checkpoint folder)")
     if not os.path.isdir(ckpt.beside(args.out, "old")) and ckpt.out_problem(args):  # else: after ckpt.prepare
         ap.error(ckpt.out_problem(args))
-    if args.fsdp and c.evict_seconds:  # reuse.forward_halves calls the vision tower outside the sharded forward
-        ap.error("--evict-seconds does not work with --fsdp (DDP or one process: yes)")
+    if args.fsdp and c.segment_seconds:  # reuse.forward_segments calls the vision tower outside the sharded forward
+        ap.error("--segment-seconds does not work with --fsdp (DDP or one process: yes)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         ap.error("--fsdp shards over several processes: run it under torchrun --nproc_per_node=N")
     if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():

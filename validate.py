@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from data import IGNORE, make_batch, with_positions
 from layout import SILENCE
 from processor import patchify_video
-from reuse import forward_halves
+from reuse import forward_segments
 
 
 def to_device(batch, device):
@@ -24,11 +24,11 @@ def to_device(batch, device):
 
 
 def outputs(model, batch, device):
-    """[(logits, labels, input_ids)] of a batch: one forward; or, for chunks split for eviction (data.py's
-    collate_chunks), the first halves and then the second halves on the cache the first ones leave (reuse.py)."""
+    """[(logits, labels, input_ids)] of a batch: one forward; or, for chunks cut into segments (data.py's
+    collate_chunks), one forward a segment, each on the cache the ones before it leave (reuse.py)."""
     batch = to_device(batch, device)
     if "then" in batch:
-        return forward_halves(model, batch)
+        return forward_segments(model, batch)
     labels = batch.pop("labels")
     return [(model(**batch), labels, batch["input_ids"])]
 

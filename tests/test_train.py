@@ -63,10 +63,10 @@ def test_training_chunk_is_byte_identical_to_the_teacher_forced_stream(tok):
     assert [s.prepare(sec.frames).grid.tolist() for sec in secs] == [[g] for g in sample.grid_thw.tolist()]
 
 
-def test_evicted_half_attends_to_exactly_the_streaming_cache(tok):
-    """--evict-seconds: a chunk's second half, on the K/V its first half leaves (data.collate_chunks, cache.PrefixKV),
-    gives the logits of a StreamingCache that is fed the first half, evicts, and is fed the second half; and the
-    second half's loss reaches the first half's forward through the reused K/V."""
+def test_segments_attend_to_exactly_the_streaming_cache(tok):
+    """--segment-seconds: each segment of a chunk, on the K/V the ones before it leave (data.collate_chunks,
+    reuse.ReusedKV), gives the logits of a StreamingCache that is fed the segments in turn and evicts as each
+    arrives; and a later segment's loss reaches the first segment's forward through the reused K/V."""
     from types import SimpleNamespace
     from cache import StreamingCache
     from conftest import tiny_model
@@ -75,33 +75,35 @@ def test_evicted_half_attends_to_exactly_the_streaming_cache(tok):
     s = synthetic_sample(tok, "train", 3, chunk_seconds=8, overlap=4, text_sink=8, text_window=16,
                          world=dict(event_rate=0.5, goal_rate=0.1))
     model = tiny_model(tok)
-    cfg = SimpleNamespace(evict_seconds=3, text_sink=8, text_window=16)
+    cfg = SimpleNamespace(segment_seconds=3, vision_window=2, text_sink=8, text_window=16)
     batch = with_positions(collate_chunks([s], tok.pad_id, cfg), model.cfg)
-    (first, _, _), (second, _, _) = outputs(model, batch, "cpu")
-    cache = StreamingCache(model.cfg, text_sink=8, text_window=16, vision_window=4 - 3 + 1)  # evicts seconds 0-2
-    cut, patches = int((s.round < 4).sum()), int(s.grid_thw[:4].prod(-1).sum())
+    got = [logits for logits, _, _ in outputs(model, batch, "cpu")]
+    assert len(got) == 3  # seconds 0-2, 3-5, 6-7
+    cache = StreamingCache(model.cfg, text_sink=8, text_window=16, vision_window=2)
+    bounds = [0, 3, 6, 8]
     with torch.no_grad():
-        for part, pix, grid in ((slice(0, cut), s.pixel_values[:patches], s.grid_thw[:4]),
-                                (slice(cut, None), s.pixel_values[patches:], s.grid_thw[4:])):
-            if part.start:
-                cache.evict(4)
-            pos = cache.add_tokens(s.ids[part], s.kind[part], s.round[part], video_grid_thw=grid)
-            want = model(s.ids[None, part], pixel_values_videos=pix, video_grid_thw=grid, position_ids=pos,
-                         cache=cache)
-            got = first if part.start == 0 else second
-            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    assert cache.length == batch["then"]["attention_mask"].shape[1]  # the reused prefix + the second half
+        for i, logits in enumerate(got):
+            a, b = bounds[i], bounds[i + 1]
+            part = slice(int((s.round < a).sum()) if a else 0, int((s.round < b).sum()))  # the prefix goes first
+            pix = s.pixel_values[int(s.grid_thw[:a].prod(-1).sum()):int(s.grid_thw[:b].prod(-1).sum())]
+            if a:
+                cache.evict(a)
+            pos = cache.add_tokens(s.ids[part], s.kind[part], s.round[part], video_grid_thw=s.grid_thw[a:b])
+            want = model(s.ids[None, part], pixel_values_videos=pix, video_grid_thw=s.grid_thw[a:b],
+                         position_ids=pos, cache=cache)
+            assert torch.allclose(logits, want, atol=1e-5), (i, (logits - want).abs().max())
+    assert cache.length == batch["then"]["then"]["attention_mask"].shape[1]  # the reused prefix + the last segment
     assert (cache.kind[:cache.length] == 2).sum() > 0  # evicted replies sit in the previous text
-    # the system prompt is only in the first half: its embeddings reach the second half's loss through reused K/V
-    only_first = sorted(set(s.ids[s.kind == 0].tolist()) - set(s.ids[cut:].tolist()))
-    grad = torch.autograd.grad(second.sum(), model.model.embed_tokens.weight)[0]
+    # the system prompt is only in the first segment: its embeddings reach the last one's loss through reused K/V
+    only_first = sorted(set(s.ids[s.kind == 0].tolist()) - set(s.ids[s.round >= 3].tolist()))
+    grad = torch.autograd.grad(got[2].sum(), model.model.embed_tokens.weight)[0]
     assert only_first and (grad[only_first].abs().sum(-1) > 0).all()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # the GPU's mixed precision: keys fp32, values bf16
-        mixed = outputs(model, batch, "cpu")[1][0].float()
-    assert (mixed - second).abs().max() < 0.06 * second.abs().max()  # bf16 rounding (3% here), not another sum
+        mixed = outputs(model, batch, "cpu")[2][0].float()
+    assert (mixed - got[2]).abs().max() < 0.06 * got[2].abs().max()  # bf16 rounding (3% here), not another sum
     model.checkpointing = True  # activation checkpointing (training mode) recomputes the layers in backward
     model.train()
-    again = torch.autograd.grad(outputs(model, batch, "cpu")[1][0].sum(), model.model.embed_tokens.weight)[0]
+    again = torch.autograd.grad(outputs(model, batch, "cpu")[2][0].sum(), model.model.embed_tokens.weight)[0]
     assert torch.allclose(again, grad, atol=1e-5)
 
 
@@ -188,11 +190,13 @@ def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch):
 
 
 def test_ddp_two_cpu_processes_match_one(tmp_path):
-    one, _ = run_train(tmp_path, "one", "--steps", "3", "--batch-size", "2", "--evict-seconds", "2")
+    one, _ = run_train(tmp_path, "one", "--steps", "3", "--batch-size", "2", "--segment-seconds", "2",
+                      "--vision-window", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            os.path.join(ROOT, "train.py"), "--out", str(tmp_path / "two"), *FAST, "--steps", "3", "--batch-size", "1",
-           "--evict-seconds", "2"]  # two forwards a micro-batch (the second on the first's K/V), one backward
+           "--segment-seconds", "2", "--vision-window", "1"]  # three forwards a micro-batch, each on the K/V of
+    # the ones before, and one backward
     subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)
     two = json.load(open(tmp_path / "two" / "train_state.json"))["history"]
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4), (two, one)
@@ -388,6 +392,6 @@ def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(t
     # seconds of different sizes in one chunk (a video that changes resolution) keep patches, and split with them
     from reuse import split_chunk
     m = build_sample(tok, [small[0].frames, large[1].frames], [small[0].text, large[1].text], 0, [])
-    first, rest = split_chunk(m, 1)
+    first, rest = split_chunk(m, [1])
     assert m.frames is None and torch.equal(torch.cat([first.pixel_values, rest.pixel_values]), m.pixel_values)
     assert len(first.pixel_values) == int(m.grid_thw[0].prod())

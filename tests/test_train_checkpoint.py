@@ -185,8 +185,8 @@ BAD = [
     (["--grad-clip", "0"], "--grad-clip"), (["--overlap", "-1"], "--overlap"), (["--overlap", "24"], "--overlap"),
     (["--text-sink", "-1"], "--text-sink"), (["--text-window", "-2"], "--text-window"),
     (["--chunk-seconds", "24", "--stream-seconds", "10"], "--stream-seconds"),
-    (["--question-rate", "1.5"], "--question-rate"), (["--fsdp", "--evict-seconds", "2"], "--fsdp"),
-    (["--chunk-seconds", "6", "--evict-seconds", "4"], "--evict-seconds"),
+    (["--question-rate", "1.5"], "--question-rate"), (["--fsdp", "--segment-seconds", "2", "--vision-window", "2"], "--fsdp"),
+    (["--chunk-seconds", "6", "--segment-seconds", "2"], "--vision-window"),
     (["--warmup", "1"], "--warmup"), (["--eval-every", "0"], "--eval-every"), (["--eval-chunks", "0"], "--eval-chunks"),
     (["--stop-at", "0"], "--stop-at"), (["--steps", "10", "--stop-at", "11"], "--stop-at"), (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"), (["--lr", "x"], "--lr"), (["--steps", "0"], "--steps"), (["--workers", "-1"], "--workers"),
@@ -239,12 +239,12 @@ def test_resume_may_change_bookkeeping_but_not_stop_before_the_checkpoint(stoppe
 
 
 def test_resume_a_run_saved_before_a_setting_existed(stopped, full, tmp_path):
-    """A train state written before --evict-seconds existed ran as with its default: resuming it with the default
+    """A train state written before --segment-seconds existed ran as with its default: resuming it with the default
     continues the run exactly; asking for another value is refused."""
     out = copy(stopped, tmp_path)
     saved = state(out)
-    del saved["config"]["evict_seconds"]
+    del saved["config"]["segment_seconds"]
     (out / ckpt.STATE).write_text(json.dumps(saved))
-    with pytest.raises(SystemExit, match="--evict-seconds 0 -> 1"):
-        run(out, "--resume", "--evict-seconds", "1")
+    with pytest.raises(SystemExit, match="--segment-seconds 0 -> 1"):
+        run(out, "--resume", "--segment-seconds", "1")
     assert torch.allclose(torch.tensor(run(out, "--resume")), torch.tensor(full), rtol=1e-5)
