@@ -239,12 +239,12 @@ def test_resume_may_change_bookkeeping_but_not_stop_before_the_checkpoint(stoppe
 
 
 def test_resume_a_run_saved_before_a_setting_existed(stopped, full, tmp_path):
-    """A train state written before --segment-seconds existed ran as with its default: resuming it with the default
+    """A train state written before --vision-window existed ran as with its default: resuming it with the default
     continues the run exactly; asking for another value is refused."""
     out = copy(stopped, tmp_path)
     saved = state(out)
-    del saved["config"]["segment_seconds"]
+    del saved["config"]["vision_window"]
     (out / ckpt.STATE).write_text(json.dumps(saved))
-    with pytest.raises(SystemExit, match="--segment-seconds 0 -> 1"):
-        run(out, "--resume", "--segment-seconds", "1")
+    with pytest.raises(SystemExit, match="--vision-window 16 -> 2"):
+        run(out, "--resume", "--vision-window", "2")
     assert torch.allclose(torch.tensor(run(out, "--resume")), torch.tensor(full), rtol=1e-5)
