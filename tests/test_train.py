@@ -107,6 +107,30 @@ def test_segments_attend_to_exactly_the_streaming_cache(tok):
     assert torch.allclose(again, grad, atol=1e-5)
 
 
+def test_segments_of_chunks_of_different_lengths_are_padded_away(tok):
+    """A batch of a 5 s and a 6 s chunk (--data records differ) cut into 2 s segments: both rows get three
+    segments (the longer one's last takes the rest), as each does alone, and each row's logits equal those of its
+    batch of one, so the padding of the segments and of the reused prefixes is hidden."""
+    from types import SimpleNamespace
+    from conftest import tiny_model
+    from data import collate_chunks, with_positions
+    from validate import outputs
+    rows = [synthetic_sample(tok, "train", i, chunk_seconds=n, overlap=2, text_sink=8, text_window=16,
+                             world=dict(event_rate=0.5)) for i, n in ((1, 5), (2, 6))]
+    model = tiny_model(tok)
+    cfg = SimpleNamespace(segment_seconds=2, vision_window=2, text_sink=8, text_window=16)
+    run = lambda samples: outputs(model, with_positions(collate_chunks(samples, tok.pad_id, cfg), model.cfg), "cpu")
+    with torch.no_grad():
+        both = run(rows)
+        assert len(both) == 3
+        for b, row in enumerate(rows):
+            alone = run([row])
+            for (got, _, ids), (want, _, _) in zip(both, alone):
+                n = want.shape[1]
+                assert (ids[b, n:] == tok.pad_id).all()  # what lies past the row's own tokens is padding
+                assert torch.allclose(got[b, :n], want[0], atol=1e-4), (b, (got[b, :n] - want[0]).abs().max())
+
+
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
     stream = SportsStream(WorldConfig(seed=5))
     t0 = 600
