@@ -161,9 +161,9 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
 def stream_layout(cfg):
     """The layout a run trains with (its stream.json), for the streaming loop to reproduce: the previous-text cut
     and the frame pixels of the chunks; the system prompt and fps as layout.py has them. The vision window is
-    --vision-window (16 s, the streaming default) unless the chunks are shorter: a model never trained on more seconds of rounds than a
-    chunk holds breaks down on longer ones (a tiny model of 4 s chunks: event F1 ~0.2-0.5 with a 16 s window,
-    ~0.97 with 4 s, on held-out streams)."""
+    --vision-window (16 s, the streaming default) unless the chunks are shorter: a model never trained on more
+    seconds of rounds than a chunk holds breaks down on longer ones (a tiny model of 4 s chunks: event F1 ~0.2-0.5
+    with a 16 s window, ~0.97 with 4 s, on held-out streams)."""
     return StreamLayout(text_sink=cfg.text_sink, text_window=cfg.text_window, min_pixels=cfg.min_pixels,
                         max_pixels=cfg.max_pixels, vision_window=min(cfg.vision_window, cfg.chunk_seconds))
 
