@@ -13,12 +13,15 @@ authors' layout). Each later one attends to the cache a StreamingCache holds whe
 before, one forward each, and then, as the segment's first second arrives, evicts the rounds that left the
 vision window (cache.kept_after_eviction): system prompt, previous text with the evicted replies appended (their
 K/V from the forward of their own segment, keys rotated afresh at contiguous positions), and the rounds still in
-the window. Streaming second by second evicts one second at a time, but a reply gets the same K/V either way:
-those of its own round. So in a long chunk the score sentences a later goal copies were all written in their own
-rounds, as at inference, minutes apart. Every segment is supervised, and the loss flows back through the reused
-K/V into the forwards that made them. tests/test_train.py checks every segment's logits against a StreamingCache
-fed the same tokens. A question asked inside the chunk (--data) is filed as USER, so it leaves with its second
-and never joins the previous text, as Streamer.ask rewinds it.
+the window. Streaming evicts once a second, a segment once: inside a segment nothing leaves, so a reply in its
+k-th second (from 0) sees the rounds of the last vision_window + k seconds, not vision_window (8 s segments and a
+16 s window: 16-23 s, inside the 24 s a plain training chunk shows). Segments of 1 s give streaming's exact K/V;
+longer ones are the same approximation the authors' chunks make, with far fewer forwards. So in a long chunk
+the score sentences a later goal copies were all written in their own rounds, as at inference, minutes apart.
+Every segment is supervised, and the loss flows back through the reused K/V into the forwards that made them.
+tests/test_train.py checks every segment's logits against a StreamingCache fed the same tokens. A question asked
+inside the chunk (--data) is filed as USER, so it leaves with its second and never joins the previous text, as
+Streamer.ask rewinds it.
 
 The bookkeeping per row (which tokens stay, their new positions) is made in the DataLoader workers
 (evicted_prefixes, from data.with_positions); the GPU does one gather and one rotation per layer and segment.
@@ -150,7 +153,7 @@ class ReusedKV:
     reads and writes what the first run did."""
 
     def __init__(self, cfg):
-        self.cfg, self.raw_k, self.v = cfg, {}, {}  # layer -> [one tensor a segment]
+        self.cfg, self.raw_k, self.v = cfg, {}, {}  # layer -> {segment: its tensor}
         self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
 
     def segment(self, i, keep=None, pos=None):
@@ -166,17 +169,17 @@ class SegmentKV:
             self.cos, self.sin = mrope_cos_sin(pos, store.inv_freq.to(pos.device), cfg.mrope_section, torch.float32)
 
     def update(self, layer, k, v, raw_k=None):
-        raw, vs = self.store.raw_k.setdefault(layer, []), self.store.v.setdefault(layer, [])
-        del raw[self.i:], vs[self.i:]  # a checkpointed layer's second run writes its segment again
+        raw, vs = self.store.raw_k.setdefault(layer, {}), self.store.v.setdefault(layer, {})
         if self.length:  # the kept tokens' keys and values (B, Hkv, P, D), then the new ones (B, Hkv, T, D)
-            old_k = apply_rope(torch.cat(raw, 2).gather(2, self.index).float(), self.cos, self.sin)
-            old_v = torch.cat(vs, 2).gather(2, self.index)
+            earlier = range(self.i)  # by index: a checkpointed layer's second run may come in any order
+            old_k = apply_rope(torch.cat([raw[j] for j in earlier], 2).gather(2, self.index).float(), self.cos,
+                               self.sin)
+            old_v = torch.cat([vs[j] for j in earlier], 2).gather(2, self.index)
             # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype
             k, v_all = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v, v], 2).to(k.dtype)
         else:
             v_all = v
-        raw.append(raw_k)
-        vs.append(v)
+        raw[self.i], vs[self.i] = raw_k, v
         return k, v_all
 
     def commit(self, T):

@@ -271,9 +271,11 @@ def check_combinations(ap, args):
     c = args.cfg
     if c.overlap >= c.chunk_seconds:
         ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
-    if c.segment_seconds and c.vision_window > c.chunk_seconds:
-        ap.error(f"--segment-seconds needs --vision-window ({c.vision_window}) at most --chunk-seconds "
-                 f"({c.chunk_seconds}), the vision the served model keeps")
+    last = (c.chunk_seconds - 1) // c.segment_seconds * c.segment_seconds if c.segment_seconds else 0
+    if c.segment_seconds and last < c.vision_window:  # the last segment's first second: nothing left before it
+        ap.error(f"--segment-seconds {c.segment_seconds} with --chunk-seconds {c.chunk_seconds} evicts nothing: "
+                 f"the last segment starts at second {last}, before any round leaves the --vision-window "
+                 f"({c.vision_window})")
     if c.stream_seconds < c.chunk_seconds:
         ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
     if c.width % 64:
