@@ -210,7 +210,8 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
     """A resumed run must compute what the interrupted one would have: every setting a step depends on (the
     optimisation, the data, the model's source, the processes) must be the one the run started with. `config`
     is the run's settings as a dict; `bookkeeping` names the ones that may change (how often to validate, ...);
-    `defaults` the values of settings newer than a saved run (it ran without them, as with their default)."""
+    `defaults` the values of settings newer than a saved run (it ran without them, as with their default). A
+    setting the run used that has since been removed is refused; one it left off (0, none) is not."""
     now = json.loads(json.dumps(config))  # tuples as lists, as the saved ones
     old = {**json.loads(json.dumps(defaults or {})), **state.get("config", {})}
     try:
@@ -224,5 +225,9 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
         raise SystemExit(f"--resume: {args.out}/{STATE} is not a train state of this train.py ({e!r})")
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
+    gone = [f"--{k.replace('_', '-')} {show(v, k)}" for k, v in state["config"].items()
+            if k not in now and v not in (0, None, False)]  # a setting since removed, used: it cannot continue
+    if gone:
+        raise SystemExit(f"--resume: the run in {args.out} used {', '.join(gone)}, which this train.py no longer has")
     if args.stop_at is not None and args.stop_at <= state["step"]:
         raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint in {args.out} is already at step {state['step']}")

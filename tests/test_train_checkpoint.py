@@ -240,6 +240,20 @@ def test_resume_may_change_bookkeeping_but_not_stop_before_the_checkpoint(stoppe
     assert run(out, "--resume", "--stop-at", "4", "--eval-every", "4", "--eval-chunks", "2")[-1] > 0
 
 
+def test_resume_a_run_that_used_a_removed_setting_is_refused(stopped, full, tmp_path):
+    """A train state written with a setting this train.py no longer has: refused if the run used it, resumed exactly
+    if the run left it off."""
+    out = copy(stopped, tmp_path)
+    saved = state(out)
+    saved["config"]["evict_seconds"] = 8
+    (out / ckpt.STATE).write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="used --evict-seconds 8, which this train.py no longer has"):
+        run(out, "--resume")
+    saved["config"]["evict_seconds"] = 0
+    (out / ckpt.STATE).write_text(json.dumps(saved))
+    assert torch.allclose(torch.tensor(run(out, "--resume")), torch.tensor(full), rtol=1e-5)
+
+
 def test_resume_a_run_saved_before_a_setting_existed(stopped, full, tmp_path):
     """A train state written before --vision-window existed ran as with its default: resuming it with the default
     continues the run exactly; asking for another value is refused."""
