@@ -134,12 +134,11 @@ def forward_segments(model, batch):
         s.pop("then", None)
     vision = raw.visual(torch.cat([s.pop("pixel_values_videos") for s in parts]),
                         torch.cat([s["video_grid_thw"] for s in parts]))  # (video tokens, C), segment by segment
-    store, out, start = ReusedKV(raw.cfg), [], 0
-    for i, s in enumerate(parts):
-        n = int((s["input_ids"] == raw.cfg.video_token_id).sum())
+    counts = torch.stack([(s["input_ids"] == raw.cfg.video_token_id).sum() for s in parts]).tolist()  # one sync
+    store, out = ReusedKV(raw.cfg), []
+    for i, (s, embeds) in enumerate(zip(parts, vision.split(counts))):
         labels, cache = s.pop("labels"), store.segment(i, s.pop("keep", None), s.pop("keep_pos", None))
-        out.append((model(**s, video_embeds=vision[start:start + n], cache=cache), labels, s["input_ids"]))
-        start += n
+        out.append((model(**s, video_embeds=embeds, cache=cache), labels, s["input_ids"]))
     return out
 
 
