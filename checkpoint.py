@@ -221,12 +221,12 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
                     if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
         if state["processes"] != world:
             changed.append(f"processes {state['processes']} -> {world}")
+        gone = [f"--{k.replace('_', '-')} {show(v, k)}" for k, v in state["config"].items()
+                if k not in now and v not in (0, None, False)]  # a setting since removed, used: it cannot continue
     except (KeyError, TypeError, AttributeError) as e:
         raise SystemExit(f"--resume: {args.out}/{STATE} is not a train state of this train.py ({e!r})")
     if changed:
         raise SystemExit(f"--resume with other settings than the run in {args.out} used: {', '.join(changed)}")
-    gone = [f"--{k.replace('_', '-')} {show(v, k)}" for k, v in state["config"].items()
-            if k not in now and v not in (0, None, False)]  # a setting since removed, used: it cannot continue
     if gone:
         raise SystemExit(f"--resume: the run in {args.out} used {', '.join(gone)}, which this train.py no longer has")
     if args.stop_at is not None and args.stop_at <= state["step"]:
