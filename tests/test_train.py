@@ -190,9 +190,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
 
 
-def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signals", [1, 2])
+def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch, signals):
     """Ctrl-C during step 2 (of 6, checkpoints every 3): the step finishes, a checkpoint of step 2 is saved, the run
-    stops with one line, and --resume then ends where the uninterrupted run ends."""
+    stops with one line, and --resume then ends where the uninterrupted run ends. Two SIGINTs at once (what
+    `timeout -s INT` sends: one to the process, one to its group) are still one Ctrl-C."""
     import signal
     import train
     full, _ = run_train(tmp_path, "full")
@@ -201,7 +203,8 @@ def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch):
     def step_then_ctrl_c(step, *a):
         out = real_step(step, *a)
         if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
         return out
     monkeypatch.setattr(train, "train_step", step_then_ctrl_c)
     with pytest.raises(SystemExit, match="stopped by Ctrl-C after step 2: .* --resume continues"):
@@ -211,6 +214,20 @@ def test_ctrl_c_saves_after_the_step_in_progress(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     resumed, _ = run_train(tmp_path, "cut", "--resume")
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """A Ctrl-C half a second or more after the first raises KeyboardInterrupt (stop now, without saving)."""
+    import signal
+    import time
+    import train
+    with train.stop_on_ctrl_c(True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert len(stop) == 1
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ddp_two_cpu_processes_match_one(tmp_path):
