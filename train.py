@@ -39,10 +39,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from data import DataError, JsonlSamples, make_tokenizer, micro_batches
+from data import DataError, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
+from records import JsonlSamples
 from reuse import new_tokens, supervised_tokens
 from validate import Validator, loss_sum
 from world import WorldConfig
@@ -227,7 +228,7 @@ def build_parser():
     ap.add_argument("--init", help="fine-tune this Qwen2.5-VL checkpoint folder with StreamingVLM's SFT recipe "
                     "(the --init values below)")
     ap.add_argument("--data", help="a JSONL of videos with timed words: StreamingVLM's Inf-Stream-Train (LiveCC) "
-                    "format, or data.py's own; default: the synthetic world")
+                    "format, or ours (records.py); default: the synthetic world")
     ap.add_argument("--video-root", help="the folder relative video paths in --data are under (default: its own)")
     ap.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     ap.add_argument("--overwrite", action="store_true", help="start afresh although --out holds a checkpoint "

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 import video
-from data import (DataError, JsonlSamples, build_sample, make_tokenizer, parse_record, questions_by_second,
-                  words_by_second)
+from data import DataError, build_sample, make_tokenizer
+from records import JsonlSamples, parse_record, questions_by_second, words_by_second
 from test_video import colour, index_of
 
 av = pytest.importorskip("av")
@@ -235,7 +235,8 @@ def test_memory_does_not_grow_with_the_video(tmp_path):
 RSS = """
 import json, resource, sys
 from types import SimpleNamespace
-from data import JsonlSamples, make_tokenizer
+from data import make_tokenizer
+from records import JsonlSamples
 path, seconds = sys.argv[1], int(sys.argv[2])
 line = lambda s: [{"role": "user", "content": [{"type": "video", "video": path, "video_start": s,
                   "video_end": s + 24}]}, {"role": "assistant", "content": [{"type": "text_stream",
