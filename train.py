@@ -504,13 +504,14 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
 def stop_on_ctrl_c(enabled):
     """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
     checkpoint (a second Ctrl-C stops at once). One process in its main thread only: under torchrun every rank
-    would have to agree. The handler only raises a flag; the loop reads it between steps. A SIGINT within half a
-    second of the first is the same one sent twice, not a second Ctrl-C: GNU `timeout -s INT` signals the process and
-    then its process group, and under load the two can reach the handler one by one."""
+    would have to agree. The handler only raises a flag; the loop reads it between steps. A SIGINT within two
+    seconds of the first is the same one sent twice, not a second Ctrl-C: GNU `timeout -s INT` signals the process and
+    then its process group, and under load the two can reach the handler one by one (`timeout --foreground` sends
+    one)."""
     stop = []
 
     def handler(signum, frame):
-        if stop and time.monotonic() - stop[0] > 0.5:
+        if stop and time.monotonic() - stop[0] > 2:
             raise KeyboardInterrupt
         stop.append(time.monotonic())
     previous = signal.signal(signal.SIGINT, handler) if enabled else None
