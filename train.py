@@ -44,7 +44,7 @@ from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from records import JsonlSamples
-from reuse import new_tokens, supervised_tokens
+from reuse import new_tokens, segment_cuts, supervised_tokens
 from validate import Validator, loss_sum
 from world import WorldConfig
 
@@ -272,8 +272,9 @@ def check_combinations(ap, args):
     c = args.cfg
     if c.overlap >= c.chunk_seconds:
         ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
-    last = (c.chunk_seconds - 1) // c.segment_seconds * c.segment_seconds if c.segment_seconds else 0
-    if c.segment_seconds and last < c.vision_window:  # the last segment's first second: nothing left before it
+    cuts = segment_cuts([c.chunk_seconds], c.segment_seconds) if c.segment_seconds else []
+    last = cuts[-1] if cuts else 0  # the last segment's first second: nothing has left the window before it
+    if c.segment_seconds and last < c.vision_window:
         ap.error(f"--segment-seconds {c.segment_seconds} with --chunk-seconds {c.chunk_seconds} evicts nothing: "
                  f"the last segment starts at second {last}, before any round leaves the --vision-window "
                  f"({c.vision_window})")
