@@ -129,11 +129,11 @@ def chunk_question(tok, stream, t0, t1, events, rng, text_sink, text_window):
 
 
 def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=512, frame_pixels=FRAME_PIXELS,
-                 question=None, asked=None):
+                 question=None, asked=None, preroll=0):
     """One chunk: frames[k] are the 2 frames of second t0 + k, texts[k] its commentary, `previous` the list of
     commentary sentences before t0 (oldest first); `question` an optional (question, answer) after the chunk,
     `asked` {k: [(question, answer), ...]} question turns after second k's reply. Frames are resized to (min, max)
-    `frame_pixels`, as the streaming loop resizes them."""
+    `frame_pixels`, as the streaming loop resizes them. The first `preroll` seconds are not supervised."""
     asked = {k: list(qs) for k, qs in (asked or {}).items()}
     if question:
         asked.setdefault(len(frames) - 1, []).append(question)
@@ -161,7 +161,9 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
             # previous text (streaming rewinds them: Streamer.ask)
             kinds += [kind if i < n_round else Kind.USER] * len(seg)
             rounds += [k] * len(seg)
-            if kind == Kind.REPLY:  # a reply, or a question's answer and its <|im_end|>
+            if k < preroll:  # streamed only to leave its replies in the cache (reuse.py)
+                labels += [IGNORE] * len(seg)
+            elif kind == Kind.REPLY:  # a reply, or a question's answer and its <|im_end|>
                 labels += seg
             elif kind == Kind.END:  # supervise " ..." and <|im_end|>, not the newline the next prompt starts with
                 labels += seg[:-1] + [IGNORE]
@@ -172,10 +174,12 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
 
 
 def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
-                     text_window=512, world=None, question_rate=0.0, frame_pixels=FRAME_PIXELS):
+                     text_window=512, world=None, question_rate=0.0, frame_pixels=FRAME_PIXELS, preroll=0):
     """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
     on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap. With probability
-    question_rate the chunk ends with a question about the whole stream (chunk_question)."""
+    question_rate the chunk ends with a question about the whole stream (chunk_question). With `preroll` the
+    chunk is that many seconds longer at the front, and those seconds are not supervised (reuse.py: they put
+    replies made in their own rounds into the previous text of the seconds that are)."""
     rng = random.Random(f"{split}-{index}")
     world = dict(world or {})
     if isinstance(world.get("goal_rate"), (tuple, list)):
@@ -185,8 +189,9 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
         world["goal_rate"] = math.exp(random.Random(f"{split}-{index}-rate").uniform(math.log(lo), math.log(hi)))
     cfg = WorldConfig(**{**world, "seed": split_seed(split, rng.randrange(10_000))})
     stream = SportsStream(cfg)
+    chunk_seconds += preroll
     stream_seconds = min(stream_seconds, max(chunk_seconds, int(GOALS_PER_STREAM / max(cfg.goal_rate, 1e-9))))
-    stride = chunk_seconds - overlap
+    stride = chunk_seconds - preroll - overlap
     t0 = stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))
     secs = [stream.second(t) for t in range(t0, t0 + chunk_seconds)]
     events = stream.transcript(0, t0)
@@ -194,7 +199,7 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
     question = (chunk_question(tok, stream, t0, t0 + chunk_seconds, events, qrng, text_sink, text_window)
                 if qrng.random() < question_rate else None)
     return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, [text for _, text in events],
-                        text_sink, text_window, frame_pixels, question)
+                        text_sink, text_window, frame_pixels, question, preroll=preroll)
 
 
 class DataError(ValueError):
@@ -237,8 +242,10 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
     train = split == "train"
     chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
     rate = cfg.question_rate if train else question_rate
+    preroll = getattr(cfg, "preroll", 0) if train else 0
     samples = [synthetic_sample(tok, split, i, chunk, overlap, stream_seconds, cfg.text_sink, cfg.text_window,
-                                world_config(split, cfg), rate, (cfg.min_pixels, cfg.max_pixels)) for i in indices]
+                                world_config(split, cfg), rate, (cfg.min_pixels, cfg.max_pixels), preroll)
+               for i in indices]
     return collate_chunks(samples, tok.pad_id, cfg)
 
 

@@ -134,11 +134,15 @@ def forward_segments(model, batch):
         s.pop("then", None)
     vision = raw.visual(torch.cat([s.pop("pixel_values_videos") for s in parts]),
                         torch.cat([s["video_grid_thw"] for s in parts]))  # (video tokens, C), segment by segment
-    counts = torch.stack([(s["input_ids"] == raw.cfg.video_token_id).sum() for s in parts]).tolist()  # one sync
+    counts = torch.stack([(s["input_ids"] == raw.cfg.video_token_id).sum() for s in parts]
+                         + [(s["labels"] != IGNORE).sum() for s in parts]).tolist()  # one sync for both
+    counts, supervised = counts[:len(parts)], counts[len(parts):]
     store, out = ReusedKV(raw.cfg), []
     for i, (s, embeds) in enumerate(zip(parts, vision.split(counts))):
         labels, cache = s.pop("labels"), store.segment(i, s.pop("keep", None), s.pop("keep_pos", None))
-        out.append((model(**s, video_embeds=embeds, cache=cache), labels, s["input_ids"]))
+        # a pre-roll segment (data.py: no label) only leaves its K/V for the ones after it: nothing to learn there
+        with torch.set_grad_enabled(torch.is_grad_enabled() and supervised[i] > 0):
+            out.append((model(**s, video_embeds=embeds, cache=cache), labels, s["input_ids"]))
     return out
 
 

@@ -129,6 +129,9 @@ class TrainConfig:
                                 "that streaming leaves when its first second arrives: older rounds out of the vision "
                                 "window, their replies in the previous text with the K/V of their own round (0: one "
                                 "forward a chunk, the authors' layout)", at_least(0))
+    preroll: int = knob(0, "seconds streamed before each training chunk, in segments, without loss or gradient, so "
+                        "that its previous text ends in replies with the K/V of their own rounds, as at inference "
+                        "(needs --segment-seconds; best a multiple of it)", at_least(0))
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -278,6 +281,8 @@ def check_combinations(ap, args):
         ap.error(f"--segment-seconds {c.segment_seconds} with --chunk-seconds {c.chunk_seconds} evicts nothing: "
                  f"the last segment starts at second {last}, before any round leaves the --vision-window "
                  f"({c.vision_window})")
+    if c.preroll and not c.segment_seconds:
+        ap.error("--preroll streams seconds before each chunk in segments: it needs --segment-seconds")
     if c.stream_seconds < c.chunk_seconds:
         ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
     if c.width % 64:
@@ -301,7 +306,7 @@ def check_combinations(ap, args):
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
-                 "time_curriculum", "stream_seconds", "frame_size") if args.sources[k] == "flag"]
+                 "time_curriculum", "stream_seconds", "frame_size", "preroll") if args.sources[k] == "flag"]
     if args.data and synthetic:
         ap.error(f"{', '.join(synthetic)} only apply to the synthetic world, not to --data")
     for name in ("config.json", "tokenizer.json"):

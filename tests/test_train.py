@@ -131,6 +131,31 @@ def test_segments_of_chunks_of_different_lengths_are_padded_away(tok):
                 assert torch.allclose(got[b, :n], want[0], atol=1e-4), (b, (got[b, :n] - want[0]).abs().max())
 
 
+def test_preroll_streams_seconds_without_loss_or_gradient(tok):
+    """--preroll 4: the chunk of 6 s comes with the 4 s before it, the same tokens as a 10 s chunk on the same
+    stride, its labels cut away there; those segments run without autograd (nothing to learn) and leave their K/V:
+    the later segments' logits are those of the plain 10 s chunk, and a loss on them still trains."""
+    from types import SimpleNamespace
+    from conftest import tiny_model
+    from data import collate_chunks, with_positions
+    from validate import outputs
+    kw = dict(stream_seconds=60, text_sink=8, text_window=16, world=dict(event_rate=0.5, goal_rate=0.1))
+    pre = synthetic_sample(tok, "train", 5, chunk_seconds=6, overlap=3, preroll=4, **kw)
+    full = synthetic_sample(tok, "train", 5, chunk_seconds=10, overlap=7, **kw)  # the same stride, 3 s
+    assert torch.equal(pre.ids, full.ids) and torch.equal(pre.frames, full.frames)
+    assert torch.equal(pre.labels[pre.round >= 4], full.labels[full.round >= 4])
+    assert (pre.labels[pre.round < 4] == IGNORE).all() and (full.labels[full.round < 4] != IGNORE).any()
+    model = tiny_model(tok)
+    cfg = SimpleNamespace(segment_seconds=2, vision_window=2, text_sink=8, text_window=16)
+    got, want = (outputs(model, with_positions(collate_chunks([s], tok.pad_id, cfg), model.cfg), "cpu")
+                 for s in (pre, full))
+    assert [o[0].requires_grad for o in got] == [False, False, True, True, True]
+    for (a, _, _), (b, _, _) in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+    grad = torch.autograd.grad(sum(o[0].sum() for o in got[2:]), model.model.layers[0].mlp.up_proj.weight)[0]
+    assert grad.abs().sum() > 0
+
+
 def test_previous_text_is_all_commentary_before_the_chunk(tok):
     stream = SportsStream(WorldConfig(seed=5))
     t0 = 600

@@ -189,6 +189,7 @@ BAD = [
     (["--fsdp", "--segment-seconds", "2", "--vision-window", "2"], "--fsdp"),
     (["--chunk-seconds", "6", "--segment-seconds", "2"], "--vision-window"),
     (["--chunk-seconds", "24", "--segment-seconds", "12"], "evicts nothing"),
+    (["--preroll", "8"], "--preroll"), (["--preroll", "-1"], "--preroll"),
     (["--warmup", "1"], "--warmup"), (["--eval-every", "0"], "--eval-every"), (["--eval-chunks", "0"], "--eval-chunks"),
     (["--stop-at", "0"], "--stop-at"), (["--steps", "10", "--stop-at", "11"], "--stop-at"), (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"), (["--lr", "x"], "--lr"), (["--steps", "0"], "--steps"), (["--workers", "-1"], "--workers"),
