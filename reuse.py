@@ -19,6 +19,9 @@ k-th second (from 0) sees the rounds of the last vision_window + k seconds, not 
 longer ones are the same approximation the authors' chunks make, with far fewer forwards. So in a long chunk
 the score sentences a later goal copies were all written in their own rounds, as at inference, minutes apart.
 Every segment is supervised, and the loss flows back through the reused K/V into the forwards that made them.
+Only the first segment's previous text is still fresh; train.py --preroll streams the seconds before the chunk
+first, segments without labels forwarded without autograd, so that the previous text a supervised second reads
+ends in replies reused as at inference.
 tests/test_train.py checks every segment's logits against a StreamingCache fed the same tokens. A question asked
 inside the chunk (--data) is filed as USER, so it leaves with its second and never joins the previous text, as
 Streamer.ask rewinds it.
