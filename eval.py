@@ -14,8 +14,10 @@ The ideas:
 - Held out: stream i of --seed N is world.split_seed("eval", N + i), a seed range that training never draws.
 - Scored by parsing: world.py's sentences are parsed back into (event, team, score). Event F1 at the exact second
   and within +-1 s (each prediction matches at most one event), score accuracy (a goal counts when a goal sentence
-  with the right running score comes within +-1 s), silence accuracy (quiet seconds left quiet), and the same in
-  five 20% slices of the stream: does the commentary hold up as the stream goes on (the paper's Fig. 8)?
+  with the right running score comes within +-1 s; exact, so one misread goal sinks the rest), goal steps (a goal
+  sentence adds one to the scorer in the model's own last one: each misreading counts once), silence accuracy
+  (quiet seconds left quiet), and the same in five 20% slices of the stream: does the commentary hold up as the
+  stream goes on (the paper's Fig. 8)?
 - Cost beside quality: latency per stream second (p50 / p99, the first --warmup seconds left out), peak memory, the
   largest M-RoPE position (native RoPE's grows with the stream, the cache's stays bounded) and each policy's time
   per second over the streaming policy's: recompute pays for its whole window every second.
@@ -78,7 +80,23 @@ def score_transcript(truth, pred, t0=0, t1=None):
     quiet = [t for t in range(t0, t1) if not truth[t].strip()]
     silent = sum(not pred[t].strip() for t in quiet)
     return dict(f1=f1(0), f1_tol1=f1(1), score_acc=right / len(goals) if goals else None, goals=len(goals),
-                silence_acc=silent / len(quiet) if quiet else None, events=len(T))
+                goal_step=goal_steps(goals, pred, t1), silence_acc=silent / len(quiet) if quiet else None,
+                events=len(T))
+
+
+def goal_steps(goals, pred, t1):
+    """The fraction of true goals (t, (event, team, score)) whose goal sentence, within +-1 s, adds one to the
+    scorer in the model's own last score sentence before it (0-0 at the start of the stream). score_acc is exact,
+    so one misread goal sinks every later one; this counts each misreading once."""
+    said = [(t, e) for t in range(t1) if (e := parse_event(pred[t])) and e[0] == "goal"]  # its own, in order
+    right = 0
+    for t, (_, team, _) in goals:
+        for i, (u, (_, said_team, score)) in enumerate(said):
+            if abs(u - t) <= 1 and said_team == team:
+                red, blue = said[i - 1][1][2] if i else (0, 0)
+                right += score == ((red + 1, blue) if team == "Red" else (red, blue + 1))
+                break
+    return right / len(goals) if goals else None
 
 
 def slices(truth, pred, n=5):
@@ -286,7 +304,8 @@ def stream_policy(args, model, tok, policy, worlds, kw, res):
     col = lambda key, rows: mean([x[key] for x in rows])
     failed = next((r["failed"] for r in runs if r["failed"]), None)
     row = dict(policy=policy, f1=col("f1", scores), f1_1s=col("f1_tol1", scores), score=col("score_acc", scores),
-               silence=col("silence_acc", scores), p50_ms=ms(percentile(lat, 50)), p99_ms=ms(percentile(lat, 99)),
+               goal_step=col("goal_step", scores), silence=col("silence_acc", scores),
+               p50_ms=ms(percentile(lat, 50)), p99_ms=ms(percentile(lat, 99)),
                mean_ms=ms(mean(lat, 6)), peak_gib=round(max(r["peak_gib"] for r in runs), 3),
                max_pos=max(r["max_position"] for r in runs),
                failed=f"{failed['reason']} at {failed['second']} s" if failed else "-")

@@ -3,6 +3,7 @@ they go; every bad flag refused in one line."""
 import argparse
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -53,6 +54,21 @@ def test_shifted_and_wrong_transcripts():
     assert parse_event("Red scores! Red 2, Blue 0.") == ("goal", "Red", (2, 0))
     assert parse_event("Blue shoots!") == ("shot", "Blue", None)
     assert parse_event("something else") is None
+
+
+def test_goal_steps_count_each_misreading_once():
+    """One goal misread (Red's count +5) and every later sentence consistent with the mistake: score accuracy
+    loses every goal from there, goal steps only the one."""
+    tr = truth(1200)
+    goals = [t for t in range(len(tr)) if parse_event(tr[t]) and parse_event(tr[t])[0] == "goal"]
+    assert len(goals) >= 3
+    bump = lambda t, text: text if t < goals[1] or not text.startswith(("Red scores", "Blue scores")) else \
+        re.sub(r"Red (\d+),", lambda m: f"Red {int(m.group(1)) + 5},", text)
+    pred = [bump(t, text) for t, text in enumerate(tr)]
+    m = score_transcript(tr, pred)
+    assert m["goal_step"] == pytest.approx((len(goals) - 1) / len(goals))
+    assert m["score_acc"] == pytest.approx(1 / len(goals))
+    assert score_transcript(tr, tr)["goal_step"] == 1.0 and score_transcript(tr, [""] * len(tr))["goal_step"] == 0
 
 
 def test_half_the_events_found():
