@@ -75,7 +75,7 @@ def planted_inputs(N, Hq, Hkv, D, gen, n_columns=4, window=512, local_dims=64):
     per kv head), dims 2..2+local_dims a position code that varies smoothly over ~window tokens, so
     q_i . k_j is large for |i - j| small (a local window). The rest of the head dim is random background
     with logits of std 0.5."""
-    g, R = Hq // Hkv, D - 2 - local_dims
+    R = D - 2 - local_dims
     assert R > 0, f"head dim {D} too small for {local_dims} local dims"
     q = torch.zeros(1, Hq, N, D)
     k = torch.zeros(1, Hkv, N, D)

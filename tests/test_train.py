@@ -26,7 +26,7 @@ def test_sample_layout_token_by_token(tok):
     from PIL import Image
     frames = [[Image.new("RGB", (56, 56), (10 * k, 0, 0))] * 2 for k in range(3)]
     texts = ["Red shoots!", "", "Red scores! Red 1, Blue 0."]
-    previous = [f"Foul by Blue." for _ in range(20)]
+    previous = ["Foul by Blue." for _ in range(20)]
     s = build_sample(tok, frames, texts, 100, previous, text_sink=5, text_window=7)
     body = sum((reply_ids(tok, t) for t in previous), [])
     assert len(body) > 12
