@@ -179,7 +179,8 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
     on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap. With probability
     question_rate the chunk ends with a question about the whole stream (chunk_question). With `preroll` the
     chunk is that many seconds longer at the front, and those seconds are not supervised (reuse.py: they put
-    replies made in their own rounds into the previous text of the seconds that are)."""
+    replies made in their own rounds into the previous text of the seconds that are); a stream's first `preroll`
+    seconds are then never supervised."""
     rng = random.Random(f"{split}-{index}")
     world = dict(world or {})
     if isinstance(world.get("goal_rate"), (tuple, list)):
@@ -196,8 +197,11 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
     secs = [stream.second(t) for t in range(t0, t0 + chunk_seconds)]
     events = stream.transcript(0, t0)
     qrng = random.Random(f"{split}-{index}-question")
-    question = (chunk_question(tok, stream, t0, t0 + chunk_seconds, events, qrng, text_sink, text_window)
-                if qrng.random() < question_rate else None)
+    if qrng.random() < question_rate:  # answerable from the previous text as it is when the supervised part starts
+        seen = stream.transcript(0, t0 + preroll) if preroll else events
+        question = chunk_question(tok, stream, t0 + preroll, t0 + chunk_seconds, seen, qrng, text_sink, text_window)
+    else:
+        question = None
     return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], t0, [text for _, text in events],
                         text_sink, text_window, frame_pixels, question, preroll=preroll)
 

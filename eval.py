@@ -16,8 +16,8 @@ The ideas:
   and within +-1 s (each prediction matches at most one event), score accuracy (a goal counts when a goal sentence
   with the right running score comes within +-1 s; exact, so one misread goal sinks the rest), goal steps (a goal
   sentence adds one to the scorer in the model's own last one: each misreading counts once), silence accuracy
-  (quiet seconds left quiet), and the same in five 20% slices of the stream: does the commentary hold up as the
-  stream goes on (the paper's Fig. 8)?
+  (quiet seconds left quiet); event F1 and score accuracy also in five 20% slices of the stream: does the
+  commentary hold up as the stream goes on (the paper's Fig. 8)?
 - Cost beside quality: latency per stream second (p50 / p99, the first --warmup seconds left out), peak memory, the
   largest M-RoPE position (native RoPE's grows with the stream, the cache's stays bounded) and each policy's time
   per second over the streaming policy's: recompute pays for its whole window every second.
@@ -80,21 +80,24 @@ def score_transcript(truth, pred, t0=0, t1=None):
     quiet = [t for t in range(t0, t1) if not truth[t].strip()]
     silent = sum(not pred[t].strip() for t in quiet)
     return dict(f1=f1(0), f1_tol1=f1(1), score_acc=right / len(goals) if goals else None, goals=len(goals),
-                goal_step=goal_steps(goals, pred, t1), silence_acc=silent / len(quiet) if quiet else None,
+                goal_step=goal_steps(goals, pred, t0, t1), silence_acc=silent / len(quiet) if quiet else None,
                 events=len(T))
 
 
-def goal_steps(goals, pred, t1):
-    """The fraction of true goals (t, (event, team, score)) whose goal sentence, within +-1 s, adds one to the
-    scorer in the model's own last score sentence before it (0-0 at the start of the stream). score_acc is exact,
-    so one misread goal sinks every later one; this counts each misreading once."""
+def goal_steps(goals, pred, t0, t1):
+    """The fraction of true goals (t, (event, team, score)) whose goal sentence, within +-1 s and inside [t0, t1),
+    adds one to the scorer in the model's own last score sentence before it (0-0 at the start of the stream; one
+    sentence a goal, the nearest, as in F1). score_acc is exact, so one misread goal sinks every later one; this
+    counts each misreading once."""
     said = [(t, e) for t in range(t1) if (e := parse_event(pred[t])) and e[0] == "goal"]  # its own, in order
-    right = 0
-    for t, (_, team, _) in goals:
-        for i, (u, (_, said_team, score)) in enumerate(said):
-            if abs(u - t) <= 1 and said_team == team:
+    index, used, right = {u: i for i, (u, _) in enumerate(said)}, set(), 0
+    for t, (_, team, _) in sorted(goals):
+        for u in sorted(range(max(t0, t - 1), min(t1, t + 2)), key=lambda u: abs(u - t)):
+            i = index.get(u)
+            if i is not None and i not in used and said[i][1][1] == team:
+                used.add(i)
                 red, blue = said[i - 1][1][2] if i else (0, 0)
-                right += score == ((red + 1, blue) if team == "Red" else (red, blue + 1))
+                right += said[i][1][2] == ((red + 1, blue) if team == "Red" else (red, blue + 1))
                 break
     return right / len(goals) if goals else None
 

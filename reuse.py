@@ -18,7 +18,8 @@ k-th second (from 0) sees the rounds of the last vision_window + k seconds, not 
 16 s window: 16-23 s, inside the 24 s a plain training chunk shows). Segments of 1 s give streaming's exact K/V;
 longer ones are the same approximation the authors' chunks make, with far fewer forwards. So in a long chunk
 the score sentences a later goal copies were all written in their own rounds, as at inference, minutes apart.
-Every segment is supervised, and the loss flows back through the reused K/V into the forwards that made them.
+Every segment is supervised (but a pre-roll's, below), and the loss flows back through the reused K/V into the
+forwards that made them.
 Only the first segment's previous text is still fresh; train.py --preroll streams the seconds before the chunk
 first, segments without labels forwarded without autograd, so that the previous text a supervised second reads
 ends in replies reused as at inference.
@@ -130,21 +131,28 @@ def new_tokens(batch):
 def forward_segments(model, batch):
     """[(logits, labels, input_ids)] of a batch cut into segments, on the model's device: each segment on the
     cache the ones before it leave. The vision tower runs once, on every segment's frames: each second's frames
-    are encoded alone, so one pass is the same computation with fewer kernel launches."""
+    are encoded alone, so one pass is the same computation with fewer kernel launches (two with a pre-roll: its
+    frames without autograd)."""
     raw = getattr(model, "module", model)  # DDP's wrapped model
     parts = [dict(s) for s in segments(batch)]
     for s in parts:
         s.pop("then", None)
-    vision = raw.visual(torch.cat([s.pop("pixel_values_videos") for s in parts]),
-                        torch.cat([s["video_grid_thw"] for s in parts]))  # (video tokens, C), segment by segment
     counts = torch.stack([(s["input_ids"] == raw.cfg.video_token_id).sum() for s in parts]
                          + [(s["labels"] != IGNORE).sum() for s in parts]).tolist()  # one sync for both
     counts, supervised = counts[:len(parts)], counts[len(parts):]
+    # the pre-roll (data.py: segments without a label before the first with one) only leaves K/V for the segments
+    # after it: nothing to learn there, so neither it nor its frames keep a graph
+    lead = next((i for i, n in enumerate(supervised) if n), len(parts))
+    pixels, grids = [s.pop("pixel_values_videos") for s in parts], [s["video_grid_thw"] for s in parts]
+    vision = []  # (video tokens, C), segment by segment
+    for a, b in ((0, lead), (lead, len(parts))):
+        if a < b:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and a == lead):
+                vision.append(raw.visual(torch.cat(pixels[a:b]), torch.cat(grids[a:b])))
     store, out = ReusedKV(raw.cfg), []
-    for i, (s, embeds) in enumerate(zip(parts, vision.split(counts))):
+    for i, (s, embeds) in enumerate(zip(parts, torch.cat(vision).split(counts))):
         labels, cache = s.pop("labels"), store.segment(i, s.pop("keep", None), s.pop("keep_pos", None))
-        # a pre-roll segment (data.py: no label) only leaves its K/V for the ones after it: nothing to learn there
-        with torch.set_grad_enabled(torch.is_grad_enabled() and supervised[i] > 0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= lead):
             out.append((model(**s, video_embeds=embeds, cache=cache), labels, s["input_ids"]))
     return out
 

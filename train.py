@@ -131,7 +131,8 @@ class TrainConfig:
                                 "forward a chunk, the authors' layout)", at_least(0))
     preroll: int = knob(0, "seconds streamed before each training chunk, in segments, without loss or gradient, so "
                         "that its previous text ends in replies with the K/V of their own rounds, as at inference "
-                        "(needs --segment-seconds; best a multiple of it)", at_least(0))
+                        "(needs --segment-seconds; best a multiple of it; a stream's first N seconds are then never "
+                        "supervised)", at_least(0))
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -283,8 +284,9 @@ def check_combinations(ap, args):
                  f"({c.vision_window})")
     if c.preroll and not c.segment_seconds:
         ap.error("--preroll streams seconds before each chunk in segments: it needs --segment-seconds")
-    if c.stream_seconds < c.chunk_seconds:
-        ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})")
+    if c.stream_seconds < c.chunk_seconds + c.preroll:
+        ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})"
+                 + (f" + --preroll ({c.preroll})" if c.preroll else ""))
     if c.width % 64:
         ap.error(f"--width must be a multiple of 64 (heads of 64 dims), got {c.width}")
     if c.frame_size % 28:

@@ -69,6 +69,13 @@ def test_goal_steps_count_each_misreading_once():
     assert m["goal_step"] == pytest.approx((len(goals) - 1) / len(goals))
     assert m["score_acc"] == pytest.approx(1 / len(goals))
     assert score_transcript(tr, tr)["goal_step"] == 1.0 and score_transcript(tr, [""] * len(tr))["goal_step"] == 0
+    # one sentence a goal: two Red goals a second apart, one said; a sentence just before a slice is not in it
+    two = [""] * 20
+    two[10], two[11] = "Red scores! Red 1, Blue 0.", "Red scores! Red 2, Blue 0."
+    one = two[:11] + [""] * 9
+    assert score_transcript(two, one)["goal_step"] == 0.5
+    assert score_transcript(two, one[1:] + [""], 11, 20)["goal_step"] == 0.0
+    assert score_transcript(two, [""] + one[:-1], 11, 20)["goal_step"] == 1.0  # said a second late, inside
 
 
 def test_half_the_events_found():

@@ -190,6 +190,7 @@ BAD = [
     (["--chunk-seconds", "6", "--segment-seconds", "2"], "--vision-window"),
     (["--chunk-seconds", "24", "--segment-seconds", "12"], "evicts nothing"),
     (["--preroll", "8"], "--preroll"), (["--preroll", "-1"], "--preroll"),
+    (["--chunk-seconds", "24", "--segment-seconds", "8", "--preroll", "32", "--stream-seconds", "50"], "--preroll"),
     (["--warmup", "1"], "--warmup"), (["--eval-every", "0"], "--eval-every"), (["--eval-chunks", "0"], "--eval-chunks"),
     (["--stop-at", "0"], "--stop-at"), (["--steps", "10", "--stop-at", "11"], "--stop-at"), (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"), (["--lr", "x"], "--lr"), (["--steps", "0"], "--steps"), (["--workers", "-1"], "--workers"),
@@ -215,7 +216,9 @@ def test_bad_flags_get_a_one_line_error(argv, flag, tmp_path, capsys, monkeypatc
 def test_settings_that_need_context_get_a_one_line_error(tmp_path, capsys):
     (tmp_path / "x.jsonl").write_text("")
     cases = [(["--resume"], "no train_state.json"),
-             (["--data", str(tmp_path / "x.jsonl"), "--event-rate", "0.2"], "only apply to the synthetic world")]
+             (["--data", str(tmp_path / "x.jsonl"), "--event-rate", "0.2"], "only apply to the synthetic world"),
+             (["--data", str(tmp_path / "x.jsonl"), "--segment-seconds", "8", "--chunk-seconds", "24", "--preroll",
+               "8"], "--preroll only apply")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
     for argv, words in cases:
