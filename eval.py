@@ -460,8 +460,9 @@ def build_parser():
     ap.add_argument("--model", default=default_model(), help="checkpoint folder (default: checkpoints/tiny if it "
                     f"exists, else out/tiny, what `python train.py` writes; now {default_model()})")
     ap.add_argument("--video", help="a video file, a GIF or a folder of frames to comment on (the video task)")
-    ap.add_argument("--seconds", type=at_least(1), default=None, help="stream length (stream and questions: 7200 on "
-                    "a GPU, 60 on a CPU; video: the whole video)")
+    ap.add_argument("--seconds", type=at_least(1), default=None, help="stream length (stream: 7200 on a GPU, 600 "
+                    "on a CPU, ~2 minutes for the five policies on 2 cores; questions: 7200 / 60; video: the whole "
+                    "video)")
     ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy")
     ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=0,
                     help="the first held-out stream: stream i is world.split_seed('eval', SEED + i)")
@@ -488,7 +489,10 @@ def get_args(argv=None):
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         ap.error(f"--model {args.model}: no checkpoint there; make one with `python train.py` (it writes out/tiny) "
                  "or pass --model DIR")
-    check_run_flags(ap, args, lambda gpu: 0 if args.task == "video" else 7200 if gpu else 60)
+    # on a CPU, 600 s: long enough for the policies to part (native RoPE and resets lose the score, full attention
+    # the events), short enough for a first run
+    check_run_flags(ap, args, lambda gpu: 0 if args.task == "video" else 7200 if gpu else
+                    600 if args.task == "stream" else 60)
     return args
 
 
