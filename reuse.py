@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 
 from cache import contiguous_positions, kept_after_eviction, units
-from layout import IGNORE
+from layout import IGNORE, Kind
 from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 
 # -----------------------------------------------------------------------------
@@ -70,31 +70,34 @@ def evicted_prefixes(batch, model_cfg):
     the first with its positions: for each later segment, which tokens of the earlier ones each row keeps, "keep"
     (B, P), as indices into the earlier segments' padded tokens laid end to end, at which contiguous positions,
     "keep_pos" (3, B, P), and the segment's own positions after them; its attention_mask grows to (B, P + T),
-    0 on padding."""
+    0 on padding. Each row carries its kept tokens forward, as StreamingCache.evict does (evicted replies become
+    previous text), so a segment costs what it keeps, not all the segments before it."""
     window, text_sink, text_window = batch.pop("evict").tolist()
     B = len(batch["input_ids"])
-    seen = [dict(ids=[], pos=[], kind=[], round=[], index=[]) for _ in range(B)]  # each row's tokens so far
+    empty = dict(ids=torch.zeros(0, dtype=torch.long), pos=torch.zeros(3, 0, dtype=torch.long),
+                 kind=torch.zeros(0, dtype=torch.long), round=torch.zeros(0, dtype=torch.long),
+                 index=torch.zeros(0, dtype=torch.long))
+    kept = [empty] * B  # each row's kept tokens: ids, positions, kinds, rounds, index into the segments end to end
     seg, offset = batch, 0
     while "then" in seg:
-        for b, h in enumerate(seen):
-            n = int(seg["attention_mask"][b, -seg["input_ids"].shape[1]:].sum())
-            for key, value in (("ids", seg["input_ids"][b, :n]), ("pos", seg["position_ids"][:, b, :n]),
-                               ("kind", seg["kind"][b, :n]), ("round", seg["round"][b, :n]),
-                               ("index", offset + torch.arange(n))):
-                h[key].append(value)
-        offset += seg["input_ids"].shape[1]
-        del seg["kind"], seg["round"]
-        seg = seg["then"]
+        T, nxt = seg["input_ids"].shape[1], seg["then"]
         keeps, positions, starts = [], [], []
-        for b, h in enumerate(seen):
-            ids, pos, kind, rnd, index = (torch.cat(h[k], -1) for k in ("ids", "pos", "kind", "round", "index"))
-            now = int(seg["round"][b, 0])  # the segment's first second arrives
-            keep, _ = kept_after_eviction(kind, rnd, now, window, text_sink, text_window)
+        for b, h in enumerate(kept):
+            n = int(seg["attention_mask"][b, -T:].sum())
+            ids, pos, kind, rnd, index = (torch.cat([h[k], new], -1) for k, new in (
+                ("ids", seg["input_ids"][b, :n]), ("pos", seg["position_ids"][:, b, :n]), ("kind", seg["kind"][b, :n]),
+                ("round", seg["round"][b, :n]), ("index", offset + torch.arange(n))))
+            keep, body = kept_after_eviction(kind, rnd, int(nxt["round"][b, 0]), window, text_sink, text_window)
+            kind[body] = Kind.PREV_BODY  # the evicted replies are previous text from now on
             unit, rel = units(ids, pos, model_cfg)
-            p, nxt = contiguous_positions(unit[keep], rel[:, keep])
+            p, start = contiguous_positions(unit[keep], rel[:, keep])
+            kept[b] = dict(ids=ids[keep], pos=p, kind=kind[keep], round=rnd[keep], index=index[keep])
             keeps.append(index[keep])
             positions.append(p)
-            starts.append(int(nxt))
+            starts.append(int(start))
+        offset += T
+        del seg["kind"], seg["round"]
+        seg = nxt
         P = max(len(k) for k in keeps)
         seg["keep"], seg["keep_pos"] = torch.zeros(B, P, dtype=torch.long), torch.zeros(3, B, P, dtype=torch.long)
         valid = torch.zeros(B, P, dtype=torch.long)
