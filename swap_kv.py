@@ -1,0 +1,89 @@
+"""
+Which kept keys and values does a streamed reply hinge on? A diagnostic for the gap between reused and fresh K/V.
+
+StreamingVLM reuses K/V (cache.py): a token's keys and values are computed once, in the forward of its own second,
+and kept, re-rotated at contiguous positions, while later seconds arrive. A fresh prefill of the same kept tokens
+at the same positions gives other K/V from the second layer on: each token then attends to what is kept now, not
+to what was in view when it was written. eval.py's `recompute` policy re-prefills everything kept every second.
+
+This script asks which part of the cache a difference comes from. It streams a held-out stream of the synthetic
+world up to second T, teacher-forced (the true commentary, so the cache holds what a model that was right so far
+holds), beside the recompute policy; then it decodes second T from the streamed cache with the K/V of one kind of
+kept token swapped for the fresh prefill's (same tokens, same positions: checked), one kind at a time.
+
+  python swap_kv.py --seed 62 --second 1168     # a goal the shipped model misreads while streaming
+
+Reference: StreamingVLM, arXiv 2510.09608 (the cache; their inference reuses K/V the same way).
+"""
+import argparse
+import copy
+
+import torch
+from tqdm import tqdm
+
+from layout import Kind
+from stream import default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from train import Parser, at_least, checked
+from world import SPLIT_SIZE, SportsStream, WorldConfig, split_seed
+
+
+def variants(kind, rnd, T):
+    """(name, which kept tokens get fresh K/V) for the kinds and rounds of a streamed cache at second T."""
+    rounds = kind >= Kind.USER
+    return [("streamed (reused K/V)", torch.zeros_like(rounds)),
+            ("fresh: everything kept", torch.ones_like(rounds)),
+            ("fresh: previous text", kind == Kind.PREV_BODY),
+            ("fresh: rounds in the vision window", rounds),
+            ("fresh: their user turns (frames, prompt)", kind == Kind.USER),
+            ("fresh: their replies", (kind == Kind.REPLY) | (kind == Kind.END)),
+            ("fresh: rounds older than T - 8", rounds & (rnd < T - 8)),
+            ("fresh: rounds T - 8 .. T - 1", rounds & (rnd >= T - 8))]
+
+
+@torch.no_grad()
+def swap(args):
+    """Prints and returns {"truth", "recompute", and each variant's name: the reply it decodes}."""
+    model, tok, st = load_checkpoint(args.model, args.device)
+    kw = dict(streamer_kwargs(layout_of(st)), capacity=args.capacity)
+    world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=st.get("frame_size", 56)))
+    streamed, fresh = (make_streamer(model, tok, policy, **kw) for policy in ("streaming", "recompute"))
+    T = args.second
+    for t in tqdm(range(T), desc="streaming and recomputing", unit="s", dynamic_ncols=True):
+        frames, text = world.second(t).frames, world.text(t)
+        streamed.step(frames, force_text=text)
+        fresh.step(frames, force_text=text)
+    frames = world.second(T).frames
+    streamed.cache.evict(T)  # what step(T) does first; a second call there evicts nothing
+    cache, pending, L = copy.deepcopy(streamed.cache), copy.deepcopy(streamed.pending), streamed.cache.length
+    recompute = fresh.step(frames)  # re-prefills the same kept tokens, then second T's turn, then decodes
+    f = fresh.cache
+    if not (f.ids[:L].equal(cache.ids[:L]) and f.pos[:, :L].equal(cache.pos[:, :L])):
+        raise SystemExit("the fresh prefill does not hold the streamed cache's tokens at its positions")
+    print(f"seed {args.seed}, second {T}: truth {world.text(T)!r}; {L} kept tokens, "
+          f"{int((cache.kind[:L] == Kind.PREV_BODY).sum())} of them previous text")
+    print(f"  {'recompute policy':44s} {recompute!r}")
+    out = dict(truth=world.text(T), recompute=recompute)
+    for name, mask in variants(cache.kind[:L], cache.round[:L], T):
+        streamed.cache, streamed.pending, streamed.t = copy.deepcopy(cache), copy.deepcopy(pending), T
+        idx = torch.nonzero(mask).flatten().to(f.k.device)
+        for buf in ("k", "v", "raw_k"):  # (layers, 1, kv heads, capacity, head dim)
+            getattr(streamed.cache, buf)[..., idx, :] = getattr(f, buf)[..., idx, :]
+        out[name] = streamed.step(frames)
+        print(f"  {name:44s} {out[name]!r}", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = Parser(prog="swap_kv.py", description=__doc__.strip().split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
+    ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=62,
+                    help="the held-out stream: world.split_seed('eval', SEED), as eval.py --seed")
+    ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode (streamed up to it)")
+    ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots (tokens)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+    return swap(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
