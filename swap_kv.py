@@ -44,7 +44,8 @@ def variants(kind, rnd, T):
 def swap(args):
     """Prints and returns {"truth", "recompute", and each variant's name: the reply it decodes}."""
     model, tok, st = load_checkpoint(args.model, args.device)
-    kw = dict(streamer_kwargs(layout_of(st)), capacity=args.capacity)
+    # greedy, whatever the checkpoint samples with: every variant then decodes from the same state
+    kw = dict(streamer_kwargs(layout_of(st)), capacity=args.capacity, temperature=0.0, repetition_penalty=1.0)
     world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=st.get("frame_size", 56)))
     streamed, fresh = (make_streamer(model, tok, policy, **kw) for policy in ("streaming", "recompute"))
     T = args.second
@@ -74,6 +75,7 @@ def swap(args):
 
 
 def main(argv=None):
+    """The command line; returns what swap() decoded."""
     ap = Parser(prog="swap_kv.py", description=__doc__.strip().split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")

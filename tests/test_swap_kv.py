@@ -17,10 +17,14 @@ def test_fresh_everything_decodes_as_recompute_and_streamed_as_streaming(capsys)
                 "--device", "cpu"])
     assert out["truth"] == out["recompute"] == out["fresh: everything kept"] == "Red scores! Red 2, Blue 0."
     assert out["streamed (reused K/V)"] == "Red scores! Red 2, Blue 1."
+    # what docs/RESULTS.md reports for this second: the user turns' K/V decide it, the previous text's do not
+    assert out["fresh: their user turns (frames, prompt)"] == out["truth"]
+    assert out["fresh: previous text"] == out["fresh: their replies"] == out["streamed (reused K/V)"]
     assert len(out) == 10 and "previous text" in capsys.readouterr().out
 
 
 def test_bad_flags_get_one_line(capsys):
+    """A bad flag: argparse's exit status 2 and one line that names it."""
     with pytest.raises(SystemExit) as e:
         main(["--seed", "-1"])
     err = capsys.readouterr().err
