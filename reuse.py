@@ -81,7 +81,7 @@ def evicted_prefixes(batch, model_cfg):
     seg, offset = batch, 0
     while "then" in seg:
         T, nxt = seg["input_ids"].shape[1], seg["then"]
-        keeps, positions, starts = [], [], []
+        starts = []
         for b, h in enumerate(kept):
             n = int(seg["attention_mask"][b, -T:].sum())
             ids, pos, kind, rnd, index = (torch.cat([h[k], new], -1) for k, new in (
@@ -92,17 +92,16 @@ def evicted_prefixes(batch, model_cfg):
             unit, rel = units(ids, pos, model_cfg)
             p, start = contiguous_positions(unit[keep], rel[:, keep])
             kept[b] = dict(ids=ids[keep], pos=p, kind=kind[keep], round=rnd[keep], index=index[keep])
-            keeps.append(index[keep])
-            positions.append(p)
             starts.append(int(start))
         offset += T
         del seg["kind"], seg["round"]
         seg = nxt
-        P = max(len(k) for k in keeps)
+        P = max(len(h["index"]) for h in kept)
         seg["keep"], seg["keep_pos"] = torch.zeros(B, P, dtype=torch.long), torch.zeros(3, B, P, dtype=torch.long)
         valid = torch.zeros(B, P, dtype=torch.long)
-        for b, (keep, p) in enumerate(zip(keeps, positions)):
-            seg["keep"][b, :len(keep)], seg["keep_pos"][:, b, :len(keep)], valid[b, :len(keep)] = keep, p, 1
+        for b, h in enumerate(kept):
+            n = len(h["index"])
+            seg["keep"][b, :n], seg["keep_pos"][:, b, :n], valid[b, :n] = h["index"], h["pos"], 1
         seg["position_ids"], _ = mrope_positions(seg["input_ids"], model_cfg, video_grid_thw=seg["video_grid_thw"],
                                                  attention_mask=seg["attention_mask"], start=starts)
         seg["attention_mask"] = torch.cat([valid, seg["attention_mask"]], 1)

@@ -21,10 +21,11 @@ import copy
 import torch
 from tqdm import tqdm
 
+from eval import held_out
 from layout import Kind
 from stream import default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from train import Parser, at_least, checked
-from world import SPLIT_SIZE, SportsStream, WorldConfig, split_seed
+from world import SPLIT_SIZE
 
 
 def variants(kind, rnd, T):
@@ -46,7 +47,7 @@ def swap(args):
     model, tok, st = load_checkpoint(args.model, args.device)
     # greedy, whatever the checkpoint samples with: every variant then decodes from the same state
     kw = dict(streamer_kwargs(layout_of(st)), capacity=args.capacity, temperature=0.0, repetition_penalty=1.0)
-    world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=st.get("frame_size", 56)))
+    world = held_out(argparse.Namespace(seed=args.seed, streams=1), st)[0]  # eval.py --seed's stream
     streamed, fresh = (make_streamer(model, tok, policy, **kw) for policy in ("streaming", "recompute"))
     T = args.second
     for t in tqdm(range(T), desc="streaming and recomputing", unit="s", dynamic_ncols=True):
