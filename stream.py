@@ -4,7 +4,7 @@ The streaming loop: a VLM that watches a video second by second, forever, and co
 Every second t (one "round"), Streamer.step:
   1. evicts once (cache.py): rounds older than the vision window leave, their replies join the previous text;
   2. takes that second's frames (2 at 2 fps = one temporal patch) and runs the vision tower on them only;
-  3. prefills the user turn `Time=t-t+1s` + vision block + the assistant header on top of the cache;
+  3. prefills the user turn `Time=t.0-t+1.0s` + vision block + the assistant header on top of the cache;
   4. decodes until <|im_end|> or a cap (20 tokens); saying nothing is " ..." + <|im_end|>;
   5. hands the reply back to the cache: its closing " ..." is not commentary, and the newline after it is fed
      with the next second.
