@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from cli import Parser, at_least, checked
 from data import build_sample
 from eval import Results, hardware, table
 from flexprefill import (FlexPrefill, _flex, block_mask_from_selection, causal_attention, flexprefill_attention,
                          select_blocks, sparse_attention)
 from layout import question_segments
 from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from train import Parser, at_least, checked
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 
@@ -343,6 +343,9 @@ def main(argv=None):
     if not args.long_prefill:
         if args.activations and not os.path.isfile(args.activations):
             p.error(f"--activations {args.activations}: no such file")
+        if not args.device.startswith("cuda") and max(args.lengths) > 16384:  # q, k, v, and a dense N x N reference
+            p.error(f"--lengths up to {max(args.lengths)} on a CPU would take tens of GiB and hours: this benchmark "
+                    "is for a GPU; on a CPU try the smoke test, --device cpu --lengths 1024 --heads 4 1")
         return kernel_bench(args)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model}: no checkpoint there; make one with `python train.py` or pass --model DIR")

@@ -21,10 +21,10 @@ import time
 import torch
 
 from bench_flexprefill import timeit
+from cli import Parser, at_least, checked
 from eval import Results
 from model import PRESETS, VLM, canonical_name
 from rope import inv_freq
-from train import Parser, at_least, checked
 
 
 def twins(cfg, device, dtype):

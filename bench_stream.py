@@ -30,12 +30,12 @@ import time
 
 import torch
 
+from cli import Parser, at_least
 from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
                   steady_capacity, sync, table, timed_seconds)
 from layout import FRAME_PIXELS, end_ids, prefix_segments, reply_ids, user_ids
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, preprocess_video
-from train import Parser, at_least
 
 
 def build_models(args):
@@ -180,6 +180,10 @@ def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     check_run_flags(ap, args)
+    on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if not on_gpu and args.preset != "tiny":  # 7B: ~15 GiB of weights, minutes a second on a CPU
+        ap.error(f"--preset {args.preset} streams a full-size model: a GPU's work. On a CPU, the smoke run: --preset "
+                 "tiny --height 56 --width 84 --seconds 8 --warmup 2")
     if args.hf:
         try:
             import transformers  # noqa: F401

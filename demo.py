@@ -8,13 +8,11 @@ a stream from the start has); the GIF shows `--seconds` of it around a goal.
   python demo.py                                   # the shipped checkpoint, held-out stream 0 -> assets/demo.gif
   python demo.py --model out/tiny --seed 3 --out demo.gif
 """
-import argparse
-import os
-
 from PIL import Image, ImageDraw, ImageFont
 
-from stream import default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from world import SportsStream, WorldConfig, split_seed
+from cli import Parser, at_least, checked, default_model, unwritable
+from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from world import SPLIT_SIZE, SportsStream, WorldConfig, split_seed
 
 GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (170, 170, 170)
 
@@ -39,16 +37,18 @@ def panel(frame, t, said, truth, score, scale=4):
     return im
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped checkpoints/tiny)")
-    ap.add_argument("--seed", type=int, default=0, help="which held-out stream (as eval.py --seed)")
-    ap.add_argument("--seconds", type=int, default=40, help="length of the GIF in stream seconds")
-    ap.add_argument("--out", default="assets/demo.gif")
-    args = ap.parse_args()
-    if args.seconds < 1 or args.seed < 0:
-        ap.error("--seconds must be positive and --seed not negative")
-    model, tok, settings = load_checkpoint(args.model or default_model())
+def main(argv=None):
+    ap = Parser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
+    ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=0,
+                    help="which held-out stream, as eval.py --seed (default 0)")
+    ap.add_argument("--seconds", type=at_least(1), default=40, help="length of the GIF in stream seconds (default 40)")
+    ap.add_argument("--out", default="assets/demo.gif", help="the GIF to write (default assets/demo.gif, the "
+                    "README's picture)")
+    args = ap.parse_args(argv)
+    if unwritable(args.out, folder=False):
+        ap.error(f"--out {unwritable(args.out, folder=False)}")
+    model, tok, settings = load_checkpoint(args.model)
     layout = layout_of(settings)
     s = make_streamer(model, tok, **streamer_kwargs(layout))
     world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=settings.get("frame_size", 56)))
@@ -59,7 +59,6 @@ def main():
         said = s.step(sec.frames)
         if t >= start:
             frames += [panel(f, t, said, sec.text, sec.score) for f in sec.frames]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=1000 // layout.fps, loop=0)
     print(f"wrote {args.out}: seconds {start}-{end} of held-out stream {args.seed}")
 

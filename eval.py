@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS
 from processor import resize_video
-from stream import DECODERS, POLICIES, default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from train import Parser, at_least, checked, device_name
+from cli import Parser, at_least, checked, default_model, device_name, unwritable
+from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from video import open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
 
@@ -322,8 +322,8 @@ def over_policies(args, model, tok, st, res, per_policy, what):
     --policies on the held-out worlds; each row is printed as it comes. Returns (rows, the result to save)."""
     worlds = held_out(args, st)
     kw = streamer_settings(args, st, worlds[0].second(0).frames)
-    print(f"{what}: {args.streams} held-out stream(s) x {args.seconds} s (seeds {worlds[0].cfg.seed}.."
-          f"{worlds[-1].cfg.seed}), reset every {args.reset_every} s, streamer settings {kw}", flush=True)
+    print(f"{what}: {args.streams} held-out stream(s) x {args.seconds} s (--seed {args.seed}: world seeds "
+          f"{worlds[0].cfg.seed}..{worlds[-1].cfg.seed}), reset every {args.reset_every} s, streamer settings {kw}", flush=True)
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
     for policy in tqdm(args.policies, desc="policies", dynamic_ncols=True):
         result["policies"][policy] = per_policy(args, model, tok, policy, worlds, kw, res)
@@ -422,12 +422,13 @@ def decode_paths(text):
 
 def add_run_flags(ap, warmup, out):
     """The flags of the streaming loop that eval.py and bench_stream.py share, each checked as it is parsed."""
-    ap.add_argument("--out", default=out, help=f"folder for the JSON lines, the summary and plots (default {out})")
-    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--out", default=out, help=f"folder for the JSON lines and the summary (default {out})")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES),
+                    help=f"cache policies to run, one after another (default: all {len(POLICIES)})")
     ap.add_argument("--max-new-tokens", type=at_least(1), help="reply tokens decoded at most a second (default: "
                     "the checkpoint's stream.json, 20 without one)")
     ap.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
-                    help="seconds of wall time per policy and stream (0: none)")
+                    help="seconds of wall time per policy and stream (default 0: none)")
     ap.add_argument("--warmup", type=at_least(0), default=warmup,
                     help=f"first seconds left out of the latency numbers (default {warmup})")
     ap.add_argument("--reset-every", type=at_least(1), default=None,
@@ -444,8 +445,8 @@ def check_run_flags(ap, args, default_seconds=None):
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        ap.error(f"--out {args.out} is a file, not a folder")
+    if unwritable(args.out):  # before anything loads: a bad --out costs one line, not a run
+        ap.error(f"--out {unwritable(args.out)}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
     if args.seconds is None:
         args.seconds = default_seconds(gpu)
@@ -463,9 +464,9 @@ def build_parser():
     ap.add_argument("--seconds", type=at_least(1), default=None, help="stream length (stream: 7200 on a GPU, 600 "
                     "on a CPU, ~2 minutes for the five policies on 2 cores; questions: 7200 / 60; video: the whole "
                     "video)")
-    ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy")
+    ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy (default 1)")
     ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=0,
-                    help="the first held-out stream: stream i is world.split_seed('eval', SEED + i)")
+                    help="the first held-out stream (default 0): stream i is world.split_seed('eval', SEED + i)")
     ap.add_argument("--teacher-forced", action="store_true", help="questions: stream the true commentary instead of "
                     "the model's own (the questions then test the memory alone)")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill (FlexPrefill) in the model")
@@ -481,6 +482,8 @@ def get_args(argv=None):
         ap.error(f"--video streams a video (the video task), not the {args.task} task: drop one of them")
     if args.task == "video" and not args.video:
         ap.error("the video task needs --video FILE")
+    if args.video and not (os.path.exists(args.video) or "://" in args.video or args.video.startswith("/dev/")):
+        ap.error(f"--video {args.video}: no such file or folder")
     if args.seed + args.streams > SPLIT_SIZE:
         ap.error(f"--seed {args.seed} with --streams {args.streams} leaves the held-out range (seed + streams must "
                  f"be at most {SPLIT_SIZE}; world.split_seed)")

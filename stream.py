@@ -21,7 +21,6 @@ with and without overlap change the loop, so they are the two small subclasses a
 Reference: StreamingVLM, arXiv 2510.09608, section 2 (inference) and mit-han-lab/streaming-vlm.
 Run: python stream.py --video clip.mp4 --vtt clip.vtt
 """
-import argparse
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 import cache as caches
+from cli import Parser, at_least, checked, default_model, device_name, unwritable
 from decode import GraphDecoder, PhaseTimer, decode_ahead
 from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, end_ids, prefix_segments,
                     question_segments, reply_ids, split_reply, stop_ids, user_ids)
@@ -254,23 +254,32 @@ def make_streamer(model, tok, policy="streaming", reset_every=100, **kw):
 # Checkpoints and the command line
 
 
-def default_model():
-    """A shipped checkpoint when there is one, else what `python train.py` writes."""
-    return "checkpoints/tiny" if os.path.isdir("checkpoints/tiny") else "out/tiny"
+def checkpoint_settings(path):
+    """The layout a checkpoint folder was trained with (stream.json, written by train.py: the windows, ...), or {}
+    with a notice; checked before anything heavy loads. Exits with how to make a checkpoint when there is none."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        hint = " (pass the folder, not a file in it)" if os.path.isfile(path) else ""
+        sys.exit(f"no checkpoint at {path}{hint}: make one with `python train.py` (or pass --model DIR)")
+    stream_json = os.path.join(path, "stream.json")
+    if not os.path.isfile(stream_json):
+        print(f"{path} has no stream.json: serving with the default layout (layout.py; `python layout.py {path}` "
+              "writes one)")
+        return {}
+    try:
+        settings = read_json(stream_json)
+        StreamLayout.from_dict(settings, stream_json)  # fails here, naming the file, if its values do not fit
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    return settings
 
 
 def load_checkpoint(path, device=None, flexprefill=False):
-    """(model, tokenizer, settings) from a checkpoint folder; settings are the layout it was trained with
-    (stream.json, written by train.py: the windows, ...), or {}. Exits with how to make one when there is none."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        sys.exit(f"no checkpoint at {path}: make one with `python train.py` (or pass --model DIR)")
+    """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them."""
+    settings = checkpoint_settings(path)
     try:  # a bad file or device is the user's to fix: one line that names it, no traceback
         device, dtype = pick_device_dtype(device)
         model = VLM.from_pretrained(path, device=device, dtype=dtype)
         tok = Tokenizer.from_file(path)
-        stream_json = os.path.join(path, "stream.json")
-        settings = read_json(stream_json) if os.path.isfile(stream_json) else {}
-        StreamLayout.from_dict(settings, stream_json)  # fails here, naming the file, if its values do not fit
     except (OSError, ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
     if flexprefill:
@@ -347,9 +356,9 @@ def run(s, frames, args, out):
     return seen, skipped
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Stream a video (a file, a URL, a camera, a GIF or a folder of frames) "
-                                 "through a checkpoint: live commentary, optionally WebVTT subtitles and JSON lines.")
+def build_parser():
+    ap = Parser(prog="stream.py", description="Stream a video (a file, a URL, a camera, a GIF or a folder of frames) "
+                "through a checkpoint: live commentary, optionally WebVTT subtitles and JSON lines.")
     ap.add_argument("--model", default=default_model(), help="checkpoint folder (config.json, model.safetensors, "
                     "tokenizer.json, stream.json); default: the shipped checkpoints/tiny if it exists, else out/tiny, "
                     f"what `python train.py` writes; now {default_model()}")
@@ -358,38 +367,50 @@ def main():
     ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
     ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, max_position)")
     ap.add_argument("--realtime", action="store_true", help="pace by the wall clock; skip seconds when behind")
-    ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="cache policy")
-    ap.add_argument("--seconds", type=int, default=0, help="stop after this many seconds (0 = the whole video)")
+    ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="cache policy (default streaming)")
+    ap.add_argument("--seconds", type=at_least(0), default=0, help="stop after this many seconds (default 0: the "
+                    "whole video)")
     ap.add_argument("--layout", choices=list(LAYOUTS), help="serve with a named layout (layout.py) instead of the "
                     "checkpoint's stream.json; the flags below override either")
     ap.add_argument("--query", help="text after the first second's video")
-    ap.add_argument("--text-sink", type=int, help="previous-text head tokens")
-    ap.add_argument("--text-window", type=int, help="previous-text tail tokens")
-    ap.add_argument("--vision-window", type=int, help="seconds of vision kept")
-    ap.add_argument("--max-new-tokens", type=int, help="tokens decoded a second at most")
-    ap.add_argument("--temperature", type=float, help="0 = greedy")
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--repetition-penalty", type=float)
-    ap.add_argument("--max-pixels", type=int, help="per-frame pixel budget (smart_resize)")
+    ap.add_argument("--text-sink", type=at_least(0), help="previous-text head tokens")
+    ap.add_argument("--text-window", type=at_least(0), help="previous-text tail tokens")
+    ap.add_argument("--vision-window", type=at_least(1), help="seconds of vision kept")
+    ap.add_argument("--max-new-tokens", type=at_least(1), help="tokens decoded a second at most")
+    ap.add_argument("--temperature", type=at_least(0.0, float), help="0 = greedy")
+    ap.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+                    help="sample from the smallest set of tokens whose probability reaches this (1 = all)")
+    ap.add_argument("--repetition-penalty", type=checked(float, lambda v: v > 0, "> 0"),
+                    help="divide the logits of tokens already said by this (1 = none)")
+    ap.add_argument("--max-pixels", type=at_least(1), help="per-frame pixel budget (smart_resize)")
     ap.add_argument("--previous-text", default="", help="context the commentary continues from")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args()
-    for flag in ("seconds", "text_sink", "text_window", "vision_window", "max_new_tokens", "max_pixels",
-                 "temperature", "repetition_penalty", "top_p"):
-        v = getattr(args, flag)
-        low = 1 if flag in ("vision_window", "max_new_tokens", "max_pixels") else 0
-        if v is not None and (v < low or (flag == "top_p" and not 0 < v <= 1)):
-            ap.error(f"--{flag.replace('_', '-')} must be {'in (0, 1]' if flag == 'top_p' else f'at least {low}'}, got {v}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill)
+    ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
+                    "with the reason)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for flag in ("vtt", "jsonl"):  # before anything loads: a bad path costs one line, not a model load
+        if getattr(args, flag) and unwritable(getattr(args, flag), folder=False):
+            ap.error(f"--{flag} {unwritable(getattr(args, flag), folder=False)}")
+    settings = checkpoint_settings(args.model)
     layout = layout_of(settings, args)
+    try:  # opens the source now (a missing file, a broken stream): before the model loads and outputs are made
+        frames = seconds_of(open_video(args.video, layout.fps), layout.fps)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"model {args.model}")
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill)
     print(f"layout: {vars(layout)}")
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU
     s = make_streamer(model, tok, args.policy, **streamer_kwargs(layout), previous_text=args.previous_text,
                       decode=decode)
     out = Outputs(args.vtt, args.jsonl)
     try:
-        seen, skipped = run(s, seconds_of(open_video(args.video, layout.fps), layout.fps), args, out)
+        seen, skipped = run(s, frames, args, out)
     except (ValueError, OSError) as e:  # the video reader's errors name the file
         sys.exit(f"error: {e}")
     finally:

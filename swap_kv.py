@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from eval import held_out
 from layout import Kind
-from stream import default_model, layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from train import Parser, at_least, checked
+from cli import Parser, at_least, checked, default_model, device_name
+from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from world import SPLIT_SIZE
 
 
@@ -81,10 +81,11 @@ def main(argv=None):
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
     ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=62,
-                    help="the held-out stream: world.split_seed('eval', SEED), as eval.py --seed")
-    ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode (streamed up to it)")
-    ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots (tokens)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
+                    help="the held-out stream: world.split_seed('eval', SEED), as eval.py --seed (default 62)")
+    ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode, streamed up to it (default 1168: "
+                    "the first miss of stream 62)")
+    ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots in tokens (default 4096)")
+    ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if any)")
     return swap(ap.parse_args(argv))
 
 

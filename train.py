@@ -39,6 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
+from cli import Parser, at_least, checked, device_name, touches_shipped, unwritable
 from data import DataError, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
@@ -50,23 +51,6 @@ from world import WorldConfig
 
 # -----------------------------------------------------------------------------
 # settings: every default in one place
-
-
-def checked(kind, ok, what):
-    """An argparse type: kind(text), finite, and satisfying `ok`; else a one-line error saying it must be `what`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
-        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    return parse
-
-
-def at_least(lo, kind=int):
-    return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
 def rate_or_range(text):
@@ -209,20 +193,6 @@ def preset_values(name):
 # command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad input: one line, without the long usage block."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def device_name(text):
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}")
-    return text
-
-
 def build_parser():
     ap = Parser(prog="train.py", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,8 +271,12 @@ def check_combinations(ap, args):
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
         ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        ap.error(f"--out {args.out} is a file, not a folder")
+    if touches_shipped(args.out):
+        ap.error(f"--out {args.out} is in checkpoints/, home of the shipped model, which training never touches: "
+                 "pass another folder (default out/tiny)")
+    problem = unwritable(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out)))  # saves go beside it
+    if problem:  # now, not at the first save an hour into the run
+        ap.error(f"--out {problem}")
     if args.data and not os.path.isfile(args.data):
         ap.error(f"--data {args.data}: no such file")
     if args.video_root and not os.path.isdir(args.video_root):

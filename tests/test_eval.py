@@ -2,7 +2,6 @@
 they go; every bad flag refused in one line."""
 import argparse
 import json
-import os
 import re
 
 import pytest
@@ -243,6 +242,7 @@ def test_an_unreadable_video_is_one_line(ckpt, tmp_path):
     (["efficiency", "--video", "x.mp4"], "invalid choice: 'efficiency'"),
     (["stream", "--video", "x.mp4"], "--video streams a video (the video task), not the stream task"),
     (["video"], "the video task needs --video"),
+    (["--video", "nothere.mp4"], "--video nothere.mp4: no such file or folder"),
     (["--decode", "plain,fast"], "--decode: expected plain, graphs, compiled"),
     (["--decode", "plain,graphs"], "--decode takes one path here"),
 ])
@@ -257,10 +257,16 @@ def test_missing_checkpoint_says_how_to_make_one(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_default_model_is_the_shipped_one_when_there_is_one(ckpt, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert "--model out/tiny: no checkpoint there" in refused(main, ["--seconds", "2"], capsys)
-    os.makedirs("checkpoints")
-    os.symlink(ckpt, "checkpoints/tiny")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_run(ckpt, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    err = refused(main, ["--model", str(ckpt), "--out", str(tmp_path / "a_file" / "out")], capsys)
+    assert "--out" in err and "a_file" in err and "cannot write there" in err
+
+
+def test_default_model_is_the_shipped_one_from_any_folder(tmp_path, monkeypatch, capsys):
+    import cli
+    monkeypatch.chdir(tmp_path)  # found from the code's folder, not the working one
     main(["--seconds", "2", "--policies", "streaming"])
-    assert capsys.readouterr().out.splitlines()[0].startswith("eval.py stream: model checkpoints/tiny")
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"eval.py stream: model {cli.SHIPPED}")
+    monkeypatch.setattr(cli, "SHIPPED", str(tmp_path / "no_shipped_model"))
+    assert "--model out/tiny: no checkpoint there" in refused(main, ["--seconds", "2"], capsys)

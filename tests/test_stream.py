@@ -62,8 +62,19 @@ def test_subtitles_and_json_lines(checkpoint, mp4, tmp_path):
 def test_flags_override_the_layout_and_bad_ones_fail_in_one_line(checkpoint, mp4):
     r = stream("--model", checkpoint, "--video", mp4, "--seconds", 1, "--vision-window", 5, "--max-new-tokens", 2)
     assert r.returncode == 0 and "'vision_window': 5" in r.stdout
-    for bad in (["--seconds", "-1"], ["--max-new-tokens", "0"], ["--vision-window", "0"], ["--top-p", "0"]):
+    for bad in (["--seconds", "-1"], ["--max-new-tokens", "0"], ["--vision-window", "0"], ["--top-p", "0"],
+                ["--repetition-penalty", "0"], ["--device", "gpu0"]):
         r = stream("--model", checkpoint, "--video", mp4, *bad)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and bad[0] in r.stderr.strip().splitlines()[-1]
-    r = stream("--model", checkpoint, "--video", checkpoint / "missing.mp4")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "missing.mp4" in r.stderr
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr
+
+
+def test_bad_inputs_are_refused_before_the_model_loads_or_outputs_are_made(checkpoint, mp4, tmp_path):
+    vtt, jsonl = tmp_path / "out.vtt", tmp_path / "out.jsonl"
+    r = stream("--model", checkpoint, "--video", tmp_path / "missing.mp4", "--vtt", vtt, "--jsonl", jsonl)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.mp4: no such file" in r.stderr
+    assert "model" not in r.stdout and not vtt.exists() and not jsonl.exists()
+    (tmp_path / "a_file").write_text("")
+    r = stream("--model", checkpoint, "--video", mp4, "--jsonl", tmp_path / "a_file" / "out.jsonl")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--jsonl" in r.stderr and "cannot write" in r.stderr
+    r = stream("--model", checkpoint / "config.json", "--video", mp4)
+    assert r.returncode == 1 and "pass the folder, not a file in it" in r.stderr

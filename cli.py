@@ -1,0 +1,87 @@
+"""
+The command line every script shares: a user's mistake costs one line, not a traceback and not a run.
+
+- Parser: argparse whose errors are one line ("eval.py: error: --seconds must be >= 1, got 0 (see --help)"),
+  without the usage block that would bury it.
+- checked / at_least / device_name: argparse types that parse and range-check a value, so a bad number is refused
+  before anything loads.
+- unwritable: whether an output path can be written, asked before the work that fills it (a typo in --out should
+  not surface at the first checkpoint, an hour into a run).
+- SHIPPED / default_model: the checkpoint that ships in this repository (checkpoints/tiny), found from the code's
+  own folder, so `python /path/to/eval.py` works from anywhere, and `python train.py` is refused to write over it.
+"""
+import argparse
+import math
+import os
+import tempfile
+
+import torch
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad input: one line, without the long usage block."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def checked(kind, ok, what):
+    """An argparse type: kind(text), finite, and satisfying `ok`; else a one-line error saying it must be `what`."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def at_least(lo, kind=int):
+    return checked(kind, lambda v: v >= lo, f">= {lo}")
+
+
+def device_name(text):
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}")
+    return text
+
+
+def shown(path):
+    """A path as a user would type it: relative to the working directory when it is under it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def default_model():
+    """The shipped checkpoint when this repository has one, else what `python train.py` writes (out/tiny)."""
+    return shown(SHIPPED) if os.path.isdir(SHIPPED) else "out/tiny"
+
+
+def touches_shipped(path):
+    """Whether `path` is the repository's checkpoints/ folder or anything in it (the shipped model's home)."""
+    home = os.path.realpath(os.path.dirname(SHIPPED))
+    return os.path.commonpath([os.path.realpath(path), home]) == home
+
+
+def unwritable(path, folder=True):
+    """Why `path` (a folder, or with folder=False a file) cannot be written, or None. Makes the folder (the file's
+    folder) as a real write would, and writes and removes a probe file in it."""
+    where = path if folder else os.path.dirname(os.path.abspath(path))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return f"{path}: exists and is not a folder"
+    if not folder and os.path.isdir(path):
+        return f"{path}: is a folder, not a file"
+    try:
+        os.makedirs(where, exist_ok=True)
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        return f"{path}: cannot write there (a file is in the way of its folder)"
+    except OSError as e:
+        return f"{path}: cannot write there ({e.strerror or e})"
+    return None
