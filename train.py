@@ -7,7 +7,7 @@ out/tiny: config.json + model.safetensors + tokenizer.json (loadable by VLM.from
 stream.json (the layout it was trained with: windows, fps, frame pixels, system prompt) and the train state for
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
-  python train.py                          # 2-core CPU: ~8 min, names the events at the right second (no score)
+  python train.py                          # 2-core CPU: ~9 min, names the events at the right second (no score)
   python train.py --preset gpu             # one H200: 6,000 steps (~6.5 a second measured, ~16 min projected)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
