@@ -448,6 +448,8 @@ def check_run_flags(ap, args, default_seconds=None):
     if unwritable(args.out):  # before anything loads: a bad --out costs one line, not a run
         ap.error(f"--out {unwritable(args.out)}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
+    if not gpu and "graphs" in args.decode:
+        print("--decode graphs on a CPU: the same fixed-shape step, run eagerly (CUDA graphs need a GPU)")
     if args.seconds is None:
         args.seconds = default_seconds(gpu)
     args.reset_every = args.reset_every or max(1, min(100, args.seconds // 2))

@@ -166,17 +166,24 @@ def split_reply(out, silence, stops):
     return content, out[len(content):]
 
 
-def main():
-    import argparse
-    ap = argparse.ArgumentParser(description="Write the stream.json a checkpoint is served with (e.g. for a "
+def main(argv=None):
+    from cli import Parser  # one-line errors, as every script
+    ap = Parser(prog="layout.py", description="Write the stream.json a checkpoint is served with (e.g. for a "
                                  "downloaded StreamingVLM checkpoint: python layout.py DIR --layout streamingvlm).")
     ap.add_argument("folder", help="the checkpoint folder")
-    ap.add_argument("--layout", default="streamingvlm", choices=list(LAYOUTS))
-    args = ap.parse_args()
+    ap.add_argument("--layout", default="streamingvlm", choices=list(LAYOUTS), help="default streamingvlm: the "
+                    "authors' inference prompt and sampling")
+    args = ap.parse_args(argv)
     if not os.path.isdir(args.folder):
         ap.error(f"{args.folder} is not a folder")
-    LAYOUTS[args.layout].save(args.folder, layout=args.layout)
-    print(f"wrote {os.path.join(args.folder, 'stream.json')} ({args.layout}): {asdict(LAYOUTS[args.layout])}")
+    path = os.path.join(args.folder, "stream.json")
+    old = {}
+    if os.path.isfile(path):  # replaced; its notes (how the checkpoint was trained) ride along
+        with open(path) as f:
+            old = {k: v for k, v in json.load(f).items() if k not in {*asdict(StreamLayout()), "layout"}}
+        print(f"replacing {path} (keeping its notes: {', '.join(old) or 'none'})")
+    LAYOUTS[args.layout].save(args.folder, **old, layout=args.layout)
+    print(f"wrote {path} ({args.layout}): {asdict(LAYOUTS[args.layout])}")
 
 
 if __name__ == "__main__":

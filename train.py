@@ -278,7 +278,7 @@ def check_combinations(ap, args):
     if problem:  # now, not at the first save an hour into the run
         ap.error(f"--out {problem}")
     if args.data and not os.path.isfile(args.data):
-        ap.error(f"--data {args.data}: no such file")
+        ap.error(f"--data {args.data}: " + ("a folder, not a JSONL file" if os.path.isdir(args.data) else "no such file"))
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",

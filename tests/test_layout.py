@@ -51,3 +51,14 @@ def test_layout_round_trips_through_stream_json(tmp_path):
     assert d["trained_steps"] == 3 and d["query"] == "Commentate on this match"
     assert StreamLayout.from_dict(d) == LAYOUTS["streamingvlm"]
     assert StreamLayout.from_dict({"text_sink": 64}) == StreamLayout(text_sink=64)  # older files: the rest defaults
+
+
+def test_layout_cli_replaces_the_layout_and_keeps_the_training_notes(tmp_path, capsys):
+    from layout import main
+    (tmp_path / "stream.json").write_text(json.dumps(dict(text_sink=64, frame_size=56, train_goal_rate=[0.01, 0.1])))
+    for _ in range(2):  # twice: a stream.json that layout.py wrote is replaced the same way
+        main([str(tmp_path), "--layout", "streamingvlm"])
+    d = json.loads((tmp_path / "stream.json").read_text())
+    assert d["text_sink"] == 512 and d["query"] == "Commentate on this match" and d["layout"] == "streamingvlm"
+    assert d["frame_size"] == 56 and d["train_goal_rate"] == [0.01, 0.1]
+    assert "keeping its notes: frame_size, train_goal_rate" in capsys.readouterr().out
