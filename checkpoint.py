@@ -151,10 +151,8 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     tensors, meta = optimizer
     save_file(tensors, os.path.join(tmp, OPTIMIZER))
     write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(tmp):  # safetensors writes 0600 (a private temp file renamed): as any other file instead
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    # safetensors writes 0600 (a private temp file, renamed); give it the mode open() gave the train state
+    os.chmod(os.path.join(tmp, OPTIMIZER), os.stat(os.path.join(tmp, STATE)).st_mode & 0o777)
     swap_in(tmp, out)
 
 

@@ -63,25 +63,31 @@ def default_model():
 
 
 def touches_shipped(path):
-    """Whether `path` is the repository's checkpoints/ folder or anything in it (the shipped model's home)."""
-    home = os.path.realpath(os.path.dirname(SHIPPED))
-    return os.path.commonpath([os.path.realpath(path), home]) == home
+    """Whether `path` is the repository's checkpoints/ folder, anything in it, or a folder that holds it (a run
+    writing there could replace or move the shipped model)."""
+    home, real = os.path.realpath(os.path.dirname(SHIPPED)), os.path.realpath(path)
+    return os.path.commonpath([real, home]) in (home, real)
 
 
 def unwritable(path, folder=True):
-    """Why `path` (a folder, or with folder=False a file) cannot be written, or None. Makes the folder (the file's
-    folder) as a real write would, and writes and removes a probe file in it."""
-    where = path if folder else os.path.dirname(os.path.abspath(path))
+    """Why `path` (a folder, or with folder=False a file) cannot be written, or None. Creates nothing: a refused
+    run leaves no trace. It writes and removes a probe file in the nearest folder that exists on the way."""
+    if not path or (not folder and path.endswith(os.sep)):
+        return f"{path!r}: not a {'folder' if folder else 'file'} name"
     if folder and os.path.exists(path) and not os.path.isdir(path):
         return f"{path}: exists and is not a folder"
     if not folder and os.path.isdir(path):
         return f"{path}: is a folder, not a file"
+    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path}: exists and is read-only"
+    where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(where):  # the folders a write would make: check the one they would be made in
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        return f"{path}: cannot write there ({where} is a file, not a folder)"
     try:
-        os.makedirs(where, exist_ok=True)
         with tempfile.TemporaryFile(dir=where):
             pass
-    except (FileExistsError, NotADirectoryError):
-        return f"{path}: cannot write there (a file is in the way of its folder)"
     except OSError as e:
         return f"{path}: cannot write there ({e.strerror or e})"
     return None

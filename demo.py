@@ -8,6 +8,8 @@ a stream from the start has); the GIF shows `--seconds` of it around a goal.
   python demo.py                                   # the shipped checkpoint, held-out stream 0 -> assets/demo.gif
   python demo.py --model out/tiny --seed 3 --out demo.gif
 """
+import os
+
 from PIL import Image, ImageDraw, ImageFont
 
 from cli import Parser, at_least, checked, default_model, unwritable
@@ -46,8 +48,8 @@ def main(argv=None):
     ap.add_argument("--out", default="assets/demo.gif", help="the GIF to write (default assets/demo.gif, the "
                     "README's picture)")
     args = ap.parse_args(argv)
-    if unwritable(args.out, folder=False):
-        ap.error(f"--out {unwritable(args.out, folder=False)}")
+    if problem := unwritable(args.out, folder=False):
+        ap.error(f"--out {problem}")
     model, tok, settings = load_checkpoint(args.model)
     layout = layout_of(settings)
     s = make_streamer(model, tok, **streamer_kwargs(layout))
@@ -59,6 +61,7 @@ def main(argv=None):
         said = s.step(sec.frames)
         if t >= start:
             frames += [panel(f, t, said, sec.text, sec.score) for f in sec.frames]
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=1000 // layout.fps, loop=0)
     print(f"wrote {args.out}: seconds {start}-{end} of held-out stream {args.seed}")
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS
 from processor import resize_video
-from cli import Parser, at_least, checked, default_model, device_name, unwritable
+from cli import Parser, at_least, checked, default_model, device_name, touches_shipped, unwritable
 from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from video import open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
@@ -445,8 +445,10 @@ def check_run_flags(ap, args, default_seconds=None):
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    if unwritable(args.out):  # before anything loads: a bad --out costs one line, not a run
-        ap.error(f"--out {unwritable(args.out)}")
+    if touches_shipped(args.out):
+        ap.error(f"--out {args.out} is or holds checkpoints/, home of the shipped model: pass another folder")
+    if problem := unwritable(args.out):  # before anything loads: a bad --out costs one line, not a run
+        ap.error(f"--out {problem}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
     if not gpu and "graphs" in args.decode:
         print("--decode graphs on a CPU: the same fixed-shape step, run eagerly (CUDA graphs need a GPU)")

@@ -179,8 +179,11 @@ def main(argv=None):
     path = os.path.join(args.folder, "stream.json")
     old = {}
     if os.path.isfile(path):  # replaced; its notes (how the checkpoint was trained) ride along
-        with open(path) as f:
-            old = {k: v for k, v in json.load(f).items() if k not in {*asdict(StreamLayout()), "layout"}}
+        try:
+            with open(path) as f:
+                old = {k: v for k, v in json.load(f).items() if k not in {*asdict(StreamLayout()), "layout"}}
+        except (OSError, ValueError, AttributeError) as e:  # not JSON, or not an object
+            ap.error(f"{path}: cannot read the stream.json it would replace ({e}); move it away first")
         print(f"replacing {path} (keeping its notes: {', '.join(old) or 'none'})")
     LAYOUTS[args.layout].save(args.folder, **old, layout=args.layout)
     print(f"wrote {path} ({args.layout}): {asdict(LAYOUTS[args.layout])}")

@@ -420,6 +420,8 @@ class VLM(nn.Module):
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**self.cfg.to_hf_dict(), "torch_dtype": str(self.dtype).split(".")[-1]}, f, indent=2)
+        # safetensors writes 0600 (a private temp file, renamed); give it the mode open() gave config.json
+        os.chmod(os.path.join(tmp, "model.safetensors"), os.stat(os.path.join(tmp, "config.json")).st_mode & 0o777)
         names = ["config.json", "model.safetensors"]
         if self.tokenizer_path is not None:
             with open(self.tokenizer_path, "rb") as src, open(os.path.join(tmp, "tokenizer.json"), "wb") as dst:

@@ -273,9 +273,10 @@ def checkpoint_settings(path):
     return settings
 
 
-def load_checkpoint(path, device=None, flexprefill=False):
-    """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them."""
-    settings = checkpoint_settings(path)
+def load_checkpoint(path, device=None, flexprefill=False, settings=None):
+    """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them (or as
+    given, when the caller has read them already)."""
+    settings = checkpoint_settings(path) if settings is None else settings
     try:  # a bad file or device is the user's to fix: one line that names it, no traceback
         device, dtype = pick_device_dtype(device)
         model = VLM.from_pretrained(path, device=device, dtype=dtype)
@@ -311,6 +312,9 @@ class Outputs:
     as the stream goes, so a crash loses nothing already said."""
 
     def __init__(self, vtt=None, jsonl=None):
+        for path in (vtt, jsonl):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.vtt = open(vtt, "w") if vtt else None
         self.jsonl = open(jsonl, "w") if jsonl else None
         if self.vtt:
@@ -356,6 +360,14 @@ def run(s, frames, args, out):
     return seen, skipped
 
 
+def open_seconds(path, fps):
+    """The seconds of a video source (video.open_video), or exit with its one-line error."""
+    try:
+        return seconds_of(open_video(path, fps), fps)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
 def build_parser():
     ap = Parser(prog="stream.py", description="Stream a video (a file, a URL, a camera, a GIF or a folder of frames) "
                 "through a checkpoint: live commentary, optionally WebVTT subtitles and JSON lines.")
@@ -394,16 +406,17 @@ def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     for flag in ("vtt", "jsonl"):  # before anything loads: a bad path costs one line, not a model load
-        if getattr(args, flag) and unwritable(getattr(args, flag), folder=False):
-            ap.error(f"--{flag} {unwritable(getattr(args, flag), folder=False)}")
+        if getattr(args, flag) and (problem := unwritable(getattr(args, flag), folder=False)):
+            ap.error(f"--{flag} {problem}")
     settings = checkpoint_settings(args.model)
     layout = layout_of(settings, args)
-    try:  # opens the source now (a missing file, a broken stream): before the model loads and outputs are made
-        frames = seconds_of(open_video(args.video, layout.fps), layout.fps)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    # a file is opened now, so a missing or broken one costs a line, not a model load; a camera or a live URL once
+    # the model is ready (opened early, it would buffer or drop frames, or time out, while the model loads)
+    live = "://" in args.video or args.video.startswith("/dev/")
+    frames = None if live else open_seconds(args.video, layout.fps)
     print(f"model {args.model}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill)
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
+    frames = open_seconds(args.video, layout.fps) if frames is None else frames
     print(f"layout: {vars(layout)}")
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU
     s = make_streamer(model, tok, args.policy, **streamer_kwargs(layout), previous_text=args.previous_text,

@@ -272,8 +272,8 @@ def check_combinations(ap, args):
     if args.resume and args.overwrite:
         ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
     if touches_shipped(args.out):
-        ap.error(f"--out {args.out} is in checkpoints/, home of the shipped model, which training never touches: "
-                 "pass another folder (default out/tiny)")
+        ap.error(f"--out {args.out} is or holds checkpoints/, home of the shipped model, which training never "
+                 "touches: pass another folder (default out/tiny)")
     problem = unwritable(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out)))  # saves go beside it
     if problem:  # now, not at the first save an hour into the run
         ap.error(f"--out {problem}")

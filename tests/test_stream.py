@@ -72,7 +72,7 @@ def test_bad_inputs_are_refused_before_the_model_loads_or_outputs_are_made(check
     vtt, jsonl = tmp_path / "out.vtt", tmp_path / "out.jsonl"
     r = stream("--model", checkpoint, "--video", tmp_path / "missing.mp4", "--vtt", vtt, "--jsonl", jsonl)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing.mp4: no such file" in r.stderr
-    assert "model" not in r.stdout and not vtt.exists() and not jsonl.exists()
+    assert f"model {checkpoint}" not in r.stdout and not vtt.exists() and not jsonl.exists()
     (tmp_path / "a_file").write_text("")
     r = stream("--model", checkpoint, "--video", mp4, "--jsonl", tmp_path / "a_file" / "out.jsonl")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--jsonl" in r.stderr and "cannot write" in r.stderr
