@@ -78,10 +78,12 @@ def unwritable(path, folder=True):
         return f"{path}: exists and is not a folder"
     if not folder and os.path.isdir(path):
         return f"{path}: is a folder, not a file"
-    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path}: exists and is read-only"
+    if not folder and os.path.isfile(path):
+        return None if os.access(path, os.W_OK) else f"{path}: exists and is read-only"
     where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
     while not os.path.exists(where):  # the folders a write would make: check the one they would be made in
+        if os.path.lexists(where):
+            return f"{path}: cannot write there ({where} is a broken symlink)"
         where = os.path.dirname(where)
     if not os.path.isdir(where):
         return f"{path}: cannot write there ({where} is a file, not a folder)"

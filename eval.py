@@ -47,7 +47,7 @@ from layout import FPS, FRAME_PIXELS
 from processor import resize_video
 from cli import Parser, at_least, checked, default_model, device_name, touches_shipped, unwritable
 from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from video import open_video, seconds_of
+from video import is_live, open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
 
 TASKS = ("stream", "questions", "video")
@@ -486,7 +486,7 @@ def get_args(argv=None):
         ap.error(f"--video streams a video (the video task), not the {args.task} task: drop one of them")
     if args.task == "video" and not args.video:
         ap.error("the video task needs --video FILE")
-    if args.video and not (os.path.exists(args.video) or "://" in args.video or args.video.startswith("/dev/")):
+    if args.video and not (os.path.exists(args.video) or is_live(args.video)):
         ap.error(f"--video {args.video}: no such file or folder")
     if args.seed + args.streams > SPLIT_SIZE:
         ap.error(f"--seed {args.seed} with --streams {args.streams} leaves the held-out range (seed + streams must "

@@ -36,7 +36,7 @@ from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, St
                     question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
 from processor import Tokenizer, patchify_video, read_json, resize_video
-from video import open_video, seconds_of
+from video import is_live, open_video, seconds_of
 
 DECODERS = ("plain", "graphs", "compiled")
 
@@ -412,8 +412,7 @@ def main(argv=None):
     layout = layout_of(settings, args)
     # a file is opened now, so a missing or broken one costs a line, not a model load; a camera or a live URL once
     # the model is ready (opened early, it would buffer or drop frames, or time out, while the model loads)
-    live = "://" in args.video or args.video.startswith("/dev/")
-    frames = None if live else open_seconds(args.video, layout.fps)
+    frames = None if is_live(args.video) else open_seconds(args.video, layout.fps)
     print(f"model {args.model}")
     model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
     frames = open_seconds(args.video, layout.fps) if frames is None else frames

@@ -55,14 +55,19 @@ class VideoError(ValueError):
     """A frame source that cannot be read, or stopped being readable: "<source>: <what went wrong>"."""
 
 
+def is_live(path):
+    """A URL or a device (a camera): PyAV decides whether it is there, and frames arrive as they are made."""
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path)) or path.startswith("/dev/")
+
+
 def open_video(path, fps=FPS):
     """Frames (PIL RGB) of a source, `fps` per second by the rule above. Returns an iterator; a source that
     cannot be opened raises VideoError here, one that breaks later raises it where the iteration stops."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _folder_frames(path)
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) or path.startswith("/dev/"):
-        return _av_source(path, fps)  # a URL or a device: PyAV decides whether it is there
+    if is_live(path):
+        return _av_source(path, fps)
     if not os.path.exists(path):
         raise VideoError(f"{path}: no such file or folder")
     if path.lower().endswith(IMAGE_EXTS):

@@ -26,6 +26,10 @@ def test_unwritable_says_why_and_creates_nothing(tmp_path):
     assert "not a file" in cli.unwritable(str(tmp_path), folder=False)
     assert "not a file name" in cli.unwritable(str(tmp_path / "x") + os.sep, folder=False)
     assert "not a folder name" in cli.unwritable("")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    assert "broken symlink" in cli.unwritable(str(tmp_path / "dangling" / "sub"))
+    assert "broken symlink" in cli.unwritable(str(tmp_path / "dangling" / "x.vtt"), folder=False)
+    os.remove(tmp_path / "dangling")
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # no folder made, no probe file left
 
 
@@ -37,6 +41,7 @@ def test_the_shipped_checkpoints_folder_is_recognised_however_written(tmp_path, 
     monkeypatch.chdir(os.path.dirname(home))
     assert cli.touches_shipped("checkpoints/tiny") and cli.touches_shipped("./checkpoints") and cli.touches_shipped(".")
     assert not cli.touches_shipped("out/tiny") and not cli.touches_shipped(str(tmp_path))
+    assert not cli.touches_shipped("checkpoints2") and not cli.touches_shipped("checkpoints2/x")
 
 
 def test_train_never_writes_into_checkpoints_and_checks_out_first(tmp_path, capsys):
@@ -63,8 +68,8 @@ def test_checking_out_leaves_a_killed_save_to_be_restored(tmp_path):
 
 
 def test_eval_never_writes_into_checkpoints(capsys):
-    from eval import main
-    assert "home of the shipped model" in refused(main, ["--out", cli.SHIPPED, "--seconds", "1"], capsys)
+    from eval import get_args
+    assert "home of the shipped model" in refused(get_args, ["--out", cli.SHIPPED, "--seconds", "1"], capsys)
 
 
 def test_demo_flags(tmp_path, capsys):
