@@ -139,7 +139,8 @@ def report(name, decode, r, warmup):
 
 
 def plot(out, name, series, xlabel, ylabel):
-    """A PNG of series {label: (xs, ys)} in out; skipped without matplotlib (requirements.txt installs it) or without series."""
+    """A PNG of series {label: (xs, ys)} in out; skipped without matplotlib (requirements.txt installs it) or
+    without series."""
     if not series:
         return
     try:

@@ -3,10 +3,11 @@ The command line every script shares: a user's mistake costs one line, not a tra
 
 - Parser: argparse whose errors are one line ("eval.py: error: --seconds must be >= 1, got 0 (see --help)"),
   without the usage block that would bury it.
-- checked / at_least / device_name: argparse types that parse and range-check a value, so a bad number is refused
-  before anything loads.
-- unwritable: whether an output path can be written, asked before the work that fills it (a typo in --out should
-  not surface at the first checkpoint, an hour into a run).
+- checked / at_least / device_name / HELD_OUT_SEED: argparse types that parse and range-check a value, so a bad
+  number is refused before anything loads.
+- unwritable / output_problem: whether an output path can be written (and, for a run's folder, is not the shipped
+  model's), asked before the work that fills it (a typo in --out should not surface at the first checkpoint, an
+  hour into a run).
 - SHIPPED / default_model: the checkpoint that ships in this repository (checkpoints/tiny), found from the code's
   own folder, so `python /path/to/eval.py` works from anywhere, and `python train.py` is refused to write over it.
 """
@@ -16,6 +17,8 @@ import os
 import tempfile
 
 import torch
+
+from world import SPLIT_SIZE
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny")
 
@@ -43,6 +46,10 @@ def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
+# --seed of a held-out stream (eval.py, demo.py, swap_kv.py): an index into the eval split, world.split_seed
+HELD_OUT_SEED = checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})")
+
+
 def device_name(text):
     try:
         torch.device(text)
@@ -67,6 +74,14 @@ def touches_shipped(path):
     writing there could replace or move the shipped model)."""
     home, real = os.path.realpath(os.path.dirname(SHIPPED)), os.path.realpath(path)
     return os.path.commonpath([real, home]) in (home, real)
+
+
+def output_problem(folder):
+    """Why a run must not write into `folder`, or None: it is or holds checkpoints/ (the shipped model's home, which
+    runs never write into), or it cannot be written."""
+    if touches_shipped(folder):
+        return f"{folder} is or holds checkpoints/, home of the shipped model, which runs never write into"
+    return unwritable(folder)
 
 
 def unwritable(path, folder=True):

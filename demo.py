@@ -12,9 +12,9 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import Parser, at_least, checked, default_model, unwritable
+from cli import HELD_OUT_SEED, Parser, at_least, default_model, unwritable
 from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from world import SPLIT_SIZE, SportsStream, WorldConfig, split_seed
+from world import SportsStream, WorldConfig, split_seed
 
 GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (170, 170, 170)
 
@@ -42,7 +42,7 @@ def panel(frame, t, said, truth, score, scale=4):
 def main(argv=None):
     ap = Parser(prog="demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
-    ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=0,
+    ap.add_argument("--seed", type=HELD_OUT_SEED, default=0,
                     help="which held-out stream, as eval.py --seed (default 0)")
     ap.add_argument("--seconds", type=at_least(1), default=40, help="length of the GIF in stream seconds (default 40)")
     ap.add_argument("--out", default="assets/demo.gif", help="the GIF to write (default assets/demo.gif, the "

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS
 from processor import resize_video
-from cli import Parser, at_least, checked, default_model, device_name, touches_shipped, unwritable
+from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name, output_problem
 from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
@@ -323,7 +323,8 @@ def over_policies(args, model, tok, st, res, per_policy, what):
     worlds = held_out(args, st)
     kw = streamer_settings(args, st, worlds[0].second(0).frames)
     print(f"{what}: {args.streams} held-out stream(s) x {args.seconds} s (--seed {args.seed}: world seeds "
-          f"{worlds[0].cfg.seed}..{worlds[-1].cfg.seed}), reset every {args.reset_every} s, streamer settings {kw}", flush=True)
+          f"{worlds[0].cfg.seed}..{worlds[-1].cfg.seed}), reset every {args.reset_every} s, streamer settings {kw}",
+          flush=True)
     rows, result = [], dict(settings=dict(vars(args), **kw), hardware=hardware(), policies={})
     for policy in tqdm(args.policies, desc="policies", dynamic_ncols=True):
         result["policies"][policy] = per_policy(args, model, tok, policy, worlds, kw, res)
@@ -445,9 +446,7 @@ def check_run_flags(ap, args, default_seconds=None):
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    if touches_shipped(args.out):
-        ap.error(f"--out {args.out} is or holds checkpoints/, home of the shipped model: pass another folder")
-    if problem := unwritable(args.out):  # before anything loads: a bad --out costs one line, not a run
+    if problem := output_problem(args.out):  # before anything loads: a bad --out costs one line, not a run
         ap.error(f"--out {problem}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
     if not gpu and "graphs" in args.decode:
@@ -469,7 +468,7 @@ def build_parser():
                     "on a CPU, ~2 minutes for the five policies on 2 cores; questions: 7200 / 60; video: the whole "
                     "video)")
     ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy (default 1)")
-    ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=0,
+    ap.add_argument("--seed", type=HELD_OUT_SEED, default=0,
                     help="the first held-out stream (default 0): stream i is world.split_seed('eval', SEED + i)")
     ap.add_argument("--teacher-forced", action="store_true", help="questions: stream the true commentary instead of "
                     "the model's own (the questions then test the memory alone)")

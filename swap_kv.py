@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from eval import held_out
 from layout import Kind
-from cli import Parser, at_least, checked, default_model, device_name
+from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name
 from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
-from world import SPLIT_SIZE
 
 
 def variants(kind, rnd, T):
@@ -80,10 +79,10 @@ def main(argv=None):
     ap = Parser(prog="swap_kv.py", description=__doc__.strip().split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
-    ap.add_argument("--seed", type=checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})"), default=62,
+    ap.add_argument("--seed", type=HELD_OUT_SEED, default=62,
                     help="the held-out stream: world.split_seed('eval', SEED), as eval.py --seed (default 62)")
-    ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode, streamed up to it (default 1168: "
-                    "the first miss of stream 62)")
+    ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode, streamed up to it "
+                    "(default 1168: the first miss of stream 62)")
     ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots in tokens (default 4096)")
     ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if any)")
     return swap(ap.parse_args(argv))

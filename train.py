@@ -39,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import Parser, at_least, checked, device_name, touches_shipped, unwritable
+from cli import Parser, at_least, checked, device_name, output_problem, unwritable
 from data import DataError, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
@@ -271,14 +271,12 @@ def check_combinations(ap, args):
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
         ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
-    if touches_shipped(args.out):
-        ap.error(f"--out {args.out} is or holds checkpoints/, home of the shipped model, which training never "
-                 "touches: pass another folder (default out/tiny)")
-    problem = unwritable(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out)))  # saves go beside it
-    if problem:  # now, not at the first save an hour into the run
+    # now, not at the first save an hour into the run; a save is written beside --out, then renamed into it
+    if problem := output_problem(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out))):
         ap.error(f"--out {problem}")
     if args.data and not os.path.isfile(args.data):
-        ap.error(f"--data {args.data}: " + ("a folder, not a JSONL file" if os.path.isdir(args.data) else "no such file"))
+        what = "a folder, not a JSONL file" if os.path.isdir(args.data) else "no such file"
+        ap.error(f"--data {args.data}: {what}")
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",

@@ -1,4 +1,5 @@
-"""Shared test helpers: a toy tokenizer (a fixture), a tiny random VLM, random frames and a commentary script.
+"""Shared test helpers: a toy tokenizer (a fixture), a tiny random VLM, random frames and a commentary script;
+`refused`, the check that a command line stops with a one-line error.
 
 pytest.ini puts the repository root on the import path, so tests import model.py, cache.py, ... as a reader
 runs them; test modules import the plain helpers below with `from conftest import ...`."""
@@ -16,6 +17,15 @@ TEXTS = ["Red scores! Red 1, Blue 0.", "Blue shoots!", "Foul by Red.", "Corner f
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer(build_tokenizer(TEXTS * 20, vocab_size=300))
+
+
+def refused(main, argv, capsys):
+    """main(argv) must stop with a one-line error (argparse's exit status 2, no usage block, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    return err
 
 
 def tiny_model(tok, layers=2, seed=0):

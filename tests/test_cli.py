@@ -5,15 +5,7 @@ import os
 import pytest
 
 import cli
-
-
-def refused(main, argv, capsys):
-    """main(argv) must stop with a one-line error (argparse's exit status 2, no usage block, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    return err
+from conftest import refused
 
 
 def test_unwritable_says_why_and_creates_nothing(tmp_path):

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from conftest import refused
 from eval import main, parse_event, run_policy, score_transcript, slices
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
@@ -19,15 +20,6 @@ def truth(n=400, seed=3):
 def lines(path):
     with open(path) as f:
         return [json.loads(x) for x in f]
-
-
-def refused(main, argv, capsys):
-    """main(argv) must stop with a one-line error (argparse's exit status 2, no usage block, no traceback)."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    return err
 
 
 def test_perfect_transcript_scores_one():
