@@ -18,7 +18,8 @@ defaults in brackets):
                    the previous text; never evicted;
   long text window the last `text_window` [512] tokens of commentary whose rounds have left the vision window;
   vision window    the last `vision_window` [16] rounds (seconds): their user turn, vision tokens and reply.
-Once per round (not per token) the oldest round leaves the vision window: its reply tokens, with their K/V,
+Once per round (not per token; or every `evict_every` rounds, as a training chunk cut into segments does) the
+oldest round leaves the vision window: its reply tokens, with their K/V,
 move to the end of the previous text, the rest of the round is dropped, and the previous text is cut back to
 head + tail. Then comes *contiguous RoPE*: every kept token gets the 3-D M-RoPE position it would have if the
 kept sequence were a fresh prompt (a vision block advances the position by max(h, w) after the merge), so the
@@ -107,10 +108,14 @@ class StreamingCache(KVCache):
     and evicts once a round."""
 
     def __init__(self, cfg, policy="streaming", text_sink=512, text_window=512, vision_window=16,
-                 capacity=1024, device="cpu", dtype=torch.float32):
+                 capacity=1024, device="cpu", dtype=torch.float32, evict_every=1):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
         self.text_sink, self.text_window, self.vision_window = text_sink, text_window, vision_window
+        # rounds leave in groups, at rounds that are multiples of evict_every: 1 is the paper's once a second; N is
+        # what a training chunk cut into N s segments does (reuse.py), the window then holding vision_window to
+        # vision_window + N - 1 seconds, so that a model trained that way is served with the K/V it was trained on
+        self.evict_every = evict_every
         self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
         self.length, self.capacity, self.added = 0, 0, 0
         self.next_pos = torch.zeros(1, dtype=torch.long)  # the next free M-RoPE position
@@ -182,8 +187,9 @@ class StreamingCache(KVCache):
     # ---- eviction and contiguous RoPE ------------------------------------------------------------------------
 
     def evict(self, current_round):
-        """Once per round, before round `current_round` is added: apply the policy's eviction."""
-        if not self.policy.evict:
+        """Once per round, before round `current_round` is added: apply the policy's eviction (at every
+        evict_every-th round)."""
+        if not self.policy.evict or current_round % self.evict_every:
             return
         L = self.length
         keep, body = kept_after_eviction(self.kind[:L], self.round[:L], current_round, self.vision_window,

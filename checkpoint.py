@@ -165,9 +165,11 @@ def stream_layout(cfg):
     and the frame pixels of the chunks; the system prompt and fps as layout.py has them. The vision window is
     --vision-window (16 s, the streaming default) unless the chunks are shorter: a model never trained on more
     seconds of rounds than a chunk holds breaks down on longer ones (a tiny model of 4 s chunks: event F1 ~0.2-0.5
-    with a 16 s window, ~0.97 with 4 s, on held-out streams)."""
+    with a 16 s window, ~0.97 with 4 s, on held-out streams). A run on segments (--segment-seconds N) is served
+    evicting every N s, as its segments did, so that it streams on the kind of K/V it was trained on."""
     return StreamLayout(text_sink=cfg.text_sink, text_window=cfg.text_window, min_pixels=cfg.min_pixels,
-                        max_pixels=cfg.max_pixels, vision_window=min(cfg.vision_window, cfg.chunk_seconds))
+                        max_pixels=cfg.max_pixels, vision_window=min(cfg.vision_window, cfg.chunk_seconds),
+                        evict_every=cfg.segment_seconds or 1)
 
 
 def save_run(model, opt, step, history, args, run, tok_json):

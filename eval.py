@@ -258,13 +258,14 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=N
     return r
 
 
-def steady_capacity(frames, fps=FPS, text_sink=512, text_window=512, vision_window=16, frame_pixels=FRAME_PIXELS):
+def steady_capacity(frames, fps=FPS, text_sink=512, text_window=512, vision_window=16, frame_pixels=FRAME_PIXELS,
+                    evict_every=1):
     """(vision tokens a second, cache slots for a bounded policy's steady state with these frames each second):
-    text sink + window, the prompts, and vision_window + 1 seconds of vision and text. Sized up front because
-    growing the buffers mid-stream re-specialises a compiled decode step (an ~8 s stall on an H100)."""
+    text sink + window, the prompts, and vision_window + evict_every seconds of vision and text. Sized up front
+    because growing the buffers mid-stream re-specialises a compiled decode step (an ~8 s stall on an H100)."""
     n_vision = int(resize_video(frames, fps=fps, min_pixels=frame_pixels[0], max_pixels=frame_pixels[1])[1]
                    .prod()) // 4
-    return n_vision, text_sink + text_window + 256 + (vision_window + 1) * (n_vision + 64)
+    return n_vision, text_sink + text_window + 256 + (vision_window + evict_every) * (n_vision + 64)
 
 # -----------------------------------------------------------------------------
 # Tasks
@@ -283,7 +284,7 @@ def streamer_settings(args, st, frames=None):
     kw = dict(streamer_kwargs(layout_of(st, args)), decode=args.decode[0])
     if frames is not None:
         kw["capacity"] = steady_capacity(frames, kw["fps"], kw["text_sink"], kw["text_window"], kw["vision_window"],
-                                         kw["frame_pixels"])[1]
+                                         kw["frame_pixels"], kw["evict_every"])[1]
     return kw
 
 
@@ -428,6 +429,8 @@ def add_run_flags(ap, warmup, out):
                     help=f"cache policies to run, one after another (default: all {len(POLICIES)})")
     ap.add_argument("--max-new-tokens", type=at_least(1), help="reply tokens decoded at most a second (default: "
                     "the checkpoint's stream.json, 20 without one)")
+    ap.add_argument("--evict-every", type=at_least(1), help="seconds between the streaming cache's evictions "
+                    "(default: the checkpoint's stream.json, 1 without one: every second)")
     ap.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
                     help="seconds of wall time per policy and stream (default 0: none)")
     ap.add_argument("--warmup", type=at_least(0), default=warmup,

@@ -49,6 +49,8 @@ class StreamLayout:
     text_sink: int = 512            # previous-text head tokens kept (an attention sink)
     text_window: int = 512          # previous-text tail tokens kept
     vision_window: int = 16         # seconds of vision (and their replies) kept
+    evict_every: int = 1            # seconds between evictions: 1 = every second (the paper); N = as a model
+                                    # trained on N s segments saw it (train.py --segment-seconds)
     fps: int = FPS
     min_pixels: int = FRAME_PIXELS[0]
     max_pixels: int = FRAME_PIXELS[1]
@@ -75,8 +77,9 @@ class StreamLayout:
                                                         and (kind is float or float(v).is_integer()) and v >= 0)
             if not ok:
                 raise ValueError(f"{source}: {f.name} = {v!r} is not a valid {kind.__name__}")
-        if out.vision_window < 1 or out.max_new_tokens < 1 or out.fps < 1 or not 0 < out.top_p <= 1:
-            raise ValueError(f"{source}: vision_window, max_new_tokens and fps must be at least 1, top_p in (0, 1]")
+        if min(out.vision_window, out.evict_every, out.max_new_tokens, out.fps) < 1 or not 0 < out.top_p <= 1:
+            raise ValueError(f"{source}: vision_window, evict_every, max_new_tokens and fps must be at least 1, "
+                             "top_p in (0, 1]")
         return out
 
 

@@ -15,8 +15,12 @@ vision window (cache.kept_after_eviction): system prompt, previous text with the
 K/V from the forward of their own segment, keys rotated afresh at contiguous positions), and the rounds still in
 the window. Streaming evicts once a second, a segment once: inside a segment nothing leaves, so a reply in its
 k-th second (from 0) sees the rounds of the last vision_window + k seconds, not vision_window (8 s segments and a
-16 s window: 16-23 s, inside the 24 s a plain training chunk shows). Segments of 1 s give streaming's exact K/V;
-longer ones are the same approximation the authors' chunks make, with far fewer forwards. So in a long chunk
+16 s window: 16-23 s, inside the 24 s a plain training chunk shows). A Streamer that evicts every N s
+(stream.json's evict_every, which train.py sets to --segment-seconds) keeps in view what N s segments kept, so a
+model is served on the K/V it was trained on, but for the two closing tokens of the reply before an eviction
+(<|im_end|> and the newline, fed with the next second's turn: after the eviction in streaming, before it here).
+Segments of 1 s give streaming's K/V with that one difference; longer ones make, with far fewer forwards, the
+approximation the authors' chunks make. So in a long chunk
 the score sentences a later goal copies were all written in their own rounds, as at inference, minutes apart.
 Every segment is supervised (but a pre-roll's, below), and the loss flows back through the reused K/V into the
 forwards that made them.

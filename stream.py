@@ -54,7 +54,7 @@ class Streamer:
     def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
                  frame_pixels=FRAME_PIXELS, seed=0, fps=FPS, decode="plain", capacity=1024, readback=False,
-                 timed=False, system_prompt=SYSTEM_PROMPT, query=""):
+                 timed=False, system_prompt=SYSTEM_PROMPT, query="", evict_every=1):
         if decode not in DECODERS:
             raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODERS)}")
         if max_new_tokens < 1:
@@ -70,7 +70,7 @@ class Streamer:
         self.previous_ids = tok.encode(previous_text) if previous_text else []
         self.silence, self.end, self.stops = tok.encode(SILENCE), end_ids(tok), stop_ids(tok)
         self.cache = caches.StreamingCache(model.cfg, policy, text_sink, text_window, vision_window, capacity,
-                                           device=model.device, dtype=model.dtype)
+                                           device=model.device, dtype=model.dtype, evict_every=evict_every)
         # the fast path: a graph-captured decode step (compiled too, and the vision blocks, with "compiled")
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda",
                                      compile=decode == "compiled") if decode != "plain" else None)
@@ -388,6 +388,7 @@ def build_parser():
     ap.add_argument("--text-sink", type=at_least(0), help="previous-text head tokens")
     ap.add_argument("--text-window", type=at_least(0), help="previous-text tail tokens")
     ap.add_argument("--vision-window", type=at_least(1), help="seconds of vision kept")
+    ap.add_argument("--evict-every", type=at_least(1), help="seconds between evictions (1: every second)")
     ap.add_argument("--max-new-tokens", type=at_least(1), help="tokens decoded a second at most")
     ap.add_argument("--temperature", type=at_least(0.0, float), help="0 = greedy")
     ap.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -11,7 +11,7 @@ world up to second T, teacher-forced (the true commentary, so the cache holds wh
 holds), beside the recompute policy; then it decodes second T from the streamed cache with the K/V of one kind of
 kept token swapped for the fresh prefill's (same tokens, same positions: checked), one kind at a time.
 
-  python swap_kv.py --seed 62 --second 1168     # a goal the shipped model misreads while streaming
+  python swap_kv.py --seed 62 --second 1168     # a goal the shipped model misreads when it evicts every second
 
 Reference: StreamingVLM, arXiv 2510.09608 (the cache; their inference reuses K/V the same way).
 """
@@ -45,7 +45,7 @@ def swap(args):
     """Prints and returns {"truth", "recompute", and each variant's name: the reply it decodes}."""
     model, tok, st = load_checkpoint(args.model, args.device)
     # greedy, whatever the checkpoint samples with: every variant then decodes from the same state
-    kw = dict(streamer_kwargs(layout_of(st)), capacity=args.capacity, temperature=0.0, repetition_penalty=1.0)
+    kw = dict(streamer_kwargs(layout_of(st, args)), capacity=args.capacity, temperature=0.0, repetition_penalty=1.0)
     world = held_out(argparse.Namespace(seed=args.seed, streams=1), st)[0]  # eval.py --seed's stream
     streamed, fresh = (make_streamer(model, tok, policy, **kw) for policy in ("streaming", "recompute"))
     T = args.second
@@ -84,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode, streamed up to it "
                     "(default 1168: the first miss of stream 62)")
     ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots in tokens (default 4096)")
+    ap.add_argument("--evict-every", type=at_least(1), default=1, help="seconds between evictions (default 1: every "
+                    "second, the paper's, where the shipped model's misses above are; its stream.json says 8)")
     ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if any)")
     return swap(ap.parse_args(argv))
 

@@ -204,3 +204,25 @@ def test_policies_are_named():
     assert set(POLICIES) == {"streaming", "native", "full", "reset", "recompute"}
     with pytest.raises(KeyError):
         StreamingCache(PRESETS["tiny"](), policy="bogus")
+
+
+def test_evict_every_lets_rounds_leave_in_groups(tok):
+    """evict_every=3: rounds leave only at rounds 3, 6, 9, ..., so vision_window to vision_window + 2 seconds stay
+    in view; at those rounds the cache holds the very tokens the once-a-second cache does; and the contiguous positions
+    still make the next logits those of a fresh forward over the kept tokens (1 layer: exact)."""
+    model = tiny_model(tok, layers=1, seed=1)
+    kw = dict(vision_window=3, text_sink=4, text_window=6)
+    grouped, every = make_streamer(model, tok, evict_every=3, **kw), make_streamer(model, tok, **kw)
+    seen = set()
+    for t in range(14):
+        grouped.step(frames(t), force_text=script(t))
+        every.step(frames(t), force_text=script(t))
+        _, kinds, rounds = grouped.cache.tokens()
+        kept = sorted({int(r) for r in rounds[kinds >= Kind.USER]})
+        assert kept == list(range(max(0, t - t % 3 - 2), t + 1))  # the last eviction was at round t - t % 3
+        seen.add(len(kept))
+        if t % 3 == 0:
+            assert torch.equal(grouped.cache.tokens()[0], every.cache.tokens()[0])
+    assert seen == {1, 2, 3, 4, 5}  # warm-up, then vision_window .. vision_window + 2 rounds (the one being said too)
+    _, err = run_and_compare(model, tok, 14, evict_every=3, previous_text="Red scores! Red 1, Blue 0.", **kw)
+    assert err <= 1e-4, err

@@ -51,6 +51,10 @@ def test_layout_round_trips_through_stream_json(tmp_path):
     assert d["trained_steps"] == 3 and d["query"] == "Commentate on this match"
     assert StreamLayout.from_dict(d) == LAYOUTS["streamingvlm"]
     assert StreamLayout.from_dict({"text_sink": 64}) == StreamLayout(text_sink=64)  # older files: the rest defaults
+    assert StreamLayout.from_dict({"text_sink": 64}).evict_every == 1  # as they were served: every second
+    for bad in ({"evict_every": 0}, {"evict_every": 2.5}, {"vision_window": 0}):
+        with pytest.raises(ValueError, match="stream.json"):
+            StreamLayout.from_dict(bad)
 
 
 def test_layout_cli_replaces_the_layout_and_keeps_the_training_notes(tmp_path, capsys):

@@ -60,9 +60,11 @@ def test_subtitles_and_json_lines(checkpoint, mp4, tmp_path):
 
 
 def test_flags_override_the_layout_and_bad_ones_fail_in_one_line(checkpoint, mp4):
-    r = stream("--model", checkpoint, "--video", mp4, "--seconds", 1, "--vision-window", 5, "--max-new-tokens", 2)
-    assert r.returncode == 0 and "'vision_window': 5" in r.stdout
-    for bad in (["--seconds", "-1"], ["--max-new-tokens", "0"], ["--vision-window", "0"], ["--top-p", "0"],
+    r = stream("--model", checkpoint, "--video", mp4, "--seconds", 1, "--vision-window", 5, "--max-new-tokens", 2,
+               "--evict-every", 4)
+    assert r.returncode == 0 and "'vision_window': 5, 'evict_every': 4" in r.stdout
+    for bad in (["--seconds", "-1"], ["--max-new-tokens", "0"], ["--vision-window", "0"], ["--evict-every", "0"],
+                ["--top-p", "0"],
                 ["--repetition-penalty", "0"], ["--device", "gpu0"]):
         r = stream("--model", checkpoint, "--video", mp4, *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and bad[0] in r.stderr, r.stderr

@@ -195,8 +195,12 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
     with open(out / "stream.json") as f:
         assert json.load(f)["vision_window"] == 6
     from checkpoint import stream_layout
+    from dataclasses import replace
     from train import PRESETS
     assert stream_layout(PRESETS["gpu"]).vision_window == 16
+    # served evicting as it trained: every second without segments, every N s on N s segments
+    assert stream_layout(PRESETS["gpu"]).evict_every == 1
+    assert stream_layout(replace(PRESETS["gpu"], segment_seconds=8)).evict_every == 8
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, torch_dtype=torch.float32)
     ids = torch.tensor([[m.cfg.eos_token_id, 5, 6, 7]])
@@ -461,3 +465,47 @@ def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(t
     first, rest = split_chunk(m, [1])
     assert m.frames is None and torch.equal(torch.cat([first.pixel_values, rest.pixel_values]), m.pixel_values)
     assert len(first.pixel_values) == int(m.grid_thw[0].prod())
+
+
+
+def test_streaming_that_evicts_every_segment_keeps_what_training_segments_keep(tok):
+    """A run on N s segments is served evicting every N s (checkpoint.stream_layout). Teacher-forced through a
+    chunk, the Streamer then holds, every second, exactly the tokens at exactly the positions the training forward
+    of that chunk in segments has in view at that second (reuse.evicted_prefixes), and until the
+    first eviction its logits are the training forward's. After it the K/V differ in one place: the two closing
+    tokens of the reply before an eviction (<|im_end|> and the newline, which streaming feeds with the next
+    second's turn) are computed after the eviction in streaming and before it in training. Evicting every second
+    instead keeps other tokens between the segments' starts."""
+    from types import SimpleNamespace
+    from conftest import tiny_model
+    from data import collate_chunks, with_positions
+    from reuse import segments
+    from stream import Streamer
+    from validate import outputs
+    w = SportsStream(WorldConfig(seed=3, event_rate=0.5, goal_rate=0.1))
+    secs = [w.second(t) for t in range(9)]
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], 8, 16)
+    model = tiny_model(tok, layers=3)
+    cfg = SimpleNamespace(segment_seconds=3, vision_window=2, text_sink=8, text_window=16)
+    batch = with_positions(collate_chunks([sample], tok.pad_id, cfg), model.cfg)
+    parts = segments(batch)
+    with torch.no_grad():
+        trained = torch.cat([logits[0] for logits, _, _ in outputs(model, batch, "cpu")])  # (tokens, vocab)
+    earlier = torch.cat([p["input_ids"][0] for p in parts])  # every segment's ids, end to end
+    round_end = [int((sample.round == t).nonzero().max()) for t in range(9)]  # its reply's closing tokens
+    for every in (3, 1):
+        s = Streamer(model, tok, text_sink=8, text_window=16, vision_window=2, evict_every=every)
+        same = []
+        for t, sec in enumerate(secs):
+            s.step(sec.frames, force_text=sec.text)
+            fed = round_end[t] - sum(len(ids) for ids, _ in s.pending)  # sample index of the last token fed
+            if t < 3 and every == 3:
+                assert (s.last_logits[0, -1] - trained[fed]).abs().max() <= 1e-4
+            if t >= 3:  # what segment t // 3 sees at second t: its kept prefix, then its own tokens fed so far
+                seg = parts[t // 3]
+                n = fed + 1 - int((sample.round < t - t % 3).sum())
+                ids, _, _ = s.cache.tokens()
+                want_ids = torch.cat([earlier[seg["keep"][0]], seg["input_ids"][0, :n]])
+                want_pos = torch.cat([seg["keep_pos"][:, 0], seg["position_ids"][:, 0, :n]], 1)
+                same.append(torch.equal(ids, want_ids) and torch.equal(s.cache.pos[:, :s.cache.length], want_pos))
+        assert same == ([True] * 6 if every == 3 else [True, False, False] * 2)  # once a second: only at 3 and 6
