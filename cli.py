@@ -46,7 +46,7 @@ def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
-# --seed of a held-out stream (eval.py, demo.py, swap_kv.py): an index into the eval split, world.split_seed
+# --seed of a held-out stream (eval.py, tools/demo.py, tools/swap_kv.py): an index into the eval split, world.split_seed
 HELD_OUT_SEED = checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})")
 
 

@@ -1,7 +1,7 @@
 """
 The fast path of the streaming loop, beside the plain one in stream.py: a decode step of fixed shape captured
-in a CUDA graph (GraphDecoder), greedy decoding one step ahead of the host (decode_ahead), and per-phase timing
-(PhaseTimer). Streamer(decode="graphs" or "compiled") switches them on; the tokens are the plain loop's.
+in a CUDA graph (GraphDecoder) and greedy decoding one step ahead of the host (decode_ahead).
+Streamer(decode="graphs" or "compiled") switches them on; the tokens are the plain loop's.
 
 Why: a 7B decode step reads ~15 GB of weights, about 5 ms on an H100, but the eager step launches ~600 small
 kernels from Python, one after the other, and that launch overhead, not the GPU, sets the pace (~40 ms per
@@ -31,9 +31,7 @@ the CPU against model.forward, and on a GPU compares the replayed graph with the
 
 References: gpt-fast (static KV cache + CUDA graphs for decode), PyTorch's torch.cuda.graphs.
 """
-import contextlib
 import functools
-import time
 
 import torch
 
@@ -180,24 +178,3 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
         if forced is None:
             cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
         last = last[-2:]
-
-
-class PhaseTimer:
-    """with timer("prefill"): ... adds the block's wall time to timer.phases["prefill"]. On a GPU it waits for the
-    queued work at both ends, so a phase counts its own kernels (the waits cost a little: off unless asked)."""
-
-    def __init__(self, enabled, device):
-        self.enabled, self.sync, self.phases = enabled, enabled and device.type == "cuda", {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase):
-        if not self.enabled:
-            yield
-            return
-        if self.sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
-        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0

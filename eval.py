@@ -27,7 +27,7 @@ The ideas:
   past --time-limit is reported with the second it stopped at, and a video the reader rejects ends the run with
   one line after the commentary so far is saved.
 
-Speed is benchmarked in bench_stream.py, bench_flexprefill.py and bench_model.py. Reference: StreamingVLM, arXiv
+Speed is benchmarked in tools/bench_stream.py, tools/bench_flexprefill.py and tools/bench_model.py. Reference: StreamingVLM, arXiv
 2510.09608, and mit-han-lab/streaming-vlm.
 """
 import argparse
@@ -169,7 +169,7 @@ class Results:
 
 
 # -----------------------------------------------------------------------------
-# The timed loop: ours here, transformers' in bench_stream.py
+# The timed loop: ours here, transformers' in tools/bench_stream.py
 
 
 def sync(device):
@@ -423,7 +423,7 @@ def decode_paths(text):
 
 
 def add_run_flags(ap, warmup, out):
-    """The flags of the streaming loop that eval.py and bench_stream.py share, each checked as it is parsed."""
+    """The flags of the streaming loop that eval.py and tools/bench_stream.py share, each checked as it is parsed."""
     ap.add_argument("--out", default=out, help=f"folder for the JSON lines and the summary (default {out})")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES),
                     help=f"cache policies to run, one after another (default: all {len(POLICIES)})")
@@ -494,7 +494,7 @@ def get_args(argv=None):
         ap.error(f"--seed {args.seed} with --streams {args.streams} leaves the held-out range (seed + streams must "
                  f"be at most {SPLIT_SIZE}; world.split_seed)")
     if len(args.decode or []) > 1:
-        ap.error("--decode takes one path here (bench_stream.py compares several)")
+        ap.error("--decode takes one path here (tools/bench_stream.py compares several)")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         ap.error(f"--model {args.model}: no checkpoint there; make one with `python train.py` (it writes out/tiny) "
                  "or pass --model DIR")

@@ -42,7 +42,7 @@ eager flex (O(N^2) memory) after 8 lengths, so we raise the limit to 64. On CPU 
 dense masked SDPA over the same blocks (the test reference); `backend="flex"` runs compiled flex on CPU too.
 The flex path is forward-only (the BlockMask skips the transposed metadata that backward needs).
 `torch.compile(select_blocks, dynamic=False)` traces without graph breaks and gives the same selection (one
-compile per shape); bench_flexprefill.py --compile-select measures whether it pays.
+compile per shape); tools/bench_flexprefill.py --compile-select measures whether it pays.
 """
 import argparse
 import functools
@@ -50,8 +50,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from model import causal_attention
 
 
 
@@ -165,56 +166,100 @@ def _probe(q, k, n):
     return vertical, slash, qp.float().mean(2)
 
 
+@dataclass(frozen=True)
+class FlexPrefillConfig:
+    """FlexPrefill's settings, passed by name to every function here (the authors' defaults).
+    gamma: the attention mass each head's selection must cover (higher: denser, closer to exact);
+    tau: the sqrt-JS threshold under which a head counts as query-aware (higher: more query-aware heads);
+    min_budget / max_budget: bounds, in tokens, on the vertical and slash lines a vertical-slash head keeps;
+    block_size: the tile of the block grid; min_len: chunks shorter than this stay dense in a model (FlexPrefill);
+    backend: "flex" (compiled FlexAttention), "dense" (a masked SDPA, the reference) or "auto" (flex on CUDA)."""
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+    max_budget: int | None = None
+    block_size: int = 128
+    min_len: int = 4096
+    backend: str = "auto"
+
+
+def line_budgets(vertical, slash, cfg, nkb):
+    """1b) How many key-block columns and block diagonals a vertical-slash head keeps: the fewest probe columns
+    (diagonals) covering gamma of the probe's attention, counted in tokens and turned into blocks as the authors do
+    (count // bs + 1), clamped to [min_budget, max_budget]. vertical, slash (B, Hq, Nk) -> two (B, Hq) counts."""
+    bs = cfg.block_size
+    lo = max(1, _cdiv(cfg.min_budget or 1, bs))
+    hi = nkb if cfg.max_budget is None else min(_cdiv(cfg.max_budget, bs), nkb)
+    return ((_cover_count(vertical, cfg.gamma) // bs + 1).clamp(lo, hi),
+            (_cover_count(slash, cfg.gamma) // bs + 1).clamp(lo, hi))
+
+
+def js_test(q_probe, k_pool, vertical_blocks, tau):
+    """2) Is the head query-aware? The probe's attention over key blocks estimated from pooled tensors,
+    softmax(mean(probe q) . blockmean(K)), against the true one: sqrt-JS below tau means block pooling describes
+    the head. q_probe (B, Hq, D), k_pool (B, Hkv, nkb, D), vertical_blocks (B, Hq, nkb) -> js, query_aware (B, Hq)."""
+    (B, Hq, D), (_, Hkv, nkb, _) = q_probe.shape, k_pool.shape
+    est = (q_probe.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nkb).softmax(-1)
+    js = _sqrt_js(est, vertical_blocks)
+    return js, js < tau                                       # NaN -> False -> vertical-slash
+
+
+def vertical_slash_blocks(vertical_blocks, slash_blocks, n_vertical, n_slash, diag, partial):
+    """3) A vertical-slash head's blocks: its top n_vertical key-block columns and n_slash block diagonals (the sink
+    column and diagonal 0 always among them), plus every block crossing the causal boundary: the diagonal, two
+    blocks per row when Nk - Nq is not a multiple of bs (each query keeps its own key block).
+    (B, Hq, nkb) masses, (B, Hq) counts, diag (nqb,), partial (nqb, nkb) -> (B, Hq, nqb, nkb) bool."""
+    vertical_blocks, slash_blocks = vertical_blocks.clone(), slash_blocks.clone()
+    vertical_blocks[..., 0] = float("inf")
+    slash_blocks[..., 0] = float("inf")
+    cols = _top_mask(vertical_blocks, n_vertical)             # (B, Hq, nkb)
+    diags = _top_mask(slash_blocks, n_slash)                  # (B, Hq, nkb), by block-diagonal offset
+    nkb = cols.shape[-1]
+    offset = (diag[:, None] - torch.arange(nkb, device=diag.device)).clamp(min=0)   # (nqb, nkb)
+    return cols[:, :, None, :] | diags[:, :, offset] | partial
+
+
+def query_aware_blocks(q, k_pool, visible, gamma, bs):
+    """4) A query-aware head's blocks: pooled (query block x key block) scores, a softmax per row, one global sort,
+    and the top blocks covering gamma of the total mass (nqb: each row sums to 1).
+    q (B, Hq, Nq, D), k_pool (B, Hkv, nkb, D), visible (nqb, nkb) -> (B, Hq, nqb, nkb) bool."""
+    (B, Hq, _, D), (_, Hkv, nkb, _) = q.shape, k_pool.shape
+    q_pool = _block_mean(q, bs) * D**-0.5                     # (B, Hq, nqb, D)
+    nqb = q_pool.shape[2]
+    a = (q_pool.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nqb, nkb)
+    a = a.masked_fill(~visible, float("-inf")).softmax(-1).flatten(2)   # (B, Hq, nqb*nkb)
+    a, order = a.sort(-1, descending=True)                    # the one big sort: 1M per head at 128k
+    return _scatter_mask(order, a.cumsum(-1) <= gamma * nqb).view(B, Hq, nqb, nkb)
+
+
 @torch.no_grad()
-def select_blocks(q, k, gamma=0.9, tau=0.1, min_budget=1024, max_budget=None, block_size=128):
-    """FlexPrefill's block selection. q (B, Hq, Nq, D), k (B, Hkv, Nk, D), Nq >= block_size.
-    Returns sel, a bool (B, Hq, ceil(Nq/bs), ceil(Nk/bs)) grid of kept blocks (always causal), and an info
-    dict of (B, Hq) tensors: query_aware, js, n_vertical, n_slash, n_blocks, density."""
-    _check_inputs(q, k, k, block_size)
-    (B, Hq, Nq, D), (_, Hkv, Nk, _), bs = q.shape, k.shape, block_size
+def select_blocks(q, k, cfg=FlexPrefillConfig()):
+    """FlexPrefill's block selection, the four steps above in order. q (B, Hq, Nq, D), k (B, Hkv, Nk, D),
+    Nq >= block_size. Returns sel, a bool (B, Hq, ceil(Nq/bs), ceil(Nk/bs)) grid of kept blocks (always causal),
+    and an info dict of (B, Hq) tensors: query_aware, js, n_vertical, n_slash, n_blocks, density."""
+    bs = cfg.block_size
+    _check_inputs(q, k, k, bs)
+    Nq, Nk = q.shape[2], k.shape[2]
     if Nq < bs:
         raise ValueError(f"select_blocks needs at least block_size={bs} queries for the probe, got {Nq}")
-    nqb, nkb = _cdiv(Nq, bs), _cdiv(Nk, bs)
-    min_blocks = max(1, _cdiv(min_budget or 1, bs))
-    max_blocks = nkb if max_budget is None else min(_cdiv(max_budget, bs), nkb)
     visible, partial, diag = _block_geometry(Nq, Nk, bs, q.device)
-
-    # 1) probe -> true block distribution, and token-level budgets (count // bs + 1, as the authors)
+    # 1) the probe: the true attention of the last bs queries, per key (vertical) and per distance (slash)
     vertical, slash, q_probe = _probe(q, k, bs)
-    n_vertical = (_cover_count(vertical, gamma) // bs + 1).clamp(min_blocks, max_blocks)   # (B, Hq)
-    n_slash = (_cover_count(slash, gamma) // bs + 1).clamp(min_blocks, max_blocks)
+    n_vertical, n_slash = line_budgets(vertical, slash, cfg, _cdiv(Nk, bs))
     vertical = _block_sum(vertical, bs)                      # (B, Hq, nkb) mass per key block
     # distance d as seen from the last query, which sits (-Nk) % bs slots before its block's end, falls
     # in block diagonal (d + (-Nk) % bs) // bs
     slash = _block_sum(slash, bs, pad_left=(-Nk) % bs)        # (B, Hq, nkb) mass per block diagonal
-
-    # 2) pattern: pooled estimate vs the probe's true distribution over key blocks
+    # 2) the pattern; a query-aware head still keeps a min_budget vertical-slash set (as the authors' code)
     k_pool = _block_mean(k, bs)                               # (B, Hkv, nkb, D) fp32
-    est = (q_probe.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nkb).softmax(-1)
-    js = _sqrt_js(est, vertical)
-    query_aware = js < tau                                    # NaN -> False -> vertical-slash
-    n_vertical = torch.where(query_aware, min_blocks, n_vertical)
-    n_slash = torch.where(query_aware, min_blocks, n_slash)
-
-    # 3) vertical-slash: top columns and block diagonals; the sink column and diagonal 0 are forced
-    vertical[..., 0] = float("inf")
-    slash[..., 0] = float("inf")
-    cols = _top_mask(vertical, n_vertical)                    # (B, Hq, nkb)
-    diags = _top_mask(slash, n_slash)                         # (B, Hq, nkb), by block-diagonal offset
-    offset = (diag[:, None] - torch.arange(nkb, device=q.device)).clamp(min=0)   # (nqb, nkb)
-    # plus every block crossing the causal boundary: the diagonal, two blocks per row when Nq < Nk and
-    # Nk - Nq is not a multiple of bs (each query keeps its own key block)
-    sel = cols[:, :, None, :] | diags[:, :, offset] | partial  # (B, Hq, nqb, nkb)
-
-    # 4) query-aware: pooled block scores, row softmax, global sort, keep the top blocks covering
-    #    gamma of the total mass (nqb: each row sums to 1). Computed for every head, used where QA.
-    q_pool = _block_mean(q, bs) * D**-0.5                     # (B, Hq, nqb, D)
-    a = (q_pool.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nqb, nkb)
-    a = a.masked_fill(~visible, float("-inf")).softmax(-1).flatten(2)   # (B, Hq, nqb*nkb)
-    a, order = a.sort(-1, descending=True)                    # the one big sort: 1M per head at 128k
-    qa_blocks = _scatter_mask(order, a.cumsum(-1) <= gamma * nqb).view(B, Hq, nqb, nkb)
-    sel = (sel | (qa_blocks & query_aware[..., None, None])) & visible
-
+    js, query_aware = js_test(q_probe, k_pool, vertical, cfg.tau)
+    least = max(1, _cdiv(cfg.min_budget or 1, bs))
+    n_vertical = torch.where(query_aware, least, n_vertical)
+    n_slash = torch.where(query_aware, least, n_slash)
+    # 3) + 4): computed for every head; the query-aware blocks are used where the head is query-aware
+    sel = vertical_slash_blocks(vertical, slash, n_vertical, n_slash, diag, partial)
+    qa = query_aware_blocks(q, k_pool, visible, cfg.gamma, bs)
+    sel = (sel | (qa & query_aware[..., None, None])) & visible
     n_blocks = sel.sum((-2, -1))
     info = dict(query_aware=query_aware, js=js, n_vertical=n_vertical, n_slash=n_slash,
                 n_blocks=n_blocks, density=n_blocks / visible.sum())
@@ -252,17 +297,6 @@ def block_mask_from_selection(sel, q_len, kv_len, block_size=128):
                                     compute_q_blocks=False)  # forward only: skip the transposed metadata
 
 
-def causal_attention(q, k, v):
-    """Dense causal SDPA, the reference for everything sparse and the model's default attention. q (B, Hq, Nq, D),
-    k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions (a chunk on a KV cache): causal
-    aligned to the bottom right, which SDPA's is_causal (top-left) is not. causal_lower_right reaches the flash
-    kernel on a GPU with GQA and no mask in memory; elsewhere it falls back to a materialised mask."""
-    Nq, Nk, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
-    if Nq == Nk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
-
-
 def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
     """Causal attention restricted to the selected blocks. backend: "flex" (compiled FlexAttention),
     "dense" (SDPA with an Nq x Nk token mask: the reference, O(N^2) memory) or "auto" (flex on CUDA)."""
@@ -284,42 +318,39 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
     raise ValueError(f"unknown backend {backend!r}, expected 'auto', 'flex' or 'dense'")
 
 
-def flexprefill_attention(q, k, v, gamma=0.9, tau=0.1, min_budget=1024, max_budget=None, block_size=128,
-                          return_info=False, backend="auto"):
+def flexprefill_attention(q, k, v, cfg=FlexPrefillConfig(), return_info=False):
     """FlexPrefill causal attention. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 (q head j
     reads kv head j // (Hq // Hkv)) and Nq <= Nk (queries are the last Nq positions). Returns (B, Hq, Nq, D),
     and with return_info also the info dict of select_blocks (plus dense_fallback). Short inputs (Nk at most
     max(2 blocks, min_budget rounded up to blocks), as the authors) and Nq <= block_size run dense causal SDPA."""
-    _check_inputs(q, k, v, block_size)
+    bs = cfg.block_size
+    _check_inputs(q, k, v, bs)
     Nq, Nk = q.shape[2], k.shape[2]
-    if Nk <= max(2 * block_size, _cdiv(min_budget or 1, block_size) * block_size) or Nq <= block_size:
+    if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nq <= bs:
         out, info = causal_attention(q, k, v), dict(dense_fallback=True)
     else:
-        sel, info = select_blocks(q, k, gamma, tau, min_budget, max_budget, block_size)
-        out, info["dense_fallback"] = sparse_attention(q, k, v, sel, block_size, backend), False
+        sel, info = select_blocks(q, k, cfg)
+        out, info["dense_fallback"] = sparse_attention(q, k, v, sel, bs, cfg.backend), False
     return (out, info) if return_info else out
 
 
-@dataclass
 class FlexPrefill:
-    """FlexPrefill as a model's attention function (VLM.enable_flexprefill): chunks of at least `min_len` new
-    tokens go through flexprefill_attention, shorter ones stay dense (selection costs more than it saves there).
-    gamma: the attention mass each head's selection must cover (higher: denser, closer to exact);
-    tau: the sqrt-JS threshold under which a head counts as query-aware (higher: more query-aware heads);
-    min_budget / max_budget: bounds, in tokens, on the vertical and slash lines a vertical-slash head keeps."""
-    gamma: float = 0.9
-    tau: float = 0.1
-    min_budget: int = 1024
-    max_budget: int | None = None
-    block_size: int = 128
-    min_len: int = 4096
-    backend: str = "auto"
+    """FlexPrefill as a model's attention function (enable_flexprefill): chunks of at least cfg.min_len new tokens
+    go through flexprefill_attention, shorter ones stay dense (selection costs more than it saves there)."""
+
+    def __init__(self, cfg=FlexPrefillConfig()):
+        self.cfg = cfg
 
     def __call__(self, q, k, v):
-        if q.shape[2] < self.min_len:
+        if q.shape[2] < self.cfg.min_len:
             return causal_attention(q, k, v)
-        return flexprefill_attention(q, k, v, self.gamma, self.tau, self.min_budget, self.max_budget,
-                                     self.block_size, backend=self.backend)
+        return flexprefill_attention(q, k, v, self.cfg)
+
+
+def enable_flexprefill(model, cfg=FlexPrefillConfig()):
+    """Block-sparse prefill in a model.VLM: its prompts and prefill chunks of at least cfg.min_len tokens go through
+    FlexPrefill; decode steps and shorter chunks stay dense. Returns the model."""
+    return model.use_attention(FlexPrefill(cfg))
 
 
 def demo():
@@ -329,7 +360,7 @@ def demo():
     q, k, v = 0.5 * torch.randn(B, Hq, N, D), 0.5 * torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
     q[:, 0, :, 0] += 10.0
     k[:, :, 700, 0] += 10.0                                   # key 700 (block 5) stands out for head 0
-    sel, info = select_blocks(q, k, min_budget=2 * bs, block_size=bs)
+    sel, info = select_blocks(q, k, FlexPrefillConfig(min_budget=2 * bs, block_size=bs))
     out = sparse_attention(q, k, v, sel, bs)
     err = (out - causal_attention(q, k, v)).abs().max().item()
     for h in range(Hq):

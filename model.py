@@ -18,7 +18,7 @@ References:
 Module names follow the published checkpoint keys (visual.*, model.*, lm_head), so loading is a plain
 state-dict copy. forward takes an optional cache (cache.py: the stage / write / commit protocol is written there).
 Attention has three paths: one decoded token (two matmuls), a prompt or a chunk on a cache (a pluggable causal
-attention function: dense SDPA, or FlexPrefill after enable_flexprefill), and an explicit padding mask.
+attention function: dense SDPA, or FlexPrefill after flexprefill.enable_flexprefill), and an explicit padding mask.
 """
 import glob
 import json
@@ -32,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.bias import causal_lower_right
 
 from cache import KVCache
-from flexprefill import FlexPrefill, causal_attention
 from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
-from vision import GatedMLP, RMSNorm, VisionConfig, VisionTower
+from layers import GatedMLP, RMSNorm
+from vision import VisionConfig, VisionTower
 
 # -----------------------------------------------------------------------------
 # Configs
@@ -131,6 +132,18 @@ def tiny_config(tok, layers=4, width=256):
 # Language model
 
 
+def causal_attention(q, k, v):
+    """Dense causal SDPA, the model's default attention and the reference FlexPrefill (flexprefill.py) is tested against. q (B, Hq, Nq, D),
+    k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions (a chunk on a KV cache): causal
+    aligned to the bottom right, which SDPA's is_causal (top-left) is not. causal_lower_right reaches the flash
+    kernel on a GPU with GQA and no mask in memory; elsewhere it falls back to a materialised mask."""
+    Nq, Nk, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
+    if Nq == Nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
+
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: VLMConfig, layer_idx):
         super().__init__()
@@ -165,7 +178,7 @@ class Attention(nn.Module):
             o = (p.to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)             # -> (B, H, 1, D)
         elif mask is None:
             # a prompt, or a chunk on a cache (the queries are the last T of the keys): causal attention, dense
-            # by default, FlexPrefill's block-sparse attention after VLM.enable_flexprefill
+            # by default, FlexPrefill's block-sparse attention after flexprefill.enable_flexprefill(model)
             o = self.attn_fn(q, k, v)
         else:
             # an explicit mask (left padding): the fused kernels need K/V per query head, so copy them
@@ -248,11 +261,6 @@ class VLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.attn_fn = attn_fn or causal_attention
         return self
-
-    def enable_flexprefill(self, **kw):
-        """Block-sparse prefill: chunks of at least min_len new tokens (default 4096) go through FlexPrefill
-        (flexprefill.py); keyword arguments are flexprefill.FlexPrefill's (gamma, tau, min_budget, min_len, ...)."""
-        return self.use_attention(FlexPrefill(**kw))
 
     @property
     def device(self):

@@ -21,6 +21,7 @@ with and without overlap change the loop, so they are the two small subclasses a
 Reference: StreamingVLM, arXiv 2510.09608, section 2 (inference) and mit-han-lab/streaming-vlm.
 Run: python stream.py --video clip.mp4 --vtt clip.vtt
 """
+import contextlib
 import json
 import os
 import sys
@@ -31,7 +32,8 @@ import torch
 
 import cache as caches
 from cli import Parser, at_least, checked, default_model, device_name, unwritable
-from decode import GraphDecoder, PhaseTimer, decode_ahead
+from decode import GraphDecoder, decode_ahead
+from flexprefill import enable_flexprefill
 from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, end_ids, prefix_segments,
                     question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
@@ -39,6 +41,27 @@ from processor import Tokenizer, patchify_video, read_json, resize_video
 from video import is_live, open_video, seconds_of
 
 DECODERS = ("plain", "graphs", "compiled")
+
+
+class PhaseTimer:
+    """with timer("prefill"): ... adds the block's wall time to timer.phases["prefill"]. On a GPU it waits for the
+    queued work at both ends, so a phase counts its own kernels (the waits cost a little: off unless asked)."""
+
+    def __init__(self, enabled, device):
+        self.enabled, self.sync, self.phases = enabled, enabled and device.type == "cuda", {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
 
 
 class Prepared(NamedTuple):
@@ -284,7 +307,7 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None):
     except (OSError, ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
     if flexprefill:
-        model.enable_flexprefill()
+        enable_flexprefill(model)
     return model, tok, settings
 
 

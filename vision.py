@@ -8,7 +8,7 @@ videos of a batch are packed in one sequence, and attention never crosses a wind
 (segment_attention). Rows are reordered into window order first, keeping the 2x2 patches of each merge unit
 together, and a merger turns each 2x2 unit into one token of the language model's width, back in raster order.
 
-The small layers both towers share (RMSNorm, the gated MLP) live here; the rotary helpers are rope.py's.
+The small layers both towers share (RMSNorm, the gated MLP) are layers.py's; the rotary helpers rope.py's.
 
 References: Qwen2.5-VL technical report, arXiv 2502.13923; transformers' modeling_qwen2_5_vl.py (the window
 layout, the RMSNorm order, inv_freq to the last bit) is the oracle in tests/test_model.py.
@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from layers import GatedMLP, RMSNorm
 from rope import inv_freq, rotate_half
 
 # -----------------------------------------------------------------------------
@@ -41,36 +42,6 @@ class VisionConfig:
     fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
     in_chans: int = 3
     tokens_per_second: int = 2           # M-RoPE time ids per second of video
-
-
-# -----------------------------------------------------------------------------
-# Small pieces
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # normalise in fp32, cast back, *then* scale: the order the checkpoints were trained with
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); the vision tower's has biases, the language model's does not."""
-
-    def __init__(self, dim, hidden, bias):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 # -----------------------------------------------------------------------------

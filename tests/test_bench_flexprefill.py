@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from bench_flexprefill import MeasuredFlexPrefill, main
-from flexprefill import FlexPrefill
+from tools.bench_flexprefill import MeasuredFlexPrefill, main
+from flexprefill import FlexPrefill, FlexPrefillConfig
 from test_eval import ckpt, refused  # noqa: F401  (ckpt: a fixture, a 2-step checkpoint)
 from world import SportsStream, WorldConfig, answer, split_seed
 
@@ -21,9 +21,9 @@ def test_kernel_table_smoke(tmp_path):
 def test_measured_flexprefill_is_flexprefill_plus_a_record():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 1024, 32, generator=g) for h in (4, 2, 2))
-    kw = dict(min_budget=256, min_len=512)
-    measured = MeasuredFlexPrefill(**kw)
-    assert torch.equal(measured(q, k, v), FlexPrefill(**kw)(q, k, v))
+    cfg = FlexPrefillConfig(min_budget=256, min_len=512)
+    measured = MeasuredFlexPrefill(cfg)
+    assert torch.equal(measured(q, k, v), FlexPrefill(cfg)(q, k, v))
     assert len(measured.density) == len(measured.rel_err) == 1 and 0 < measured.density[0] < 1
     measured(q[:, :, :256], k[:, :, :256], v[:, :, :256])  # under min_len: dense, and nothing to record
     assert len(measured.density) == 1

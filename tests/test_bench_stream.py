@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench_stream import main
+from tools.bench_stream import main
 from test_eval import lines, refused
 
 

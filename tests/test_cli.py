@@ -65,7 +65,7 @@ def test_eval_never_writes_into_checkpoints(capsys):
 
 
 def test_demo_flags(tmp_path, capsys):
-    from demo import main
+    from tools.demo import main
     out = ["--out", str(tmp_path / "d.gif")]
     assert "--seed: must be in [0, 1000000)" in refused(main, ["--seed", "5000000", *out], capsys)
     assert "--seconds: must be >= 1" in refused(main, ["--seconds", "0", *out], capsys)
@@ -75,8 +75,8 @@ def test_demo_flags(tmp_path, capsys):
 
 
 def test_full_size_benchmarks_are_refused_on_a_cpu(tmp_path, capsys, monkeypatch):
-    import bench_flexprefill
-    from bench_stream import get_args
+    from tools import bench_flexprefill
+    from tools.bench_stream import get_args
     err = refused(get_args, ["--device", "cpu", "--out", str(tmp_path)], capsys)
     assert "--preset 7B" in err and "--preset tiny" in err
     monkeypatch.setattr(bench_flexprefill, "kernel_bench", lambda args: pytest.fail("the benchmark ran"))

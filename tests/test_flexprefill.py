@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexprefill import (block_mask_from_selection, causal_attention, flexprefill_attention,
+from flexprefill import (FlexPrefillConfig, block_mask_from_selection, enable_flexprefill, flexprefill_attention,
                          select_blocks, sparse_attention)
+from model import causal_attention
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
 
@@ -145,14 +146,14 @@ def test_select_matches_reference(B, Hq, Hkv, Nq, Nk, D, bs, min_budget, max_bud
     k[..., 0] += torch.linspace(0, 3, Nk)
     gamma = 0.9
     _, _, js_ref = reference_select(q, k, gamma, 0.0, min_budget, max_budget, bs)
-    _, info = select_blocks(q, k, gamma, 0.0, min_budget, max_budget, bs)
+    _, info = select_blocks(q, k, FlexPrefillConfig(gamma, 0.0, min_budget, max_budget, bs))
     assert_close(info["js"], js_ref, 1e-4, "sqrt-JS")
     # tau halfway between two heads' divergences, so both patterns occur and no head sits on the threshold
     js_sorted = js_ref.flatten().sort().values
     mid = len(js_sorted) // 2
     tau = float(js_sorted[mid - 1] + js_sorted[mid]) / 2
     sel_ref, qa_ref, _ = reference_select(q, k, gamma, tau, min_budget, max_budget, bs)
-    sel, info = select_blocks(q, k, gamma, tau, min_budget, max_budget, bs)
+    sel, info = select_blocks(q, k, FlexPrefillConfig(gamma, tau, min_budget, max_budget, bs))
     assert qa_ref.any() and not qa_ref.all()
     assert torch.equal(info["query_aware"], qa_ref)
     assert torch.equal(sel, sel_ref), f"{(sel != sel_ref).sum()} blocks differ"
@@ -185,7 +186,7 @@ def planted(Nk=1024, D=64, seed=0):
 def test_planted_patterns():
     q, k, bs = planted()
     # min_budget of 2 blocks: with one, the forced sink column (diagonal) would take the only slot
-    sel, info = select_blocks(q, k, gamma=0.9, tau=0.1, min_budget=2 * bs, block_size=bs)
+    sel, info = select_blocks(q, k, FlexPrefillConfig(gamma=0.9, tau=0.1, min_budget=2 * bs, block_size=bs))
     sel_ref, qa_ref, _ = reference_select(q, k, 0.9, 0.1, 2 * bs, None, bs)
     assert torch.equal(sel, sel_ref) and torch.equal(info["query_aware"], qa_ref)
     assert info["query_aware"].tolist() == [[False, False, True]], info["js"]
@@ -208,7 +209,7 @@ def test_every_query_keeps_its_own_block():
     q, k = randn(1, 2, Nq, 32, seed=1), randn(1, 1, Nk, 32, seed=2)
     q[..., 0] += 10.0
     k[:, :, 0, 0] += 10.0                                  # every query puts ~all its attention on key 0
-    sel, info = select_blocks(q, k, min_budget=bs, block_size=bs)
+    sel, info = select_blocks(q, k, FlexPrefillConfig(min_budget=bs, block_size=bs))
     assert (info["n_vertical"] == 1).all() and (info["n_slash"] == 1).all()
     pos = torch.arange(Nq) + Nk - Nq
     assert sel[:, :, torch.arange(Nq) // bs, pos // bs].all()
@@ -219,7 +220,7 @@ def test_planted_attention_is_accurate():
     """On planted heads the sparse output stays close to dense attention (the point of the method)."""
     q, k, bs = planted()
     v = randn(1, 3, 1024, 64, seed=3)
-    out, info = flexprefill_attention(q, k, v, min_budget=2 * bs, block_size=bs, return_info=True)
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs), return_info=True)
     assert not info["dense_fallback"] and info["density"].max() < 0.45
     # queries before key 300 (head 0) or position 192 (head 1) have no planted target: flat attention
     # that a few blocks cannot approximate, so only the queries that have one are checked
@@ -240,7 +241,7 @@ def test_all_blocks_is_dense_causal(Nq, Nk, Hq, Hkv, D):
     sel = torch.ones(1, Hq, math.ceil(Nq / 128), math.ceil(Nk / 128), dtype=torch.bool)  # even invisible blocks
     assert_close(sparse_attention(q, k, v, sel, 128, "dense"), dense, FP32_TOL)
     # a min_budget covering every key block makes FlexPrefill select every visible block
-    sel, info = select_blocks(q, k, min_budget=Nk, block_size=64)
+    sel, info = select_blocks(q, k, FlexPrefillConfig(min_budget=Nk, block_size=64))
     assert torch.equal(sel[0, 0], visible_blocks(Nq, Nk, 64)) and (info["density"] == 1).all()
     assert_close(sparse_attention(q, k, v, sel, 64, "dense"), dense, FP32_TOL)
 
@@ -252,7 +253,7 @@ def test_sparse_matches_explicit_reference(dtype, tol, Nq, Nk):
     Hq, Hkv, D, bs = 4, 2, 32, 64
     q, k, v = (randn(1, Hq, Nq, D, seed=1, dtype=dtype), randn(1, Hkv, Nk, D, seed=2, dtype=dtype),
                randn(1, Hkv, Nk, D, seed=3, dtype=dtype))
-    sel, _ = select_blocks(q, k, min_budget=bs, block_size=bs)
+    sel, _ = select_blocks(q, k, FlexPrefillConfig(min_budget=bs, block_size=bs))
     assert not sel.all()
     ref = attention_reference(q, k, v, sel, bs)
     assert_close(sparse_attention(q, k, v, sel, bs, "dense"), ref, tol, f"{dtype}")
@@ -263,7 +264,7 @@ def test_short_inputs_fall_back_to_dense():
     q, k, v = randn(1, 4, 1000, 32, seed=1), randn(1, 2, 1000, 32, seed=2), randn(1, 2, 1000, 32, seed=3)
     out, info = flexprefill_attention(q, k, v, return_info=True)   # 1000 <= min_budget 1024
     assert info["dense_fallback"] and torch.equal(out, causal_attention(q, k, v))
-    out, info = flexprefill_attention(q[:, :, -100:], k, v, min_budget=128, return_info=True)  # Nq <= 128
+    out, info = flexprefill_attention(q[:, :, -100:], k, v, FlexPrefillConfig(min_budget=128), return_info=True)  # Nq <= 128
     assert info["dense_fallback"] and torch.equal(out, causal_attention(q[:, :, -100:], k, v))
 
 
@@ -293,7 +294,7 @@ def test_flex_backend_matches_dense_on_cpu():
     Hq, Hkv, D, bs = 4, 2, 16, 128
     for Nq, Nk in [(1000, 1000), (300, 1000)]:
         q, k, v = randn(1, Hq, Nq, D, seed=1), randn(1, Hkv, Nk, D, seed=2), randn(1, Hkv, Nk, D, seed=3)
-        sel, _ = select_blocks(q, k, min_budget=bs, block_size=bs)
+        sel, _ = select_blocks(q, k, FlexPrefillConfig(min_budget=bs, block_size=bs))
         assert not sel.all()
         dense = sparse_attention(q, k, v, sel, bs, "dense")
         assert_close(sparse_attention(q, k, v, sel, bs, "flex"), dense, FP32_TOL, f"flex {Nq}x{Nk}")
@@ -310,11 +311,11 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     dev, bs = "cuda", 128
     q = randn(1, 28, Nq, 128, seed=1, dtype=torch.bfloat16).to(dev)
     k, v = (randn(1, 4, Nk, 128, seed=s, dtype=torch.bfloat16).to(dev) for s in (2, 3))
-    sel, _ = select_blocks(q, k, min_budget=bs)
+    sel, _ = select_blocks(q, k, FlexPrefillConfig(min_budget=bs))
     assert not sel.all()
     flex = sparse_attention(q, k, v, sel, bs, "flex")
     assert_close(flex, sparse_attention(q, k, v, sel, bs, "dense"), BF16_TOL, "flex vs dense on CUDA")
-    out, info = flexprefill_attention(q, k, v, min_budget=bs, return_info=True)   # auto -> flex on CUDA
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)   # auto -> flex on CUDA
     assert not info["dense_fallback"]
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
 
@@ -341,7 +342,7 @@ def test_bad_inputs_raise():
 
 
 def test_wired_into_the_model_prefill():
-    """VLM.enable_flexprefill: long prefill chunks go through FlexPrefill; with every block kept the logits equal
+    """flexprefill.enable_flexprefill: long prefill chunks go through FlexPrefill; with every block kept the logits equal
     the dense model's, a sparse selection changes them, and decode stays dense."""
     from cache import KVCache
     from model import PRESETS, VLM
@@ -352,9 +353,9 @@ def test_wired_into_the_model_prefill():
     ids = torch.randint(0, 100, (1, 300))
     with torch.no_grad():
         dense = model(ids)
-        model.enable_flexprefill(min_len=64, block_size=16, min_budget=10**6)  # budget covers every block
+        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=10**6))  # budget covers every block
         every = model(ids)
-        model.enable_flexprefill(min_len=64, block_size=16, min_budget=16, gamma=0.3)
+        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=16, gamma=0.3))
         sparse = model(ids)
         cache = KVCache(cfg, 1, 301, "cpu", torch.float32)  # prefill sparse, then one dense decode step
         model(ids, cache=cache)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from swap_kv import main
+from tools.swap_kv import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,9 +3,9 @@ How fast is the streaming loop at full size? The Qwen2.5-VL-7B config (random we
 them) streams a synthetic 720p video for --seconds, decoding exactly --max-new-tokens tokens every second, under
 each policy and decode path; with --hf, transformers' own Qwen2.5-VL holding the same tensors runs the same loop.
 
-  python bench_stream.py                                   # 7B, 720p, 3,600 s: streaming, native and full
-  python bench_stream.py --hf --policies streaming --decode graphs,compiled --seconds 150 --warmup 30
-  python bench_stream.py --preset tiny --height 56 --width 84 --seconds 8 --warmup 2   # a CPU smoke run
+  python -m tools.bench_stream                                   # 7B, 720p, 3,600 s: streaming, native and full
+  python -m tools.bench_stream --hf --policies streaming --decode graphs,compiled --seconds 150 --warmup 30
+  python -m tools.bench_stream --preset tiny --height 56 --width 84 --seconds 8 --warmup 2   # a CPU smoke run
 
 The ideas:
 - The same work every second, so that seconds compare: a teacher-forced reply of one-token words, " ..." and
@@ -34,6 +34,7 @@ from cli import Parser, at_least
 from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
                   steady_capacity, sync, table, timed_seconds)
 from layout import FRAME_PIXELS, end_ids, prefix_segments, reply_ids, user_ids
+from flexprefill import enable_flexprefill
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, preprocess_video
 
@@ -48,14 +49,14 @@ def build_models(args):
     cfg.vocab_size = max(cfg.vocab_size, len(tok))
     hf = None
     if args.hf:
-        from bench_model import twins  # transformers' model built first; ours shares its tensors
+        from tools.bench_model import twins  # transformers' model built first; ours shares its tensors
         torch.manual_seed(0)
         hf, model = twins(cfg, device, dtype)
     else:
         with torch.device(device):
             model = VLM(cfg).to(dtype).init_weights(std=0.02).eval()
     if args.flexprefill:
-        model.enable_flexprefill()
+        enable_flexprefill(model)
     return model, hf, tok
 
 
@@ -159,7 +160,7 @@ def plot(out, name, series, xlabel, ylabel):
     plt.close(fig)
 
 def build_parser():
-    ap = Parser(prog="bench_stream.py", description=__doc__.strip().split("\n\n")[0],
+    ap = Parser(prog="python -m tools.bench_stream", description=__doc__.strip().split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--preset", default="7B", choices=list(PRESETS), help="model config (random weights)")
     ap.add_argument("--seconds", type=at_least(1), default=3600, help="stream length")
@@ -227,7 +228,7 @@ def main(argv=None):
     args = get_args(argv)
     model, hf, tok = build_models(args)
     if args.max_new_tokens < len(end_ids(tok)):
-        sys.exit(f"bench_stream.py: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, ' ...' "
+        sys.exit(f"python -m tools.bench_stream: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, ' ...' "
                  "and <|im_end|>)")
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]

@@ -11,7 +11,7 @@ world up to second T, teacher-forced (the true commentary, so the cache holds wh
 holds), beside the recompute policy; then it decodes second T from the streamed cache with the K/V of one kind of
 kept token swapped for the fresh prefill's (same tokens, same positions: checked), one kind at a time.
 
-  python swap_kv.py --seed 62 --second 1168     # a goal the shipped model misreads when it evicts every second
+  python -m tools.swap_kv --seed 62 --second 1168     # a goal the shipped model misreads when it evicts every second
 
 Reference: StreamingVLM, arXiv 2510.09608 (the cache; their inference reuses K/V the same way).
 """
@@ -76,7 +76,7 @@ def swap(args):
 
 def main(argv=None):
     """The command line; returns what swap() decoded."""
-    ap = Parser(prog="swap_kv.py", description=__doc__.strip().split("\n\n")[0],
+    ap = Parser(prog="python -m tools.swap_kv", description=__doc__.strip().split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
     ap.add_argument("--seed", type=HELD_OUT_SEED, default=62,

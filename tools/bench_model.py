@@ -8,8 +8,8 @@ transformers' own Qwen2_5_VLForConditionalGeneration holding the *same* tensors 
   - peak GPU memory; optionally (--load-test) save our model and load it back through from_pretrained,
     reporting the peak CPU memory of the process (the loader streams tensors to the GPU one at a time).
 
-    python bench_model.py                   # needs CUDA and transformers
-    python bench_model.py --preset 3B --json out/bench_model.json
+    python -m tools.bench_model                   # needs CUDA and transformers
+    python -m tools.bench_model --preset 3B --json out/bench_model.json
 """
 import argparse
 import os
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench_flexprefill import timeit
+from tools.bench_flexprefill import timeit
 from cli import Parser, at_least, checked
 from eval import Results
 from model import PRESETS, VLM, canonical_name
@@ -142,7 +142,7 @@ def load_test(ours):
 
 
 def get_args(argv=None):
-    ap = Parser(prog="bench_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m tools.bench_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="7B", choices=["3B", "7B"])
     ap.add_argument("--prefill", type=at_least(1), default=8192, help="prompt tokens of the prefill timing")
     ap.add_argument("--generate", type=at_least(1), default=20, help="greedy tokens compared")

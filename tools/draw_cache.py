@@ -9,8 +9,8 @@ join the previous text and the oldest of them fall out of its tail, and only the
 keep their vision tokens. A second panel shows the largest M-RoPE position: bounded with contiguous RoPE,
 growing without bound with the original ("native") positions.
 
-  python draw_cache.py                        # small windows so the picture is readable
-  python draw_cache.py --text-sink 512 --text-window 512 --vision-window 16 --seconds 600
+  python -m tools.draw_cache                        # small windows so the picture is readable
+  python -m tools.draw_cache --text-sink 512 --text-window 512 --vision-window 16 --seconds 600
 """
 import argparse
 import os

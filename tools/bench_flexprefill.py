@@ -8,11 +8,11 @@ FlexPrefill call, SDPA's default dense causal attention (and SDPA's FlashAttenti
 kept fraction of causal blocks, the share of query-aware heads and the output error against SDPA's output
 (nothing N x N is built). Times are medians over --iters runs after --warmup runs (CUDA events on GPU).
 
-    python bench_flexprefill.py                                   # H100: 8k, 32k, 64k, 128k
-    python bench_flexprefill.py --lengths 131072 --compile-select --json out.json
-    python bench_flexprefill.py --activations qkv_layer10.pt      # q, k, v captured from a model
-    python bench_flexprefill.py --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
-    python bench_flexprefill.py --long-prefill --model out/tiny   # dense vs FlexPrefill answers, a trained model
+    python -m tools.bench_flexprefill                                   # H100: 8k, 32k, 64k, 128k
+    python -m tools.bench_flexprefill --lengths 131072 --compile-select --json out.json
+    python -m tools.bench_flexprefill --activations qkv_layer10.pt      # q, k, v captured from a model
+    python -m tools.bench_flexprefill --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
+    python -m tools.bench_flexprefill --long-prefill --model out/tiny   # dense vs FlexPrefill answers, a trained model
 
 --long-prefill asks a trained checkpoint questions whose answers need the whole video (world.QUESTIONS: the
 score, the number of goals, the first scorer) after prefilling --seconds of a held-out stream in one forward,
@@ -27,7 +27,6 @@ import os
 import statistics
 import time
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,9 @@ from tqdm import tqdm
 from cli import Parser, at_least, checked
 from data import build_sample
 from eval import Results, hardware, table
-from flexprefill import (FlexPrefill, _flex, block_mask_from_selection, causal_attention, flexprefill_attention,
+from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
                          select_blocks, sparse_attention)
+from model import causal_attention
 from layout import question_segments
 from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
@@ -109,15 +109,15 @@ def load_activations(path):
 
 def run_one(name, q, k, v, args, device, select_fn):
     N = q.shape[2]
-    kw = dict(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, max_budget=args.max_budget,
-              block_size=args.block_size)
+    cfg = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, max_budget=args.max_budget,
+                            block_size=args.block_size)
     backend = args.backend if args.backend != "auto" else ("flex" if device.type == "cuda" else "dense")
     bench = lambda fn: timeit(fn, device, args.warmup, args.iters)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    sel, info = select_fn(q, k, **kw)
+    sel, info = select_fn(q, k, cfg)
     peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
     out = sparse_attention(q, k, v, sel, args.block_size, backend)
     dense = causal_attention(q, k, v)
@@ -127,7 +127,7 @@ def run_one(name, q, k, v, args, device, select_fn):
                max_err=err.max().item(), mean_err=err.mean().item(), select_peak_gib=peak_gib)
     del out, dense, err
 
-    row["select_ms"] = bench(lambda: select_fn(q, k, **kw))
+    row["select_ms"] = bench(lambda: select_fn(q, k, cfg))
     if backend == "flex":
         block_mask = block_mask_from_selection(sel, N, N, args.block_size)
         row["mask_ms"] = bench(lambda: block_mask_from_selection(sel, N, N, args.block_size))
@@ -135,7 +135,7 @@ def run_one(name, q, k, v, args, device, select_fn):
     else:   # the dense reference backend builds an N x N token mask inside
         row["mask_ms"] = float("nan")
         row["attn_ms"] = bench(lambda: sparse_attention(q, k, v, sel, args.block_size, backend))
-    row["total_ms"] = bench(lambda: sparse_attention(q, k, v, select_fn(q, k, **kw)[0], args.block_size, backend))
+    row["total_ms"] = bench(lambda: sparse_attention(q, k, v, select_fn(q, k, cfg)[0], args.block_size, backend))
     row["sdpa_ms"] = bench(lambda: causal_attention(q, k, v))
     row["sdpa_fa2_ms"] = float("nan")
     if device.type == "cuda":
@@ -164,18 +164,18 @@ def print_row(row):
 # The long-prefill check: the answers of a trained model, dense and sparse
 
 
-@dataclass
 class MeasuredFlexPrefill(FlexPrefill):
     """FlexPrefill that also records, for each chunk it makes sparse, the kept density (1.0 where it fell back to
     dense) and the relative error of its output against dense causal attention (computed beside it: slower)."""
-    density: list = field(default_factory=list)
-    rel_err: list = field(default_factory=list)
+
+    def __init__(self, cfg=FlexPrefillConfig()):
+        super().__init__(cfg)
+        self.density, self.rel_err = [], []
 
     def __call__(self, q, k, v):
-        if q.shape[2] < self.min_len:
+        if q.shape[2] < self.cfg.min_len:
             return causal_attention(q, k, v)
-        out, info = flexprefill_attention(q, k, v, self.gamma, self.tau, self.min_budget, self.max_budget,
-                                          self.block_size, return_info=True, backend=self.backend)
+        out, info = flexprefill_attention(q, k, v, self.cfg, return_info=True)
         dense = causal_attention(q, k, v)
         self.density.append(1.0 if info["dense_fallback"] else float(info["density"].float().mean()))
         self.rel_err.append(float((out - dense).float().norm() / dense.float().norm()))
@@ -198,8 +198,8 @@ def ask_stream(args, model, tok, st, world, res):
     """The three questions after --seconds of one held-out world: dense, FlexPrefill, and the streaming cache.
     Returns the rows and (dense, FlexPrefill) prefill seconds of the first question (they share all but a few
     tokens)."""
-    fast = FlexPrefill(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
-    measured = MeasuredFlexPrefill(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
+    cfg = FlexPrefillConfig(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
+    fast, measured = FlexPrefill(cfg), MeasuredFlexPrefill(cfg)
     secs = [world.second(t) for t in range(args.seconds)]
     kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
@@ -302,7 +302,7 @@ def kernel_bench(args):
 
 
 def build_parser():
-    p = Parser(prog="bench_flexprefill.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tools.bench_flexprefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=at_least(1), nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--heads", type=at_least(1), nargs=2, default=[28, 4], metavar=("HQ", "HKV"))

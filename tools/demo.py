@@ -5,8 +5,8 @@ render an animated GIF of a window of it with the model's live commentary and th
 The model streams from second 0 (the score it says at a goal is read from its own earlier commentary, which only
 a stream from the start has); the GIF shows `--seconds` of it around a goal.
 
-  python demo.py                                   # the shipped checkpoint, held-out stream 0 -> assets/demo.gif
-  python demo.py --model out/tiny --seed 3 --out demo.gif
+  python -m tools.demo                                   # the shipped checkpoint, held-out stream 0 -> assets/demo.gif
+  python -m tools.demo --model out/tiny --seed 3 --out demo.gif
 """
 import os
 
@@ -40,7 +40,7 @@ def panel(frame, t, said, truth, score, scale=4):
 
 
 def main(argv=None):
-    ap = Parser(prog="demo.py", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=default_model(), help=f"checkpoint folder (default {default_model()})")
     ap.add_argument("--seed", type=HELD_OUT_SEED, default=0,
                     help="which held-out stream, as eval.py --seed (default 0)")
