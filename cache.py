@@ -35,33 +35,18 @@ Design choices:
   keys the cached key is bit-identical to the one a fresh prefill at the new position computes.
 - Per-token bookkeeping lives on the CPU: token id, segment kind (layout.Kind), round, and the position relative
   to its "unit" (a text token, or a whole vision block) from which contiguous positions are re-derived.
-- Two of the paper's baselines are cache policies (POLICIES): full attention (never evict) and native RoPE
-  (evict but keep the old, growing positions: the paper's Table 4 ablation). The other two, sliding windows with
-  and without overlap, change the loop rather than the cache (stream.py).
+- Two of the paper's baselines are settings of this cache: full attention (evict=False) and native RoPE (evict,
+  but reindex=False keeps the old, growing positions: the paper's Table 4 ablation). The other two, sliding
+  windows with and without overlap, change the loop rather than the cache. All five are named in one table,
+  stream.POLICIES.
 - DecodeSlots is the cache as a fixed-shape decode step sees it (decode.py): whole-capacity views written at a
   device index, so the step can be captured in a CUDA graph.
 """
-from dataclasses import dataclass
-
 import torch
 
 from layout import Kind, cut_previous
 from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
 
-
-
-@dataclass
-class Policy:
-    name: str
-    evict: bool            # drop rounds that left the vision window (replies move to the previous text)
-    reindex: bool          # contiguous RoPE: re-derive positions of the kept tokens after eviction
-
-
-POLICIES = {
-    "streaming": Policy("streaming", evict=True, reindex=True),
-    "native": Policy("native", evict=True, reindex=False),
-    "full": Policy("full", evict=False, reindex=False),
-}
 
 
 class KVCache:
@@ -107,10 +92,12 @@ class StreamingCache(KVCache):
     """A KVCache (update and commit are its) that stages tokens with their kind and round, keeps raw keys too,
     and evicts once a round."""
 
-    def __init__(self, cfg, policy="streaming", text_sink=512, text_window=512, vision_window=16,
+    def __init__(self, cfg, evict=True, reindex=True, text_sink=512, text_window=512, vision_window=16,
                  capacity=1024, device="cpu", dtype=torch.float32, evict_every=1):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
-        self.policy = POLICIES[policy] if isinstance(policy, str) else policy
+        # evict: drop rounds that left the vision window (their replies move to the previous text); reindex:
+        # contiguous RoPE, re-derive the kept tokens' positions after an eviction
+        self.evict_rounds, self.reindex = evict, reindex
         self.text_sink, self.text_window, self.vision_window = text_sink, text_window, vision_window
         # rounds leave in groups, at rounds that are multiples of evict_every: 1 is the paper's once a second; N is
         # what a training chunk cut into N s segments does (reuse.py), the window then holding vision_window to
@@ -187,9 +174,9 @@ class StreamingCache(KVCache):
     # ---- eviction and contiguous RoPE ------------------------------------------------------------------------
 
     def evict(self, current_round):
-        """Once per round, before round `current_round` is added: apply the policy's eviction (at every
-        evict_every-th round)."""
-        if not self.policy.evict or current_round % self.evict_every:
+        """Once per round, before round `current_round` is added: StreamingVLM's eviction (at every evict_every-th
+        round; never when the cache was made with evict=False)."""
+        if not self.evict_rounds or current_round % self.evict_every:
             return
         L = self.length
         keep, body = kept_after_eviction(self.kind[:L], self.round[:L], current_round, self.vision_window,
@@ -208,14 +195,14 @@ class StreamingCache(KVCache):
         self.pos[:, :n] = self.pos[:, keep]
         self.length = n
         dev_keep = keep.to(self.device)
-        if self.policy.reindex:
+        if self.reindex:
             self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
             cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
                                      self.dtype)
         for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
             self.v[layer, :, :, :n] = self.v[layer, :, :, dev_keep]
             self.raw_k[layer, :, :, :n] = self.raw_k[layer, :, :, dev_keep]
-            if self.policy.reindex:
+            if self.reindex:
                 self.k[layer, :, :, :n] = apply_rope(self.raw_k[layer, :, :, :n], cos, sin)
             else:
                 self.k[layer, :, :, :n] = self.k[layer, :, :, dev_keep]

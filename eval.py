@@ -7,8 +7,9 @@ into --out as it goes (one JSON line per stream second or question) and whole at
   python eval.py --video clip.mp4       # video: stream a real video through the checkpoint, save the commentary
   python eval.py --seed 7 --streams 3   # held-out streams 7, 8 and 9 instead of stream 0
 
-The policies (stream.POLICIES): the StreamingVLM cache, native RoPE (the same cache, growing positions), full
-attention, and two sliding windows (reset every --reset-every seconds; recompute the whole window every second).
+The policies (stream.POLICIES, one table): the StreamingVLM cache, native RoPE (the same cache, growing positions),
+full attention, and two sliding windows (reset every --reset-every seconds; recompute the whole window every second).
+The layout flags (--vision-window, --text-sink, ...) override the checkpoint's stream.json, as in stream.py.
 
 The ideas:
 - Held out: stream i of --seed N is world.split_seed("eval", N + i), a seed range that training never draws.
@@ -43,10 +44,10 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from layout import FPS, FRAME_PIXELS
+from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from processor import resize_video
 from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name, output_problem
-from stream import DECODERS, POLICIES, layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from stream import DECODERS, POLICIES, load_checkpoint, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
 
@@ -425,12 +426,11 @@ def decode_paths(text):
 def add_run_flags(ap, warmup, out):
     """The flags of the streaming loop that eval.py and tools/bench_stream.py share, each checked as it is parsed."""
     ap.add_argument("--out", default=out, help=f"folder for the JSON lines and the summary (default {out})")
-    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES),
-                    help=f"cache policies to run, one after another (default: all {len(POLICIES)})")
-    ap.add_argument("--max-new-tokens", type=at_least(1), help="reply tokens decoded at most a second (default: "
-                    "the checkpoint's stream.json, 20 without one)")
-    ap.add_argument("--evict-every", type=at_least(1), help="seconds between the streaming cache's evictions "
-                    "(default: the checkpoint's stream.json, 1 without one: every second)")
+    paper = [name for name, p in POLICIES.items() if p.paper]
+    ap.add_argument("--policies", nargs="+", default=paper, choices=list(POLICIES), help="policies to run, one after "
+                    f"another (default: the paper's {len(paper)}, {' '.join(paper)}); "
+                    + "; ".join(f"{name}: {p.about}" for name, p in POLICIES.items()))
+    add_layout_flags(ap)
     ap.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
                     help="seconds of wall time per policy and stream (default 0: none)")
     ap.add_argument("--warmup", type=at_least(0), default=warmup,

@@ -83,6 +83,47 @@ class StreamLayout:
         return out
 
 
+def layout_flags():
+    """The command-line flag of every StreamLayout field: {field: (argparse type, help)}. stream.py, eval.py and
+    tools/bench_stream.py take all of them (add_layout_flags), so a setting is never a flag in one script and
+    silently missing in another; tests/test_layout.py checks that every field has one."""
+    from cli import at_least, checked  # argparse types (cli.py imports nothing of ours that imports this file)
+    fraction = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+    return {
+        "system_prompt": (str, "the system prompt"),
+        "query": (str, "text after the first second's video (\"\" = none)"),
+        "text_sink": (at_least(0), "previous-text head tokens kept (an attention sink)"),
+        "text_window": (at_least(0), "previous-text tail tokens kept"),
+        "vision_window": (at_least(1), "seconds of vision (and their replies) kept"),
+        "evict_every": (at_least(1), "seconds between evictions (1: every second, as the paper)"),
+        "fps": (at_least(1), "frames a second fed to the model"),
+        "min_pixels": (at_least(1), "least pixels of a frame after resizing (smart_resize)"),
+        "max_pixels": (at_least(1), "most pixels of a frame after resizing (smart_resize)"),
+        "temperature": (at_least(0.0, float), "sampling temperature (0 = greedy)"),
+        "top_p": (fraction, "sample from the smallest set of tokens whose probability reaches this (1 = all)"),
+        "repetition_penalty": (checked(float, lambda v: v > 0, "> 0"), "divide the logits of tokens already "
+                               "said by this (1 = none)"),
+        "max_new_tokens": (at_least(1), "tokens decoded a second at most"),
+    }
+
+
+def add_layout_flags(ap):
+    """--layout NAME and a flag per StreamLayout field; each overrides the checkpoint's stream.json (layout_of)."""
+    ap.add_argument("--layout", choices=list(LAYOUTS), help="serve with a named layout instead of the checkpoint's "
+                    "stream.json; the flags below override either")
+    for name, (kind, text) in layout_flags().items():
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} (default: the checkpoint's "
+                        f"stream.json, else {getattr(StreamLayout, name)!r})")
+
+
+def layout_of(settings, args=None):
+    """The StreamLayout to serve with: the flags of add_layout_flags when given, else --layout or the checkpoint's
+    stream.json (`settings`, a dict), else our defaults. args=None: the stream.json alone."""
+    base = LAYOUTS[args.layout] if args is not None and args.layout else StreamLayout.from_dict(settings)
+    flags = {k: getattr(args, k) for k in layout_flags() if getattr(args, k) is not None} if args is not None else {}
+    return StreamLayout.from_dict({**asdict(base), **flags}, "the flags")
+
+
 LAYOUTS = {
     "nanostream": StreamLayout(),
     "streamingvlm": StreamLayout(query="Commentate on this match", text_sink=512, text_window=511,

@@ -15,8 +15,9 @@ step captured in a CUDA graph, greedily one step ahead of the host; decode="comp
 the vision blocks. Streamer.prepare() resizes a second's frames on the CPU and can run on a thread while step()
 works on the second before. Both are tested to give the plain loop's tokens.
 
-The paper's baselines: full attention and native RoPE are cache policies (cache.POLICIES); the sliding windows
-with and without overlap change the loop, so they are the two small subclasses at the end (POLICIES here).
+The paper's baselines are policies of this loop, all in one table (POLICIES): full attention and native RoPE are
+settings of the cache; the sliding windows with and without overlap change the loop, so they are two small
+subclasses of Streamer.
 
 Reference: StreamingVLM, arXiv 2510.09608, section 2 (inference) and mit-han-lab/streaming-vlm.
 Run: python stream.py --video clip.mp4 --vtt clip.vtt
@@ -26,16 +27,17 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 import cache as caches
-from cli import Parser, at_least, checked, default_model, device_name, unwritable
+from cli import Parser, at_least, default_model, device_name, unwritable
 from decode import GraphDecoder, decode_ahead
 from flexprefill import enable_flexprefill
-from layout import (FPS, FRAME_PIXELS, LAYOUTS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, end_ids, prefix_segments,
-                    question_segments, reply_ids, split_reply, stop_ids, user_ids)
+from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, add_layout_flags, end_ids,
+                    layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
 from processor import Tokenizer, patchify_video, read_json, resize_video
 from video import is_live, open_video, seconds_of
@@ -72,9 +74,10 @@ class Prepared(NamedTuple):
 
 
 class Streamer:
-    """Runs one policy over a stream: call step(frames) once per second; it returns the commentary."""
+    """The StreamingVLM loop over a stream: call step(frames) once per second; it returns the commentary. evict and
+    reindex are the cache's (cache.StreamingCache: evict=False is full attention, reindex=False native RoPE)."""
 
-    def __init__(self, model, tok, policy="streaming", text_sink=512, text_window=512, vision_window=16,
+    def __init__(self, model, tok, evict=True, reindex=True, text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
                  frame_pixels=FRAME_PIXELS, seed=0, fps=FPS, decode="plain", capacity=1024, readback=False,
                  timed=False, system_prompt=SYSTEM_PROMPT, query="", evict_every=1):
@@ -92,7 +95,7 @@ class Streamer:
         self.generator = torch.Generator().manual_seed(seed)
         self.previous_ids = tok.encode(previous_text) if previous_text else []
         self.silence, self.end, self.stops = tok.encode(SILENCE), end_ids(tok), stop_ids(tok)
-        self.cache = caches.StreamingCache(model.cfg, policy, text_sink, text_window, vision_window, capacity,
+        self.cache = caches.StreamingCache(model.cfg, evict, reindex, text_sink, text_window, vision_window, capacity,
                                            device=model.device, dtype=model.dtype, evict_every=evict_every)
         # the fast path: a graph-captured decode step (compiled too, and the vision blocks, with "compiled")
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda",
@@ -231,7 +234,7 @@ class ResetStreamer(Streamer):
     """Sliding window without overlap: start over with an empty cache every `reset_every` seconds."""
 
     def __init__(self, model, tok, reset_every=100, **kw):
-        super().__init__(model, tok, policy="full", **kw)
+        super().__init__(model, tok, **kw)
         self.reset_every = reset_every
 
     def step(self, frames, force_text=None):
@@ -245,7 +248,7 @@ class RecomputeStreamer(Streamer):
     included, from scratch (the cost the cache's reuse of K/V saves)."""
 
     def __init__(self, model, tok, **kw):
-        super().__init__(model, tok, policy="streaming", **kw)
+        super().__init__(model, tok, **kw)
         self.vision = {}  # round -> (pixel_values, grid, seconds per grid) of the rounds still kept
 
     def prefill(self, segments, vision=()):
@@ -258,20 +261,40 @@ class RecomputeStreamer(Streamer):
         return super().prefill([(ids, kinds, rounds)] + segments, [self.vision[r] for r in sorted(self.vision)])
 
 
-POLICIES = {"streaming": Streamer, "native": Streamer, "full": Streamer, "reset": ResetStreamer,
-            "recompute": RecomputeStreamer}
+# -----------------------------------------------------------------------------
+# The policies: one table. A new policy is one entry here (plus its class, if it changes the loop); eval.py, stream.py
+# --policy and the tests take the names from this table.
 
 
-def make_streamer(model, tok, policy="streaming", reset_every=100, **kw):
-    """A Streamer for one of POLICIES: the StreamingVLM cache, its two cache-policy baselines (native RoPE, full
-    attention), or the two sliding windows (reset every `reset_every` s; recompute with overlap)."""
+@dataclass(frozen=True)
+class Policy:
+    loop: type              # Streamer, or a subclass that changes the loop
+    evict: bool             # the cache drops rounds that left the vision window (their replies join the previous text)
+    reindex: bool           # contiguous RoPE: the kept tokens get fresh positions after an eviction
+    about: str              # one line for --help and the README
+    paper: bool = True      # one of the paper's five, which eval.py runs by default
+    takes: tuple = ()       # make_streamer keywords only this loop takes
+
+
+POLICIES = {
+    "streaming": Policy(Streamer, True, True, "StreamingVLM: attention sink, text and vision windows, contiguous RoPE"),
+    "native": Policy(Streamer, True, False, "the same cache with the original, growing positions (native RoPE)"),
+    "full": Policy(Streamer, False, False, "full attention: nothing is ever evicted"),
+    "reset": Policy(ResetStreamer, False, False, "sliding window without overlap: start over every reset_every s",
+                    takes=("reset_every",)),
+    "recompute": Policy(RecomputeStreamer, True, True, "sliding window with overlap: re-prefill the kept window "
+                        "(vision included) every second"),
+}
+
+
+def make_streamer(model, tok, policy="streaming", **kw):
+    """A streamer running one of POLICIES; kw are Streamer's (windows, sampling, decode path, ...) and, for the
+    policies that take them, their own (reset_every); those of other policies are ignored."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
-    if policy == "reset":
-        return ResetStreamer(model, tok, reset_every=reset_every, **kw)
-    if policy == "recompute":
-        return RecomputeStreamer(model, tok, **kw)
-    return Streamer(model, tok, policy=policy, **kw)
+    p = POLICIES[policy]
+    others = {k for q in POLICIES.values() for k in q.takes} - set(p.takes)
+    return p.loop(model, tok, evict=p.evict, reindex=p.reindex, **{k: v for k, v in kw.items() if k not in others})
 
 # -----------------------------------------------------------------------------
 # Checkpoints and the command line
@@ -309,13 +332,6 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None):
     if flexprefill:
         enable_flexprefill(model)
     return model, tok, settings
-
-
-def layout_of(settings, args=None):
-    """The StreamLayout to serve with: a flag when given, else the checkpoint's stream.json, else our defaults."""
-    base = LAYOUTS[args.layout] if getattr(args, "layout", None) else StreamLayout.from_dict(settings)
-    flags = {k: getattr(args, k) for k in vars(StreamLayout()) if getattr(args, k, None) is not None}
-    return StreamLayout(**{**vars(base), **flags})
 
 
 def streamer_kwargs(layout):
@@ -402,23 +418,11 @@ def build_parser():
     ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
     ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, max_position)")
     ap.add_argument("--realtime", action="store_true", help="pace by the wall clock; skip seconds when behind")
-    ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="cache policy (default streaming)")
+    ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="default streaming; "
+                    + "; ".join(f"{name}: {p.about}" for name, p in POLICIES.items()))
     ap.add_argument("--seconds", type=at_least(0), default=0, help="stop after this many seconds (default 0: the "
                     "whole video)")
-    ap.add_argument("--layout", choices=list(LAYOUTS), help="serve with a named layout (layout.py) instead of the "
-                    "checkpoint's stream.json; the flags below override either")
-    ap.add_argument("--query", help="text after the first second's video")
-    ap.add_argument("--text-sink", type=at_least(0), help="previous-text head tokens")
-    ap.add_argument("--text-window", type=at_least(0), help="previous-text tail tokens")
-    ap.add_argument("--vision-window", type=at_least(1), help="seconds of vision kept")
-    ap.add_argument("--evict-every", type=at_least(1), help="seconds between evictions (1: every second)")
-    ap.add_argument("--max-new-tokens", type=at_least(1), help="tokens decoded a second at most")
-    ap.add_argument("--temperature", type=at_least(0.0, float), help="0 = greedy")
-    ap.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "in (0, 1]"),
-                    help="sample from the smallest set of tokens whose probability reaches this (1 = all)")
-    ap.add_argument("--repetition-penalty", type=checked(float, lambda v: v > 0, "> 0"),
-                    help="divide the logits of tokens already said by this (1 = none)")
-    ap.add_argument("--max-pixels", type=at_least(1), help="per-frame pixel budget (smart_resize)")
+    add_layout_flags(ap)
     ap.add_argument("--previous-text", default="", help="context the commentary continues from")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "

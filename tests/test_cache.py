@@ -8,9 +8,7 @@ the point of the cache), and only the no-eviction comparison can be exact.
 import pytest
 import torch
 
-from cache import StreamingCache
 from layout import Kind, end_ids, prefix_segments, round_segments
-from model import PRESETS
 from stream import POLICIES, make_streamer
 
 from conftest import frames, script, tiny_model
@@ -200,10 +198,17 @@ def test_decoding_loop_generates_and_stops(tok):
     assert (kinds == Kind.REPLY).sum() <= 3 * 5
 
 
-def test_policies_are_named():
-    assert set(POLICIES) == {"streaming", "native", "full", "reset", "recompute"}
-    with pytest.raises(KeyError):
-        StreamingCache(PRESETS["tiny"](), policy="bogus")
+def test_one_table_of_policies(tok):
+    """stream.POLICIES is the one list: the paper's five are in it, make_streamer builds each entry's loop with its
+    cache settings, and an unknown name is refused."""
+    assert {"streaming", "native", "full", "reset", "recompute"} <= {n for n, p in POLICIES.items() if p.paper}
+    model = tiny_model(tok, layers=1)
+    for name, p in POLICIES.items():
+        s = make_streamer(model, tok, name, reset_every=7)
+        assert type(s) is p.loop and (s.cache.evict_rounds, s.cache.reindex) == (p.evict, p.reindex)
+        assert getattr(s, "reset_every", 7) == 7
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_streamer(model, tok, "bogus")
 
 
 def test_evict_every_lets_rounds_leave_in_groups(tok):

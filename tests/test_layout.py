@@ -66,3 +66,34 @@ def test_layout_cli_replaces_the_layout_and_keeps_the_training_notes(tmp_path, c
     assert d["text_sink"] == 512 and d["query"] == "Commentate on this match" and d["layout"] == "streamingvlm"
     assert d["frame_size"] == 56 and d["train_goal_rate"] == [0.01, 0.1]
     assert "keeping its notes: frame_size, train_goal_rate" in capsys.readouterr().out
+
+
+def test_every_layout_setting_is_a_flag_of_every_serving_script():
+    """One set of layout flags: each StreamLayout field is a flag of stream.py, eval.py and tools/bench_stream.py,
+    it overrides the checkpoint's stream.json (layout_of), and --layout picks a named layout under the flags."""
+    from dataclasses import fields
+    import eval as evaluate
+    import stream
+    from layout import layout_flags, layout_of
+    from tools import bench_stream
+    assert set(layout_flags()) == {f.name for f in fields(StreamLayout)}
+    for parser, required in ((stream.build_parser(), ["--video", "v.mp4"]), (evaluate.build_parser(), []),
+                             (bench_stream.build_parser(), [])):
+        args = parser.parse_args(required + ["--vision-window", "8", "--text-sink", "32", "--query", "Q",
+                                             "--top-p", "0.5", "--min-pixels", "3136"])
+        got = layout_of({"vision_window": 4, "text_window": 100}, args)
+        assert got == StreamLayout(vision_window=8, text_sink=32, text_window=100, query="Q", top_p=0.5,
+                                   min_pixels=3136)
+        args = parser.parse_args(required + ["--layout", "streamingvlm", "--text-window", "7"])
+        assert layout_of({"text_window": 100}, args) == StreamLayout(**{**vars(LAYOUTS["streamingvlm"]),
+                                                                         "text_window": 7})
+
+
+@pytest.mark.parametrize("argv", [["--vision-window", "0"], ["--top-p", "2"], ["--temperature", "-1"],
+                                  ["--layout", "bogus"], ["--fps", "x"]])
+def test_a_bad_layout_flag_is_one_line(argv, capsys):
+    import stream
+    with pytest.raises(SystemExit):
+        stream.build_parser().parse_args(["--video", "v.mp4"] + argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and argv[0] in err

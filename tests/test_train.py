@@ -55,7 +55,7 @@ def test_training_chunk_is_byte_identical_to_the_teacher_forced_stream(tok):
     secs = [w.second(t) for t in range(5)]
     assert any(s.text for s in secs) and not all(s.text for s in secs)
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], 16, 16)
-    s = Streamer(tiny_model(tok), tok, policy="full", text_sink=16, text_window=16)
+    s = Streamer(tiny_model(tok), tok, evict=False, text_sink=16, text_window=16)  # full attention
     for sec in secs:
         assert s.step(sec.frames, force_text=sec.text) == sec.text
     ids, _, _ = s.cache.tokens()

@@ -40,7 +40,8 @@ from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_
                          select_blocks, sparse_attention)
 from model import causal_attention
 from layout import question_segments
-from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from layout import layout_of
+from stream import load_checkpoint, make_streamer, streamer_kwargs
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 

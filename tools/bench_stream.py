@@ -33,10 +33,11 @@ import torch
 from cli import Parser, at_least
 from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
                   steady_capacity, sync, table, timed_seconds)
-from layout import FRAME_PIXELS, end_ids, prefix_segments, reply_ids, user_ids
+from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
 from flexprefill import enable_flexprefill
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, preprocess_video
+from stream import streamer_kwargs
 
 
 def build_models(args):
@@ -78,7 +79,7 @@ def hf_loop(hf, tok, seconds, frames_of, args, after=None):
     dev, n = hf.device, args.max_new_tokens
     fresh_peak(dev)
     types = int(transformers.__version__.split(".")[0]) >= 5  # 5.x builds M-RoPE runs from token types it is given
-    pixels = dict(min_pixels=FRAME_PIXELS[0], max_pixels=FRAME_PIXELS[1])  # what the Streamer resizes to
+    pixels = dict(min_pixels=args.stream_layout.min_pixels, max_pixels=args.stream_layout.max_pixels)  # as the Streamer resizes
     state = dict(cache=DynamicCache(), ids=torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]],
                                                          device=dev))
     records = []
@@ -166,7 +167,6 @@ def build_parser():
     ap.add_argument("--seconds", type=at_least(1), default=3600, help="stream length")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels")
-    ap.add_argument("--fps", type=int, default=2, choices=[2, 4, 6, 8], help="frames a second")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill (FlexPrefill) in our model")
     ap.add_argument("--hf", action="store_true", help="also run transformers' Qwen2.5-VL (same weights) on the same "
                     "loop with its default cache and generate()")
@@ -174,7 +174,7 @@ def build_parser():
     ap.add_argument("--no-readback", action="store_true", help="do not read each forced token's argmax back to "
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
     add_run_flags(ap, warmup=30, out="out/bench")
-    ap.set_defaults(policies=["streaming", "native", "full"], max_new_tokens=20)
+    ap.set_defaults(policies=["streaming", "native", "full"])
     return ap
 
 
@@ -182,6 +182,9 @@ def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     check_run_flags(ap, args)
+    # the layout flags over our defaults (no checkpoint here): windows, frame rate and pixels, reply cap
+    args.stream_layout = layout_of({}, args)
+    args.fps, args.max_new_tokens = args.stream_layout.fps, args.stream_layout.max_new_tokens
     on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if not on_gpu and args.preset != "tiny":  # 7B: ~15 GiB of weights, minutes a second on a CPU
         ap.error(f"--preset {args.preset} streams a full-size model: a GPU's work. On a CPU, the smoke run: --preset "
@@ -198,7 +201,9 @@ def run_all(args, model, hf, tok, frames_of, warmup, res):
     """transformers first (when asked), then every policy x decode path; a table row and a summary for each."""
     rows, runs, hf_window, hf_ms = [], {}, (0, 0), None
     reply = fixed_reply(tok, args.max_new_tokens)
-    capacity = steady_capacity(frames_of(0), fps=args.fps)[1]  # the Streamer's default windows
+    kw = streamer_kwargs(args.stream_layout)
+    capacity = steady_capacity(frames_of(0), kw["fps"], kw["text_sink"], kw["text_window"], kw["vision_window"],
+                               kw["frame_pixels"], kw["evict_every"])[1]
     for name, decode in ([("transformers", "generate")] if hf is not None else []) + [
             (p, d) for p in args.policies for d in args.decode]:
         log = lambda s, rec: res.log(policy=name, decode=decode, **{k: v for k, v in rec.items() if k != "text"})
@@ -208,8 +213,8 @@ def run_all(args, model, hf, tok, frames_of, warmup, res):
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
             r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
-                              max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
-                              readback=not args.no_readback, decode=decode, timed=True), warmup
+                              **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
+                                     timed=True)), warmup
         row = report(name, decode, r, w)
         ours = ms_per_token(r["seconds"][hf_window[0]:hf_window[1]])
         if name == "transformers":
@@ -233,7 +238,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
     frames_of = lambda t: [frames[(t + j) % 4] for j in range(args.fps)]
-    n_vision = steady_capacity(frames_of(0), fps=args.fps)[0]
+    n_vision = steady_capacity(frames_of(0), args.fps, frame_pixels=(args.stream_layout.min_pixels,
+                                                                      args.stream_layout.max_pixels))[0]
     warmup = min(args.warmup, args.seconds // 2)
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
           f"tokens a second), {args.seconds} s; means leave out the first {warmup} s", flush=True)
@@ -244,7 +250,7 @@ def main(argv=None):
         print(f"hf_ms_per_token_ratio: transformers' ms per token over ours in the same seconds of the stream "
               f"({hf_window[0]} to {hf_window[1]}: transformers runs the first {min(args.seconds, args.hf_seconds)} s "
               "only, its cache only grows), same weights, same loop, same run")
-    result = dict(settings=vars(args), hardware=hardware(), runs=runs)
+    result = dict(settings=dict(vars(args), stream_layout=vars(args.stream_layout)), hardware=hardware(), runs=runs)
     res.save(result)
     # second 0 left out: its start-up (and compilation, tens of seconds) would flatten everything else
     plot(args.out, "bench_stream_latency", {p: (range(1, len(v["latency"])), v["latency"][1:])

@@ -13,7 +13,8 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from cli import HELD_OUT_SEED, Parser, at_least, default_model, unwritable
-from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from layout import layout_of
+from stream import load_checkpoint, make_streamer, streamer_kwargs
 from world import SportsStream, WorldConfig, split_seed
 
 GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (170, 170, 170)

@@ -22,6 +22,7 @@ from cache import StreamingCache
 from layout import Kind, end_ids, prefix_segments, reply_ids, user_ids
 from model import PRESETS
 from processor import Tokenizer, build_tokenizer
+from stream import POLICIES
 
 COLOURS = {Kind.SYS: "#444444", Kind.PREV_HEAD: "#444444", Kind.PREV_BODY: "#e08e0b", Kind.PREV_END: "#444444",
            Kind.USER: "#3b7dd8", Kind.REPLY: "#2ca02c", Kind.END: "#98df8a"}
@@ -36,7 +37,8 @@ def simulate(policy, seconds, text_sink, text_window, vision_window, n_vision=8,
     tok = Tokenizer(build_tokenizer(LINES * 10 + ["Time=12.0-13.0s", " ..."], vocab_size=300))
     cfg = PRESETS["tiny"](vocab_size=len(tok))
     cfg.num_hidden_layers, cfg.video_token_id = 1, tok.video_pad_id
-    cache = StreamingCache(cfg, policy, text_sink, text_window, vision_window, capacity=256)
+    p = POLICIES[policy]  # streaming or native: the same cache, re-indexed or not
+    cache = StreamingCache(cfg, p.evict, p.reindex, text_sink, text_window, vision_window, capacity=256)
     grid = torch.tensor([[1, 2 * int(n_vision ** 0.5), 2 * int(n_vision ** 0.5)]])  # n_vision merged tokens
     rng, kinds, maxpos = random.Random(seed), [], []
     pending = [(ids, kind, 0) for ids, kind in prefix_segments(tok, [], text_sink, text_window)]

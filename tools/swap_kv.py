@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from eval import held_out
-from layout import Kind
 from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name
-from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
+from layout import Kind, add_layout_flags, layout_of
+from stream import load_checkpoint, make_streamer, streamer_kwargs
 
 
 def variants(kind, rnd, T):
@@ -84,8 +84,9 @@ def main(argv=None):
     ap.add_argument("--second", type=at_least(1), default=1168, help="the second to decode, streamed up to it "
                     "(default 1168: the first miss of stream 62)")
     ap.add_argument("--capacity", type=at_least(256), default=4096, help="cache slots in tokens (default 4096)")
-    ap.add_argument("--evict-every", type=at_least(1), default=1, help="seconds between evictions (default 1: every "
-                    "second, the paper's, where the shipped model's misses above are; its stream.json says 8)")
+    add_layout_flags(ap)
+    # evicting every second, the paper's way, is where the shipped model's misses above are (its stream.json says 8)
+    ap.set_defaults(evict_every=1)
     ap.add_argument("--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if any)")
     return swap(ap.parse_args(argv))
 
