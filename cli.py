@@ -10,11 +10,19 @@ The command line every script shares: a user's mistake costs one line, not a tra
   hour into a run).
 - SHIPPED / default_model: the checkpoint that ships in this repository (checkpoints/tiny), found from the code's
   own folder, so `python /path/to/eval.py` works from anywhere, and `python train.py` is refused to write over it.
+- Results / table / hardware: results written as they come in (a JSON line each, flushed) and whole at the end
+  (a temporary file, then a rename), the printed tables, the machine named beside every number.
+- stop_on_ctrl_c: Ctrl-C finishes the step in progress instead of losing the work since the last save.
 """
 import argparse
+import contextlib
+import json
 import math
 import os
+import platform
+import signal
 import tempfile
+import time
 
 import torch
 
@@ -108,3 +116,94 @@ def unwritable(path, folder=True):
     except OSError as e:
         return f"{path}: cannot write there ({e.strerror or e})"
     return None
+
+
+def rate_or_range(text):
+    """'0.02' -> 0.02; '0.005:0.05' -> (0.005, 0.05)"""
+    lo, colon, hi = text.partition(":")
+    try:
+        rates = (float(lo), float(hi)) if colon else (float(lo),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate or LO:HI, got {text!r}")
+    if not all(0 < r < 1 for r in rates) or rates != tuple(sorted(rates)):
+        raise argparse.ArgumentTypeError(f"rates must be in (0, 1) with LO <= HI, got {text!r}")
+    return rates if colon else rates[0]
+
+
+def adam_betas(text):
+    """'0.9,0.999' -> (0.9, 0.999)"""
+    try:
+        betas = tuple(float(b) for b in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise argparse.ArgumentTypeError(f"expected B1,B2 with each in [0, 1), got {text!r}")
+    return betas
+
+
+# -----------------------------------------------------------------------------
+# Results and interruptions
+
+
+def hardware():
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return f"{dev}, torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
+
+
+def table(rows, cols=None):
+    cols = cols or list(dict.fromkeys(c for r in rows for c in r))
+    show = lambda v: "-" if v is None else f"{v}"
+    widths = [max(len(c), *(len(show(r.get(c))) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(show(r.get(c)).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+class Results:
+    """What a task measures, kept as it goes: log(**row) appends a JSON line to OUT/NAME.jsonl and flushes it (an
+    interrupted run keeps every line written); save(summary) writes OUT/NAME.json whole (a temporary file, then a
+    rename: a reader never sees half a file)."""
+
+    def __init__(self, out, name):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, name)
+        self.lines = open(self.path + ".jsonl", "w")
+
+    @classmethod
+    def at(cls, path):
+        """Results for a --json FILE.json flag: the summary there, the lines in FILE.jsonl."""
+        stem = path[:-5] if path.endswith(".json") else path
+        return cls(os.path.dirname(os.path.abspath(stem)), os.path.basename(stem))
+
+    def log(self, **row):
+        self.lines.write(json.dumps(row) + "\n")
+        self.lines.flush()
+
+    def save(self, summary):
+        with open(self.path + ".json.tmp", "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(self.path + ".json.tmp", self.path + ".json")
+        self.lines.close()
+        print(f"wrote {self.path}.json (and {os.path.basename(self.path)}.jsonl, written as it went)")
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(enabled):
+    """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
+    checkpoint (a second Ctrl-C stops at once). One process in its main thread only: under torchrun every rank
+    would have to agree. The handler only raises a flag; the loop reads it between steps. A SIGINT within two
+    seconds of the first is the same one sent twice, not a second Ctrl-C: GNU `timeout -s INT` signals the process and
+    then its process group, and under load the two can reach the handler one by one (`timeout --foreground` sends
+    one)."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop and time.monotonic() - stop[0] > 2:
+            raise KeyboardInterrupt
+        stop.append(time.monotonic())
+    previous = signal.signal(signal.SIGINT, handler) if enabled else None
+    try:
+        yield stop
+    finally:
+        if enabled:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

@@ -28,14 +28,13 @@ The ideas:
   past --time-limit is reported with the second it stopped at, and a video the reader rejects ends the run with
   one line after the commentary so far is saved.
 
-Speed is benchmarked in tools/bench_stream.py, tools/bench_flexprefill.py and tools/bench_model.py. Reference: StreamingVLM, arXiv
+Speed is benchmarked in tools/bench_stream.py, tools/bench_flexprefill.py and tools/bench_model.py. Reference:
+StreamingVLM, arXiv
 2510.09608, and mit-han-lab/streaming-vlm.
 """
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from processor import resize_video
-from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name, output_problem
+from cli import HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, hardware, output_problem, table
 from stream import DECODERS, POLICIES, load_checkpoint, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
@@ -122,52 +121,6 @@ def mean(xs, digits=3):
 
 def ms(seconds):
     return None if seconds is None else round(1000 * seconds, 1)
-
-# -----------------------------------------------------------------------------
-# Output: printed tables, JSON lines as results come in, the summary written whole
-
-
-def hardware():
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return f"{dev}, torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}"
-
-
-def table(rows, cols=None):
-    cols = cols or list(dict.fromkeys(c for r in rows for c in r))
-    show = lambda v: "-" if v is None else f"{v}"
-    widths = [max(len(c), *(len(show(r.get(c))) for r in rows)) for c in cols]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(show(r.get(c)).ljust(w) for c, w in zip(cols, widths)) for r in rows]
-    return "\n".join(lines)
-
-
-class Results:
-    """What a task measures, kept as it goes: log(**row) appends a JSON line to OUT/NAME.jsonl and flushes it (an
-    interrupted run keeps every line written); save(summary) writes OUT/NAME.json whole (a temporary file, then a
-    rename: a reader never sees half a file)."""
-
-    def __init__(self, out, name):
-        os.makedirs(out, exist_ok=True)
-        self.path = os.path.join(out, name)
-        self.lines = open(self.path + ".jsonl", "w")
-
-    @classmethod
-    def at(cls, path):
-        """Results for a --json FILE.json flag: the summary there, the lines in FILE.jsonl."""
-        stem = path[:-5] if path.endswith(".json") else path
-        return cls(os.path.dirname(os.path.abspath(stem)), os.path.basename(stem))
-
-    def log(self, **row):
-        self.lines.write(json.dumps(row) + "\n")
-        self.lines.flush()
-
-    def save(self, summary):
-        with open(self.path + ".json.tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(self.path + ".json.tmp", self.path + ".json")
-        self.lines.close()
-        print(f"wrote {self.path}.json (and {os.path.basename(self.path)}.jsonl, written as it went)")
-
 
 # -----------------------------------------------------------------------------
 # The timed loop: ours here, transformers' in tools/bench_stream.py

@@ -133,10 +133,11 @@ def tiny_config(tok, layers=4, width=256):
 
 
 def causal_attention(q, k, v):
-    """Dense causal SDPA, the model's default attention and the reference FlexPrefill (flexprefill.py) is tested against. q (B, Hq, Nq, D),
-    k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions (a chunk on a KV cache): causal
-    aligned to the bottom right, which SDPA's is_causal (top-left) is not. causal_lower_right reaches the flash
-    kernel on a GPU with GQA and no mask in memory; elsewhere it falls back to a materialised mask."""
+    """Dense causal SDPA: the model's default attention, and the reference that FlexPrefill (flexprefill.py) is
+    tested against. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions
+    (a chunk on a KV cache): causal aligned to the bottom right, which SDPA's is_causal (top-left) is not.
+    causal_lower_right reaches the flash kernel on a GPU with GQA and no mask in memory; elsewhere it falls back to
+    a materialised mask."""
     Nq, Nk, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
     if Nq == Nk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -39,7 +38,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import Parser, at_least, checked, device_name, output_problem, unwritable
+from cli import (Parser, adam_betas, at_least, checked, device_name, output_problem, rate_or_range, stop_on_ctrl_c,
+                 unwritable)
 from data import DataError, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
@@ -51,29 +51,6 @@ from world import WorldConfig
 
 # -----------------------------------------------------------------------------
 # settings: every default in one place
-
-
-def rate_or_range(text):
-    """'0.02' -> 0.02; '0.005:0.05' -> (0.005, 0.05)"""
-    lo, colon, hi = text.partition(":")
-    try:
-        rates = (float(lo), float(hi)) if colon else (float(lo),)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate or LO:HI, got {text!r}")
-    if not all(0 < r < 1 for r in rates) or rates != tuple(sorted(rates)):
-        raise argparse.ArgumentTypeError(f"rates must be in (0, 1) with LO <= HI, got {text!r}")
-    return rates if colon else rates[0]
-
-
-def adam_betas(text):
-    """'0.9,0.999' -> (0.9, 0.999)"""
-    try:
-        betas = tuple(float(b) for b in text.split(","))
-    except ValueError:
-        betas = ()
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise argparse.ArgumentTypeError(f"expected B1,B2 with each in [0, 1), got {text!r}")
-    return betas
 
 
 def knob(default, help, parse):
@@ -478,28 +455,6 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
                 raise SystemExit(f"stopped by Ctrl-C after step {saved}: the checkpoint is in {args.out}; "
                                  "--resume continues the run exactly")
     return history
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c(enabled):
-    """Ctrl-C (SIGINT) finishes the step in progress, saves and stops, instead of losing the steps since the last
-    checkpoint (a second Ctrl-C stops at once). One process in its main thread only: under torchrun every rank
-    would have to agree. The handler only raises a flag; the loop reads it between steps. A SIGINT within two
-    seconds of the first is the same one sent twice, not a second Ctrl-C: GNU `timeout -s INT` signals the process and
-    then its process group, and under load the two can reach the handler one by one (`timeout --foreground` sends
-    one)."""
-    stop = []
-
-    def handler(signum, frame):
-        if stop and time.monotonic() - stop[0] > 2:
-            raise KeyboardInterrupt
-        stop.append(time.monotonic())
-    previous = signal.signal(signal.SIGINT, handler) if enabled else None
-    try:
-        yield stop
-    finally:
-        if enabled:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def main(argv=None):

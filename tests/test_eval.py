@@ -9,6 +9,7 @@ import torch
 
 from conftest import refused
 from eval import main, parse_event, run_policy, score_transcript, slices
+from stream import POLICIES
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 

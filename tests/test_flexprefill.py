@@ -264,7 +264,8 @@ def test_short_inputs_fall_back_to_dense():
     q, k, v = randn(1, 4, 1000, 32, seed=1), randn(1, 2, 1000, 32, seed=2), randn(1, 2, 1000, 32, seed=3)
     out, info = flexprefill_attention(q, k, v, return_info=True)   # 1000 <= min_budget 1024
     assert info["dense_fallback"] and torch.equal(out, causal_attention(q, k, v))
-    out, info = flexprefill_attention(q[:, :, -100:], k, v, FlexPrefillConfig(min_budget=128), return_info=True)  # Nq <= 128
+    out, info = flexprefill_attention(q[:, :, -100:], k, v, FlexPrefillConfig(min_budget=128),  # Nq <= 128
+                                      return_info=True)
     assert info["dense_fallback"] and torch.equal(out, causal_attention(q[:, :, -100:], k, v))
 
 
@@ -315,7 +316,8 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     assert not sel.all()
     flex = sparse_attention(q, k, v, sel, bs, "flex")
     assert_close(flex, sparse_attention(q, k, v, sel, bs, "dense"), BF16_TOL, "flex vs dense on CUDA")
-    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)   # auto -> flex on CUDA
+    # auto -> flex on CUDA
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)
     assert not info["dense_fallback"]
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
 
@@ -342,8 +344,8 @@ def test_bad_inputs_raise():
 
 
 def test_wired_into_the_model_prefill():
-    """flexprefill.enable_flexprefill: long prefill chunks go through FlexPrefill; with every block kept the logits equal
-    the dense model's, a sparse selection changes them, and decode stays dense."""
+    """flexprefill.enable_flexprefill: long prefill chunks go through FlexPrefill; with every block kept the logits
+    equal the dense model's, a sparse selection changes them, and decode stays dense."""
     from cache import KVCache
     from model import PRESETS, VLM
     cfg = PRESETS["tiny"](vocab_size=128)
@@ -353,7 +355,8 @@ def test_wired_into_the_model_prefill():
     ids = torch.randint(0, 100, (1, 300))
     with torch.no_grad():
         dense = model(ids)
-        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=10**6))  # budget covers every block
+        # a budget that covers every block
+        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=10**6))
         every = model(ids)
         enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=16, gamma=0.3))
         sparse = model(ids)

@@ -303,7 +303,8 @@ def kernel_bench(args):
 
 
 def build_parser():
-    p = Parser(prog="python -m tools.bench_flexprefill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tools.bench_flexprefill", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", type=at_least(1), nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--heads", type=at_least(1), nargs=2, default=[28, 4], metavar=("HQ", "HKV"))

@@ -142,7 +142,8 @@ def load_test(ours):
 
 
 def get_args(argv=None):
-    ap = Parser(prog="python -m tools.bench_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m tools.bench_model", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="7B", choices=["3B", "7B"])
     ap.add_argument("--prefill", type=at_least(1), default=8192, help="prompt tokens of the prefill timing")
     ap.add_argument("--generate", type=at_least(1), default=20, help="greedy tokens compared")

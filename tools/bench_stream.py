@@ -79,7 +79,8 @@ def hf_loop(hf, tok, seconds, frames_of, args, after=None):
     dev, n = hf.device, args.max_new_tokens
     fresh_peak(dev)
     types = int(transformers.__version__.split(".")[0]) >= 5  # 5.x builds M-RoPE runs from token types it is given
-    pixels = dict(min_pixels=args.stream_layout.min_pixels, max_pixels=args.stream_layout.max_pixels)  # as the Streamer resizes
+    layout = args.stream_layout  # frames are resized as the Streamer resizes them
+    pixels = dict(min_pixels=layout.min_pixels, max_pixels=layout.max_pixels)
     state = dict(cache=DynamicCache(), ids=torch.tensor([[i for seg, _ in prefix_segments(tok) for i in seg]],
                                                          device=dev))
     records = []
@@ -233,7 +234,8 @@ def main(argv=None):
     args = get_args(argv)
     model, hf, tok = build_models(args)
     if args.max_new_tokens < len(end_ids(tok)):
-        sys.exit(f"python -m tools.bench_stream: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, ' ...' "
+        sys.exit(f"python -m tools.bench_stream: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, "
+                 "' ...' "
                  "and <|im_end|>)")
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
