@@ -144,7 +144,6 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
 
 
-
 class Attention(nn.Module):
     def __init__(self, cfg: VLMConfig, layer_idx):
         super().__init__()

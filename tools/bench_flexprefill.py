@@ -12,7 +12,7 @@ kept fraction of causal blocks, the share of query-aware heads and the output er
     python -m tools.bench_flexprefill --lengths 131072 --compile-select --json out.json
     python -m tools.bench_flexprefill --activations qkv_layer10.pt      # q, k, v captured from a model
     python -m tools.bench_flexprefill --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
-    python -m tools.bench_flexprefill --long-prefill --model out/tiny   # dense vs FlexPrefill answers, a trained model
+    python -m tools.bench_flexprefill --long-prefill   # dense vs FlexPrefill answers of the shipped model
 
 --long-prefill asks a trained checkpoint questions whose answers need the whole video (world.QUESTIONS: the
 score, the number of goals, the first scorer) after prefilling --seconds of a held-out stream in one forward,
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from cli import Parser, at_least, checked
+from cli import Parser, at_least, checked, default_model
 from data import build_sample
 from eval import Results, hardware, table
 from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
@@ -328,7 +328,8 @@ def build_parser():
     p.add_argument("--json", help="also write the results here (and each row to the .jsonl beside it)")
     p.add_argument("--long-prefill", action="store_true", help="instead of the kernels: whole-video questions "
                    "to --model after a long prefill, dense vs FlexPrefill (see above)")
-    p.add_argument("--model", default="out/tiny", help="--long-prefill: checkpoint folder (default out/tiny)")
+    p.add_argument("--model", default=default_model(), help=f"--long-prefill: checkpoint folder (default "
+                   f"{default_model()})")
     p.add_argument("--seconds", type=at_least(1), default=None, help="--long-prefill: seconds prefilled (1800 on "
                    "a GPU, 120 on a CPU)")
     p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
