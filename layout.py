@@ -34,6 +34,8 @@ from enum import IntEnum
 
 import torch
 
+from cli import Parser, at_least, checked
+
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
 IGNORE = -100          # the label of a token training does not supervise (cross_entropy's ignore_index)
@@ -87,7 +89,6 @@ def layout_flags():
     """The command-line flag of every StreamLayout field: {field: (argparse type, help)}. stream.py, eval.py and
     tools/bench_stream.py take all of them (add_layout_flags), so a setting is never a flag in one script and
     silently missing in another; tests/test_layout.py checks that every field has one."""
-    from cli import at_least, checked  # argparse types (cli.py imports nothing of ours that imports this file)
     fraction = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
     return {
         "system_prompt": (str, "the system prompt"),
@@ -211,7 +212,6 @@ def split_reply(out, silence, stops):
 
 
 def main(argv=None):
-    from cli import Parser  # one-line errors, as every script
     ap = Parser(prog="layout.py", description="Write the stream.json a checkpoint is served with (e.g. for a "
                                  "downloaded StreamingVLM checkpoint: python layout.py DIR --layout streamingvlm).")
     ap.add_argument("folder", help="the checkpoint folder")
