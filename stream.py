@@ -128,42 +128,57 @@ class Streamer:
     def step(self, frames, force_text=None):
         """Feed one second of frames (or what prepare() made of them); returns the commentary ('' for silence).
         force_text teacher-forces the reply (for tests and scoring) instead of decoding."""
-        t, tok, timer = self.t, self.tok, self.timer
+        timer = self.timer
         with timer("evict"):
-            self.cache.evict(t)
+            self.cache.evict(self.t)
         with timer("preprocess"):  # resize on the CPU (unless prepared ahead), patches on the model's device
-            clip, grid, secs = frames if isinstance(frames, Prepared) else self.prepare(frames)
-            vision = (patchify_video(clip, self.model.device), grid, secs)
+            vision = self.vision_input(frames)
         with timer("prefill"):
-            turn = self._after_pending(user_ids(tok, t, int(grid.prod()) // 4, self.query if t == 0 else ""))
-            logits = self.prefill(turn, [vision])
+            logits = self.prefill(self.turn(vision[1]), [vision])
         with timer("decode"):
-            forced = None if force_text is None else reply_ids(tok, force_text) + self.end[:-1]
-            out = self.decode(logits, forced)
-        return self._hand_back(out)
+            out = self.decode(logits, self.forced(force_text))
+        return self.hand_back(out)
+
+    def vision_input(self, frames):
+        """(pixel values on the model's device, grid, seconds per grid) of a second's frames or of prepare()'s."""
+        clip, grid, secs = frames if isinstance(frames, Prepared) else self.prepare(frames)
+        return patchify_video(clip, self.model.device), grid, secs
+
+    def turn(self, grid):
+        """What this second prefills, as [(ids, kind, round)]: the pending end of the last reply (or the prefix), the
+        user turn with the vision block of `grid` (and the query, at second 0) and the assistant header."""
+        query = self.query if self.t == 0 else ""
+        return self.after_pending(user_ids(self.tok, self.t, int(grid.prod()) // 4, query))
+
+    def forced(self, text):
+        """The tokens that teacher-force a reply of `text` (None: decode)."""
+        return None if text is None else reply_ids(self.tok, text) + self.end[:-1]
 
     def skip(self):
         """Let a second go by unseen (a live loop that fell behind): the next step is second t + 1."""
         self.t += 1
 
-    def _after_pending(self, user_turn):
+    def after_pending(self, user_turn):
         """[(ids, kind, round)]: what is still to be fed (the end of the last reply, or the prefix), then a user
         turn of round self.t. The end of a reply belongs to the round before."""
         t = self.t
         return [(ids, kind, t - 1 if kind == Kind.END else t) for ids, kind in self.pending] + [(user_turn, Kind.USER, t)]
 
+    def stage(self, segments, grid=None, secs=None):
+        """Stage [(ids, kind, round)] in the cache, which hands out their M-RoPE positions (the video grids and
+        seconds place the vision blocks); returns ids (1, T) on the model's device and positions (3, 1, T)."""
+        pos = torch.cat([self.cache.add_tokens(ids, kind, r, grid, secs) for ids, kind, r in segments if len(ids)], 2)
+        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
+        return ids.to(self.model.device), pos
+
     def prefill(self, segments, vision=()):
-        """Stage [(ids, kind, round)] in the cache (it hands out the M-RoPE positions), then run them in one
-        forward with the frames of `vision` [(pixel_values, grid, seconds per grid)]; returns the last logits."""
-        cache, model = self.cache, self.model
+        """Stage [(ids, kind, round)] in the cache, then run them in one forward with the frames of `vision`
+        [(pixel_values, grid, seconds per grid)]; returns the last logits."""
         grid = torch.cat([g for _, g, _ in vision]) if vision else None
-        secs = torch.cat([s for _, _, s in vision]) if vision else None
-        pos = torch.cat([cache.add_tokens(ids, kind, r, grid, secs) for ids, kind, r in segments if len(ids)], 2)
-        ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None].to(model.device)
-        pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]).to(model.device), video_grid_thw=grid)
-                  if vision else {})
-        self.last_logits = model(ids, **pixels, position_ids=pos, cache=cache, logits_to_keep=1,
-                                 compile_vision=self.compile_vision)
+        ids, pos = self.stage(segments, grid, torch.cat([s for _, _, s in vision]) if vision else None)
+        pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]), video_grid_thw=grid) if vision else {})
+        self.last_logits = self.model(ids, **pixels, position_ids=pos, cache=self.cache, logits_to_keep=1,
+                                      compile_vision=self.compile_vision)
         return self.last_logits
 
     def decode(self, logits, forced=None):
@@ -177,7 +192,7 @@ class Streamer:
             return out
         out = []
         while True:  # the obvious loop: pick a token, feed it, repeat; the host waits for every step
-            out.append(forced[len(out)] if forced is not None else self._pick(logits, out))
+            out.append(forced[len(out)] if forced is not None else self.pick(logits, out))
             if out[-1] in self.stops or len(out) == cap:
                 return out
             pos = self.cache.add_tokens(out[-1:], Kind.REPLY, self.t)
@@ -186,13 +201,13 @@ class Streamer:
                                          else self.model(ids, position_ids=pos, cache=self.cache))
             self.forwards += 1
 
-    def _pick(self, logits, out):
+    def pick(self, logits, out):
         if self.greedy:  # argmax on the device: one int crosses to the host, not the vocabulary
             return int(logits[0, -1].argmax())
         seen = torch.cat([self.cache.ids[:self.cache.length], torch.tensor(out, dtype=torch.long)])[None]
         return int(sample_next(logits[:, -1].float().cpu(), seen, generator=self.generator, **self.sampling))
 
-    def _hand_back(self, out):
+    def hand_back(self, out):
         """The reply's text; its closing ' ...' is relabelled END in the cache, and whatever of the end tokens
         was not fed is fed with the next second."""
         content, tail = split_reply(out, self.silence, self.stops)
@@ -210,7 +225,7 @@ class Streamer:
         The cache is rewound afterwards, so the stream goes on as if nothing was asked."""
         length, pending = self.cache.length, self.pending
         try:
-            logits = self.prefill(self._after_pending(question_segments(self.tok, question)[0][0]))
+            logits = self.prefill(self.after_pending(question_segments(self.tok, question)[0][0]))
             out = []
             while True:
                 out.append(int(logits[0, -1].argmax()))
@@ -413,8 +428,10 @@ def build_parser():
     ap.add_argument("--model", default=default_model(), help="checkpoint folder (config.json, model.safetensors, "
                     "tokenizer.json, stream.json); default: the shipped checkpoints/tiny if it exists, else out/tiny, "
                     f"what `python train.py` writes; now {default_model()}")
-    ap.add_argument("--video", required=True, help="a video file or anything PyAV opens (rtsp://..., /dev/video0), "
-                    "a GIF, or a folder of frames")
+    ap.add_argument("--video", required=True, action="append", help="a video file or anything PyAV opens (rtsp://..., "
+                    "/dev/video0), a GIF, or a folder of frames; repeat it to stream several together (serve.py)")
+    ap.add_argument("--out", help="folder for OUT/<name>.vtt and OUT/<name>.jsonl of every --video, <name> its file "
+                    "stem (default with several videos: out/stream)")
     ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
     ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, max_position)")
     ap.add_argument("--realtime", action="store_true", help="pace by the wall clock; skip seconds when behind")
@@ -433,6 +450,10 @@ def build_parser():
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
+    if len(args.video) > 1 or args.out:  # several streams in one batch: serve.py (it builds on this file)
+        import serve
+        return serve.main(args, ap)
+    args.video = args.video[0]
     for flag in ("vtt", "jsonl"):  # before anything loads: a bad path costs one line, not a model load
         if getattr(args, flag) and (problem := unwritable(getattr(args, flag), folder=False)):
             ap.error(f"--{flag} {problem}")

@@ -1,0 +1,302 @@
+"""
+Many live streams on one model: every second, the work of all streams runs as one batch.
+
+A Streamer (stream.py) is the one-stream reference: its step() evicts, runs the vision tower, prefills the second's
+turn and decodes the reply. Served one process a stream, N streams time-slice the GPU, each reading the model's
+weights for itself. StreamBatch keeps a Streamer per stream, with all its state (StreamingCache: sink, windows,
+contiguous RoPE, evict_every; pending tokens; sampling generator; its own second t), and runs their seconds together:
+
+  1. each stream evicts, in its own cache;
+  2. one vision-tower call for every stream's frames (the tower packs any number of videos into one sequence;
+     attention never crosses one);
+  3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
+  4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch.
+
+The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
+StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
+cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
+to that row's next free slots, and the layer reads the whole buffer back with a mask that shows each query its own
+row's keys only (those before it, and itself).
+
+    row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
+    row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
+    row 2: [sys prev ... kept 2 | new turn 2 | pad ]  . . . . . . . . . . . .     padded queries see row 2 only
+
+Streams are independent: they join and leave between seconds (add, remove), may differ in frame rate and size,
+and their windows and sampling come from their own Streamer. A batched second gives each stream the tokens its
+Streamer would give alone (tests/test_serve.py: greedy commentary equal, logits within float tolerance).
+
+Only the StreamingVLM-style loops batch (the streaming, native and full policies of stream.POLICIES); the sliding
+windows change the loop itself (reset, recompute) and stream one video at a time.
+"""
+import itertools
+import os
+import time
+
+import torch
+
+from cli import unwritable
+from eval import steady_capacity
+from layout import Kind, layout_of
+from rope import mrope_cos_sin
+from stream import (POLICIES, Outputs, Streamer, checkpoint_settings, load_checkpoint, open_seconds, streamer_kwargs,
+                    timestamp)
+from video import is_live
+
+# the policies that batch: those of the plain Streamer loop (the sliding windows change the loop itself)
+BATCHED = [name for name, p in POLICIES.items() if p.loop is Streamer]
+
+# -----------------------------------------------------------------------------
+# Shared cache storage: a row per stream
+
+
+class RowSlots:
+    """The cache adapter of one batched forward: write each row's first `lengths[i]` new keys/values at slots
+    [starts[i], starts[i] + lengths[i]) of row rows[i], return the whole (rows, Hkv, capacity, D) buffers."""
+
+    def __init__(self, k, v, raw_k, rows, starts, lengths):
+        self.k, self.v, self.raw_k = k, v, raw_k  # (layers, R, Hkv, capacity, D)
+        dev = k.device
+        # flat (row, slot, source position) triples of the real (unpadded) new tokens
+        self.row = torch.repeat_interleave(torch.as_tensor(rows), torch.as_tensor(lengths)).to(dev)
+        self.src = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+        self.slot = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(dev)
+        self.batch = torch.repeat_interleave(torch.arange(len(rows)), torch.as_tensor(lengths)).to(dev)
+        self.rows = torch.as_tensor(rows, device=dev)
+        self.all_rows = len(rows) == k.shape[1] and rows == list(range(len(rows)))
+
+    def update(self, layer, k, v, raw_k):
+        # k (B, Hkv, T, D) -> the (n, Hkv, D) real tokens, written at (row, :, slot)
+        for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
+            buf[layer][self.row, :, self.slot] = new[self.batch, :, self.src]
+        if self.all_rows:
+            return self.k[layer], self.v[layer]
+        return self.k[layer][self.rows], self.v[layer][self.rows]   # a batch of some rows: a copy of theirs
+
+
+def row_mask(starts, lengths, T, capacity, device):
+    """(B, 1, T, capacity) bool: query t of row i sees the keys at slots <= starts[i] + t (its cache and the new
+    tokens up to itself); a padding query (t >= lengths[i]) sees what the row's last real query sees."""
+    t = torch.arange(T)[None, :].clamp(max=torch.as_tensor(lengths)[:, None] - 1)   # (B, T)
+    last = torch.as_tensor(starts)[:, None] + t                                     # (B, T)
+    return (torch.arange(capacity)[None, None, :] <= last[..., None])[:, None].to(device)
+
+
+@torch.no_grad()
+def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
+    """model.forward over padded rows that each continue their own cache row: ids (B, T), pos (3, B, T), slots a
+    RowSlots, mask (B, 1, T, capacity); returns the logits of each row's last real token, (B, vocab)."""
+    x = model.embed(ids, video_embeds=video_embeds)
+    cos, sin = mrope_cos_sin(pos.to(x.device), model.model.inv_freq, model.cfg.mrope_section, x.dtype)
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, mask, slots)
+    x = x[torch.arange(len(lengths), device=x.device), torch.as_tensor(lengths, device=x.device) - 1]
+    x = model.model.norm(x)
+    return model.lm_head(x) if model.lm_head is not None else x @ model.model.embed_tokens.weight.T
+
+# -----------------------------------------------------------------------------
+# The batch
+
+
+class StreamBatch:
+    """Streams stepped together: add(name, **Streamer keywords), then step({name: frames}) once a second for the
+    streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
+    between seconds."""
+
+    def __init__(self, model, tok, rows, capacity):
+        self.model, self.tok, self.capacity = model, tok, capacity
+        c, dev = model.cfg, model.device
+        shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim)
+        self.k, self.v, self.raw_k = (torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(3))
+        self.streams, self.row_of = {}, {}   # name -> Streamer; name -> its row
+
+    def add(self, name, **kw):
+        """A new stream in a free row; kw are Streamer's (windows, sampling, fps, pixels, evict, reindex, ...)."""
+        if name in self.streams:
+            raise ValueError(f"a stream named {name!r} is already in the batch")
+        free = sorted(set(range(self.k.shape[1])) - set(self.row_of.values()))
+        if not free:
+            raise ValueError(f"the batch is full ({self.k.shape[1]} streams)")
+        s = Streamer(self.model, self.tok, capacity=self.capacity, decode="plain", **kw)
+        row = free[0]
+        for n in ("k", "v", "raw_k"):  # the stream's cache works in its row of the shared buffers
+            setattr(s.cache, n, getattr(self, n)[:, row:row + 1])
+        self.streams[name], self.row_of[name] = s, row
+        return s
+
+    def remove(self, name):
+        """The stream leaves; its row is free for the next one."""
+        del self.streams[name], self.row_of[name]
+
+    def _check_room(self, s, n):
+        if s.cache.length + n > self.capacity:
+            raise RuntimeError(f"a stream needs {s.cache.length + n} cache slots, the batch has {self.capacity}: "
+                               "size it for the steady state (eval.steady_capacity)")
+
+    @torch.no_grad()
+    def step(self, frames, force=None):
+        """One second of the streams named in `frames` ({name: that stream's frames, or Streamer.prepare's}); force
+        ({name: text}) teacher-forces their replies. Returns {name: commentary ('' for silence)}."""
+        names = list(frames)
+        ss = [self.streams[n] for n in names]
+        for s in ss:  # 1. evict, each in its own cache
+            s.cache.evict(s.t)
+        vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
+        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]))  # 2.
+        logits = self.prefill(names, ss, vision, feats)                                                         # 3.
+        forced = [s.forced((force or {}).get(n)) for n, s in zip(names, ss)]
+        outs = self.decode(names, ss, logits, forced)                                                            # 4.
+        return {n: s.hand_back(out) for n, s, out in zip(names, ss, outs)}
+
+    def prefill(self, names, ss, vision, feats):
+        """Every stream's new turn in one forward, rows padded to the longest; returns (B, vocab) logits."""
+        staged, starts = [], []
+        for s, (_, grid, secs) in zip(ss, vision):
+            segments = s.turn(grid)
+            self._check_room(s, sum(len(ids) for ids, _, _ in segments))
+            starts.append(s.cache.length)
+            staged.append(s.stage(segments, grid, secs))
+        lengths = [ids.shape[1] for ids, _ in staged]
+        T = max(lengths)
+        pad = lambda x, value: torch.nn.functional.pad(x, (0, T - x.shape[-1]), value=value)
+        ids = torch.cat([pad(i, self.tok.pad_id) for i, _ in staged])                     # (B, T)
+        pos = torch.cat([pad(p, 0) for _, p in staged], 1)                               # (3, B, T)
+        rows = [self.row_of[n] for n in names]
+        slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, lengths)
+        mask = row_mask(starts, lengths, T, self.capacity, self.model.device)
+        logits = batched_forward(self.model, ids, pos, slots, mask, lengths, video_embeds=feats)
+        for s, n in zip(ss, lengths):
+            s.cache.commit(n)
+        return logits
+
+    def decode(self, names, ss, logits, forced):
+        """The replies, decoded together: each stream picks its token (its own sampling state), the streams still
+        speaking are fed theirs in one step. As Streamer.decode: every token but the last (the stop or the cap's
+        last) is fed."""
+        outs = [[] for _ in ss]
+        live = list(range(len(ss)))
+        last = {i: logits[i][None, None] for i in live}   # (1, 1, vocab), as Streamer.pick reads it
+        while live:
+            for i in list(live):
+                s, out, f = ss[i], outs[i], forced[i]
+                out.append(f[len(out)] if f is not None else s.pick(last[i], out))
+                if out[-1] in s.stops or len(out) == (len(f) if f is not None else s.max_new_tokens):
+                    live.remove(i)
+            if not live:
+                break
+            for i in live:
+                self._check_room(ss[i], 1)
+            staged = [ss[i].cache.add_tokens(outs[i][-1:], Kind.REPLY, ss[i].t) for i in live]
+            starts = [ss[i].cache.length for i in live]
+            ids = torch.tensor([[outs[i][-1]] for i in live], device=self.model.device)
+            pos = torch.cat(staged, 1)                                                   # (3, B, 1)
+            rows = [self.row_of[names[i]] for i in live]
+            slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(live))
+            mask = row_mask(starts, [1] * len(live), 1, self.capacity, self.model.device)
+            step = batched_forward(self.model, ids, pos, slots, mask, [1] * len(live))
+            for j, i in enumerate(live):
+                ss[i].cache.commit(1)
+                ss[i].forwards += 1
+                last[i] = step[j][None, None]
+        return outs
+
+# -----------------------------------------------------------------------------
+# The command line: python stream.py --video A --video B ... --out DIR
+
+
+def stems(videos):
+    """{name: source}: each video's file stem (a camera or URL: its last path part), refused when two collide."""
+    names = {}
+    for v in videos:
+        name = os.path.splitext(os.path.basename(v.rstrip("/")))[0] or v
+        if name in names:
+            raise ValueError(f"--video {names[name]} and --video {v} share the name {name!r}: their outputs would "
+                             "collide (rename or link one of them)")
+        names[name] = v
+    return names
+
+
+def next_seconds(sources, batch, limit):
+    """{name: frames} of the next second of every stream in the batch; a stream whose reader ends, fails or reaches
+    --seconds leaves with a line that names it."""
+    ready = {}
+    for name in list(batch.streams):
+        s = batch.streams[name]
+        try:
+            if limit and s.t >= limit:
+                raise StopIteration
+            ready[name] = next(sources[name])
+        except StopIteration:
+            print(f"{name}: ended after {s.t} s")
+            batch.remove(name)
+        except (ValueError, OSError) as e:  # the readers' errors name the file
+            print(f"{name}: left at second {s.t}: {e}")
+            batch.remove(name)
+    return ready
+
+
+def run_many(batch, sources, args, outputs):
+    """Step the batch until every stream has ended; with --realtime, a stream whose second t is a whole second late
+    (it is ready at start + t + 1 s) skips it. Returns {name: (seconds seen, seconds skipped)}."""
+    start, counts = time.monotonic(), {name: [0, 0] for name in batch.streams}
+    while frames := next_seconds(sources, batch, args.seconds):
+        for name in list(frames) if args.realtime else []:
+            s = batch.streams[name]
+            if time.monotonic() - start - (s.t + 1) >= 1:
+                s.skip()
+                counts[name][1] += 1
+                del frames[name]
+        t0 = time.perf_counter()
+        said = batch.step(frames)
+        ms = (time.perf_counter() - t0) * 1000
+        for name, text in said.items():
+            s = batch.streams[name]
+            counts[name][0] += 1
+            outputs[name].write(s.t - 1, text, ms, s)
+            print(f"{name} [{timestamp(s.t - 1)}] {text or '...':<50s} ({ms:.0f} ms for {len(said)} streams, cache "
+                  f"{s.cache.length} tokens, max pos {s.cache.max_position()})", flush=True)
+    return counts
+
+
+def main(args, ap):
+    """stream.py's path for several videos (or --out): one batch, a row per video."""
+    if args.vtt or args.jsonl:
+        ap.error("--vtt and --jsonl write one video's commentary; with several --video, use --out DIR")
+    if args.policy not in BATCHED:
+        ap.error(f"--policy {args.policy} changes the loop itself and streams one video at a time; several videos "
+                 f"stream with {', '.join(BATCHED)}")
+    try:
+        names = stems(args.video)
+    except ValueError as e:
+        ap.error(str(e))
+    out = args.out or "out/stream"
+    if problem := unwritable(out):
+        ap.error(f"--out {problem}")
+    settings = checkpoint_settings(args.model)
+    layout = layout_of(settings, args)
+    # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
+    sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
+    print(f"model {args.model}")
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
+    sources = {n: src or open_seconds(names[n], layout.fps) for n, src in sources.items()}
+    kw = dict(streamer_kwargs(layout), previous_text=args.previous_text)
+    p = POLICIES[args.policy]
+    # a cache row holds the steady state of the largest frames: each stream's first second sizes it
+    firsts = {n: next(src, None) for n, src in sources.items()}
+    sources = {n: itertools.chain([f], sources[n]) for n, f in firsts.items() if f is not None}
+    capacity = max(steady_capacity(f, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
+                                   (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
+                   for f in firsts.values() if f is not None)
+    batch = StreamBatch(model, tok, len(sources), capacity)
+    outputs = {}
+    for n in sources:
+        batch.add(n, evict=p.evict, reindex=p.reindex, **kw)
+        outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
+    print(f"layout: {vars(layout)}; {len(sources)} streams, a cache row of {capacity} tokens each; commentary in {out}")
+    try:
+        counts = run_many(batch, sources, args, outputs)
+    finally:
+        for o in outputs.values():
+            o.close()
+    for n, (seen, skipped) in counts.items():
+        print(f"{n}: {seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))

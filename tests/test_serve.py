@@ -1,0 +1,120 @@
+"""serve.py: streams batched together say what each says alone (the shipped tiny model, CPU, greedy).
+
+The reference is the one-stream Streamer (stream.py): every stream of a batch must produce its exact commentary, and
+its cache must hold the same tokens at the same positions with the same keys and values (up to float rounding: a
+batched matmul sums in another order)."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import stream
+from cli import SHIPPED
+from layout import layout_of
+from serve import StreamBatch
+from world import SportsStream, WorldConfig, split_seed
+
+SEEDS = (0, 4, 5)   # held-out streams with events in their first seconds (seconds 5 and 8; 2; 1 and 3)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, tok, st = stream.load_checkpoint(SHIPPED, "cpu")
+    return model, tok, stream.streamer_kwargs(layout_of(st))
+
+
+def worlds():
+    return [SportsStream(WorldConfig(seed=split_seed("eval", s), size=56)) for s in SEEDS]
+
+
+def test_a_batch_says_what_each_stream_says_alone(shipped):
+    """Three streams of 10, 6 and 8 s; the third joins at the batch's second 3, the second leaves after its 6 s."""
+    model, tok, kw = shipped
+    lengths, joins = [10, 6, 8], [0, 0, 3]
+    alone = []
+    for w, n in zip(worlds(), lengths):
+        s = stream.make_streamer(model, tok, **kw, capacity=1024)
+        alone.append([s.step(w.second(t).frames) for t in range(n)])
+    batch, said = StreamBatch(model, tok, rows=3, capacity=1024), [[], [], []]
+    for T in range(max(j + n for j, n in zip(joins, lengths))):
+        for i, (j, n) in enumerate(zip(joins, lengths)):
+            if T == j:
+                batch.add(i, **kw)
+            if T == j + n:
+                batch.remove(i)
+        ready = {i: worlds()[i].second(T - joins[i]).frames for i in batch.streams}
+        for i, text in batch.step(ready).items():
+            said[i].append(text)
+    assert alone == said
+    assert sum(bool(x) for texts in said for x in texts) >= 4, "the streams must say something to compare"
+
+
+def test_batched_cache_rows_hold_the_lone_caches(shipped):
+    """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V."""
+    model, tok, kw = shipped
+    ws, batch = worlds(), StreamBatch(model, tok, rows=3, capacity=1024)
+    for i in range(3):
+        batch.add(i, **kw)
+    alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
+    for t in range(9):
+        batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
+        for s, w in zip(alone, ws):
+            s.step(w.second(t).frames)
+    for i, s in enumerate(alone):
+        a, b = s.cache, batch.streams[i].cache
+        n = a.length
+        assert n == b.length and torch.equal(a.ids[:n], b.ids[:n]) and torch.equal(a.pos[:, :n], b.pos[:, :n])
+        assert a.max_position() < 300  # evicted and re-indexed: contiguous RoPE at work
+        for name in ("k", "v", "raw_k"):
+            x, y = getattr(a, name)[..., :n, :], getattr(b, name)[..., :n, :]
+            assert (x - y).abs().max() <= 1e-4 * max(1.0, x.abs().max()), name
+            assert not torch.equal(batch.k[:, i], batch.k[:, (i + 1) % 3])  # rows are not shared by mistake
+
+
+def frame_folder(path, world, seconds, broken_at=None):
+    """A folder of PNG frames, 2 a second; with broken_at, the first frame of that second is not an image."""
+    path.mkdir()
+    for t in range(seconds):
+        for k, f in enumerate(world.second(t).frames):
+            name = path / f"frame{2 * t + k:04d}.png"
+            if t == broken_at and k == 0:
+                name.write_bytes(b"not an image")
+            else:
+                (f if isinstance(f, Image.Image) else Image.fromarray(f.numpy())).save(name)
+    return str(path)
+
+
+def lines(path):
+    return [json.loads(x)["text"] for x in open(path)]
+
+
+def test_several_videos_on_the_command_line(tmp_path, capsys):
+    """stream.py --video A --video B --video C --out DIR: one JSON lines file per video, each equal to that video
+    streamed alone; C breaks at its fifth second and leaves with a line naming it, A and B go on."""
+    ws = worlds()
+    a = frame_folder(tmp_path / "a", ws[0], 9)
+    b = frame_folder(tmp_path / "b", ws[1], 5)
+    c = frame_folder(tmp_path / "c", ws[2], 8, broken_at=4)
+    stream.main(["--video", a, "--video", b, "--video", c, "--out", str(tmp_path / "out"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "c: left at second 4: " in printed and "frame0008.png: cannot read the image" in printed
+    assert "a: ended after 9 s" in printed and "b: ended after 5 s" in printed
+    for name, video in (("a", a), ("b", b)):
+        stream.main(["--video", video, "--jsonl", str(tmp_path / f"{name}-alone.jsonl"), "--device", "cpu"])
+        assert lines(tmp_path / "out" / f"{name}.jsonl") == lines(tmp_path / f"{name}-alone.jsonl")
+    assert len(lines(tmp_path / "out" / "c.jsonl")) == 4
+    assert any(lines(tmp_path / "out" / "a.jsonl"))
+    assert (tmp_path / "out" / "a.vtt").read_text().startswith("WEBVTT")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--video", "x/clip.mp4", "--video", "y/clip.gif"], "share the name 'clip'"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--vtt", "o.vtt"], "use --out DIR"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--policy", "recompute"], "streams one video at a time"),
+])
+def test_several_videos_refused_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        stream.main(argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
