@@ -19,6 +19,9 @@ The paper's baselines are policies of this loop, all in one table (POLICIES): fu
 settings of the cache; the sliding windows with and without overlap change the loop, so they are two small
 subclasses of Streamer.
 
+Several videos at once (--video A --video B --out DIR) run through serve.py, which batches their seconds and is
+tested against this loop, one stream at a time.
+
 Reference: StreamingVLM, arXiv 2510.09608, section 2 (inference) and mit-han-lab/streaming-vlm.
 Run: python stream.py --video clip.mp4 --vtt clip.vtt
 """
