@@ -36,7 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from cache import KVCache
 from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
-from layers import GatedMLP, RMSNorm
+from layers import Fusable, GatedMLP, RMSNorm
 from vision import VisionConfig, VisionTower
 
 # -----------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def causal_attention(q, k, v):
 
 
 
-class Attention(nn.Module):
+class Attention(Fusable):
     def __init__(self, cfg: VLMConfig, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -155,11 +155,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.attn_fn = causal_attention  # (q, k, v) -> causal attention output; see VLM.use_attention
 
+    def parallel(self):  # one q/k/v matmul after fuse() (layers.Fusable)
+        return [self.q_proj, self.k_proj, self.v_proj]
+
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)               # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         raw_k, q, k = k, apply_rope(q, cos, sin), apply_rope(k, cos, sin)           # in the model dtype
         if cache is not None:
             # all keys so far, the new ones last; the raw keys let a streaming cache re-rotate after eviction
@@ -254,6 +258,17 @@ class VLM(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
+
+    def fuse(self, enabled=True):
+        """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
+        parameters, viewed from one stacked tensor, so state_dict names, loading and saving are unchanged. Call it
+        after moving the model (a later .to() re-stacks); enabled=False goes back to the separate Linears."""
+        for m in self.modules():
+            if isinstance(m, Fusable):
+                m.fuse(enabled)
+        self.fusion = enabled
+        return self
 
     def use_attention(self, attn_fn=None):
         """Run prompts and prefill chunks through attn_fn(q, k, v) (None: dense causal SDPA). Decode steps and
@@ -425,6 +440,8 @@ class VLM(nn.Module):
     def _save_into(self, tmp, path, state_dict):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        # fused projections (fuse()) are views of one stacked tensor; safetensors refuses tensors sharing memory
+        state = {k: v.clone() if v.untyped_storage().nbytes() != v.nbytes else v for k, v in state.items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**self.cfg.to_hf_dict(), "torch_dtype": str(self.dtype).split(".")[-1]}, f, indent=2)
