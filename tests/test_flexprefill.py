@@ -202,6 +202,42 @@ def test_planted_patterns():
     assert sel[0, 2, rows, rows // 2].all()
 
 
+def test_dense_looking_inputs_run_dense_sdpa():
+    """Random q/k: every head's probe attention is flat, so the lines covering gamma of it span most key blocks;
+    the probe alone sends the input to dense SDPA (no selection past the probe). Planted heads stay sparse."""
+    bs = 64
+    q, k, v = randn(1, 4, 2048, 64, seed=1), randn(1, 2, 2048, 64, seed=2), randn(1, 2, 2048, 64, seed=3)
+    cfg = FlexPrefillConfig(min_budget=bs, block_size=bs)
+    out, info = flexprefill_attention(q, k, v, cfg, return_info=True)
+    assert info["dense_fallback"] and info["probe_density"] > cfg.dense_above and "density" not in info
+    assert torch.equal(out, causal_attention(q, k, v))
+    # the exact figure agrees: what the selection would keep is too dense to win
+    assert select_blocks(q, k, cfg)[1]["density"].mean() > cfg.dense_above
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs, block_size=bs, dense_above=None),
+                                      return_info=True)
+    assert not info["dense_fallback"]  # dense_above=None: always sparse
+    qp, kp, bs = planted()
+    _, info = flexprefill_attention(qp, kp, randn(1, 3, 1024, 64, seed=3),
+                                    FlexPrefillConfig(min_budget=2 * bs, block_size=bs), return_info=True)
+    assert not info["dense_fallback"] and info["probe_density"] <= 0.4
+
+
+def test_a_dense_selection_past_the_probe_runs_dense(monkeypatch):
+    """The second check: the probe let the input through, the selection itself came out too dense."""
+    import flexprefill
+    q, k, bs = planted()
+    v = randn(1, 3, 1024, 64, seed=3)
+    real = flexprefill.select_from_probe
+
+    def everything(q, k, probe, cfg):  # the real selection's info, but every visible block kept
+        sel, info = real(q, k, probe, cfg)
+        visible = flexprefill._block_geometry(q.shape[2], k.shape[2], cfg.block_size, q.device)[0]
+        return sel | visible, dict(info, density=torch.ones_like(info["density"]))
+    monkeypatch.setattr(flexprefill, "select_from_probe", everything)
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs), return_info=True)
+    assert info["dense_fallback"] and "density" in info and torch.equal(out, causal_attention(q, k, v))
+
+
 def test_every_query_keeps_its_own_block():
     """A sink-dominated head gets the minimum budget (1 column, 1 diagonal). With Nq < Nk and an offset
     that is not a multiple of the block, query blocks straddle two key blocks: both must stay."""
@@ -315,7 +351,8 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     assert not sel.all()
     flex = sparse_attention(q, k, v, sel, bs, "flex")
     assert_close(flex, sparse_attention(q, k, v, sel, bs, "dense"), BF16_TOL, "flex vs dense on CUDA")
-    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)   # auto -> flex on CUDA
+    cfg = FlexPrefillConfig(min_budget=bs, dense_above=None)  # random inputs are dense-looking: keep them sparse
+    out, info = flexprefill_attention(q, k, v, cfg, return_info=True)   # auto -> flex on CUDA
     assert not info["dense_fallback"]
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
 

@@ -24,8 +24,10 @@ The ideas:
 - The floor, in the same run (on a GPU): a CUDA graph of matrix-vector products over every weight matrix a decode
   step reads (measure_floor), plus the live cache's K/V bytes at the bandwidth those products reach. Each run's
   row says its ms per token (in the loop: launch, readback and all) and its decode graph's replay alone as
-  multiples of it (x_floor, graph_x_floor); --layouts fused,unfused runs the fused q/k/v and gate/up projections
-  (VLM.fuse) beside the reference layout; --profile prints the kernels of one more steady second and of a replay.
+  multiples of it (x_floor, graph_x_floor). --variants reference,fused,fast runs the model's reference layers
+  (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
+  plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
+  and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary.
 """
 import argparse
@@ -41,9 +43,19 @@ from cli import Parser, at_least
 from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
                   steady_capacity, sync, table, timed_seconds)
 from layout import FRAME_PIXELS, end_ids, prefix_segments, reply_ids, user_ids
+from decode import decode_kernel_for
 from flexprefill import enable_flexprefill
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, patchify_video, preprocess_video
+
+
+VARIANTS = {"reference": (False, False), "fused": (True, False), "fast": (True, True)}  # (fuse, split-KV kernel)
+
+
+def set_variant(model, variant):
+    fuse, kernel = VARIANTS[variant]
+    model.fuse(fuse)
+    model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
 
 
 def build_models(args):
@@ -277,9 +289,9 @@ def build_parser():
     ap.add_argument("--hf-seconds", type=at_least(1), default=120, help="seconds of the transformers run")
     ap.add_argument("--no-readback", action="store_true", help="do not read each forced token's argmax back to "
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
-    ap.add_argument("--layouts", type=lambda v: [x for x in v.split(",") if x], default=["fused"],
-                    help="comma-separated: fused (q/k/v and gate/up as one matmul each, VLM.fuse), unfused (the "
-                    "separate Linears, the reference); each policy and decode path runs once per layout")
+    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
+                    help="comma-separated, each policy and decode path runs once per variant: reference (separate "
+                    "Linears, two-matmul decode attention), fused (VLM.fuse), fast (fused + split-KV decode kernel)")
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
@@ -292,8 +304,8 @@ def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     check_run_flags(ap, args)
-    if not args.layouts or set(args.layouts) - {"fused", "unfused"}:
-        ap.error(f"--layouts: expected fused, unfused or both, comma-separated, got {','.join(args.layouts)}")
+    if not args.variants or set(args.variants) - set(VARIANTS):
+        ap.error(f"--variants: expected {', '.join(VARIANTS)}, comma-separated, got {','.join(args.variants)}")
     on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if not on_gpu and args.preset != "tiny":  # 7B: ~15 GiB of weights, minutes a second on a CPU
         ap.error(f"--preset {args.preset} streams a full-size model: a GPU's work. On a CPU, the smoke run: --preset "
@@ -323,25 +335,25 @@ def against_floor(row, floor, cfg, extra):
 
 
 def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
-    """transformers first (when asked), then every policy x decode path x layout; a table row and a summary each."""
+    """transformers first (when asked), then every policy x decode path x variant; a table row and a summary each."""
     rows, runs, hf_window, hf_ms = [], {}, (0, 0), None
     reply = fixed_reply(tok, args.max_new_tokens)
     capacity = steady_capacity(frames_of(0), fps=args.fps)[1]  # the Streamer's default windows
-    for name, decode, layout in ([("transformers", "generate", "-")] if hf is not None else []) + [
-            (p, d, lay) for p in args.policies for d in args.decode for lay in args.layouts]:
-        log = lambda s, rec: res.log(policy=name, decode=decode, layout=layout,
+    for name, decode, variant in ([("transformers", "generate", "-")] if hf is not None else []) + [
+            (p, d, var) for p in args.policies for d in args.decode for var in args.variants]:
+        log = lambda s, rec: res.log(policy=name, decode=decode, variant=variant,
                                      **{k: v for k, v in rec.items() if k != "text"})
         if name == "transformers":
             seconds = min(args.seconds, args.hf_seconds)
             r, w = hf_loop(hf, tok, seconds, frames_of, args, after=log), min(warmup, seconds // 2)
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
-            model.fuse(layout == "fused")
+            set_variant(model, variant)
             r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
                               max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
                               readback=not args.no_readback, decode=decode, timed=True), warmup
         row = report(name, decode, r, w)
-        row = {"policy": name, "decode": decode, "layout": layout, **row}
+        row = {"policy": name, "decode": decode, "variant": variant, **row}
         ours = ms_per_token(r["seconds"][hf_window[0]:hf_window[1]])
         if name == "transformers":
             hf_ms = row["ms_per_token"]
@@ -353,7 +365,7 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
         rows.append(row)
         print(table([row]), flush=True)
         key = "-".join([name] + ([decode] if len(args.decode) > 1 and name != "transformers" else [])
-                       + ([layout] if len(args.layouts) > 1 and name != "transformers" else []))
+                       + ([variant] if len(args.variants) > 1 and name != "transformers" else []))
         runs[key] = dict(summary=row, latency=r["latency"], memory_gib=[x["memory_gib"] for x in r["seconds"]])
         del r  # free this run's cache (and graph) before the next run measures its peak memory
     return rows, runs, hf_window
