@@ -117,7 +117,7 @@ def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
     m = torch.empty(B * Hkv, splits, GP, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     if mask is not None:
-        mask = mask.expand(B, 1, 1, N).reshape(B, N).view(torch.uint8)
+        mask = mask.expand(B, 1, 1, N).reshape(B, N).to(torch.uint8)  # (a bool view does not compile)
     _split_kv_kernel[(B * Hkv, splits)](
         q, k, v, mask if mask is not None else q, acc, m, l, N, chunk, D ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),

@@ -177,8 +177,10 @@ class FlexPrefillConfig:
     dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
     SDPA instead (None: never). Why 0.4: on an H100 FlexAttention costs ~1.5x cuDNN's dense SDPA per visible block
     (docs/BASELINES.md: 3.8 ms at density 0.2 vs 12 ms dense at 32k), and the selection costs ~0.1-0.3x dense on top,
-    so above ~0.4-0.5 kept the sparse path cannot win. The probe's estimate (probe_density) is checked first, so
-    a dense-looking input pays only for the probe."""
+    so above ~0.4-0.5 kept the sparse path cannot win. A cheap estimate (estimate_density) is checked first, so
+    a dense-looking input pays ~0.1 ms, not the selection;
+    dense_below: inputs of fewer keys run dense SDPA (0: never). On an H100 at 8k tokens dense SDPA takes 0.8 ms and
+    the selection alone 2.5 ms (tools/bench_flexprefill.py): sparse cannot win below ~16k."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -187,6 +189,7 @@ class FlexPrefillConfig:
     min_len: int = 4096
     backend: str = "auto"
     dense_above: float | None = 0.4
+    dense_below: int = 16384
 
 
 def line_budgets(vertical, slash, cfg, nkb):
@@ -256,12 +259,20 @@ def probe_lines(q, k, cfg=FlexPrefillConfig()):
                 q_probe=q_probe, n_vertical=n_vertical, n_slash=n_slash)
 
 
-def probe_density(probe):
-    """What the probe alone says of the density to come: the share of key blocks the larger of a head's two line
-    budgets needs, averaged over heads. A head whose probe attention is this spread keeps about as much, query-aware
-    or not (its pooled estimate matches the probe); select_blocks' density is the exact figure."""
-    nkb = probe["vertical"].shape[-1]
-    return (torch.maximum(probe["n_vertical"], probe["n_slash"]).float() / nkb).mean()
+@torch.no_grad()
+def estimate_density(q, k, cfg=FlexPrefillConfig(), n=16):
+    """A cheap look before the selection: the share of keys it takes to cover gamma of the last n queries' mean
+    attention, averaged over heads. Flat attention (it needs most keys) is kept about as densely by either kind of
+    head, since a query-aware head's pooled estimate matches it; select_blocks' density is the exact figure. n
+    queries instead of the probe's block_size: ~30x fewer scores, so a dense-looking input pays ~0.1 ms, not ~2."""
+    (B, Hq, Nq, D), (_, Hkv, Nk, _) = q.shape, k.shape
+    n = min(n, Nq)
+    s = (q[:, :, -n:].reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)).view(B, Hq, n, Nk) * D**-0.5
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(Nk - n, Nk, device=q.device)[None, :]
+    s[..., Nk - n:].masked_fill_(j > Nk - n + i, float("-inf"))   # the causal corner of the last n queries
+    mass = s.softmax(-1, dtype=torch.float32).mean(2)                  # (B, Hq, Nk)
+    return (_cover_count(mass, cfg.gamma).float() / Nk).mean()
 
 
 @torch.no_grad()
@@ -349,21 +360,20 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
 def flexprefill_attention(q, k, v, cfg=FlexPrefillConfig(), return_info=False):
     """FlexPrefill causal attention. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 (q head j
     reads kv head j // (Hq // Hkv)) and Nq <= Nk (queries are the last Nq positions). Returns (B, Hq, Nq, D),
-    and with return_info also the info dict of select_blocks (plus dense_fallback and, when the probe decided,
-    probe_density). Dense causal SDPA runs instead for short inputs (Nk at most max(2 blocks, min_budget rounded
-    up to blocks), as the authors), for Nq <= block_size, and when the selection is too dense for sparse attention
-    to win (cfg.dense_above: first the probe's estimate, then the selection's density; one host sync each)."""
+    and with return_info also the info dict of select_blocks (plus dense_fallback and estimated_density). Dense
+    causal SDPA runs instead for short inputs (Nk at most max(2 blocks, min_budget rounded up to blocks), as the
+    authors, and Nk < cfg.dense_below), for Nq <= block_size, and when sparse attention cannot win
+    (cfg.dense_above: first estimate_density, then the selection's density; one host sync each)."""
     bs = cfg.block_size
     _check_inputs(q, k, v, bs)
     Nq, Nk = q.shape[2], k.shape[2]
     sel = None
-    if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nq <= bs:
+    if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nk < cfg.dense_below or Nq <= bs:
         info = dict()
     else:
-        probe = probe_lines(q, k, cfg)
-        info = dict(probe_density=probe_density(probe))
-        if cfg.dense_above is None or float(info["probe_density"]) <= cfg.dense_above:
-            sel, more = select_from_probe(q, k, probe, cfg)
+        info = dict(estimated_density=estimate_density(q, k, cfg) if cfg.dense_above is not None else None)
+        if cfg.dense_above is None or float(info["estimated_density"]) <= cfg.dense_above:
+            sel, more = select_blocks(q, k, cfg)
             info.update(more)
             if cfg.dense_above is not None and float(more["density"].float().mean()) > cfg.dense_above:
                 sel = None
