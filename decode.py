@@ -63,8 +63,8 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _split_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr, N, chunk, scale,
-                         sqb, sqh, skb, skh, skn, svb, svh, svn, smb,
+    def _split_kv_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, m_ptr, l_ptr, N, chunk,
+                         sqb, sqh, skb, skh, skn, svb, svh, svn, smb, SCALE: tl.constexpr,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
         bh, split = tl.program_id(0), tl.program_id(1)
@@ -81,9 +81,9 @@ if triton is not None:
                 ok = ok & (tl.load(mask_ptr + b * smb + n, mask=n < N, other=0) != 0)
             k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None], other=0.0)
             if IEEE:  # fp32 inputs: full-precision products (tf32 would miss the fp32 reference by ~1e-3)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
             else:
-                s = tl.dot(q, tl.trans(k)) * scale                  # (GP, BLOCK) fp32
+                s = tl.dot(q, tl.trans(k)) * SCALE                  # (GP, BLOCK) fp32
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing visible yet: keep exp() finite
@@ -119,9 +119,10 @@ def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
     if mask is not None:
         mask = mask.expand(B, 1, 1, N).reshape(B, N).to(torch.uint8)  # (a bool view does not compile)
     _split_kv_kernel[(B * Hkv, splits)](
-        q, k, v, mask if mask is not None else q, acc, m, l, N, chunk, D ** -0.5,
+        q, k, v, mask if mask is not None else q, acc, m, l, N, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask is not None else 0,
+        SCALE=D ** -0.5,  # a constant: a float argument reaches a compiled graph's launch as fp64
         HKV=Hkv, G=G, GP=GP, D=D, BLOCK=block, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32)
     # merge the slices: weight each by exp(its max - the overall max)
     w = (m - m.amax(1, keepdim=True)).exp()                          # (B*Hkv, splits, GP); -inf slices -> 0

@@ -37,7 +37,7 @@ from cli import Parser, at_least, checked
 from data import build_sample
 from eval import Results, hardware, table
 from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
-                         select_blocks, sparse_attention)
+                         estimate_density, select_blocks, sparse_attention)
 from model import causal_attention
 from layout import question_segments
 from stream import layout_of, load_checkpoint, make_streamer, streamer_kwargs
@@ -149,6 +149,7 @@ def run_one(name, q, k, v, args, device, select_fn):
     _, fp_info = flexprefill_attention(q, k, v, cfg, return_info=True)
     row["fallback"] = "dense" if fp_info["dense_fallback"] else "sparse"
     row["est_density"] = float(fp_info.get("estimated_density") or float("nan"))
+    row["estimate_ms"] = bench(lambda: estimate_density(q, k, cfg))
     row["flexprefill_ms"] = bench(lambda: flexprefill_attention(q, k, v, cfg))
     row["fp_x_sdpa"] = row["sdpa_ms"] / row["flexprefill_ms"]
     row["speedup"] = row["sdpa_ms"] / row["total_ms"]
@@ -160,7 +161,7 @@ COLUMNS = [("input", "{:>11}"), ("N", "{:>7}"), ("select_ms", "{:>9.2f}"), ("mas
            ("attn_ms", "{:>9.2f}"), ("total_ms", "{:>9.2f}"), ("sdpa_ms", "{:>9.2f}"), ("sdpa_fa2_ms", "{:>11.2f}"),
            ("speedup", "{:>7.2f}x"), ("select_share", "{:>12.1%}"), ("density", "{:>7.3f}"),
            ("query_aware", "{:>11.2f}"), ("max_err", "{:>8.4f}"), ("mean_err", "{:>8.5f}"),
-           ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("fallback", "{:>8}"),
+           ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("estimate_ms", "{:>11.2f}"), ("fallback", "{:>8}"),
            ("flexprefill_ms", "{:>14.2f}"), ("fp_x_sdpa", "{:>8.2f}x")]
 
 

@@ -349,9 +349,13 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
             set_variant(model, variant)
-            r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
-                              max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
-                              readback=not args.no_readback, decode=decode, timed=True), warmup
+            try:
+                r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
+                                  max_new_tokens=args.max_new_tokens, fps=args.fps, capacity=capacity,
+                                  readback=not args.no_readback, decode=decode, timed=True), warmup
+            except Exception as e:  # one variant that fails here (say a kernel that does not build) ends only itself
+                print(f"{name} / {decode} / {variant} failed: {type(e).__name__}: {str(e).strip()[-400:]}", flush=True)
+                continue
         row = report(name, decode, r, w)
         row = {"policy": name, "decode": decode, "variant": variant, **row}
         ours = ms_per_token(r["seconds"][hf_window[0]:hf_window[1]])
