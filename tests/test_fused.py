@@ -4,6 +4,7 @@ training still reaches the parameters. On a GPU the bf16 fused model is compared
 import pytest
 import torch
 
+import layers
 from model import VLM
 from stream import make_streamer
 
@@ -19,8 +20,14 @@ def prompt(tok, seed=0):
     return torch.tensor([ids]), dict(VIDEO, pixel_values_videos=torch.randn(2 * 8 * 12, 1176, generator=g))
 
 
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """The fused matmul for inputs of any size (by default only up to layers.FUSE_MAX_ROWS rows: decode steps)."""
+    monkeypatch.setattr(layers, "FUSE_MAX_ROWS", 10**9)
+
+
 @torch.no_grad()
-def test_fused_logits_and_tokens_equal_unfused(tok):
+def test_fused_logits_and_tokens_equal_unfused(tok, fused_everywhere):
     model = tiny_model(tok, seed=1)
     ids, vision = prompt(tok)
     ref = model(ids, **vision)
@@ -35,7 +42,7 @@ def test_fused_logits_and_tokens_equal_unfused(tok):
     torch.testing.assert_close(model(ids, **vision), ref, atol=0, rtol=0)
 
 
-def test_fused_parameters_are_views_names_and_checkpoints_unchanged(tok, tmp_path):
+def test_fused_parameters_are_views_names_and_checkpoints_unchanged(tok, tmp_path, fused_everywhere):
     model = tiny_model(tok, seed=2)
     names = {k: v.clone() for k, v in model.state_dict().items()}
     model.fuse()
@@ -60,7 +67,23 @@ def test_fused_parameters_are_views_names_and_checkpoints_unchanged(tok, tmp_pat
 
 
 @torch.no_grad()
-def test_moving_a_fused_model_restacks(tok):
+def test_large_inputs_keep_the_separate_linears(tok, monkeypatch):
+    # by default a prefill of more than FUSE_MAX_ROWS tokens (and the vision tower's patches) runs the Linears,
+    # bit for bit the reference; a decode step (1 row) takes the stacked matmul
+    model = tiny_model(tok, seed=8)
+    ids, vision = prompt(tok, seed=8)
+    monkeypatch.setattr(layers, "FUSE_MAX_ROWS", ids.shape[1] - 1)
+    ref = model(ids, **vision)
+    model.fuse()
+    assert torch.equal(model(ids, **vision), ref)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[1].shape) or torch._C._nn.linear(*a))
+    model.model.layers[0].mlp(torch.randn(1, 1, model.cfg.hidden_size))
+    assert calls[0][0] == 2 * model.cfg.intermediate_size  # gate and up in one matmul
+
+
+@torch.no_grad()
+def test_moving_a_fused_model_restacks(tok, fused_everywhere):
     model = tiny_model(tok, seed=4)
     ids, vision = prompt(tok, seed=4)
     ref = model.double()(ids, **{k: v.double() if v.is_floating_point() else v for k, v in vision.items()})
@@ -72,7 +95,7 @@ def test_moving_a_fused_model_restacks(tok):
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
 
 
-def test_training_a_fused_model_reaches_the_parameters(tok):
+def test_training_a_fused_model_reaches_the_parameters(tok, fused_everywhere):
     # with gradients on, project() runs the Linears: autograd reaches q/k/v and gate/up as before fusing
     ref, model = tiny_model(tok, seed=5), tiny_model(tok, seed=5).fuse()
     ids, vision = prompt(tok, seed=5)
@@ -100,7 +123,7 @@ def test_streamed_replies_equal_fused_and_unfused(tok):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 matmuls on a GPU")
 @torch.no_grad()
-def test_fused_in_bf16_on_gpu(tok):
+def test_fused_in_bf16_on_gpu(tok, fused_everywhere):
     # bf16: one stacked matmul may round differently from three; logits within bf16 tolerance of the unfused
     model = tiny_model(tok, seed=7).to("cuda", torch.bfloat16)
     ids, vision = prompt(tok, seed=7)
