@@ -55,10 +55,12 @@ except ImportError:
 #
 # Why: the reference (model.decode_attention) is two batched matmuls with M = 7 (the query heads of one KV head);
 # cuBLAS runs the probabilities x V product on a handful of thread blocks, and with the masked softmax between
-# them a layer's attention over a 13.5k cache takes ~35 us where reading its 28 MB of K/V takes ~11 us. Here
+# them a layer's attention over a 13.5k cache takes ~35 us where reading its 30 MB of K/V takes ~11 us. Here
 # each (batch, KV head, slice of the cache) is one program: it reads its slice of K and V once for all G query
 # heads (tl.dot on a 16-row tile), keeps a running max and sum (online softmax) and writes an unnormalised
-# partial output; the slices are then merged by their log-sum-exp (Dao et al., "Flash-Decoding", 2023).
+# partial output; the slices are then merged by their log-sum-exp (Dao et al., "Flash-Decoding", 2023). On an
+# H100 at 7B (bench_stream --profile) it takes 14.7 us a layer (with the fused projections, decode went from 7.66
+# to 6.52 ms a token in the same run).
 
 
 if triton is not None:

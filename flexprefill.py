@@ -175,12 +175,9 @@ class FlexPrefillConfig:
     block_size: the tile of the block grid; min_len: chunks shorter than this stay dense in a model (FlexPrefill);
     backend: "flex" (compiled FlexAttention), "dense" (a masked SDPA, the reference) or "auto" (flex on CUDA);
     dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
-    SDPA instead (None: never). Why 0.4: on an H100 FlexAttention costs ~1.5x cuDNN's dense SDPA per visible block
-    (docs/BASELINES.md: 3.8 ms at density 0.2 vs 12 ms dense at 32k), and the selection costs ~0.1-0.3x dense on top,
-    so above ~0.4-0.5 kept the sparse path cannot win. A cheap estimate (estimate_density) is checked first, so
-    a dense-looking input pays ~0.1 ms, not the selection;
-    dense_below: inputs of fewer keys run dense SDPA (0: never). On an H100 at 8k tokens dense SDPA takes 0.8 ms and
-    the selection alone 2.5 ms (tools/bench_flexprefill.py): sparse cannot win below ~16k."""
+    SDPA instead (None: never, as the authors); a cheap estimate (estimate_density) is checked first, so a
+    dense-looking input pays ~0.5 ms at 32k, not the selection; dense_below: inputs of fewer keys run dense SDPA
+    (0: never). GUARDED below sets both for a GPU like the H100."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -188,8 +185,8 @@ class FlexPrefillConfig:
     block_size: int = 128
     min_len: int = 4096
     backend: str = "auto"
-    dense_above: float | None = 0.4
-    dense_below: int = 16384
+    dense_above: float | None = None
+    dense_below: int = 0
 
 
 def line_budgets(vertical, slash, cfg, nkb):
@@ -305,6 +302,14 @@ def select_blocks(q, k, cfg=FlexPrefillConfig()):
     return select_from_probe(q, k, probe_lines(q, k, cfg), cfg)
 
 
+# FlexPrefill that is never much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
+# model's default (enable_flexprefill). dense_above=0.4: FlexAttention costs ~1.5x cuDNN's dense SDPA per visible
+# block (docs/BASELINES.md: 3.8 ms at density 0.2 vs 12 ms dense at 32k) and the selection ~0.07-0.25x dense on top,
+# so above ~0.4-0.5 kept the sparse path cannot win. dense_below=16384: at 8k dense SDPA takes 0.8 ms and the
+# selection alone 2 ms.
+GUARDED = FlexPrefillConfig(dense_above=0.4, dense_below=16384)
+
+
 def generate_causal_mask(offset):
     """mask_mod for queries that are the last positions of the sequence: query i sits at offset + i.
     offset is a 0-dim tensor: a captured tensor is not guarded by dynamo, so a new offset never recompiles."""
@@ -395,9 +400,10 @@ class FlexPrefill:
         return flexprefill_attention(q, k, v, self.cfg)
 
 
-def enable_flexprefill(model, cfg=FlexPrefillConfig()):
+def enable_flexprefill(model, cfg=GUARDED):
     """Block-sparse prefill in a model.VLM: its prompts and prefill chunks of at least cfg.min_len tokens go through
-    FlexPrefill; decode steps and shorter chunks stay dense. Returns the model."""
+    FlexPrefill; decode steps and shorter chunks stay dense, and so do chunks where sparse attention cannot win
+    (GUARDED's dense_above / dense_below; pass FlexPrefillConfig() for the authors' method). Returns the model."""
     return model.use_attention(FlexPrefill(cfg))
 
 

@@ -11,9 +11,9 @@ stacked weights reads the same bytes as three (two) but launches one kernel inst
 product over one 33 MB matrix runs nearer the memory's speed than over a 26 MB and two 3.7 MB ones (a decode step
 is ~200 such products). fuse_linears stacks the weights once and re-points each Linear's parameters at its rows of
 the stack, so nothing is stored twice and the checkpoint names (q_proj.weight, ...) load and save unchanged.
-Inputs of more than FUSE_MAX_ROWS rows (prefills, the vision tower) still run the separate Linears: there the
-launches cost nothing next to the matmuls, and on an H100 an 8k-token prefill measured slower fused (241 ms vs
-228 ms, one run: the outputs are strided views of one wide matmul's result).
+Inputs of more than FUSE_MAX_ROWS rows (prefills, the vision tower) still run the separate Linears, bit for bit
+the reference: there the launches cost nothing next to the matmuls, and on an H100 an 8k-token prefill showed no
+gain from fusing that stood out of the run-to-run spread (241 vs 228 ms unfused in one run, 242 vs 245 in another).
 """
 import torch
 import torch.nn as nn

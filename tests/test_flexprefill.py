@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexprefill import (FlexPrefillConfig, block_mask_from_selection, enable_flexprefill, flexprefill_attention,
-                         select_blocks, sparse_attention)
+from flexprefill import (GUARDED, FlexPrefillConfig, block_mask_from_selection, enable_flexprefill,
+                         flexprefill_attention, select_blocks, sparse_attention)
 from model import causal_attention
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -207,22 +207,22 @@ def test_dense_looking_inputs_run_dense_sdpa():
     the cheap estimate alone sends the input to dense SDPA (no selection). Planted heads stay sparse."""
     bs = 64
     q, k, v = randn(1, 4, 2048, 64, seed=1), randn(1, 2, 2048, 64, seed=2), randn(1, 2, 2048, 64, seed=3)
-    cfg = FlexPrefillConfig(min_budget=bs, block_size=bs, dense_below=0)
+    cfg = FlexPrefillConfig(min_budget=bs, block_size=bs, dense_above=GUARDED.dense_above)
     out, info = flexprefill_attention(q, k, v, cfg, return_info=True)
     assert info["dense_fallback"] and info["estimated_density"] > cfg.dense_above and "density" not in info
     assert torch.equal(out, causal_attention(q, k, v))
     # the exact figure agrees: what the selection would keep is too dense to win
     assert select_blocks(q, k, cfg)[1]["density"].mean() > cfg.dense_above
-    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs, block_size=bs, dense_above=None,
-                                                                 dense_below=0), return_info=True)
-    assert not info["dense_fallback"]  # dense_above=None: always sparse
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs, block_size=bs), return_info=True)
+    assert not info["dense_fallback"]  # the authors' method (dense_above=None): always sparse
     qp, kp, bs = planted()
     _, info = flexprefill_attention(qp, kp, randn(1, 3, 1024, 64, seed=3),
-                                    FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_below=0), return_info=True)
+                                    FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_above=0.4),
+                                    return_info=True)
     assert not info["dense_fallback"] and info["estimated_density"] <= 0.4
-    # shorter than dense_below (16k by default): dense SDPA at once, nothing estimated
+    # shorter than dense_below (GUARDED: 16k): dense SDPA at once, nothing estimated
     _, info = flexprefill_attention(qp, kp, randn(1, 3, 1024, 64, seed=3), FlexPrefillConfig(min_budget=2 * bs,
-                                    block_size=bs), return_info=True)
+                                    block_size=bs, dense_above=0.4, dense_below=GUARDED.dense_below), return_info=True)
     assert info["dense_fallback"] and "estimated_density" not in info
 
 
@@ -238,7 +238,7 @@ def test_a_dense_selection_past_the_probe_runs_dense(monkeypatch):
         visible = flexprefill._block_geometry(q.shape[2], k.shape[2], cfg.block_size, q.device)[0]
         return sel | visible, dict(info, density=torch.ones_like(info["density"]))
     monkeypatch.setattr(flexprefill, "select_blocks", everything)
-    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_below=0),
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_above=0.4),
                                       return_info=True)
     assert info["dense_fallback"] and "density" in info and torch.equal(out, causal_attention(q, k, v))
 
@@ -261,7 +261,7 @@ def test_planted_attention_is_accurate():
     """On planted heads the sparse output stays close to dense attention (the point of the method)."""
     q, k, bs = planted()
     v = randn(1, 3, 1024, 64, seed=3)
-    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_below=0), return_info=True)
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs), return_info=True)
     assert not info["dense_fallback"] and info["density"].max() < 0.45
     # queries before key 300 (head 0) or position 192 (head 1) have no planted target: flat attention
     # that a few blocks cannot approximate, so only the queries that have one are checked
@@ -356,8 +356,7 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     assert not sel.all()
     flex = sparse_attention(q, k, v, sel, bs, "flex")
     assert_close(flex, sparse_attention(q, k, v, sel, bs, "dense"), BF16_TOL, "flex vs dense on CUDA")
-    cfg = FlexPrefillConfig(min_budget=bs, dense_above=None, dense_below=0)  # random inputs: keep them sparse
-    out, info = flexprefill_attention(q, k, v, cfg, return_info=True)   # auto -> flex on CUDA
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)   # auto -> flex on CUDA
     assert not info["dense_fallback"]
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
 
@@ -395,11 +394,9 @@ def test_wired_into_the_model_prefill():
     ids = torch.randint(0, 100, (1, 300))
     with torch.no_grad():
         dense = model(ids)
-        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=10**6, dense_below=0,
-                                                     dense_above=None))  # budget covers every block
+        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=10**6))  # budget covers every block
         every = model(ids)
-        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=16, gamma=0.3,
-                                                     dense_below=0, dense_above=None))
+        enable_flexprefill(model, FlexPrefillConfig(min_len=64, block_size=16, min_budget=16, gamma=0.3))
         sparse = model(ids)
         cache = KVCache(cfg, 1, 301, "cpu", torch.float32)  # prefill sparse, then one dense decode step
         model(ids, cache=cache)

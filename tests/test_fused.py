@@ -10,7 +10,8 @@ from stream import make_streamer
 
 from conftest import frames, tiny_model
 
-VIDEO = dict(pixel_values_videos=None, video_grid_thw=torch.tensor([[2, 8, 12]]), second_per_grid_ts=torch.tensor([1.0]))
+VIDEO = dict(pixel_values_videos=None, video_grid_thw=torch.tensor([[2, 8, 12]]),
+             second_per_grid_ts=torch.tensor([1.0]))
 
 
 def prompt(tok, seed=0):

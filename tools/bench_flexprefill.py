@@ -161,7 +161,8 @@ COLUMNS = [("input", "{:>11}"), ("N", "{:>7}"), ("select_ms", "{:>9.2f}"), ("mas
            ("attn_ms", "{:>9.2f}"), ("total_ms", "{:>9.2f}"), ("sdpa_ms", "{:>9.2f}"), ("sdpa_fa2_ms", "{:>11.2f}"),
            ("speedup", "{:>7.2f}x"), ("select_share", "{:>12.1%}"), ("density", "{:>7.3f}"),
            ("query_aware", "{:>11.2f}"), ("max_err", "{:>8.4f}"), ("mean_err", "{:>8.5f}"),
-           ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("estimate_ms", "{:>11.2f}"), ("fallback", "{:>8}"),
+           ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("estimate_ms", "{:>11.2f}"),
+           ("fallback", "{:>8}"),
            ("flexprefill_ms", "{:>14.2f}"), ("fp_x_sdpa", "{:>8.2f}x")]
 
 
@@ -328,9 +329,9 @@ def build_parser():
     p.add_argument("--backend", default="auto", choices=["auto", "flex", "dense"])
     p.add_argument("--dense-above", type=checked(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.4,
                    help="flexprefill_attention runs dense SDPA when the probe or the selection keeps more than this "
-                   "share of the visible blocks (FlexPrefillConfig.dense_above)")
+                   "share of the visible blocks (FlexPrefillConfig.dense_above; flexprefill.GUARDED's value)")
     p.add_argument("--dense-below", type=at_least(0), default=16384, help="flexprefill_attention runs dense SDPA "
-                   "on inputs of fewer keys (FlexPrefillConfig.dense_below)")
+                   "on inputs of fewer keys (FlexPrefillConfig.dense_below; flexprefill.GUARDED's value)")
     p.add_argument("--compile-select", action="store_true",
                    help="torch.compile(select_blocks, dynamic=False): one compile per length")
     p.add_argument("--warmup", type=at_least(0), default=2)

@@ -364,7 +364,8 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
         else:
             if hf_ms and ours:
                 row["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
-            extra = inspect_run(r["streamer"], frames_of(len(r["latency"])), reply, args.profile) if not r["failed"] else {}
+            extra = {} if r["failed"] else inspect_run(r["streamer"], frames_of(len(r["latency"])), reply,
+                                                       args.profile)
             against_floor(row, floor, model.cfg, extra)
         rows.append(row)
         print(table([row]), flush=True)
