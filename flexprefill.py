@@ -173,7 +173,11 @@ class FlexPrefillConfig:
     tau: the sqrt-JS threshold under which a head counts as query-aware (higher: more query-aware heads);
     min_budget / max_budget: bounds, in tokens, on the vertical and slash lines a vertical-slash head keeps;
     block_size: the tile of the block grid; min_len: chunks shorter than this stay dense in a model (FlexPrefill);
-    backend: "flex" (compiled FlexAttention), "dense" (a masked SDPA, the reference) or "auto" (flex on CUDA)."""
+    backend: "flex" (compiled FlexAttention), "dense" (a masked SDPA, the reference) or "auto" (flex on CUDA);
+    dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
+    SDPA instead (None: never, as the authors); a cheap estimate (estimate_density) is checked first, so a
+    dense-looking input pays ~0.5 ms at 32k, not the selection; dense_below: inputs of fewer keys run dense SDPA
+    (0: never). GUARDED below sets both for a GPU like the H100."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -181,6 +185,8 @@ class FlexPrefillConfig:
     block_size: int = 128
     min_len: int = 4096
     backend: str = "auto"
+    dense_above: float | None = None
+    dense_below: int = 0
 
 
 def line_budgets(vertical, slash, cfg, nkb):
@@ -233,29 +239,52 @@ def query_aware_blocks(q, k_pool, visible, gamma, bs):
 
 
 @torch.no_grad()
-def select_blocks(q, k, cfg=FlexPrefillConfig()):
-    """FlexPrefill's block selection, the four steps above in order. q (B, Hq, Nq, D), k (B, Hkv, Nk, D),
-    Nq >= block_size. Returns sel, a bool (B, Hq, ceil(Nq/bs), ceil(Nk/bs)) grid of kept blocks (always causal),
-    and an info dict of (B, Hq) tensors: query_aware, js, n_vertical, n_slash, n_blocks, density."""
+def probe_lines(q, k, cfg=FlexPrefillConfig()):
+    """1) The probe and the vertical-slash budgets: the true attention of the last block_size queries per key block
+    (vertical) and per block diagonal (slash), the probe queries' mean, and how many key-block columns and block
+    diagonals would cover gamma of it (line_budgets). Cheap next to the rest of the selection."""
     bs = cfg.block_size
     _check_inputs(q, k, k, bs)
     Nq, Nk = q.shape[2], k.shape[2]
     if Nq < bs:
         raise ValueError(f"select_blocks needs at least block_size={bs} queries for the probe, got {Nq}")
-    visible, partial, diag = _block_geometry(Nq, Nk, bs, q.device)
-    # 1) the probe: the true attention of the last bs queries, per key (vertical) and per distance (slash)
     vertical, slash, q_probe = _probe(q, k, bs)
     n_vertical, n_slash = line_budgets(vertical, slash, cfg, _cdiv(Nk, bs))
-    vertical = _block_sum(vertical, bs)                      # (B, Hq, nkb) mass per key block
     # distance d as seen from the last query, which sits (-Nk) % bs slots before its block's end, falls
     # in block diagonal (d + (-Nk) % bs) // bs
-    slash = _block_sum(slash, bs, pad_left=(-Nk) % bs)        # (B, Hq, nkb) mass per block diagonal
+    return dict(vertical=_block_sum(vertical, bs), slash=_block_sum(slash, bs, pad_left=(-Nk) % bs),
+                q_probe=q_probe, n_vertical=n_vertical, n_slash=n_slash)
+
+
+@torch.no_grad()
+def estimate_density(q, k, cfg=FlexPrefillConfig(), n=16):
+    """A cheap look before the selection: the share of keys it takes to cover gamma of the last n queries' mean
+    attention, averaged over heads. Flat attention (it needs most keys) is kept about as densely by either kind of
+    head, since a query-aware head's pooled estimate matches it; select_blocks' density is the exact figure. n
+    queries instead of the probe's block_size: ~30x fewer scores, so a dense-looking input pays ~0.1 ms, not ~2."""
+    (B, Hq, Nq, D), (_, Hkv, Nk, _) = q.shape, k.shape
+    n = min(n, Nq)
+    s = (q[:, :, -n:].reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)).view(B, Hq, n, Nk) * D**-0.5
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(Nk - n, Nk, device=q.device)[None, :]
+    s[..., Nk - n:].masked_fill_(j > Nk - n + i, float("-inf"))   # the causal corner of the last n queries
+    mass = s.softmax(-1, dtype=torch.float32).mean(2)                  # (B, Hq, Nk)
+    return (_cover_count(mass, cfg.gamma).float() / Nk).mean()
+
+
+@torch.no_grad()
+def select_from_probe(q, k, probe, cfg=FlexPrefillConfig()):
+    """2)-4) of select_blocks, after probe_lines."""
+    bs = cfg.block_size
+    Nq, Nk = q.shape[2], k.shape[2]
+    visible, partial, diag = _block_geometry(Nq, Nk, bs, q.device)
+    vertical, slash = probe["vertical"], probe["slash"]
     # 2) the pattern; a query-aware head still keeps a min_budget vertical-slash set (as the authors' code)
     k_pool = _block_mean(k, bs)                               # (B, Hkv, nkb, D) fp32
-    js, query_aware = js_test(q_probe, k_pool, vertical, cfg.tau)
+    js, query_aware = js_test(probe["q_probe"], k_pool, vertical, cfg.tau)
     least = max(1, _cdiv(cfg.min_budget or 1, bs))
-    n_vertical = torch.where(query_aware, least, n_vertical)
-    n_slash = torch.where(query_aware, least, n_slash)
+    n_vertical = torch.where(query_aware, least, probe["n_vertical"])
+    n_slash = torch.where(query_aware, least, probe["n_slash"])
     # 3) + 4): computed for every head; the query-aware blocks are used where the head is query-aware
     sel = vertical_slash_blocks(vertical, slash, n_vertical, n_slash, diag, partial)
     qa = query_aware_blocks(q, k_pool, visible, cfg.gamma, bs)
@@ -264,6 +293,21 @@ def select_blocks(q, k, cfg=FlexPrefillConfig()):
     info = dict(query_aware=query_aware, js=js, n_vertical=n_vertical, n_slash=n_slash,
                 n_blocks=n_blocks, density=n_blocks / visible.sum())
     return sel, info
+
+
+def select_blocks(q, k, cfg=FlexPrefillConfig()):
+    """FlexPrefill's block selection, the four steps above in order. q (B, Hq, Nq, D), k (B, Hkv, Nk, D),
+    Nq >= block_size. Returns sel, a bool (B, Hq, ceil(Nq/bs), ceil(Nk/bs)) grid of kept blocks (always causal),
+    and an info dict of (B, Hq) tensors: query_aware, js, n_vertical, n_slash, n_blocks, density."""
+    return select_from_probe(q, k, probe_lines(q, k, cfg), cfg)
+
+
+# FlexPrefill that is never much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
+# model's default (enable_flexprefill). dense_above=0.4: FlexAttention costs ~1.5x cuDNN's dense SDPA per visible
+# block (docs/BASELINES.md: 3.8 ms at density 0.2 vs 12 ms dense at 32k) and the selection ~0.07-0.25x dense on top,
+# so above ~0.4-0.5 kept the sparse path cannot win. dense_below=16384: at 8k dense SDPA takes 0.8 ms and the
+# selection alone 2 ms.
+GUARDED = FlexPrefillConfig(dense_above=0.4, dense_below=16384)
 
 
 def generate_causal_mask(offset):
@@ -321,16 +365,25 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
 def flexprefill_attention(q, k, v, cfg=FlexPrefillConfig(), return_info=False):
     """FlexPrefill causal attention. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0 (q head j
     reads kv head j // (Hq // Hkv)) and Nq <= Nk (queries are the last Nq positions). Returns (B, Hq, Nq, D),
-    and with return_info also the info dict of select_blocks (plus dense_fallback). Short inputs (Nk at most
-    max(2 blocks, min_budget rounded up to blocks), as the authors) and Nq <= block_size run dense causal SDPA."""
+    and with return_info also the info dict of select_blocks (plus dense_fallback and estimated_density). Dense
+    causal SDPA runs instead for short inputs (Nk at most max(2 blocks, min_budget rounded up to blocks), as the
+    authors, and Nk < cfg.dense_below), for Nq <= block_size, and when sparse attention cannot win
+    (cfg.dense_above: first estimate_density, then the selection's density; one host sync each)."""
     bs = cfg.block_size
     _check_inputs(q, k, v, bs)
     Nq, Nk = q.shape[2], k.shape[2]
-    if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nq <= bs:
-        out, info = causal_attention(q, k, v), dict(dense_fallback=True)
+    sel = None
+    if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nk < cfg.dense_below or Nq <= bs:
+        info = dict()
     else:
-        sel, info = select_blocks(q, k, cfg)
-        out, info["dense_fallback"] = sparse_attention(q, k, v, sel, bs, cfg.backend), False
+        info = dict(estimated_density=estimate_density(q, k, cfg) if cfg.dense_above is not None else None)
+        if cfg.dense_above is None or float(info["estimated_density"]) <= cfg.dense_above:
+            sel, more = select_blocks(q, k, cfg)
+            info.update(more)
+            if cfg.dense_above is not None and float(more["density"].float().mean()) > cfg.dense_above:
+                sel = None
+    info["dense_fallback"] = sel is None
+    out = causal_attention(q, k, v) if sel is None else sparse_attention(q, k, v, sel, bs, cfg.backend)
     return (out, info) if return_info else out
 
 
@@ -347,9 +400,10 @@ class FlexPrefill:
         return flexprefill_attention(q, k, v, self.cfg)
 
 
-def enable_flexprefill(model, cfg=FlexPrefillConfig()):
+def enable_flexprefill(model, cfg=GUARDED):
     """Block-sparse prefill in a model.VLM: its prompts and prefill chunks of at least cfg.min_len tokens go through
-    FlexPrefill; decode steps and shorter chunks stay dense. Returns the model."""
+    FlexPrefill; decode steps and shorter chunks stay dense, and so do chunks where sparse attention cannot win
+    (GUARDED's dense_above / dense_below; pass FlexPrefillConfig() for the authors' method). Returns the model."""
     return model.use_attention(FlexPrefill(cfg))
 
 

@@ -36,7 +36,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from cache import KVCache
 from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
-from layers import GatedMLP, RMSNorm
+from layers import Fusable, GatedMLP, RMSNorm
 from vision import VisionConfig, VisionTower
 
 # -----------------------------------------------------------------------------
@@ -144,7 +144,20 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
 
 
-class Attention(nn.Module):
+def decode_attention(q, k, v, mask=None):
+    """One decoded token's attention, the reference: q (B, Hkv, G, D) holds the G query heads that share each KV
+    head, k and v (B, Hkv, Nk, D), mask (B, 1, 1, Nk) bool (True = visible) or None -> (B, Hkv, G, D). Two plain
+    matmuls: the fused SDPA kernels split work by head and query block, which for 1 query x 4 KV heads leaves most
+    of the GPU idle over a long cache (scores in the model dtype, softmax in fp32 or better: what transformers'
+    eager attention does)."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5                                  # (B, Hkv, G, Nk)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
+    return p.to(v.dtype) @ v
+
+
+class Attention(Fusable):
     def __init__(self, cfg: VLMConfig, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -154,12 +167,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.attn_fn = causal_attention  # (q, k, v) -> causal attention output; see VLM.use_attention
+        self.decode_fn = decode_attention  # (q, k, v, mask) for one decoded token; see VLM.use_decode_attention
+
+    def parallel(self):  # one q/k/v matmul after fuse() (layers.Fusable)
+        return [self.q_proj, self.k_proj, self.v_proj]
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)               # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         raw_k, q, k = k, apply_rope(q, cos, sin), apply_rope(k, cos, sin)           # in the model dtype
         if cache is not None:
             # all keys so far, the new ones last; the raw keys let a streaming cache re-rotate after eviction
@@ -167,15 +185,9 @@ class Attention(nn.Module):
         G = self.n_heads // self.n_kv
         if T == 1:
             # decode: one query per head, so the G query heads sharing a KV head sit on the query axis and GQA
-            # needs no copies of K/V. Two plain matmuls: the fused SDPA kernels split work by head and query
-            # block, which for 1 query x 4 KV heads leaves most of the GPU idle over a long cache
-            # (scores in the model dtype, softmax in fp32 or better: what transformers' eager attention does)
-            qg = q.view(B, self.n_kv, G, self.head_dim)                                  # (B, Hkv, G, D)
-            s = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5                       # (B, Hkv, G, Nk)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            p = s.softmax(-1, dtype=torch.promote_types(s.dtype, torch.float32))
-            o = (p.to(v.dtype) @ v).view(B, self.n_heads, 1, self.head_dim)             # -> (B, H, 1, D)
+            # needs no copies of K/V (decode_attention; the fast path swaps in a split-KV kernel, decode.py)
+            o = self.decode_fn(q.view(B, self.n_kv, G, self.head_dim), k, v, mask)      # (B, Hkv, G, D)
+            o = o.reshape(B, self.n_heads, 1, self.head_dim)                             # -> (B, H, 1, D)
         elif mask is None:
             # a prompt, or a chunk on a cache (the queries are the last T of the keys): causal attention, dense
             # by default, FlexPrefill's block-sparse attention after flexprefill.enable_flexprefill(model)
@@ -254,12 +266,32 @@ class VLM(nn.Module):
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
+        self.decode_kernel = None  # decode attention: None until use_decode_attention decides (likewise)
+
+    def fuse(self, enabled=True):
+        """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
+        parameters, viewed from one stacked tensor, so state_dict names, loading and saving are unchanged. Call it
+        after moving the model (a later .to() re-stacks); enabled=False goes back to the separate Linears."""
+        for m in self.modules():
+            if isinstance(m, Fusable):
+                m.fuse(enabled)
+        self.fusion = enabled
+        return self
 
     def use_attention(self, attn_fn=None):
         """Run prompts and prefill chunks through attn_fn(q, k, v) (None: dense causal SDPA). Decode steps and
         explicitly masked (padded) batches stay dense."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = attn_fn or causal_attention
+        return self
+
+    def use_decode_attention(self, decode_fn=None):
+        """Run decode steps' attention through decode_fn(q, k, v, mask) (None: the two-matmul reference,
+        decode_attention); decode.py's split-KV kernel is the GPU fast path."""
+        for layer in self.model.layers:
+            layer.self_attn.decode_fn = decode_fn or decode_attention
+        self.decode_kernel = decode_fn or decode_attention
         return self
 
     @property
@@ -425,6 +457,8 @@ class VLM(nn.Module):
     def _save_into(self, tmp, path, state_dict):
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
+        # fused projections (fuse()) are views of one stacked tensor; safetensors refuses tensors sharing memory
+        state = {k: v.clone() if v.untyped_storage().nbytes() != v.nbytes else v for k, v in state.items()}
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**self.cfg.to_hf_dict(), "torch_dtype": str(self.dtype).split(".")[-1]}, f, indent=2)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexprefill import (FlexPrefillConfig, block_mask_from_selection, enable_flexprefill, flexprefill_attention,
-                         select_blocks, sparse_attention)
+from flexprefill import (GUARDED, FlexPrefillConfig, block_mask_from_selection, enable_flexprefill,
+                         flexprefill_attention, select_blocks, sparse_attention)
 from model import causal_attention
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -200,6 +200,47 @@ def test_planted_patterns():
     assert sel[0, 1, rows[3:], rows[3:] - 3].all() and info["density"][0, 1] < 0.4
     # head 2: block (i, i // 2) in every row
     assert sel[0, 2, rows, rows // 2].all()
+
+
+def test_dense_looking_inputs_run_dense_sdpa():
+    """Random q/k: every head's probe attention is flat, so the lines covering gamma of it span most key blocks;
+    the cheap estimate alone sends the input to dense SDPA (no selection). Planted heads stay sparse."""
+    bs = 64
+    q, k, v = randn(1, 4, 2048, 64, seed=1), randn(1, 2, 2048, 64, seed=2), randn(1, 2, 2048, 64, seed=3)
+    cfg = FlexPrefillConfig(min_budget=bs, block_size=bs, dense_above=GUARDED.dense_above)
+    out, info = flexprefill_attention(q, k, v, cfg, return_info=True)
+    assert info["dense_fallback"] and info["estimated_density"] > cfg.dense_above and "density" not in info
+    assert torch.equal(out, causal_attention(q, k, v))
+    # the exact figure agrees: what the selection would keep is too dense to win
+    assert select_blocks(q, k, cfg)[1]["density"].mean() > cfg.dense_above
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs, block_size=bs), return_info=True)
+    assert not info["dense_fallback"]  # the authors' method (dense_above=None): always sparse
+    qp, kp, bs = planted()
+    _, info = flexprefill_attention(qp, kp, randn(1, 3, 1024, 64, seed=3),
+                                    FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_above=0.4),
+                                    return_info=True)
+    assert not info["dense_fallback"] and info["estimated_density"] <= 0.4
+    # shorter than dense_below (GUARDED: 16k): dense SDPA at once, nothing estimated
+    _, info = flexprefill_attention(qp, kp, randn(1, 3, 1024, 64, seed=3), FlexPrefillConfig(min_budget=2 * bs,
+                                    block_size=bs, dense_above=0.4, dense_below=GUARDED.dense_below), return_info=True)
+    assert info["dense_fallback"] and "estimated_density" not in info
+
+
+def test_a_dense_selection_past_the_probe_runs_dense(monkeypatch):
+    """The second check: the estimate let the input through, the selection itself came out too dense."""
+    import flexprefill
+    q, k, bs = planted()
+    v = randn(1, 3, 1024, 64, seed=3)
+    real = flexprefill.select_blocks
+
+    def everything(q, k, cfg):  # the real selection's info, but every visible block kept
+        sel, info = real(q, k, cfg)
+        visible = flexprefill._block_geometry(q.shape[2], k.shape[2], cfg.block_size, q.device)[0]
+        return sel | visible, dict(info, density=torch.ones_like(info["density"]))
+    monkeypatch.setattr(flexprefill, "select_blocks", everything)
+    out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=2 * bs, block_size=bs, dense_above=0.4),
+                                      return_info=True)
+    assert info["dense_fallback"] and "density" in info and torch.equal(out, causal_attention(q, k, v))
 
 
 def test_every_query_keeps_its_own_block():

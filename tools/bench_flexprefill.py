@@ -37,7 +37,7 @@ from cli import Parser, at_least, checked, default_model
 from data import build_sample
 from eval import Results, hardware, table
 from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
-                         select_blocks, sparse_attention)
+                         estimate_density, select_blocks, sparse_attention)
 from model import causal_attention
 from layout import question_segments
 from layout import layout_of
@@ -111,7 +111,7 @@ def load_activations(path):
 def run_one(name, q, k, v, args, device, select_fn):
     N = q.shape[2]
     cfg = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, max_budget=args.max_budget,
-                            block_size=args.block_size)
+                            block_size=args.block_size, dense_above=args.dense_above, dense_below=args.dense_below)
     backend = args.backend if args.backend != "auto" else ("flex" if device.type == "cuda" else "dense")
     bench = lambda fn: timeit(fn, device, args.warmup, args.iters)
 
@@ -145,6 +145,14 @@ def run_one(name, q, k, v, args, device, select_fn):
                 row["sdpa_fa2_ms"] = bench(lambda: causal_attention(q, k, v))
         except RuntimeError as e:   # no FA2 kernel for this GPU / dtype
             print(f"  (SDPA FlashAttention-2 backend unavailable: {str(e).splitlines()[0]})")
+    # the whole of flexprefill_attention as a model calls it: probe, and selection and sparse attention unless the
+    # input looks too dense for sparse attention to win (cfg.dense_above), then dense SDPA
+    _, fp_info = flexprefill_attention(q, k, v, cfg, return_info=True)
+    row["fallback"] = "dense" if fp_info["dense_fallback"] else "sparse"
+    row["est_density"] = float(fp_info.get("estimated_density") or float("nan"))
+    row["estimate_ms"] = bench(lambda: estimate_density(q, k, cfg))
+    row["flexprefill_ms"] = bench(lambda: flexprefill_attention(q, k, v, cfg))
+    row["fp_x_sdpa"] = row["sdpa_ms"] / row["flexprefill_ms"]
     row["speedup"] = row["sdpa_ms"] / row["total_ms"]
     row["select_share"] = row["select_ms"] / row["sdpa_ms"]
     return row
@@ -154,7 +162,9 @@ COLUMNS = [("input", "{:>11}"), ("N", "{:>7}"), ("select_ms", "{:>9.2f}"), ("mas
            ("attn_ms", "{:>9.2f}"), ("total_ms", "{:>9.2f}"), ("sdpa_ms", "{:>9.2f}"), ("sdpa_fa2_ms", "{:>11.2f}"),
            ("speedup", "{:>7.2f}x"), ("select_share", "{:>12.1%}"), ("density", "{:>7.3f}"),
            ("query_aware", "{:>11.2f}"), ("max_err", "{:>8.4f}"), ("mean_err", "{:>8.5f}"),
-           ("select_peak_gib", "{:>15.2f}")]
+           ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("estimate_ms", "{:>11.2f}"),
+           ("fallback", "{:>8}"),
+           ("flexprefill_ms", "{:>14.2f}"), ("fp_x_sdpa", "{:>8.2f}x")]
 
 
 def print_row(row):
@@ -319,6 +329,11 @@ def build_parser():
     p.add_argument("--max-budget", type=at_least(1), default=None)
     p.add_argument("--block-size", type=at_least(1), default=128)
     p.add_argument("--backend", default="auto", choices=["auto", "flex", "dense"])
+    p.add_argument("--dense-above", type=checked(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.4,
+                   help="flexprefill_attention runs dense SDPA when the probe or the selection keeps more than this "
+                   "share of the visible blocks (FlexPrefillConfig.dense_above; flexprefill.GUARDED's value)")
+    p.add_argument("--dense-below", type=at_least(0), default=16384, help="flexprefill_attention runs dense SDPA "
+                   "on inputs of fewer keys (FlexPrefillConfig.dense_below; flexprefill.GUARDED's value)")
     p.add_argument("--compile-select", action="store_true",
                    help="torch.compile(select_blocks, dynamic=False): one compile per length")
     p.add_argument("--warmup", type=at_least(0), default=2)

@@ -104,7 +104,22 @@ def prefill_mfu(args, cfg, hf, ours, dev):
     flops = 2 * n_lm * T + 2 * cfg.num_hidden_layers * T * T * cfg.num_attention_heads * cfg.head_dim
     t_ours = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
     t_hf = timeit(lambda: hf(input_ids=ids, logits_to_keep=1), dev, 2, 5) / 1e3
-    return dict(tokens=T, ours_ms=1000 * t_ours, hf_ms=1000 * t_hf, ours_tflops=flops / t_ours / 1e12,
+    # and with the fused q/k/v and gate/up projections (VLM.fuse: new stacked tensors, ~8.5 GB more at 7B, since
+    # transformers' model keeps the separate ones it shares with ours). By default the fused matmul serves only
+    # inputs of at most layers.FUSE_MAX_ROWS rows (decode steps); "forced" raises that limit for this prompt
+    import layers
+    ours.fuse()
+    limit, layers.FUSE_MAX_ROWS = layers.FUSE_MAX_ROWS, 10**9
+    t_forced = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
+    layers.FUSE_MAX_ROWS = limit
+    t_fused = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
+    ours.fuse(False)
+    t_again = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3  # the unfused model again: the spread
+    print(f"prefill {T} tokens, ms: ours {1000 * t_ours:.1f}, fused forced {1000 * t_forced:.1f}, fused (default "
+          f"limit) {1000 * t_fused:.1f}, ours again {1000 * t_again:.1f}, transformers {1000 * t_hf:.1f}", flush=True)
+    return dict(tokens=T, ours_ms=1000 * t_ours, fused_forced_ms=1000 * t_forced, fused_ms=1000 * t_fused,
+                ours_again_ms=1000 * t_again, hf_ms=1000 * t_hf,
+                ratio_hf_over_fused=t_hf / t_fused, ours_tflops=flops / t_ours / 1e12,
                 hf_tflops=flops / t_hf / 1e12, ours_mfu=flops / t_ours / 1e12 / args.peak_tflops,
                 hf_mfu=flops / t_hf / 1e12 / args.peak_tflops, ratio_hf_over_ours=t_hf / t_ours)
 

@@ -21,23 +21,42 @@ The ideas:
 - Side by side: transformers runs --hf-seconds seconds with its default growing DynamicCache, a forward for the
   user turn and generate() for the reply; hf_ms_per_token_ratio is its ms per token over ours in the same seconds
   of the same run. Both loops are eval.timed_seconds, so they are timed the same way.
+- The floor, in the same run (on a GPU): a CUDA graph of matrix-vector products over every weight matrix a decode
+  step reads (measure_floor), plus the live cache's K/V bytes at the bandwidth those products reach. Each run's
+  row says its ms per token (in the loop: launch, readback and all) and its decode graph's replay alone as
+  multiples of it (x_floor, graph_x_floor). --variants reference,fused,fast runs the model's reference layers
+  (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
+  plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
+  and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from cli import Parser, at_least
 from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
                   steady_capacity, sync, table, timed_seconds)
 from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
+from decode import decode_kernel_for
 from flexprefill import enable_flexprefill
 from model import PRESETS, VLM, pick_device_dtype
-from processor import Tokenizer, build_tokenizer, preprocess_video
+from processor import Tokenizer, build_tokenizer, patchify_video, preprocess_video
 from stream import streamer_kwargs
+
+
+VARIANTS = {"reference": (False, False), "fused": (True, False), "fast": (True, True)}  # (fuse, split-KV kernel)
+
+
+def set_variant(model, variant):
+    fuse, kernel = VARIANTS[variant]
+    model.fuse(fuse)
+    model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
 
 
 def build_models(args):
@@ -116,6 +135,103 @@ def hf_loop(hf, tok, seconds, frames_of, args, after=None):
                 cache_tokens=state["cache"].get_seq_length(), max_position=None, resize=[])
 
 
+# -----------------------------------------------------------------------------
+# The floor of a decode step, and what one run's step costs beside it
+
+
+def gpu_ms(fn, iters=20, repeats=5):
+    """Median over `repeats` of the mean milliseconds of `iters` back-to-back fn() calls, timed with CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def decode_weights(model):
+    """The weight matrices one decode step reads, in the fused layout (fewest, largest products): per layer the
+    stacked q/k/v, o, the stacked gate/up and down; then the LM head (the embeddings when tied). Left out: one
+    embedding row, the biases and norms (a few KB a layer)."""
+    mats = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        mats += [a.fused[0], a.o_proj.weight, m.fused[0], m.down_proj.weight]
+    return mats + [model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight]
+
+
+@torch.no_grad()
+def measure_floor(model, cache_tokens):
+    """What a decode step cannot beat on this GPU: a CUDA graph of one matrix-vector product per weight matrix
+    of decode_weights (the bytes a step must read, read the fastest way PyTorch reads a matrix for one token),
+    replayed; plus the K/V of `cache_tokens` cached tokens read at the bandwidth those products reached. Also a
+    plain device copy's bandwidth, for scale. Times in ms, bytes in GB (1e9)."""
+    was = model.fusion
+    model.fuse()
+    mats = decode_weights(model)
+    xs = {n: torch.randn(1, n, device=model.device, dtype=model.dtype) for n in {w.shape[1] for w in mats}}
+    chain = lambda: [F.linear(xs[w.shape[1]], w) for w in mats]
+    side = torch.cuda.Stream()  # warm up off the capture (cuBLAS picks and loads its kernels)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    weights_ms = gpu_ms(graph.replay)
+    del graph
+    cfg = model.cfg
+    weight_gb = sum(w.numel() * w.element_size() for w in mats) / 1e9
+    cache_gb = cache_tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 / 1e9
+    src = torch.empty(2**29, dtype=torch.uint8, device=model.device)  # 512 MiB
+    dst = torch.empty_like(src)
+    copy_ms = gpu_ms(lambda: dst.copy_(src))
+    model.fuse(bool(was))
+    model.fusion = was
+    tb_s = weight_gb / weights_ms  # GB/ms = TB/s
+    return dict(weight_gb=round(weight_gb, 2), cache_gb=round(cache_gb, 3), cache_tokens=cache_tokens,
+                weights_ms=round(weights_ms, 3), floor_ms=round(weights_ms + cache_gb / tb_s, 3),
+                gemv_tb_s=round(tb_s, 2), copy_tb_s=round(2 * src.numel() / 1e9 / copy_ms, 2))
+
+
+def print_profile(title, fn, rows=25):
+    """The kernels (and CPU ops) of fn(), heaviest first: what is left between a step and its floor."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"\n== profile: {title}\n" + avg.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+
+
+@torch.no_grad()
+def inspect_run(s, frames, reply, profile):
+    """After a run, on its streamer `s`: the decode graph's replay alone (the GPU's time per step, no host in the
+    loop) and the vision tower on one second's frames, in ms; with `profile`, the kernels of one more second and of
+    five replays. Replays rewrite the K/V slot past the cache's end: harmless once the run is over."""
+    out = {}
+    dec, cuda = s.decoder, s.model.device.type == "cuda"
+    if cuda and dec is not None and dec.graph is not None:
+        out["graph_ms"] = round(gpu_ms(dec.graph.replay), 3)
+    if cuda:
+        clip, grid, _ = s.prepare(frames)
+        pix = patchify_video(clip, s.model.device).to(s.model.dtype)
+        out["vision_ms"] = round(gpu_ms(lambda: s.model.visual(pix, grid, compiled=s.compile_vision), 5, 3), 2)
+    if profile:
+        print_profile("one steady second (evict, vision, prefill, decode)", lambda: s.step(frames, force_text=reply))
+        if "graph_ms" in out:
+            print_profile("five decode graph replays", lambda: [dec.graph.replay() for _ in range(5)])
+    return out
+
+
 def ms_per_token(records):
     """Mean decode time per forward over some seconds' records; None when they decoded nothing."""
     forwards = sum(r["forwards"] for r in records)
@@ -174,6 +290,12 @@ def build_parser():
     ap.add_argument("--hf-seconds", type=at_least(1), default=120, help="seconds of the transformers run")
     ap.add_argument("--no-readback", action="store_true", help="do not read each forced token's argmax back to "
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
+    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
+                    help="comma-separated, each policy and decode path runs once per variant: reference (separate "
+                    "Linears, two-matmul decode attention), fused (VLM.fuse), fast (fused + split-KV decode kernel)")
+    ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
+                    "and of decode graph replays (torch.profiler)")
+    ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
     add_run_flags(ap, warmup=30, out="out/bench")
     ap.set_defaults(policies=["streaming", "native", "full"])
     return ap
@@ -186,6 +308,8 @@ def get_args(argv=None):
     # the layout flags over our defaults (no checkpoint here): windows, frame rate and pixels, reply cap
     args.stream_layout = layout_of({}, args)
     args.fps, args.max_new_tokens = args.stream_layout.fps, args.stream_layout.max_new_tokens
+    if not args.variants or set(args.variants) - set(VARIANTS):
+        ap.error(f"--variants: expected {', '.join(VARIANTS)}, comma-separated, got {','.join(args.variants)}")
     on_gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if not on_gpu and args.preset != "tiny":  # 7B: ~15 GiB of weights, minutes a second on a CPU
         ap.error(f"--preset {args.preset} streams a full-size model: a GPU's work. On a CPU, the smoke run: --preset "
@@ -198,33 +322,61 @@ def get_args(argv=None):
     return args
 
 
-def run_all(args, model, hf, tok, frames_of, warmup, res):
-    """transformers first (when asked), then every policy x decode path; a table row and a summary for each."""
+def cache_gb(cfg, tokens):
+    """GB of K and V that `tokens` cached tokens hold (bf16), all layers."""
+    return tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 / 1e9
+
+
+def against_floor(row, floor, cfg, extra):
+    """The run's decode beside the floor for its own cache length: in the loop and as a bare graph replay."""
+    row.update(extra)
+    if floor is None or not row.get("ms_per_token"):
+        return
+    row["floor_ms"] = round(floor["weights_ms"] + cache_gb(cfg, row["cache"]) / floor["gemv_tb_s"], 3)
+    row["x_floor"] = round(row["ms_per_token"] / row["floor_ms"], 3)
+    if "graph_ms" in row:
+        row["graph_x_floor"] = round(row["graph_ms"] / row["floor_ms"], 3)
+
+
+def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
+    """transformers first (when asked), then every policy x decode path x variant; a table row and a summary each."""
     rows, runs, hf_window, hf_ms = [], {}, (0, 0), None
     reply = fixed_reply(tok, args.max_new_tokens)
     kw = streamer_kwargs(args.stream_layout)
     capacity = steady_capacity(frames_of(0), kw["fps"], kw["text_sink"], kw["text_window"], kw["vision_window"],
                                kw["frame_pixels"], kw["evict_every"])[1]
-    for name, decode in ([("transformers", "generate")] if hf is not None else []) + [
-            (p, d) for p in args.policies for d in args.decode]:
-        log = lambda s, rec: res.log(policy=name, decode=decode, **{k: v for k, v in rec.items() if k != "text"})
+    for name, decode, variant in ([("transformers", "generate", "-")] if hf is not None else []) + [
+            (p, d, var) for p in args.policies for d in args.decode for var in args.variants]:
+        log = lambda s, rec: res.log(policy=name, decode=decode, variant=variant,
+                                     **{k: v for k, v in rec.items() if k != "text"})
         if name == "transformers":
             seconds = min(args.seconds, args.hf_seconds)
             r, w = hf_loop(hf, tok, seconds, frames_of, args, after=log), min(warmup, seconds // 2)
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
-            r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
-                              **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
-                                     timed=True)), warmup
+            set_variant(model, variant)
+            try:
+                r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
+                                  **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
+                                         timed=True)), warmup
+            except Exception as e:  # one variant that fails here (say a kernel that does not build) ends only itself
+                print(f"{name} / {decode} / {variant} failed: {type(e).__name__}: {str(e).strip()[-400:]}", flush=True)
+                continue
         row = report(name, decode, r, w)
+        row = {"policy": name, "decode": decode, "variant": variant, **row}
         ours = ms_per_token(r["seconds"][hf_window[0]:hf_window[1]])
         if name == "transformers":
             hf_ms = row["ms_per_token"]
-        elif hf_ms and ours:
-            row["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
+        else:
+            if hf_ms and ours:
+                row["hf_ms_per_token_ratio"] = round(hf_ms / ours, 2)
+            extra = {} if r["failed"] else inspect_run(r["streamer"], frames_of(len(r["latency"])), reply,
+                                                       args.profile)
+            against_floor(row, floor, model.cfg, extra)
         rows.append(row)
         print(table([row]), flush=True)
-        key = name if name == "transformers" or len(args.decode) == 1 else f"{name}-{decode}"
+        key = "-".join([name] + ([decode] if len(args.decode) > 1 and name != "transformers" else [])
+                       + ([variant] if len(args.variants) > 1 and name != "transformers" else []))
         runs[key] = dict(summary=row, latency=r["latency"], memory_gib=[x["memory_gib"] for x in r["seconds"]])
         del r  # free this run's cache (and graph) before the next run measures its peak memory
     return rows, runs, hf_window
@@ -235,8 +387,7 @@ def main(argv=None):
     model, hf, tok = build_models(args)
     if args.max_new_tokens < len(end_ids(tok)):
         sys.exit(f"python -m tools.bench_stream: --max-new-tokens must be at least {len(end_ids(tok))} here (a word, "
-                 "' ...' "
-                 "and <|im_end|>)")
+                 "' ...' and <|im_end|>)")
     g = torch.Generator().manual_seed(0)
     frames = [torch.randint(0, 255, (args.height, args.width, 3), generator=g, dtype=torch.uint8) for _ in range(4)]
     frames_of = lambda t: [frames[(t + j) % 4] for j in range(args.fps)]
@@ -246,13 +397,20 @@ def main(argv=None):
     print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {args.fps} fps ({n_vision} vision "
           f"tokens a second), {args.seconds} s; means leave out the first {warmup} s", flush=True)
     res = Results(args.out, "bench_stream")
-    rows, runs, hf_window = run_all(args, model, hf, tok, frames_of, warmup, res)
+    floor = None
+    if args.floor and model.device.type == "cuda":
+        floor = measure_floor(model, 0)
+        print(f"decode floor, this GPU, this run: {floor['weight_gb']} GB of weights read by a CUDA graph of "
+              f"matrix-vector products in {floor['weights_ms']} ms ({floor['gemv_tb_s']} TB/s; a device copy: "
+              f"{floor['copy_tb_s']} TB/s); each row's floor_ms adds its cache's K/V at that rate", flush=True)
+    rows, runs, hf_window = run_all(args, model, hf, tok, frames_of, warmup, res, floor)
     print("\n" + table(rows))
     if hf is not None:
         print(f"hf_ms_per_token_ratio: transformers' ms per token over ours in the same seconds of the stream "
               f"({hf_window[0]} to {hf_window[1]}: transformers runs the first {min(args.seconds, args.hf_seconds)} s "
               "only, its cache only grows), same weights, same loop, same run")
-    result = dict(settings=dict(vars(args), stream_layout=vars(args.stream_layout)), hardware=hardware(), runs=runs)
+    result = dict(settings=dict(vars(args), stream_layout=vars(args.stream_layout)), hardware=hardware(),
+                  floor=floor, runs=runs)
     res.save(result)
     # second 0 left out: its start-up (and compilation, tens of seconds) would flatten everything else
     plot(args.out, "bench_stream_latency", {p: (range(1, len(v["latency"])), v["latency"][1:])
