@@ -33,13 +33,14 @@ from typing import NamedTuple
 import torch
 
 import cache as caches
-from cli import Parser, at_least, default_model, device_name, unwritable
+from cli import Parser, at_least, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
 from flexprefill import enable_flexprefill
-from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, add_layout_flags, end_ids,
-                    layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
+from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, add_layout_flags,
+                    end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import VLM, pick_device_dtype, sample_next
 from processor import Tokenizer, patchify_video, read_json, resize_video
+from safeio import replace_file, same_file
 from video import is_live, open_video, seconds_of
 
 DECODERS = ("plain", "graphs", "compiled")
@@ -348,14 +349,16 @@ def timestamp(seconds):
 
 class Outputs:
     """--vtt (a cue for each second that says something) and --jsonl (one object a second), written and flushed
-    as the stream goes, so a crash loses nothing already said."""
+    as the stream goes, so a crash loses nothing already said. Each is a new file renamed into place
+    (safeio.replace_file): a symlink planted at the path is replaced, never written through."""
 
     def __init__(self, vtt=None, jsonl=None):
         for path in (vtt, jsonl):
             if path:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.vtt = open(vtt, "w") if vtt else None
-        self.jsonl = open(jsonl, "w") if jsonl else None
+        self.vtt = replace_file(vtt) if vtt else None
+        self.jsonl = replace_file(jsonl) if jsonl else None
+        self.seconds = 0  # seconds written whole so far
         if self.vtt:
             self.vtt.write("WEBVTT\n\n")
 
@@ -367,6 +370,7 @@ class Outputs:
             self.jsonl.write(json.dumps(dict(t=t, text=text, latency_ms=round(ms, 1), cache_tokens=s.cache.length,
                                              max_position=s.cache.max_position())) + "\n")
             self.jsonl.flush()
+        self.seconds = t + 1
 
     def close(self):
         for f in (self.vtt, self.jsonl):
@@ -376,27 +380,34 @@ class Outputs:
 
 def run(s, frames, args, out):
     """Stream the seconds of `frames` through s, printing and writing each; with --realtime, pace by the wall
-    clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. Returns (seen, skipped)."""
+    clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. A Ctrl-C lets the second in
+    progress finish and be written, then stops. Returns (seen, skipped, stopped by Ctrl-C)."""
     start, seen, skipped = time.monotonic(), 0, 0
-    for t, second in enumerate(frames):
-        if args.seconds and t >= args.seconds:
-            break
-        if args.realtime:
-            late = time.monotonic() - start - (t + 1)
-            if late < 0:
-                time.sleep(-late)
-            elif late >= 1:  # a whole second behind: drop this one to catch up
-                s.skip()
-                skipped += 1
-                continue
-        t0 = time.perf_counter()
-        text = s.step(second)
-        ms = (time.perf_counter() - t0) * 1000
-        seen += 1
-        out.write(t, text, ms, s)
-        print(f"[{timestamp(t)}] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
-              f"max pos {s.cache.max_position()})", flush=True)
-    return seen, skipped
+    with stop_on_ctrl_c(True) as stop:  # Ctrl-C: the second in progress is finished and written, then we stop
+        for t, second in enumerate(frames):
+            if stop or (args.seconds and t >= args.seconds):
+                break
+            seen, skipped = _second(s, t, second, args, out, start, seen, skipped)
+    return seen, skipped, bool(stop)
+
+
+def _second(s, t, second, args, out, start, seen, skipped):
+    """Second t of run(): paced by the wall clock with --realtime (dropped when a whole second behind), else
+    streamed, written and printed. Returns the new (seen, skipped)."""
+    if args.realtime:
+        late = time.monotonic() - start - (t + 1)
+        if late < 0:
+            time.sleep(-late)
+        elif late >= 1:  # a whole second behind: drop this one to catch up
+            s.skip()
+            return seen, skipped + 1
+    t0 = time.perf_counter()
+    text = s.step(second)
+    ms = (time.perf_counter() - t0) * 1000
+    out.write(t, text, ms, s)
+    print(f"[{timestamp(t)}] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
+          f"max pos {s.cache.max_position()})", flush=True)
+    return seen + 1, skipped
 
 
 def open_seconds(path, fps):
@@ -430,16 +441,50 @@ def build_parser():
     return ap
 
 
+def check_outputs(ap, args):
+    """Before anything loads, one line for an output that cannot be written or that would destroy an input: the
+    video, the model's folder or a file in it (the weights are memory-mapped), the shipped checkpoint."""
+    inputs = inputs_of(args, "video", "model")
+    for flag in ("vtt", "jsonl"):
+        if getattr(args, flag) and (problem := file_problem(getattr(args, flag), inputs)):
+            ap.error(f"--{flag} {problem}")
+    if args.vtt and args.jsonl and same_file(args.vtt, args.jsonl):
+        ap.error(f"--vtt and --jsonl are one file ({args.jsonl}): give each its own")
+    if len(args.previous_text) > MAX_TEXT_CHARS:
+        ap.error(f"--previous-text has {len(args.previous_text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+
+
 def main(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
-    for flag in ("vtt", "jsonl"):  # before anything loads: a bad path costs one line, not a model load
-        if getattr(args, flag) and (problem := unwritable(getattr(args, flag), folder=False)):
-            ap.error(f"--{flag} {problem}")
+    check_outputs(ap, args)
     settings = checkpoint_settings(args.model)
-    layout = layout_of(settings, args)
-    # a file is opened now, so a missing or broken one costs a line, not a model load; a camera or a live URL once
-    # the model is ready (opened early, it would buffer or drop frames, or time out, while the model loads)
+    try:
+        layout = layout_of(settings, args)
+    except ValueError as e:
+        ap.error(str(e))
+    out = None
+    try:
+        s, frames = _load(args, settings, layout)
+        out = Outputs(args.vtt, args.jsonl)
+        seen, skipped, stopped = run(s, frames, args, out)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or twice (the second in progress is dropped)
+        seen, skipped, stopped = None, 0, True
+    except (ValueError, OSError) as e:  # the video reader's errors name the file
+        sys.exit(f"error: {e}")
+    finally:
+        if out is not None:
+            out.close()
+    if stopped:
+        print(f"stopped at second {out.seconds if out else 0}; outputs complete up to it", file=sys.stderr)
+        sys.exit(130)
+    print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
+
+
+def _load(args, settings, layout):
+    """(streamer, the video's seconds): a file is opened first, so a missing or broken one costs a line, not a
+    model load; a camera or a live URL once the model is ready (opened early, it would buffer or drop frames, or
+    time out, while the model loads)."""
     frames = None if is_live(args.video) else open_seconds(args.video, layout.fps)
     print(f"model {args.model}")
     model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
@@ -448,14 +493,7 @@ def main(argv=None):
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU
     s = make_streamer(model, tok, args.policy, **streamer_kwargs(layout), previous_text=args.previous_text,
                       decode=decode)
-    out = Outputs(args.vtt, args.jsonl)
-    try:
-        seen, skipped = run(s, frames, args, out)
-    except (ValueError, OSError) as e:  # the video reader's errors name the file
-        sys.exit(f"error: {e}")
-    finally:
-        out.close()
-    print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
+    return s, frames
 
 
 if __name__ == "__main__":
