@@ -27,6 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from layout import StreamLayout
+from safeio import keep_mode
 
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "stream.json", STATE, OPTIMIZER)
@@ -143,6 +144,7 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     clean_leftovers(out)
     tmp = beside(out, "tmp")
     os.makedirs(tmp)
+    keep_mode(out, tmp)  # the new folder replaces `out`: a private (0700) --out stays private
     model.tokenizer_path = None  # tokenizer.json comes from tok_json
     model.save_pretrained(tmp, model_state)
     with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
@@ -183,6 +185,17 @@ def save_run(model, opt, step, history, args, run, tok_json):
         notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
                      train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
         save(args.out, model, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
+
+
+def out_unfit(args):
+    """Why a run must not write args.out, or None: a save is written beside --out, then renamed into it, so --out
+    and its folder must be writable; and --out must not be, hold or sit inside an input (the data, its seeks file,
+    the videos, the --init weights) or the shipped checkpoint."""
+    from cli import inputs_of, output_problem, unwritable
+    from records import seeks_path
+    inputs = inputs_of(args, "data", "video_root") + ([args.init] if args.init and not args.resume else []) + (
+        [seeks_path(args.data)] if args.data else [])
+    return output_problem(args.out, inputs) or unwritable(os.path.dirname(os.path.abspath(args.out)))
 
 
 def out_problem(args):

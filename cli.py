@@ -184,6 +184,7 @@ class Results:
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, name)
         self.lines = replace_file(self.path + ".jsonl")  # a new file: a symlink planted there is replaced, not followed
+        self.last = None  # the last row logged (where an interrupted run stopped)
 
     @classmethod
     def at(cls, path):
@@ -192,6 +193,7 @@ class Results:
         return cls(os.path.dirname(os.path.abspath(stem)), os.path.basename(stem))
 
     def log(self, **row):
+        self.last = row
         self.lines.write(json.dumps(row) + "\n")
         self.lines.flush()
 

@@ -38,14 +38,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import (Parser, adam_betas, at_least, checked, device_name, output_problem, rate_or_range, stop_on_ctrl_c,
-                 unwritable)
+from cli import Parser, adam_betas, at_least, checked, device_name, rate_or_range, stop_on_ctrl_c
 from data import DataError, make_tokenizer, micro_batches
 from layout import FRAME_PIXELS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from records import JsonlSamples
 from reuse import new_tokens, segment_cuts, supervised_tokens
+from safeio import RunLock
 from validate import Validator, loss_sum
 from world import WorldConfig
 
@@ -248,8 +248,7 @@ def check_combinations(ap, args):
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
         ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
-    # now, not at the first save an hour into the run; a save is written beside --out, then renamed into it
-    if problem := output_problem(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out))):
+    if problem := ckpt.out_unfit(args):  # now, not at the first save an hour into the run
         ap.error(f"--out {problem}")
     if args.data and not os.path.isfile(args.data):
         what = "a folder, not a JSONL file" if os.path.isdir(args.data) else "no such file"
@@ -459,6 +458,11 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
 
 def main(argv=None):
     args = get_args(argv)
+    with RunLock(args.out, enabled=os.environ.get("RANK", "0") == "0"):  # one run a time; torchrun: the master's
+        return train(args)
+
+
+def train(args):
     run = setup(args)
     if run.master:
         print_config(args)
