@@ -101,9 +101,10 @@ def open_exclusive(path, mode="w", perms=0o666):
 
 
 def _fresh_beside(path, mode):
-    """(temporary path, file): a new file under a random name in `path`'s folder, with the mode a replaced regular
-    file had (else the umask's)."""
+    """(temporary path, file): a new file under a random name in `path`'s folder (made if missing), with the mode
+    a replaced regular file had (else the umask's)."""
     folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     while True:
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
         try:

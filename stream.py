@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 import cache as caches
-from cli import Parser, at_least, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
+from cli import Parser, at_least, checked, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
 from flexprefill import enable_flexprefill
 from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, add_layout_flags,
@@ -328,6 +328,9 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None):
         device, dtype = pick_device_dtype(device)
         model = VLM.from_pretrained(path, device=device, dtype=dtype)
         tok = Tokenizer.from_file(path)
+        if len(tok) > model.cfg.vocab_size:  # an id past the embedding table would index out of it
+            raise ValueError(f"{path}: tokenizer.json has {len(tok):,} tokens, more than config.json's vocab_size "
+                             f"{model.cfg.vocab_size:,}")
     except (OSError, ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
     if flexprefill:
@@ -353,9 +356,6 @@ class Outputs:
     (safeio.replace_file): a symlink planted at the path is replaced, never written through."""
 
     def __init__(self, vtt=None, jsonl=None):
-        for path in (vtt, jsonl):
-            if path:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.vtt = replace_file(vtt) if vtt else None
         self.jsonl = replace_file(jsonl) if jsonl else None
         self.seconds = 0  # seconds written whole so far
@@ -434,7 +434,8 @@ def build_parser():
     ap.add_argument("--seconds", type=at_least(0), default=0, help="stop after this many seconds (default 0: the "
                     "whole video)")
     add_layout_flags(ap)
-    ap.add_argument("--previous-text", default="", help="context the commentary continues from")
+    ap.add_argument("--previous-text", default="", help="context the commentary continues from", type=checked(
+        str, lambda v: len(v) <= MAX_TEXT_CHARS, f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS)"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
                     "with the reason)")
@@ -450,8 +451,6 @@ def check_outputs(ap, args):
             ap.error(f"--{flag} {problem}")
     if args.vtt and args.jsonl and same_file(args.vtt, args.jsonl):
         ap.error(f"--vtt and --jsonl are one file ({args.jsonl}): give each its own")
-    if len(args.previous_text) > MAX_TEXT_CHARS:
-        ap.error(f"--previous-text has {len(args.previous_text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
 
 
 def main(argv=None):
@@ -477,7 +476,7 @@ def main(argv=None):
             out.close()
     if stopped:
         print(f"stopped at second {out.seconds if out else 0}; outputs complete up to it", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130)  # the status of a process ended by SIGINT
     print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
 
 
