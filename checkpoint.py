@@ -128,8 +128,8 @@ def read_state(out):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"cannot read {path} ({e or 'nested too deeply'})") from None
 
 
 def write_json(path, obj):

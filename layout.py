@@ -247,7 +247,7 @@ def main(argv=None):
         try:
             with open(path) as f:
                 old = {k: v for k, v in json.load(f).items() if k not in {*asdict(StreamLayout()), "layout"}}
-        except (OSError, ValueError, AttributeError) as e:  # not JSON, or not an object
+        except (OSError, ValueError, AttributeError, RecursionError) as e:  # not JSON, or not an object
             ap.error(f"{path}: cannot read the stream.json it would replace ({e}); move it away first")
         print(f"replacing {path} (keeping its notes: {', '.join(old) or 'none'})")
     LAYOUTS[args.layout].save(args.folder, **old, layout=args.layout)

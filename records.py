@@ -287,8 +287,8 @@ def read_seeks(path):
     try:
         with open(path) as f:
             seeks = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the seek index ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: cannot read the seek index ({e or 'nested too deeply'})") from None
     if not isinstance(seeks, list) or not all(isinstance(s, int) and s >= 0 for s in seeks):
         raise DataError(f"{path}: a seek index is one JSON list of byte offsets (non-negative integers)")
     return seeks
