@@ -56,6 +56,11 @@ def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
+def between(lo, hi, kind=int):
+    """A number in [lo, hi]: the upper bound is what keeps a flag from allocating without end."""
+    return checked(kind, lambda v: lo <= v <= hi, f"in [{lo:,}, {hi:,}]")
+
+
 # --seed of a held-out stream (eval.py, tools/demo.py, tools/swap_kv.py): an index into the eval split, world.split_seed
 HELD_OUT_SEED = checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE})")
 

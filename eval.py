@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from processor import resize_video
-from cli import (HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, file_problem, hardware, inputs_of,
-                 output_problem, table)
+from cli import (HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, file_problem, hardware,
+                 inputs_of, output_problem, table)
 from safeio import Busy, RunLock
 from stream import DECODERS, POLICIES, checkpoint_settings, load_checkpoint, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of

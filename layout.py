@@ -104,7 +104,8 @@ def layout_flags():
     silently missing in another; tests/test_layout.py checks that every field has one."""
     from cli import checked  # argparse types (cli.py imports nothing of ours that imports this file)
     count = lambda name, lo: checked(int, lambda v: lo <= v <= LIMITS[name], f"in [{lo}, {LIMITS[name]:,}]")
-    real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name], f"{what} and <= {LIMITS[name]:g}")
+    real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name],
+                                          f"{what} and <= {LIMITS[name]:g}")
     text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name], f"at most {LIMITS[name]:,} characters")
     return {
         "system_prompt": (text("system_prompt"), "the system prompt"),
