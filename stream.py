@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -383,7 +384,8 @@ def run(s, frames, args, out):
     clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. A Ctrl-C lets the second in
     progress finish and be written, then stops. Returns (seen, skipped, stopped by Ctrl-C)."""
     start, seen, skipped = time.monotonic(), 0, 0
-    with stop_on_ctrl_c(True) as stop:  # Ctrl-C: the second in progress is finished and written, then we stop
+    # Ctrl-C: the second in progress is finished and written, then we stop (signals reach the main thread only)
+    with stop_on_ctrl_c(threading.current_thread() is threading.main_thread()) as stop:
         for t, second in enumerate(frames):
             if stop or (args.seconds and t >= args.seconds):
                 break
@@ -392,8 +394,7 @@ def run(s, frames, args, out):
 
 
 def _second(s, t, second, args, out, start, seen, skipped):
-    """Second t of run(): paced by the wall clock with --realtime (dropped when a whole second behind), else
-    streamed, written and printed. Returns the new (seen, skipped)."""
+    """Second t of run() (with --realtime, dropped when a whole second behind). Returns the new (seen, skipped)."""
     if args.realtime:
         late = time.monotonic() - start - (t + 1)
         if late < 0:
