@@ -41,11 +41,14 @@ def beside(out, kind):
 
 def clean_leftovers(out):
     """Undo what a killed save left: if it died between the two renames of swap_in (`out` gone), the previous
-    checkpoint goes back in place; then the half-written folder and the replaced one are deleted."""
+    checkpoint goes back in place; then the half-written folder and the replaced one are deleted. A symlink
+    planted at either name is removed, never followed (saves never made one)."""
     old, tmp = beside(out, "old"), beside(out, "tmp")
-    if not os.path.exists(out) and os.path.isdir(old):
+    if not os.path.exists(out) and os.path.isdir(old) and not os.path.islink(old):
         os.rename(old, out)
     for path in (tmp, old):
+        if os.path.islink(path):
+            os.unlink(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -102,7 +102,7 @@ class VLMConfig:
                 and sum(sec) == self.head_dim // 2):
             raise ValueError(f"mrope_section {str(sec)[:40]} must be 3 positive integers summing to "
                              f"head_dim / 2 = {self.head_dim // 2}")
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):  # used
+        for name in ("image_token_id", "video_token_id"):  # placeholders the embedding table reads
             if not (isinstance(getattr(self, name), int) and 0 <= getattr(self, name) < self.vocab_size):
                 raise ValueError(f"{name} = {getattr(self, name)!r} is outside the vocabulary "
                                  f"[0, vocab_size = {self.vocab_size})")

@@ -17,6 +17,7 @@ import sys
 import pytest
 from PIL import Image
 
+import checkpoint as ckpt
 import cli
 import eval as evaluate
 import layout
@@ -190,12 +191,14 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder(world, capsys):
         pass
 
 
-def test_a_private_out_folder_stays_private(tmp_path):
-    out, new = tmp_path / "out", tmp_path / ".tmp-out"
+def test_a_private_out_folder_stays_private(tmp_path, capsys):
+    """train.py --out on an existing 0700 folder: the checkpoint swapped in is 0700 too."""
+    out = tmp_path / "out"
     out.mkdir(mode=0o700)
-    new.mkdir()
-    safeio.keep_mode(str(out), str(new))
-    assert stat.S_IMODE(os.stat(new).st_mode) == 0o700
+    train.main(["--out", str(out), "--steps", "1", "--batch-size", "1", "--eval-every", "1", "--eval-chunks", "1",
+                "--chunk-seconds", "2", "--overlap", "1", "--stream-seconds", "60", "--text-sink", "0",
+                "--text-window", "0", "--workers", "0", "--layers", "1", "--width", "64"])
+    assert os.path.isfile(out / "model.safetensors") and stat.S_IMODE(os.stat(out).st_mode) == 0o700
 
 
 # -----------------------------------------------------------------------------
@@ -365,3 +368,14 @@ def test_ctrl_c_in_eval_py_is_one_line_and_keeps_the_lines(world, capsys, monkey
                                     str(world / "res")], capsys, r"^stopped at second 1; outputs complete up to it",
                     [world])
     assert line and [json.loads(x)["t"] for x in (world / "res" / "video.jsonl").read_text().splitlines()] == [0]
+
+
+def test_links_planted_beside_a_checkpoint_are_removed_not_followed(tmp_path):
+    """.tmp-ck and .old-ck as symlinks to a victim folder: a save's cleanup unlinks them and the victim stays."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    for kind in ("tmp", "old"):
+        os.symlink(victim, ckpt.beside(str(tmp_path / "ck"), kind))
+    ckpt.clean_leftovers(str(tmp_path / "ck"))
+    assert sorted(os.listdir(tmp_path)) == ["victim"] and (victim / "keep.txt").read_text() == "precious"
