@@ -77,8 +77,8 @@ class VLMConfig:
 
     def check(self):
         """Raise a one-line ValueError naming the field, the value and its limit (CONFIG_LIMITS) when a size, a count,
-        a rope or eps value or a token id cannot make a working model; called before any module is built, so a
-        config asking for ten million layers costs a line, not the memory of ten million modules."""
+        a rope or eps value cannot make a working model; called before any module is built, so a config asking for
+        ten million layers costs a line, not the memory of ten million modules."""
         v = self.vision
         sizes = {**{k: getattr(self, k) for k in CONFIG_LIMITS}, **{f"vision_config.{k}": getattr(v, k)
                                                                     for k in VISION_LIMITS}}
@@ -102,10 +102,6 @@ class VLMConfig:
                 and sum(sec) == self.head_dim // 2):
             raise ValueError(f"mrope_section {str(sec)[:40]} must be 3 positive integers summing to "
                              f"head_dim / 2 = {self.head_dim // 2}")
-        for name in ("image_token_id", "video_token_id"):  # placeholders the embedding table reads
-            if not (isinstance(getattr(self, name), int) and 0 <= getattr(self, name) < self.vocab_size):
-                raise ValueError(f"{name} = {getattr(self, name)!r} is outside the vocabulary "
-                                 f"[0, vocab_size = {self.vocab_size})")
         if not all(isinstance(i, int) and 0 <= i < v.depth for i in v.fullatt_block_indexes):
             raise ValueError(f"vision_config.fullatt_block_indexes must be block numbers in [0, depth "
                              f"{v.depth})")

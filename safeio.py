@@ -77,15 +77,15 @@ def clash(out, inputs=(), holds=False):
     symlinks, or a hard link to one), lies inside an input folder, or lies in checkpoints/; with holds=True (a
     folder a run replaces whole, train.py's --out) also when it holds an input or checkpoints/."""
     real = os.path.realpath(out)
-    guarded = [(p, os.path.realpath(p)) for p in inputs if p and os.path.exists(p)]
-    guarded.append(("the shipped checkpoints/ folder", os.path.realpath(SHIPPED_HOME)))
+    guarded = [(f"{p}, an input of this run", os.path.realpath(p)) for p in inputs if p and os.path.exists(p)]
+    guarded.append(("the shipped checkpoints/ folder, which no run writes", os.path.realpath(SHIPPED_HOME)))
     for name, src in guarded:
-        if real == src or same_file(out, src) and os.path.exists(out):
-            return f"{out} is {name}, an input of this run: outputs never overwrite inputs"
+        if real == src or (os.path.exists(out) and same_file(out, src)):  # the same file, or a hard link to it
+            return f"{out} is {name}: outputs never overwrite inputs"
         if os.path.isdir(src) and (within(real, src) or _linked_into(out, src)):
-            return f"{out} is inside {name}, an input of this run: outputs never write into inputs"
+            return f"{out} is inside {name}: outputs never write into inputs"
         if holds and within(src, real):
-            return f"{out} holds {name}, an input of this run, which a save would replace"
+            return f"{out} holds {name}, which a save would replace"
     return None
 
 

@@ -291,8 +291,8 @@ LIMIT_CASES = {
     "negative hidden size": (dict(config=dict(hidden_size=-256)), r"hidden_size = -256 must be"),
     "rope_theta -1": (dict(config=dict(rope_theta=-1)), r"rope_theta = -1 must be a positive finite number"),
     "rms_norm_eps NaN": (dict(config=dict(rms_norm_eps=float("nan"))), r"rms_norm_eps = nan must be"),
-    "video token past the vocabulary": (dict(config=dict(video_token_id=10**6)), r"video_token_id = 1000000 is "
-                                                                                  r"outside the vocabulary"),
+    "a tokenizer past the vocabulary": (dict(tokens=1000), r"tokenizer.json has 1,\d\d\d tokens, more than "
+                                                           r"config.json's vocab_size 704"),
     "heads that do not split hidden": (dict(config=dict(num_attention_heads=3)), r"must split into"),
     "--vision-window 10**20": (dict(flags=["--vision-window", str(10**20)]), r"--vision-window: must be in \[1, 3,600\]"),
     "--min-pixels over the limit": (dict(flags=["--min-pixels", "99999999999"]), r"--min-pixels: must be in"),
@@ -312,6 +312,11 @@ def test_a_size_past_its_limit_is_one_line(world, capsys, case):
         config(world, **how["config"])
     if "gif" in how:
         bomb_gif(world / "v.gif", *how["gif"])
+    if "tokens" in how:  # ids past the embedding table
+        import tokenizers
+        t = tokenizers.Tokenizer.from_file(str(world / "ck" / "tokenizer.json"))
+        t.add_tokens([f"extra{i}" for i in range(how["tokens"])])
+        t.save(str(world / "ck" / "tokenizer.json"))
     one_line(stream.main, stream_argv(world, *how.get("flags", [])), capsys, pattern, [world])
 
 
