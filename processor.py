@@ -380,9 +380,10 @@ class Processor:
 
     def save_pretrained(self, folder):
         """Write tokenizer.json, tokenizer_config.json and preprocessor_config.json (loadable by transformers'
-        AutoTokenizer and Qwen2VLImageProcessor)."""
-        os.makedirs(folder, exist_ok=True)
-        self.tokenizer.tok.save(os.path.join(folder, "tokenizer.json"))
+        AutoTokenizer and Qwen2VLImageProcessor), each a new file renamed into place (a link there is replaced)."""
+        from safeio import write_atomic
+        with write_atomic(os.path.join(folder, "tokenizer.json")) as f:
+            f.write(self.tokenizer.tok.to_str(pretty=True))
         tok_cfg = dict(tokenizer_class="Qwen2Tokenizer", bos_token=None, eos_token="<|im_end|>",
                        pad_token="<|endoftext|>", model_max_length=131072, errors="replace",
                        clean_up_tokenization_spaces=False, split_special_tokens=False)
@@ -396,7 +397,7 @@ class Processor:
         vid_cfg.pop("image_processor_type")
         for name, cfg in [("tokenizer_config.json", tok_cfg), ("preprocessor_config.json", pre_cfg),
                           ("video_preprocessor_config.json", vid_cfg)]:
-            with open(os.path.join(folder, name), "w") as f:
+            with write_atomic(os.path.join(folder, name)) as f:
                 json.dump(cfg, f, indent=2)
 
     def __call__(self, text, images=None, videos=None, video_fps=2.0):
