@@ -404,10 +404,12 @@ def check_run_flags(ap, args, default_seconds=None):
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    inputs = inputs_of(args, "video", "model", "data")  # before anything loads: a bad --out costs one line
-    if problem := output_problem(args.out, inputs, holds=False) or next(
-            filter(None, (file_problem(os.path.join(args.out, f"{getattr(args, 'task', 'x')}{ext}"), inputs)
-                          for ext in (".json", ".jsonl"))), None):
+    # before anything loads, a bad --out costs one line: it and the files a run writes there (Results) must be
+    # writable and none of the inputs (the video, the model, the data), nor inside one
+    inputs = inputs_of(args, "video", "model", "data")
+    written = [os.path.join(args.out, getattr(args, "task", "results") + ext) for ext in (".json", ".jsonl")]
+    problems = [output_problem(args.out, inputs, holds=False)] + [file_problem(f, inputs) for f in written]
+    if problem := next((p for p in problems if p), None):
         ap.error(f"--out {problem}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
     if not gpu and "graphs" in args.decode:
