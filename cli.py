@@ -56,9 +56,15 @@ def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f">= {lo}")
 
 
-def between(lo, hi, kind=int):
-    """A number in [lo, hi]: the upper bound is what keeps a flag from allocating without end."""
-    return checked(kind, lambda v: lo <= v <= hi, f"in [{lo:,}, {hi:,}]")
+def between(lo, hi, kind=int, what=""):
+    """A number in [lo, hi] (the upper bound keeps a flag from allocating without end); the error says which
+    bound was crossed, and `what` names where the limit is kept."""
+    low, high = at_least(lo, kind), checked(kind, lambda v: v <= hi, f"at most {hi:,}{what}")
+
+    def parse(text):
+        low(text)  # raises with the lower bound's message
+        return high(text)
+    return parse
 
 
 # --seed of a held-out stream (eval.py, tools/demo.py, tools/swap_kv.py): an index into the eval split, world.split_seed

@@ -482,11 +482,14 @@ def main(argv=None):
             return task(args, model, tok, st, res)
     except Busy as e:
         sys.exit(f"eval.py: error: {e}")
-    except KeyboardInterrupt:  # what was measured is on disk already: Results flushes every line
+    except KeyboardInterrupt:  # what was measured is on disk already (Results flushes every line): say where
         done = res.last.get("t", -1) + 1 if res and res.last else 0
         print(f"stopped at second {done}; outputs complete up to it ({args.out})", file=sys.stderr)
-        sys.exit(130)
+        raise  # a caller of main() sees the interrupt; the command line ends with status 130, below
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)  # the status of a process ended by SIGINT, without a traceback

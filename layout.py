@@ -102,10 +102,10 @@ def layout_flags():
     """The command-line flag of every StreamLayout field: {field: (argparse type, help)}. stream.py, eval.py and
     tools/bench_stream.py take all of them (add_layout_flags), so a setting is never a flag in one script and
     silently missing in another; tests/test_layout.py checks that every field has one."""
-    from cli import checked  # argparse types (cli.py imports nothing of ours that imports this file)
-    count = lambda name, lo: checked(int, lambda v: lo <= v <= LIMITS[name], f"in [{lo}, {LIMITS[name]:,}]")
+    from cli import between, checked  # argparse types (cli.py imports nothing of ours that imports this file)
+    count = lambda name, lo: between(lo, LIMITS[name], what=" (layout.LIMITS)")
     real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name],
-                                          f"{what} and <= {LIMITS[name]:g}")
+                                          f"{what} and at most {LIMITS[name]:g} (layout.LIMITS)")
     text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name], f"at most {LIMITS[name]:,} characters")
     return {
         "system_prompt": (text("system_prompt"), "the system prompt"),

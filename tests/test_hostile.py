@@ -294,8 +294,10 @@ LIMIT_CASES = {
     "a tokenizer past the vocabulary": (dict(tokens=1000), r"tokenizer.json has 1,\d\d\d tokens, more than "
                                                            r"config.json's vocab_size 704"),
     "heads that do not split hidden": (dict(config=dict(num_attention_heads=3)), r"must split into"),
-    "--vision-window 10**20": (dict(flags=["--vision-window", str(10**20)]), r"--vision-window: must be in \[1, 3,600\]"),
-    "--min-pixels over the limit": (dict(flags=["--min-pixels", "99999999999"]), r"--min-pixels: must be in"),
+    "--vision-window 10**20": (dict(flags=["--vision-window", str(10**20)]),
+                               r"--vision-window: must be at most 3,600 \(layout.LIMITS\)"),
+    "--min-pixels over the limit": (dict(flags=["--min-pixels", "99999999999"]),
+                                    r"--min-pixels: must be at most 12,845,056"),
     "a 300k-character --previous-text": (dict(flags=["--previous-text", "x" * 300_000]), r"--previous-text: .*200,000"),
     "GIF declaring 65535 x 65535": (dict(gif=(65535, 65535)), r"v.gif: cannot read the GIF .*exceeds limit"),
     "GIF declaring 9000 x 9000": (dict(gif=(9000, 9000)), r"9000 x 9000 pixels are larger than the limit of 33,"),
@@ -369,10 +371,11 @@ def test_ctrl_c_in_eval_py_is_one_line_and_keeps_the_lines(world, capsys, monkey
             raise KeyboardInterrupt
         return real(self, frames, force_text)
     monkeypatch.setattr(stream.Streamer, "step", step)
-    line = one_line(evaluate.main, ["--video", str(world / "v.gif"), "--model", str(world / "ck"), "--out",
-                                    str(world / "res")], capsys, r"^stopped at second 1; outputs complete up to it",
-                    [world])
-    assert line and [json.loads(x)["t"] for x in (world / "res" / "video.jsonl").read_text().splitlines()] == [0]
+    with pytest.raises(KeyboardInterrupt):  # main() says where it stopped; the command line then exits 130
+        evaluate.main(["--video", str(world / "v.gif"), "--model", str(world / "ck"), "--out", str(world / "res")])
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"stopped at second 1; outputs complete up to it \(.*res\)", err), err
+    assert [json.loads(x)["t"] for x in (world / "res" / "video.jsonl").read_text().splitlines()] == [0]
 
 
 def test_links_planted_beside_a_checkpoint_are_removed_not_followed(tmp_path):
