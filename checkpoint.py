@@ -14,19 +14,25 @@ before each save, puts the previous checkpoint back if the kill fell between the
 rest. (A folder swap rather than file-by-file renames: a model from one step beside the optimizer state of
 another would resume into a run that never happened.)
 
-The last section is train.py's side: what --out must hold for a fresh run (no checkpoint, unless --overwrite)
-or for --resume (a readable train state), and a save of a whole run.
+Then train.py's side: what --out must hold for a fresh run (no checkpoint, unless --overwrite) or for --resume
+(a readable train state), and a save of a whole run. The last section is the serving side (stream.py, eval.py,
+serve.py, tools/): a checkpoint folder read with the stream.json it is served with, every failure one line.
 """
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from flexprefill import enable_flexprefill
 from layout import StreamLayout
+from model import VLM, pick_device_dtype
+from processor import Tokenizer, read_json
+from safeio import keep_mode
 
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "stream.json", STATE, OPTIMIZER)
@@ -40,11 +46,14 @@ def beside(out, kind):
 
 def clean_leftovers(out):
     """Undo what a killed save left: if it died between the two renames of swap_in (`out` gone), the previous
-    checkpoint goes back in place; then the half-written folder and the replaced one are deleted."""
+    checkpoint goes back in place; then the half-written folder and the replaced one are deleted. A symlink
+    planted at either name is removed, never followed (saves never made one)."""
     old, tmp = beside(out, "old"), beside(out, "tmp")
-    if not os.path.exists(out) and os.path.isdir(old):
+    if not os.path.exists(out) and os.path.isdir(old) and not os.path.islink(old):
         os.rename(old, out)
     for path in (tmp, old):
+        if os.path.islink(path):
+            os.unlink(path)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -127,8 +136,8 @@ def read_state(out):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"cannot read {path} ({e or 'nested too deeply'})") from None
 
 
 def write_json(path, obj):
@@ -143,6 +152,7 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     clean_leftovers(out)
     tmp = beside(out, "tmp")
     os.makedirs(tmp)
+    keep_mode(out, tmp)  # the new folder replaces `out`: a private (0700) --out stays private
     model.tokenizer_path = None  # tokenizer.json comes from tok_json
     model.save_pretrained(tmp, model_state)
     with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
@@ -183,6 +193,17 @@ def save_run(model, opt, step, history, args, run, tok_json):
         notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
                      train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
         save(args.out, model, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
+
+
+def out_unfit(args):
+    """Why a run must not write args.out, or None: a save is written beside --out, then renamed into it, so --out
+    and its folder must be writable; and --out must not be, hold or sit inside an input (the data, its seeks file,
+    the videos, the --init weights) or the shipped checkpoint."""
+    from cli import inputs_of, output_problem, unwritable
+    from records import seeks_path
+    inputs = inputs_of(args, "data", "video_root") + ([args.init] if args.init and not args.resume else []) + (
+        [seeks_path(args.data)] if args.data else [])
+    return output_problem(args.out, inputs) or unwritable(os.path.dirname(os.path.abspath(args.out)))
 
 
 def out_problem(args):
@@ -235,3 +256,43 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
         raise SystemExit(f"--resume: the run in {args.out} used {', '.join(gone)}, which this train.py no longer has")
     if args.stop_at is not None and args.stop_at <= state["step"]:
         raise SystemExit(f"--stop-at {args.stop_at}: the checkpoint in {args.out} is already at step {state['step']}")
+
+# -----------------------------------------------------------------------------
+# Serving: a checkpoint folder and the layout it is served with
+
+
+def checkpoint_settings(path):
+    """The layout a checkpoint folder was trained with (stream.json, written by train.py: the windows, ...), or {}
+    with a notice; checked before anything heavy loads. Exits with how to make a checkpoint when there is none."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        hint = " (pass the folder, not a file in it)" if os.path.isfile(path) else ""
+        sys.exit(f"no checkpoint at {path}{hint}: make one with `python train.py` (or pass --model DIR)")
+    stream_json = os.path.join(path, "stream.json")
+    if not os.path.isfile(stream_json):
+        print(f"{path} has no stream.json: serving with the default layout (layout.py; `python layout.py {path}` "
+              "writes one)")
+        return {}
+    try:
+        settings = read_json(stream_json)
+        StreamLayout.from_dict(settings, stream_json)  # fails here, naming the file, if its values do not fit
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    return settings
+
+
+def load_checkpoint(path, device=None, flexprefill=False, settings=None):
+    """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them (or as
+    given, when the caller has read them already)."""
+    settings = checkpoint_settings(path) if settings is None else settings
+    try:  # a bad file or device is the user's to fix: one line that names it, no traceback
+        device, dtype = pick_device_dtype(device)
+        model = VLM.from_pretrained(path, device=device, dtype=dtype)
+        tok = Tokenizer.from_file(path)
+        if len(tok) > model.cfg.vocab_size:  # an id past the embedding table would index out of it
+            raise ValueError(f"{path}: tokenizer.json has {len(tok):,} tokens, more than config.json's vocab_size "
+                             f"{model.cfg.vocab_size:,}")
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    if flexprefill:
+        enable_flexprefill(model)
+    return model, tok, settings

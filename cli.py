@@ -5,7 +5,8 @@ The command line every script shares: a user's mistake costs one line, not a tra
   without the usage block that would bury it.
 - checked / at_least / device_name / HELD_OUT_SEED: argparse types that parse and range-check a value, so a bad
   number is refused before anything loads.
-- unwritable / output_problem: whether an output path can be written (and, for a run's folder, is not the shipped
+- unwritable / output_problem / file_problem: whether an output path can be written and is none of the run's inputs
+  (inputs_of; safeio.clash: not an input after symlinks and hard links, not inside an input folder, not the shipped
   model's), asked before the work that fills it (a typo in --out should not surface at the first checkpoint, an
   hour into a run).
 - SHIPPED / default_model: the checkpoint that ships in this repository (checkpoints/tiny), found from the code's
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from safeio import clash, replace_file, write_atomic
 from world import SPLIT_SIZE
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny")
@@ -43,15 +45,26 @@ def checked(kind, ok, what):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text[:40]!r}")
         if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text if len(text) < 60 else text[:40] + '...'}")
         return value
     return parse
 
 
 def at_least(lo, kind=int):
     return checked(kind, lambda v: v >= lo, f">= {lo}")
+
+
+def between(lo, hi, kind=int, what=""):
+    """A number in [lo, hi] (the upper bound keeps a flag from allocating without end); the error says which
+    bound was crossed, and `what` names where the limit is kept."""
+    low, high = at_least(lo, kind), checked(kind, lambda v: v <= hi, f"at most {hi:,}{what}")
+
+    def parse(text):
+        low(text)  # raises with the lower bound's message
+        return high(text)
+    return parse
 
 
 # --seed of a held-out stream (eval.py, tools/demo.py, tools/swap_kv.py): an index into the eval split, world.split_seed
@@ -84,12 +97,26 @@ def touches_shipped(path):
     return os.path.commonpath([real, home]) in (home, real)
 
 
-def output_problem(folder):
+def inputs_of(args, *flags):
+    """The input paths of a run: the values of `flags` (attribute names of args) that are set, e.g.
+    inputs_of(args, "video", "model"); a live source (a URL, a camera) is no path."""
+    paths = [getattr(args, f, None) for f in flags]
+    return [p for p in paths if p and not ("://" in p or p.startswith("/dev/"))]
+
+
+def output_problem(folder, inputs=(), holds=True):
     """Why a run must not write into `folder`, or None: it is or holds checkpoints/ (the shipped model's home, which
-    runs never write into), or it cannot be written."""
+    runs never write into), it is, is inside or (holds=True: a folder the run replaces) holds one of `inputs`, or
+    it cannot be written."""
     if touches_shipped(folder):
         return f"{folder} is or holds checkpoints/, home of the shipped model, which runs never write into"
-    return unwritable(folder)
+    return clash(folder, inputs, holds) or unwritable(folder)
+
+
+def file_problem(path, inputs=()):
+    """Why a run must not write the file `path`, or None: it is an input (after symlinks and hard links), lies
+    inside an input folder or checkpoints/, or cannot be written."""
+    return clash(path, inputs) or unwritable(path, folder=False)
 
 
 def unwritable(path, folder=True):
@@ -167,7 +194,8 @@ class Results:
     def __init__(self, out, name):
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, name)
-        self.lines = open(self.path + ".jsonl", "w")
+        self.lines = replace_file(self.path + ".jsonl")  # a new file: a symlink planted there is replaced, not followed
+        self.last = None  # the last row logged (where an interrupted run stopped)
 
     @classmethod
     def at(cls, path):
@@ -176,13 +204,13 @@ class Results:
         return cls(os.path.dirname(os.path.abspath(stem)), os.path.basename(stem))
 
     def log(self, **row):
+        self.last = row
         self.lines.write(json.dumps(row) + "\n")
         self.lines.flush()
 
     def save(self, summary):
-        with open(self.path + ".json.tmp", "w") as f:
+        with write_atomic(self.path + ".json") as f:
             json.dump(summary, f, indent=1)
-        os.replace(self.path + ".json.tmp", self.path + ".json")
         self.lines.close()
         print(f"wrote {self.path}.json (and {os.path.basename(self.path)}.jsonl, written as it went)")
 

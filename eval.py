@@ -45,8 +45,11 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from processor import resize_video
-from cli import HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, hardware, output_problem, table
-from stream import DECODERS, POLICIES, load_checkpoint, make_streamer, streamer_kwargs
+from cli import (HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, file_problem, hardware,
+                 inputs_of, output_problem, table)
+from safeio import Busy, RunLock
+from checkpoint import checkpoint_settings, load_checkpoint
+from stream import DECODERS, POLICIES, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of
 from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
 
@@ -402,7 +405,12 @@ def check_run_flags(ap, args, default_seconds=None):
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
-    if problem := output_problem(args.out):  # before anything loads: a bad --out costs one line, not a run
+    # before anything loads, a bad --out costs one line: it and the files a run writes there (Results) must be
+    # writable and none of the inputs (the video, the model, the data), nor inside one
+    inputs = inputs_of(args, "video", "model", "data")
+    written = [os.path.join(args.out, getattr(args, "task", "results") + ext) for ext in (".json", ".jsonl")]
+    problems = [output_problem(args.out, inputs, holds=False)] + [file_problem(f, inputs) for f in written]
+    if problem := next((p for p in problems if p), None):
         ap.error(f"--out {problem}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]
     if not gpu and "graphs" in args.decode:
@@ -460,11 +468,29 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    print(f"eval.py {args.task}: model {args.model}; {hardware()}", flush=True)
-    model, tok, st = load_checkpoint(args.model, args.device, args.flexprefill)
-    task = dict(stream=task_stream, questions=task_questions, video=task_video)[args.task]
-    return task(args, model, tok, st, Results(args.out, args.task))
+    st = checkpoint_settings(args.model)
+    try:  # the layout flags against the checkpoint's stream.json, before the model loads
+        layout_of(st, args)
+    except ValueError as e:
+        sys.exit(f"eval.py: error: {e}")
+    res = None
+    try:
+        with RunLock(args.out):  # one run at a time writes --out
+            print(f"eval.py {args.task}: model {args.model}; {hardware()}", flush=True)
+            model, tok, st = load_checkpoint(args.model, args.device, args.flexprefill, st)
+            task = dict(stream=task_stream, questions=task_questions, video=task_video)[args.task]
+            res = Results(args.out, args.task)
+            return task(args, model, tok, st, res)
+    except Busy as e:
+        sys.exit(f"eval.py: error: {e}")
+    except KeyboardInterrupt:  # what was measured is on disk already (Results flushes every line): say where
+        done = res.last.get("t", -1) + 1 if res and res.last else 0
+        print(f"stopped at second {done}; outputs complete up to it ({args.out})", file=sys.stderr)
+        raise  # a caller of main() sees the interrupt; the command line ends with status 130, below
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)  # the status of a process ended by SIGINT, without a traceback

@@ -28,19 +28,26 @@ so our training and inference are byte-identical (tests/test_train.py checks it)
 """
 import functools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
 
 import torch
 
-from cli import Parser, at_least, checked
+from cli import Parser, between, checked
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
 IGNORE = -100          # the label of a token training does not supervise (cross_entropy's ignore_index)
 FPS = 2                # frames a second: one temporal patch (2 frames) per second
 FRAME_PIXELS = (4 * 28 * 28, 768 * 28 * 28)  # (min, max) pixels of a frame after resizing (smart_resize)
+# The most a stream.json or a flag may ask for, checked before anything is allocated: a frame as large as Qwen2.5-VL
+# takes (16384 patches of 28 x 28), an hour of vision, 32k tokens of previous text, prompts of 10k characters.
+LIMITS = dict(text_sink=32768, text_window=32768, vision_window=3600, evict_every=3600, fps=60,
+              min_pixels=16384 * 28 * 28, max_pixels=16384 * 28 * 28, temperature=100.0, repetition_penalty=100.0,
+              max_new_tokens=4096, system_prompt=10_000, query=10_000)
+MAX_TEXT_CHARS = 200_000  # --previous-text: it is cut to text_sink + text_window tokens, after tokenising it whole
 
 
 @dataclass
@@ -63,25 +70,33 @@ class StreamLayout:
 
     def save(self, folder, **extra):
         """Write stream.json into a checkpoint folder, atomically; `extra` keys (e.g. how it was trained) ride along."""
-        path = os.path.join(folder, "stream.json")
-        with open(path + ".tmp", "w") as f:
+        from safeio import write_atomic  # a new temporary file: a planted stream.json.tmp symlink is never followed
+        with write_atomic(os.path.join(folder, "stream.json")) as f:
             json.dump({**asdict(self), **extra}, f, indent=1)
-        os.replace(path + ".tmp", path)
 
     @classmethod
     def from_dict(cls, d, source="stream.json"):
         """The layout in a stream.json's dict; keys it does not know (training notes) are ignored, a value of the
-        wrong type or range is a ValueError that names `source`."""
+        wrong type or out of range (LIMITS) is a ValueError that names `source`, the value and the limit."""
         out = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         for f in fields(cls):
             v, kind = getattr(out, f.name), type(getattr(cls, f.name))
             ok = isinstance(v, str) if kind is str else (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                        and (kind is float or float(v).is_integer()) and v >= 0)
+                                                        and math.isfinite(v) and v >= 0
+                                                        and (kind is float or float(v).is_integer()))
             if not ok:
-                raise ValueError(f"{source}: {f.name} = {v!r} is not a valid {kind.__name__}")
-        if min(out.vision_window, out.evict_every, out.max_new_tokens, out.fps) < 1 or not 0 < out.top_p <= 1:
-            raise ValueError(f"{source}: vision_window, evict_every, max_new_tokens and fps must be at least 1, "
-                             "top_p in (0, 1]")
+                raise ValueError(f"{source}: {f.name} = {str(v)[:40]!r} is not a valid {kind.__name__}")
+            size = len(v) if kind is str else v
+            if f.name in LIMITS and size > LIMITS[f.name]:
+                what = f"{size:,} characters" if kind is str else f"{v:g}"
+                raise ValueError(f"{source}: {f.name} is {what}; the limit is {LIMITS[f.name]:,} (layout.LIMITS)")
+        if min(out.vision_window, out.evict_every, out.max_new_tokens, out.fps, out.min_pixels) < 1 \
+                or not 0 < out.top_p <= 1 or out.repetition_penalty <= 0:
+            raise ValueError(f"{source}: vision_window, evict_every, max_new_tokens, fps and min_pixels must be at "
+                             "least 1, top_p in (0, 1], repetition_penalty > 0")
+        if out.min_pixels > out.max_pixels:
+            raise ValueError(f"{source}: min_pixels ({out.min_pixels:,}) must not exceed max_pixels "
+                             f"({out.max_pixels:,})")
         return out
 
 
@@ -89,22 +104,26 @@ def layout_flags():
     """The command-line flag of every StreamLayout field: {field: (argparse type, help)}. stream.py, eval.py and
     tools/bench_stream.py take all of them (add_layout_flags), so a setting is never a flag in one script and
     silently missing in another; tests/test_layout.py checks that every field has one."""
-    fraction = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+    count = lambda name, lo: between(lo, LIMITS[name], what=" (layout.LIMITS)")
+    real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name],
+                                          f"{what} and at most {LIMITS[name]:g} (layout.LIMITS)")
+    text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name], f"at most {LIMITS[name]:,} characters")
     return {
-        "system_prompt": (str, "the system prompt"),
-        "query": (str, "text after the first second's video (\"\" = none)"),
-        "text_sink": (at_least(0), "previous-text head tokens kept (an attention sink)"),
-        "text_window": (at_least(0), "previous-text tail tokens kept"),
-        "vision_window": (at_least(1), "seconds of vision (and their replies) kept"),
-        "evict_every": (at_least(1), "seconds between evictions (1: every second, as the paper)"),
-        "fps": (at_least(1), "frames a second fed to the model"),
-        "min_pixels": (at_least(1), "least pixels of a frame after resizing (smart_resize)"),
-        "max_pixels": (at_least(1), "most pixels of a frame after resizing (smart_resize)"),
-        "temperature": (at_least(0.0, float), "sampling temperature (0 = greedy)"),
-        "top_p": (fraction, "sample from the smallest set of tokens whose probability reaches this (1 = all)"),
-        "repetition_penalty": (checked(float, lambda v: v > 0, "> 0"), "divide the logits of tokens already "
-                               "said by this (1 = none)"),
-        "max_new_tokens": (at_least(1), "tokens decoded a second at most"),
+        "system_prompt": (text("system_prompt"), "the system prompt"),
+        "query": (text("query"), "text after the first second's video (\"\" = none)"),
+        "text_sink": (count("text_sink", 0), "previous-text head tokens kept (an attention sink)"),
+        "text_window": (count("text_window", 0), "previous-text tail tokens kept"),
+        "vision_window": (count("vision_window", 1), "seconds of vision (and their replies) kept"),
+        "evict_every": (count("evict_every", 1), "seconds between evictions (1: every second, as the paper)"),
+        "fps": (count("fps", 1), "frames a second fed to the model"),
+        "min_pixels": (count("min_pixels", 1), "least pixels of a frame after resizing (smart_resize)"),
+        "max_pixels": (count("max_pixels", 1), "most pixels of a frame after resizing (smart_resize)"),
+        "temperature": (real("temperature", lambda v: v >= 0, ">= 0"), "sampling temperature (0 = greedy)"),
+        "top_p": (checked(float, lambda v: 0 < v <= 1, "in (0, 1]"), "sample from the smallest set of tokens whose "
+                  "probability reaches this (1 = all)"),
+        "repetition_penalty": (real("repetition_penalty", lambda v: v > 0, "> 0"), "divide the logits of tokens "
+                               "already said by this (1 = none)"),
+        "max_new_tokens": (count("max_new_tokens", 1), "tokens decoded a second at most"),
     }
 
 
@@ -122,7 +141,7 @@ def layout_of(settings, args=None):
     stream.json (`settings`, a dict), else our defaults. args=None: the stream.json alone."""
     base = LAYOUTS[args.layout] if args is not None and args.layout else StreamLayout.from_dict(settings)
     flags = {k: getattr(args, k) for k in layout_flags() if getattr(args, k) is not None} if args is not None else {}
-    return StreamLayout.from_dict({**asdict(base), **flags}, "the flags")
+    return StreamLayout.from_dict({**asdict(base), **flags}, "the layout flags with the checkpoint's stream.json")
 
 
 LAYOUTS = {
@@ -220,13 +239,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not os.path.isdir(args.folder):
         ap.error(f"{args.folder} is not a folder")
+    from cli import touches_shipped
+    if touches_shipped(args.folder):  # the shipped model's stream.json is what its tests and README were made with
+        ap.error(f"{args.folder} is the shipped checkpoint (checkpoints/), which is never rewritten; copy it first")
     path = os.path.join(args.folder, "stream.json")
     old = {}
     if os.path.isfile(path):  # replaced; its notes (how the checkpoint was trained) ride along
         try:
             with open(path) as f:
                 old = {k: v for k, v in json.load(f).items() if k not in {*asdict(StreamLayout()), "layout"}}
-        except (OSError, ValueError, AttributeError) as e:  # not JSON, or not an object
+        except (OSError, ValueError, AttributeError, RecursionError) as e:  # not JSON, or not an object
             ap.error(f"{path}: cannot read the stream.json it would replace ({e}); move it away first")
         print(f"replacing {path} (keeping its notes: {', '.join(old) or 'none'})")
     LAYOUTS[args.layout].save(args.folder, **old, layout=args.layout)

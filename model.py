@@ -42,6 +42,13 @@ from vision import VisionConfig, VisionTower
 # -----------------------------------------------------------------------------
 # Configs
 
+# The largest sizes a config.json may ask for (VLMConfig.check), far above any Qwen2.5-VL (72B: 80 layers of 8192)
+CONFIG_LIMITS = dict(vocab_size=1 << 20, hidden_size=1 << 16, intermediate_size=1 << 18, num_hidden_layers=1024,
+                     num_attention_heads=1024, num_key_value_heads=1024, max_position_embeddings=1 << 24)
+VISION_LIMITS = dict(depth=256, hidden_size=1 << 14, num_heads=256, intermediate_size=1 << 16,
+                     out_hidden_size=1 << 16, patch_size=64, temporal_patch_size=8, spatial_merge_size=8,
+                     window_size=4096, in_chans=4, tokens_per_second=1000)
+
 
 @dataclass
 class VLMConfig:
@@ -68,6 +75,38 @@ class VLMConfig:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    def check(self):
+        """Raise a one-line ValueError naming the field, the value and its limit (CONFIG_LIMITS) when a size, a count,
+        a rope or eps value cannot make a working model; called before any module is built, so a config asking for
+        ten million layers costs a line, not the memory of ten million modules."""
+        v = self.vision
+        sizes = {**{k: getattr(self, k) for k in CONFIG_LIMITS}, **{f"vision_config.{k}": getattr(v, k)
+                                                                    for k in VISION_LIMITS}}
+        for name, value in sizes.items():
+            hi = {**CONFIG_LIMITS, **{f"vision_config.{k}": x for k, x in VISION_LIMITS.items()}}[name]
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= hi):
+                raise ValueError(f"{name} = {str(value)[:30]} must be an integer in [1, {hi:,}] (model.CONFIG_LIMITS)")
+        for name in ("rope_theta", "rms_norm_eps"):
+            x = getattr(self, name)
+            if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                    and (name == "rope_theta" or x < 1)):
+                raise ValueError(f"{name} = {x!r} must be a positive finite number"
+                                 + (" below 1" if name == "rms_norm_eps" else ""))
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if self.hidden_size % heads or self.head_dim % 2 or heads % kv or v.hidden_size % v.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into num_attention_heads {heads} "
+                             f"heads of an even size, num_attention_heads into num_key_value_heads {kv} groups, and "
+                             f"vision_config.hidden_size {v.hidden_size} into num_heads {v.num_heads}")
+        sec = self.mrope_section
+        if not (isinstance(sec, list) and len(sec) == 3 and all(isinstance(x, int) and x > 0 for x in sec)
+                and sum(sec) == self.head_dim // 2):
+            raise ValueError(f"mrope_section {str(sec)[:40]} must be 3 positive integers summing to "
+                             f"head_dim / 2 = {self.head_dim // 2}")
+        if not all(isinstance(i, int) and 0 <= i < v.depth for i in v.fullatt_block_indexes):
+            raise ValueError(f"vision_config.fullatt_block_indexes must be block numbers in [0, depth "
+                             f"{v.depth})")
+        return self
+
     @classmethod
     def from_hf_dict(cls, d):
         """Read an official config.json: the flat published layout or the newer one with a text_config."""
@@ -85,7 +124,7 @@ class VLMConfig:
             v["in_chans"] = v.pop("in_channels")
         vnames = {f.name for f in fields(VisionConfig)}
         kw["vision"] = VisionConfig(**{k: v[k] for k in vnames if k in v})
-        cfg = cls(**kw)
+        cfg = cls(**kw).check()
         cfg._tie_explicit = "tie_word_embeddings" in flat  # lets the loader tie when the key and lm_head are absent
         return cfg
 

@@ -42,6 +42,7 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 16384 * 28 * 28  # published preprocessor_config.json: 3136, 12845056
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28  # HF video defaults / qwen-vl-utils
+MAX_JSON_BYTES = 16 << 20  # read_json: config.json and stream.json are a few KB
 
 # Qwen2.5 added tokens, in id order starting at 151643 (as in the published tokenizer.json). The first 14 are
 # "special" (skipped by decode(skip_special=True)); tool-call and fill-in-the-middle tokens are ordinary ones.
@@ -326,9 +327,14 @@ def _is_single_video(v):
 
 def read_json(path):
     """A JSON object from a file; any failure is a one-line error that names the file."""
+    if os.path.getsize(path) > MAX_JSON_BYTES:  # a settings file, read whole: bounded before it is read
+        raise ValueError(f"{path}: {os.path.getsize(path):,} bytes; the limit for a JSON settings file is "
+                         f"{MAX_JSON_BYTES:,} (processor.MAX_JSON_BYTES)")
     try:
         with open(path, encoding="utf-8") as f:
             out = json.load(f)
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError:
@@ -374,9 +380,10 @@ class Processor:
 
     def save_pretrained(self, folder):
         """Write tokenizer.json, tokenizer_config.json and preprocessor_config.json (loadable by transformers'
-        AutoTokenizer and Qwen2VLImageProcessor)."""
-        os.makedirs(folder, exist_ok=True)
-        self.tokenizer.tok.save(os.path.join(folder, "tokenizer.json"))
+        AutoTokenizer and Qwen2VLImageProcessor), each a new file renamed into place (a link there is replaced)."""
+        from safeio import write_atomic
+        with write_atomic(os.path.join(folder, "tokenizer.json")) as f:
+            f.write(self.tokenizer.tok.to_str(pretty=True))
         tok_cfg = dict(tokenizer_class="Qwen2Tokenizer", bos_token=None, eos_token="<|im_end|>",
                        pad_token="<|endoftext|>", model_max_length=131072, errors="replace",
                        clean_up_tokenization_spaces=False, split_special_tokens=False)
@@ -390,7 +397,7 @@ class Processor:
         vid_cfg.pop("image_processor_type")
         for name, cfg in [("tokenizer_config.json", tok_cfg), ("preprocessor_config.json", pre_cfg),
                           ("video_preprocessor_config.json", vid_cfg)]:
-            with open(os.path.join(folder, name), "w") as f:
+            with write_atomic(os.path.join(folder, name)) as f:
                 json.dump(cfg, f, indent=2)
 
     def __call__(self, text, images=None, videos=None, video_fps=2.0):

@@ -48,17 +48,29 @@ class Record:
     words: list       # [(start, end, word)]
     previous: str     # commentary before start ("" = none)
     questions: list   # [(t, question, answer)]
+    sorted: bool = False  # whether parse_record had to sort the words by time
 
 
 SEEK_INDEX = re.compile(rb"\s*\[[\d\s,]*\]\s*")  # a line that is a list of integers: LiveCC's in-file seek index
+# Data text is tokenised as text: anything shaped like a control token (<|im_end|>, <|video_pad|>, ...) is refused,
+# never parsed into the chat template it would break out of.
+SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>")
+# The most a record may hold, checked as it is parsed (before a chunk is tokenised or a frame decoded)
+LIMITS = dict(line_bytes=16 << 20, words=100_000, word_chars=200, text_chars=200_000, seconds=1e7)
 
 
 def parse_record(line, where):
-    """The Record of a JSONL line (bytes or str); `where` ("file:line") starts every error."""
+    """The Record of a JSONL line (bytes or str); `where` ("file:line") starts every error. Its words come sorted
+    by time (rec.sorted says whether they had to be)."""
+    if len(line) > LIMITS["line_bytes"]:
+        raise DataError(f"{where}: the line is {len(line):,} bytes; the limit is {LIMITS['line_bytes']:,} "
+                        "(records.LIMITS)")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not a valid record (JSON nested too deeply)") from None
     try:
         rec = _authors_record(obj) if isinstance(obj, list) else _our_record(obj)
     except KeyError as e:
@@ -67,7 +79,30 @@ def parse_record(line, where):
         raise DataError(f"{where}: not a valid record ({e}; formats: records.py)") from None
     if not (math.isfinite(rec.start) and math.isfinite(rec.end) and 0 <= rec.start and rec.end - rec.start >= 1):
         raise DataError(f"{where}: start {rec.start:g} s, end {rec.end:g} s do not span a whole second")
+    if rec.end > LIMITS["seconds"]:
+        raise DataError(f"{where}: end {rec.end:g} s is past the limit of {LIMITS['seconds']:g} s (records.LIMITS)")
+    check_text(rec, where)
+    order = sorted(rec.words, key=lambda w: w[1])  # stable: words ending together keep their order
+    rec.sorted, rec.words = order != rec.words, order
     return rec
+
+
+def check_text(rec, where):
+    """A DataError naming `where` when the record's text holds a control token or is too long (LIMITS)."""
+    if len(rec.words) > LIMITS["words"]:
+        raise DataError(f"{where}: {len(rec.words):,} words; the limit is {LIMITS['words']:,} (records.LIMITS)")
+    texts = [("previous", rec.previous)] + [(f"question at {t:g} s", q + " " + a) for t, q, a in rec.questions]
+    for i, (_, _, w) in enumerate(rec.words):
+        if len(w) > LIMITS["word_chars"]:
+            raise DataError(f"{where}: word {i + 1} is {len(w):,} characters; the limit is {LIMITS['word_chars']} "
+                            "(records.LIMITS)")
+        texts.append((f"word {i + 1}", w))
+    for name, text in texts:
+        if len(text) > LIMITS["text_chars"]:
+            raise DataError(f"{where}: {name} is {len(text):,} characters; the limit is {LIMITS['text_chars']:,} "
+                            "(records.LIMITS)")
+        if m := SPECIAL.search(text):
+            raise DataError(f"{where}: {name} holds {m.group()!r}, a control token; data text is text (records.py)")
 
 
 def _our_record(obj):
@@ -86,6 +121,8 @@ def _authors_record(obj):
         raise ValueError("the user turn has no {'type': 'video'} element")
     previous = [e["previous"] for e in user if "previous" in e]  # the last one wins, as theirs
     qa = [(float(q[1]), str(q[2]), str(q[3])) for q in stream.get("qa_stream") or []]
+    if not all(math.isfinite(t) for t, _, _ in qa):
+        raise ValueError("a qa_stream time is not a finite number")
     return Record(str(video[0]["video"]), float(video[0]["video_start"]), float(video[0]["video_end"]),
                   _words(stream["text_stream"]), str(previous[-1] if previous else ""), qa)
 
@@ -95,7 +132,10 @@ def _words(words):
     for w in words:
         if not isinstance(w, (list, tuple)) or len(w) != 3:
             raise ValueError(f"a word is [start, end, word], got {json.dumps(w)[:60]}")
-        out.append((float(w[0]), float(w[1]), str(w[2])))
+        start, end = float(w[0]), float(w[1])
+        if not (math.isfinite(start) and math.isfinite(end) and start <= end):
+            raise ValueError(f"word {len(out) + 1} {json.dumps(w)[:60]} does not have finite times, start <= end")
+        out.append((start, end, str(w[2])))
     return out
 
 
@@ -139,13 +179,15 @@ class JsonlSamples:
 
     def __init__(self, path, tok, cfg, video_root=None, log=print):
         self.path, self.tok, self.cfg = path, tok, cfg  # cfg: chunk_seconds, text_sink/window, min/max_pixels
-        self.roots = [r for r in (video_root, os.path.dirname(os.path.abspath(path))) if r]
+        # videos are read from under --video-root, else from the JSONL's folder, and never from outside it
+        self.root = os.path.realpath(video_root or os.path.dirname(os.path.abspath(path)))
         self.offsets, self.lines = array("q"), array("q")
-        empty = 0
+        empty, unsorted = 0, []
         try:
             for offset, n, line in self._lines(log):
-                video = self.video_path(parse_record(line, f"{path}:{n}"), f"{path}:{n}")
-                if os.path.getsize(video) == 0:
+                rec = parse_record(line, f"{path}:{n}")
+                unsorted += [n] if rec.sorted else []
+                if os.path.getsize(self.video_path(rec, f"{path}:{n}")) == 0:
                     empty += 1
                     continue
                 self.offsets.append(offset)
@@ -154,6 +196,9 @@ class JsonlSamples:
             raise DataError(f"{e.filename or path}: {e.strerror or e}") from None
         if empty:
             log(f"{path}: skipped {empty} zero-byte videos")
+        if unsorted:
+            log(f"{path}: the words of {len(unsorted)} records were not in time order and are sorted by end time "
+                f"(first: line {unsorted[0]})")
         if not self.offsets:
             raise DataError(f"{path}: no samples in the file")
 
@@ -173,22 +218,47 @@ class JsonlSamples:
                 offset += len(line)
 
     def _seek(self, f, seeks):
-        size = os.fstat(f.fileno()).st_size
+        """The records at the seeks file's offsets, which must cover the data: between and after the records it
+        lists, only blank lines or an in-file seek index (a record left out would silently not be trained on)."""
+        size, end = os.fstat(f.fileno()).st_size, 0  # end: where the last record read stops
         for i, offset in enumerate(read_seeks(seeks)):
             f.seek(max(0, offset - 1))
             if offset >= size or (offset > 0 and f.read(1) != b"\n"):
                 raise DataError(f"{seeks}: offset {offset} (record {i + 1}) is not the start of a line of "
                                 f"{self.path} ({size} bytes)")
+            self._skipped(f, end, offset, seeks)
             f.seek(offset)
             yield offset, i + 1, f.readline()
+            end = f.tell()
+        self._skipped(f, end, size, seeks)
+
+    def _skipped(self, f, start, stop, seeks):
+        """DataError when bytes [start, stop) of the data hold a record (the seeks file leaves it out) or stop is
+        before start (offsets out of order)."""
+        if stop < start:
+            raise DataError(f"{seeks}: offset {stop} comes before the end of the record listed before it ({start}): "
+                            "offsets must increase")
+        f.seek(start)
+        while f.tell() < stop:
+            line = f.readline()
+            if line.strip() and not SEEK_INDEX.fullmatch(line):
+                raise DataError(f"{seeks} does not cover {self.path}: the record at byte {f.tell() - len(line)} "
+                                "is not in it (rebuild the seeks file, or remove it to scan the data)")
 
     def video_path(self, rec, where):
-        """The record's video: an absolute path, or the first of --video-root/path, <JSONL folder>/path."""
-        found = [rec.video] if os.path.isabs(rec.video) else [os.path.join(r, rec.video) for r in self.roots]
-        for p in found:
-            if os.path.exists(p):
-                return p
-        raise DataError(f"{where}: video {rec.video} not found (looked for {' and '.join(found)})")
+        """The record's video, relative to the root (--video-root, else the JSONL's folder); it must resolve,
+        after symlinks, inside that root."""
+        try:
+            path = os.path.join(self.root, rec.video)  # an absolute rec.video stays itself
+            real, found = os.path.realpath(path), os.path.exists(path)
+        except ValueError as e:  # a NUL byte in the name
+            raise DataError(f"{where}: video {rec.video[:80]!r} is not a path ({e})") from None
+        if os.path.commonpath([real, self.root]) != self.root:
+            raise DataError(f"{where}: video {rec.video[:80]} resolves to {real}, outside the video root "
+                            f"{self.root} (--video-root, else the JSONL's folder)")
+        if not found:
+            raise DataError(f"{where}: video {rec.video[:80]} not found (looked for {path})")
+        return path
 
     def __len__(self):
         return len(self.offsets)
@@ -217,8 +287,8 @@ def read_seeks(path):
     try:
         with open(path) as f:
             seeks = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the seek index ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: cannot read the seek index ({e or 'nested too deeply'})") from None
     if not isinstance(seeks, list) or not all(isinstance(s, int) and s >= 0 for s in seeks):
         raise DataError(f"{path}: a seek index is one JSON list of byte offsets (non-negative integers)")
     return seeks

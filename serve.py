@@ -31,16 +31,18 @@ windows change the loop itself (reset, recompute) and stream one video at a time
 """
 import itertools
 import os
+import sys
+import threading
 import time
 
 import torch
 
-from cli import unwritable
+from checkpoint import checkpoint_settings, load_checkpoint
+from cli import file_problem, output_problem, stop_on_ctrl_c
 from eval import steady_capacity
 from layout import Kind, layout_of
 from rope import mrope_cos_sin
-from stream import (POLICIES, Outputs, Streamer, checkpoint_settings, load_checkpoint, open_seconds, streamer_kwargs,
-                    timestamp)
+from stream import POLICIES, Outputs, Streamer, open_seconds, streamer_kwargs, timestamp
 from video import is_live
 
 # the policies that batch: those of the plain Streamer loop (the sliding windows change the loop itself)
@@ -237,29 +239,33 @@ def next_seconds(sources, batch, limit):
 
 def run_many(batch, sources, args, outputs):
     """Step the batch until every stream has ended; with --realtime, a stream whose second t is a whole second late
-    (it is ready at start + t + 1 s) skips it. Returns {name: (seconds seen, seconds skipped)}."""
+    (it is ready at start + t + 1 s) skips it. Ctrl-C lets the second in progress finish and be written, then stops.
+    Returns ({name: (seconds seen, seconds skipped)}, stopped by Ctrl-C)."""
     start, counts = time.monotonic(), {name: [0, 0] for name in batch.streams}
-    while frames := next_seconds(sources, batch, args.seconds):
-        for name in list(frames) if args.realtime else []:
-            s = batch.streams[name]
-            if time.monotonic() - start - (s.t + 1) >= 1:
-                s.skip()
-                counts[name][1] += 1
-                del frames[name]
-        t0 = time.perf_counter()
-        said = batch.step(frames)
-        ms = (time.perf_counter() - t0) * 1000
-        for name, text in said.items():
-            s = batch.streams[name]
-            counts[name][0] += 1
-            outputs[name].write(s.t - 1, text, ms, s)
-            print(f"{name} [{timestamp(s.t - 1)}] {text or '...':<50s} ({ms:.0f} ms for {len(said)} streams, cache "
-                  f"{s.cache.length} tokens, max pos {s.cache.max_position()})", flush=True)
-    return counts
+    with stop_on_ctrl_c(threading.current_thread() is threading.main_thread()) as stop:
+        while not stop and (frames := next_seconds(sources, batch, args.seconds)):
+            for name in list(frames) if args.realtime else []:
+                s = batch.streams[name]
+                if time.monotonic() - start - (s.t + 1) >= 1:
+                    s.skip()
+                    counts[name][1] += 1
+                    del frames[name]
+            t0 = time.perf_counter()
+            said = batch.step(frames)
+            ms = (time.perf_counter() - t0) * 1000
+            for name, text in said.items():
+                s = batch.streams[name]
+                counts[name][0] += 1
+                outputs[name].write(s.t - 1, text, ms, s)
+                print(f"{name} [{timestamp(s.t - 1)}] {text or '...':<50s} ({ms:.0f} ms for {len(said)} streams, "
+                      f"cache {s.cache.length} tokens, max pos {s.cache.max_position()})", flush=True)
+    return counts, bool(stop)
 
 
-def main(args, ap):
-    """stream.py's path for several videos (or --out): one batch, a row per video."""
+def check_args(ap, args):
+    """One line, before anything loads, for what cannot work: --vtt/--jsonl with several videos, a loop that does
+    not batch, two videos of one name, an --out that would land on an input (a video, the model) or cannot be
+    written. Returns ({name: source}, the output folder)."""
     if args.vtt or args.jsonl:
         ap.error("--vtt and --jsonl write one video's commentary; with several --video, use --out DIR")
     if args.policy not in BATCHED:
@@ -270,10 +276,22 @@ def main(args, ap):
     except ValueError as e:
         ap.error(str(e))
     out = args.out or "out/stream"
-    if problem := unwritable(out):
+    inputs = [v for v in args.video if not is_live(v)] + [args.model]  # a camera or a URL is no file to clash with
+    problems = [output_problem(out, inputs, holds=False)] + [
+        file_problem(os.path.join(out, n + ext), inputs) for n in names for ext in (".vtt", ".jsonl")]
+    if problem := next((p for p in problems if p), None):
         ap.error(f"--out {problem}")
+    return names, out
+
+
+def main(args, ap):
+    """stream.py's path for several videos (or --out): one batch, a row per video."""
+    names, out = check_args(ap, args)
     settings = checkpoint_settings(args.model)
-    layout = layout_of(settings, args)
+    try:
+        layout = layout_of(settings, args)
+    except ValueError as e:
+        ap.error(str(e))
     # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
     sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
     print(f"model {args.model}")
@@ -284,19 +302,25 @@ def main(args, ap):
     # a cache row holds the steady state of the largest frames: each stream's first second sizes it
     firsts = {n: next(src, None) for n, src in sources.items()}
     sources = {n: itertools.chain([f], sources[n]) for n, f in firsts.items() if f is not None}
+    if not sources:
+        sys.exit("error: none of the videos has a whole second to stream")
     capacity = max(steady_capacity(f, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
                                    (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
                    for f in firsts.values() if f is not None)
-    batch = StreamBatch(model, tok, len(sources), capacity)
-    outputs = {}
-    for n in sources:
-        batch.add(n, evict=p.evict, reindex=p.reindex, **kw)
-        outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
-    print(f"layout: {vars(layout)}; {len(sources)} streams, a cache row of {capacity} tokens each; commentary in {out}")
+    batch, outputs = StreamBatch(model, tok, len(sources), capacity), {}
+    os.makedirs(out, exist_ok=True)
     try:
-        counts = run_many(batch, sources, args, outputs)
+        for n in sources:
+            batch.add(n, evict=p.evict, reindex=p.reindex, **kw)
+            outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
+        print(f"layout: {vars(layout)}; {len(sources)} streams, a cache row of {capacity} tokens; commentary in {out}")
+        counts, stopped = run_many(batch, sources, args, outputs)
     finally:
         for o in outputs.values():
             o.close()
     for n, (seen, skipped) in counts.items():
         print(f"{n}: {seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
+    if stopped:
+        print("stopped: " + ", ".join(f"{n} at second {o.seconds}" for n, o in outputs.items())
+              + "; outputs complete up to it", file=sys.stderr)
+        sys.exit(130)  # the status of a process ended by SIGINT

@@ -27,8 +27,8 @@ Run: python stream.py --video clip.mp4 --vtt clip.vtt
 """
 import contextlib
 import json
-import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,13 +36,14 @@ from typing import NamedTuple
 import torch
 
 import cache as caches
-from cli import Parser, at_least, default_model, device_name, unwritable
+from checkpoint import checkpoint_settings, load_checkpoint
+from cli import Parser, at_least, checked, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
-from flexprefill import enable_flexprefill
-from layout import (FPS, FRAME_PIXELS, SILENCE, SYSTEM_PROMPT, Kind, StreamLayout, add_layout_flags, end_ids,
+from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, end_ids,
                     layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
-from model import VLM, pick_device_dtype, sample_next
-from processor import Tokenizer, patchify_video, read_json, resize_video
+from model import sample_next
+from processor import patchify_video, resize_video
+from safeio import replace_file, same_file
 from video import is_live, open_video, seconds_of
 
 DECODERS = ("plain", "graphs", "compiled")
@@ -318,40 +319,6 @@ def make_streamer(model, tok, policy="streaming", **kw):
 # Checkpoints and the command line
 
 
-def checkpoint_settings(path):
-    """The layout a checkpoint folder was trained with (stream.json, written by train.py: the windows, ...), or {}
-    with a notice; checked before anything heavy loads. Exits with how to make a checkpoint when there is none."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        hint = " (pass the folder, not a file in it)" if os.path.isfile(path) else ""
-        sys.exit(f"no checkpoint at {path}{hint}: make one with `python train.py` (or pass --model DIR)")
-    stream_json = os.path.join(path, "stream.json")
-    if not os.path.isfile(stream_json):
-        print(f"{path} has no stream.json: serving with the default layout (layout.py; `python layout.py {path}` "
-              "writes one)")
-        return {}
-    try:
-        settings = read_json(stream_json)
-        StreamLayout.from_dict(settings, stream_json)  # fails here, naming the file, if its values do not fit
-    except (OSError, ValueError, TypeError) as e:
-        sys.exit(f"error: {e}")
-    return settings
-
-
-def load_checkpoint(path, device=None, flexprefill=False, settings=None):
-    """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them (or as
-    given, when the caller has read them already)."""
-    settings = checkpoint_settings(path) if settings is None else settings
-    try:  # a bad file or device is the user's to fix: one line that names it, no traceback
-        device, dtype = pick_device_dtype(device)
-        model = VLM.from_pretrained(path, device=device, dtype=dtype)
-        tok = Tokenizer.from_file(path)
-    except (OSError, ValueError, TypeError) as e:
-        sys.exit(f"error: {e}")
-    if flexprefill:
-        enable_flexprefill(model)
-    return model, tok, settings
-
-
 def streamer_kwargs(layout):
     """Streamer keyword arguments of a StreamLayout."""
     kw = {k: v for k, v in vars(layout).items() if k not in ("min_pixels", "max_pixels")}
@@ -366,14 +333,13 @@ def timestamp(seconds):
 
 class Outputs:
     """--vtt (a cue for each second that says something) and --jsonl (one object a second), written and flushed
-    as the stream goes, so a crash loses nothing already said."""
+    as the stream goes, so a crash loses nothing already said. Each is a new file renamed into place
+    (safeio.replace_file): a symlink planted at the path is replaced, never written through."""
 
     def __init__(self, vtt=None, jsonl=None):
-        for path in (vtt, jsonl):
-            if path:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.vtt = open(vtt, "w") if vtt else None
-        self.jsonl = open(jsonl, "w") if jsonl else None
+        self.vtt = replace_file(vtt) if vtt else None
+        self.jsonl = replace_file(jsonl) if jsonl else None
+        self.seconds = 0  # seconds written whole so far
         if self.vtt:
             self.vtt.write("WEBVTT\n\n")
 
@@ -385,6 +351,7 @@ class Outputs:
             self.jsonl.write(json.dumps(dict(t=t, text=text, latency_ms=round(ms, 1), cache_tokens=s.cache.length,
                                              max_position=s.cache.max_position())) + "\n")
             self.jsonl.flush()
+        self.seconds = t + 1
 
     def close(self):
         for f in (self.vtt, self.jsonl):
@@ -394,27 +361,34 @@ class Outputs:
 
 def run(s, frames, args, out):
     """Stream the seconds of `frames` through s, printing and writing each; with --realtime, pace by the wall
-    clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. Returns (seen, skipped)."""
+    clock (second t is ready at t + 1 s) and skip the seconds the model fell behind on. A Ctrl-C lets the second in
+    progress finish and be written, then stops. Returns (seen, skipped, stopped by Ctrl-C)."""
     start, seen, skipped = time.monotonic(), 0, 0
-    for t, second in enumerate(frames):
-        if args.seconds and t >= args.seconds:
-            break
-        if args.realtime:
-            late = time.monotonic() - start - (t + 1)
-            if late < 0:
-                time.sleep(-late)
-            elif late >= 1:  # a whole second behind: drop this one to catch up
-                s.skip()
-                skipped += 1
-                continue
-        t0 = time.perf_counter()
-        text = s.step(second)
-        ms = (time.perf_counter() - t0) * 1000
-        seen += 1
-        out.write(t, text, ms, s)
-        print(f"[{timestamp(t)}] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
-              f"max pos {s.cache.max_position()})", flush=True)
-    return seen, skipped
+    # Ctrl-C: the second in progress is finished and written, then we stop (signals reach the main thread only)
+    with stop_on_ctrl_c(threading.current_thread() is threading.main_thread()) as stop:
+        for t, second in enumerate(frames):
+            if stop or (args.seconds and t >= args.seconds):
+                break
+            seen, skipped = _second(s, t, second, args, out, start, seen, skipped)
+    return seen, skipped, bool(stop)
+
+
+def _second(s, t, second, args, out, start, seen, skipped):
+    """Second t of run() (with --realtime, dropped when a whole second behind). Returns the new (seen, skipped)."""
+    if args.realtime:
+        late = time.monotonic() - start - (t + 1)
+        if late < 0:
+            time.sleep(-late)
+        elif late >= 1:  # a whole second behind: drop this one to catch up
+            s.skip()
+            return seen, skipped + 1
+    t0 = time.perf_counter()
+    text = s.step(second)
+    ms = (time.perf_counter() - t0) * 1000
+    out.write(t, text, ms, s)
+    print(f"[{timestamp(t)}] {text or '...':<60s} ({ms:.0f} ms, cache {s.cache.length} tokens, "
+          f"max pos {s.cache.max_position()})", flush=True)
+    return seen + 1, skipped
 
 
 def open_seconds(path, fps):
@@ -443,11 +417,23 @@ def build_parser():
     ap.add_argument("--seconds", type=at_least(0), default=0, help="stop after this many seconds (default 0: the "
                     "whole video)")
     add_layout_flags(ap)
-    ap.add_argument("--previous-text", default="", help="context the commentary continues from")
+    ap.add_argument("--previous-text", default="", help="context the commentary continues from", type=checked(
+        str, lambda v: len(v) <= MAX_TEXT_CHARS, f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS)"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
                     "with the reason)")
     return ap
+
+
+def check_outputs(ap, args):
+    """Before anything loads, one line for an output that cannot be written or that would destroy an input: the
+    video, the model's folder or a file in it (the weights are memory-mapped), the shipped checkpoint."""
+    inputs = inputs_of(args, "video", "model")
+    for flag in ("vtt", "jsonl"):
+        if getattr(args, flag) and (problem := file_problem(getattr(args, flag), inputs)):
+            ap.error(f"--{flag} {problem}")
+    if args.vtt and args.jsonl and same_file(args.vtt, args.jsonl):
+        ap.error(f"--vtt and --jsonl are one file ({args.jsonl}): give each its own")
 
 
 def main(argv=None):
@@ -457,13 +443,34 @@ def main(argv=None):
         import serve
         return serve.main(args, ap)
     args.video = args.video[0]
-    for flag in ("vtt", "jsonl"):  # before anything loads: a bad path costs one line, not a model load
-        if getattr(args, flag) and (problem := unwritable(getattr(args, flag), folder=False)):
-            ap.error(f"--{flag} {problem}")
+    check_outputs(ap, args)
     settings = checkpoint_settings(args.model)
-    layout = layout_of(settings, args)
-    # a file is opened now, so a missing or broken one costs a line, not a model load; a camera or a live URL once
-    # the model is ready (opened early, it would buffer or drop frames, or time out, while the model loads)
+    try:
+        layout = layout_of(settings, args)
+    except ValueError as e:
+        ap.error(str(e))
+    out = None
+    try:
+        s, frames = _load(args, settings, layout)
+        out = Outputs(args.vtt, args.jsonl)
+        seen, skipped, stopped = run(s, frames, args, out)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or twice (the second in progress is dropped)
+        seen, skipped, stopped = None, 0, True
+    except (ValueError, OSError) as e:  # the video reader's errors name the file
+        sys.exit(f"error: {e}")
+    finally:
+        if out is not None:
+            out.close()
+    if stopped:
+        print(f"stopped at second {out.seconds if out else 0}; outputs complete up to it", file=sys.stderr)
+        sys.exit(130)  # the status of a process ended by SIGINT
+    print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
+
+
+def _load(args, settings, layout):
+    """(streamer, the video's seconds): a file is opened first, so a missing or broken one costs a line, not a
+    model load; a camera or a live URL once the model is ready (opened early, it would buffer or drop frames, or
+    time out, while the model loads)."""
     frames = None if is_live(args.video) else open_seconds(args.video, layout.fps)
     print(f"model {args.model}")
     model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
@@ -472,14 +479,7 @@ def main(argv=None):
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU
     s = make_streamer(model, tok, args.policy, **streamer_kwargs(layout), previous_text=args.previous_text,
                       decode=decode)
-    out = Outputs(args.vtt, args.jsonl)
-    try:
-        seen, skipped = run(s, frames, args, out)
-    except (ValueError, OSError) as e:  # the video reader's errors name the file
-        sys.exit(f"error: {e}")
-    finally:
-        out.close()
-    print(f"{seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
+    return s, frames
 
 
 if __name__ == "__main__":

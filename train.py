@@ -38,14 +38,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import (Parser, adam_betas, at_least, checked, device_name, output_problem, rate_or_range, stop_on_ctrl_c,
-                 unwritable)
+from cli import Parser, adam_betas, at_least, between, checked, device_name, rate_or_range, stop_on_ctrl_c
 from data import DataError, make_tokenizer, micro_batches
-from layout import FRAME_PIXELS
+from layout import FRAME_PIXELS, LIMITS
 from model import VLM, pick_device_dtype, tiny_config
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from records import JsonlSamples
 from reuse import new_tokens, segment_cuts, supervised_tokens
+from safeio import RunLock
 from validate import Validator, loss_sum
 from world import WorldConfig
 
@@ -61,6 +61,7 @@ def knob(default, help, parse):
 
 POSITIVE = checked(float, lambda v: v > 0, "> 0")
 FRACTION = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+PIXELS = between(784, LIMITS["max_pixels"])  # layout.LIMITS: at most a frame of 16384 patches
 
 
 @dataclass
@@ -68,8 +69,8 @@ class TrainConfig:
     """What a run computes; PRESETS below change some of these defaults."""
     # optimisation
     steps: int = knob(150, "optimizer steps (the learning-rate schedule spans them)", at_least(1))
-    batch_size: int = knob(2, "chunks per micro-batch per process", at_least(1))
-    grad_accum: int = knob(1, "micro-batches per optimizer step", at_least(1))
+    batch_size: int = knob(2, "chunks per micro-batch per process", between(1, 4096))
+    grad_accum: int = knob(1, "micro-batches per optimizer step", between(1, 4096))
     lr: float = knob(2e-3, "peak learning rate", POSITIVE)
     warmup: float = knob(0.03, "warm-up fraction of the steps (linear, then cosine)",
                          checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
@@ -79,23 +80,23 @@ class TrainConfig:
     grad_clip: float = knob(1.0, "clip the gradient norm to this", POSITIVE)
     freeze_vision: bool = knob(False, "freeze the vision tower, merger included", None)
     # a model from scratch (model.tiny_config); --init and --resume take theirs from the checkpoint
-    layers: int = knob(4, "decoder layers of a model from scratch", at_least(1))
-    width: int = knob(256, "decoder width of a model from scratch (a multiple of 64)", at_least(64))
+    layers: int = knob(4, "decoder layers of a model from scratch", between(1, 1024))
+    width: int = knob(256, "decoder width of a model from scratch (a multiple of 64)", between(64, 1 << 16))
     # data
-    chunk_seconds: int = knob(24, "seconds per training chunk", at_least(1))
+    chunk_seconds: int = knob(24, "seconds per training chunk", between(1, 3600))
     overlap: int = knob(12, "seconds that consecutive chunks of a stream share (< --chunk-seconds)", at_least(0))
     vision_window: int = knob(16, "seconds of vision the streaming cache keeps (the served checkpoint's stream.json "
-                              "gets the smaller of this and --chunk-seconds)", at_least(1))
+                              "gets the smaller of this and --chunk-seconds)", between(1, 3600))
     segment_seconds: int = knob(0, "cut each chunk into segments of N seconds, forwarded in turn, each on the cache "
                                 "that streaming leaves when its first second arrives: older rounds out of the vision "
                                 "window, their replies in the previous text with the K/V of their own round (0: one "
-                                "forward a chunk, the authors' layout)", at_least(0))
+                                "forward a chunk, the authors' layout)", between(0, 3600))
     preroll: int = knob(0, "seconds streamed before each training chunk, in segments, without loss or gradient, so "
                         "that its previous text ends in replies with the K/V of their own rounds, as at inference "
                         "(needs --segment-seconds; best a multiple of it; a stream's first N seconds are then never "
-                        "supervised)", at_least(0))
+                        "supervised)", between(0, 3600))
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
-                               "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", at_least(1))
+                               "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", between(1, 10**7))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
                            at_least(0))
     time_curriculum: int = knob(0, "steps over which chunk starts widen from a stream's first minute to all of "
@@ -106,17 +107,17 @@ class TrainConfig:
                             f"(none: world.py's {WorldConfig.goal_rate:.4f})", rate_or_range)
     question_rate: float = knob(0.25, "fraction of training chunks that end with a question about the whole "
                                 "stream (world.QUESTIONS)", FRACTION)
-    text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", at_least(0))
-    text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", at_least(0))
-    frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", at_least(56))
-    min_pixels: int = knob(FRAME_PIXELS[0], "a frame's fewest pixels after resizing (smart_resize)", at_least(784))
-    max_pixels: int = knob(FRAME_PIXELS[1], "a frame's most pixels after resizing (smart_resize)", at_least(784))
+    text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", between(0, 32768))
+    text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", between(0, 32768))
+    frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", between(56, 4096))
+    min_pixels: int = knob(FRAME_PIXELS[0], "a frame's fewest pixels after resizing (smart_resize)", PIXELS)
+    max_pixels: int = knob(FRAME_PIXELS[1], "a frame's most pixels after resizing (smart_resize)", PIXELS)
     # bookkeeping: these change nothing a step computes, so a resumed run may change them
     eval_every: int = knob(50, "validation and a checkpoint every N steps", at_least(1))
-    eval_chunks: int = knob(8, "validation chunks", at_least(1))
+    eval_chunks: int = knob(8, "validation chunks", between(1, 100_000))
     workers: int = knob(min(16, (os.cpu_count() or 2) - 1), "DataLoader processes that render and tokenize chunks "
                         "(CPUs - 1, at most 16: on a GPU the synthetic chunks, not the model, set the pace)",
-                        at_least(0))
+                        between(0, 256))
     seed: int = knob(0, "seed of a fresh model's weights", at_least(0))
 
 
@@ -248,8 +249,7 @@ def check_combinations(ap, args):
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
         ap.error("--resume continues the checkpoint in --out, --overwrite replaces it: pass one")
-    # now, not at the first save an hour into the run; a save is written beside --out, then renamed into it
-    if problem := output_problem(args.out) or unwritable(os.path.dirname(os.path.abspath(args.out))):
+    if problem := ckpt.out_unfit(args):  # now, not at the first save an hour into the run
         ap.error(f"--out {problem}")
     if args.data and not os.path.isfile(args.data):
         what = "a folder, not a JSONL file" if os.path.isdir(args.data) else "no such file"
@@ -459,6 +459,11 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
 
 def main(argv=None):
     args = get_args(argv)
+    with RunLock(args.out, enabled=os.environ.get("RANK", "0") == "0"):  # one run a time; torchrun: the master's
+        return train(args)
+
+
+def train(args):
     run = setup(args)
     if run.master:
         print_config(args)

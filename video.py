@@ -34,7 +34,9 @@ fractional). Times keep their origin at the stream's start, so a chunk read this
 same seconds of a read from the beginning.
 
 Every failure is a VideoError, "<source>: <what went wrong>", raised after the seconds that could be read were
-yielded, so a caller keeps the part of a broken file that was good.
+yielded, so a caller keeps the part of a broken file that was good. Sizes are checked before they cost memory or
+time: a frame larger than MAX_FRAME_PIXELS, a frame shown longer than MAX_GAP_S or past the container's stated
+duration.
 """
 import itertools
 import os
@@ -49,6 +51,8 @@ from processor import to_rgb_image
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 GIF_DEFAULT_MS = 100  # a GIF frame without a delay is shown this long (the browsers' convention)
 URL_TIMEOUT_S = 30    # a network source silent this long is an error rather than a hang
+MAX_FRAME_PIXELS = 7680 * 4320  # 8K: a larger frame (a GIF declaring 65535 x 65535) is refused before it is decoded
+MAX_GAP_S = 3600      # a frame shown longer than this (a timestamp 1e9 s ahead) is an error, not decades of frames
 
 
 class VideoError(ValueError):
@@ -142,11 +146,20 @@ def _folder_frames(path):
     return (_read_image(os.path.join(path, n)) for n in names)
 
 
+def check_size(path, width, height):
+    if width * height > MAX_FRAME_PIXELS:
+        raise VideoError(f"{path}: frames of {width} x {height} pixels are larger than the limit of "
+                         f"{MAX_FRAME_PIXELS:,} (video.MAX_FRAME_PIXELS, 8K)")
+
+
 def _read_image(file):
     try:
         with Image.open(file) as im:
+            check_size(file, *im.size)  # from the header, before the pixels are decoded
             im.load()  # read the pixels before the file closes (to_rgb_image may return `im` itself)
             return to_rgb_image(im)
+    except VideoError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise VideoError(f"{file}: cannot read the image ({e})") from None
 
@@ -159,8 +172,9 @@ def _gif_open(path, fps):
     try:
         im = Image.open(path)
         n_frames = getattr(im, "n_frames", 1)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise VideoError(f"{path}: cannot read the GIF ({e})") from None
+    check_size(path, *im.size)
     if n_frames == 1 and not im.info.get("duration"):
         im.close()
         raise VideoError(f"{path}: a one-frame GIF with no frame delay has no length to read at {fps} frames a "
@@ -176,7 +190,7 @@ def _gif_timed(path, im):
                 stop += Fraction(frame.info.get("duration") or GIF_DEFAULT_MS) / 1000
                 rgb = to_rgb_image(frame)
                 yield stop, (rgb.copy() if rgb is frame else rgb)  # the iterator reuses `frame` for the next one
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
             raise VideoError(f"{path}: cannot read frame {i} of the GIF ({e})") from None
 
 
@@ -206,6 +220,12 @@ def _av_open(path):
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path}: holds no video stream")
+    cc = container.streams.video[0].codec_context
+    try:
+        check_size(path, cc.width or 0, cc.height or 0)
+    except VideoError:
+        container.close()
+        raise
     return container
 
 
@@ -239,6 +259,9 @@ def _timed_frames(path, stream, frames, origin=None):
     1 / rate)."""
     rate = stream.average_rate or stream.guessed_rate
     gap = 1 / Fraction(rate) if rate else None
+    # the stream's stated length (plus a margin), when it states one: no frame may start or stop after it
+    length, unit = getattr(stream, "duration", None), getattr(stream, "time_base", None)
+    stated = length * unit + 1 if length and unit else None
     held, indexed = None, False  # held: (start, frame) waiting for the next frame's start
     for i, frame in enumerate(frames):
         if i == 0 and frame.pts is None:  # no timestamps at all (a raw .h264): frame i starts at i / rate
@@ -259,6 +282,7 @@ def _timed_frames(path, stream, frames, origin=None):
                                  f"{float(held[0]):.3f} s)")
             if start > held[0]:  # (a frame sharing its start with the next is never on screen: dropped)
                 gap = start - held[0]
+                check_gap(path, i, held[0], start, stated)
                 yield start, held[1]
         held = (start, frame)
     if held is None:
@@ -267,4 +291,16 @@ def _timed_frames(path, stream, frames, origin=None):
     length = last.duration * (last.time_base or stream.time_base) if last.duration else gap
     if not length:
         raise VideoError(f"{path}: cannot tell how long its only frame lasts (no duration, no frame rate)")
+    check_gap(path, i, held[0], held[0] + length, stated)
     yield held[0] + length, last
+
+
+def check_gap(path, i, shown, next_start, stated):
+    """A VideoError when frame i - 1, shown at `shown` s, would stay on screen until `next_start` s: longer than
+    MAX_GAP_S, or over 10 s and past the stream's `stated` length (s, None when it states none; a header a little
+    off is common, a held frame past the end of the stream is not)."""
+    held = next_start - shown
+    if held > MAX_GAP_S or (stated is not None and held > 10 and next_start > stated):
+        limit = f"the stream states {float(stated - 1):.3f} s" if stated is not None else f"the limit is {MAX_GAP_S} s"
+        raise VideoError(f"{path}: the timestamps jump from {float(shown):.3f} s to {float(next_start):.3f} s at "
+                         f"frame {i}; {limit} (video.MAX_GAP_S)")

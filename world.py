@@ -428,4 +428,6 @@ def save_gif(stream: SportsStream, path: str, seconds, scale: int = 4, caption: 
                 msg = f"{t}s {sec.score[0]}-{sec.score[1]} {sec.text}"
                 ImageDraw.Draw(im).text((2, S + 1), msg, fill=(255, 255, 255), font=font)
             out.append(im)
-    out[0].save(path, save_all=True, append_images=out[1:], duration=1000 // stream.cfg.fps, loop=0)
+    from safeio import write_atomic  # a new file renamed into place: a link at `path` is replaced, not followed
+    with write_atomic(path, "wb") as f:
+        out[0].save(f, format="GIF", save_all=True, append_images=out[1:], duration=1000 // stream.cfg.fps, loop=0)

@@ -5,6 +5,7 @@ which source frames a chunk was made of."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -120,9 +121,10 @@ def test_fractional_start_counts_seconds_from_it(tok, clip):
 
 def test_our_format_and_theirs_make_the_same_chunk(tok, clip, tmp_path):
     ours = {"video": clip, "start": 1, "end": 5, "words": WORDS[1:], "previous": "Kick-off."}
-    a = JsonlSamples(write_jsonl(tmp_path / "ours.jsonl", [ours], seeks=False), tok, CFG, log=lambda m: None)
+    root = os.path.dirname(clip)  # records name videos inside the video root only
+    a = JsonlSamples(write_jsonl(tmp_path / "ours.jsonl", [ours], seeks=False), tok, CFG, root, log=lambda m: None)
     b = JsonlSamples(write_jsonl(tmp_path / "b_with_seeks.jsonl", [authors_line(clip, 1.0, 5.0, WORDS[1:])]), tok,
-                     CFG, log=lambda m: None)
+                     CFG, root, log=lambda m: None)
     assert same(a[0], b[0])
 
 
@@ -134,12 +136,12 @@ def test_seeks_and_scan_give_the_same_samples(tok, clip, tmp_path):
     recs = [authors_line(clip, s, s + 4) for s in (0.0, 3.5, 7.0)]
     path = write_jsonl(tmp_path / "d_with_seeks.jsonl", recs)
     said = []
-    seeked = JsonlSamples(path, tok, CFG, log=said.append)
+    seeked = JsonlSamples(path, tok, CFG, os.path.dirname(clip), log=said.append)
     assert said == [] and len(seeked) == 3
     os.remove(tmp_path / "d_seeks.jsonl")
     with open(path, "a") as f:  # LiveCC keeps its seek index as the file's last line: not a record
         f.write("\n" + json.dumps([0, 1, 2]) + "\n")
-    scanned = JsonlSamples(path, tok, CFG, log=said.append)
+    scanned = JsonlSamples(path, tok, CFG, os.path.dirname(clip), log=said.append)
     assert said == [f"{path}: no d_seeks.jsonl beside it; scanning the file for line offsets"]
     assert list(scanned.offsets) == list(seeked.offsets) and len(scanned) == 3
     assert all(same(seeked[i], scanned[i]) for i in range(3))
@@ -147,7 +149,8 @@ def test_seeks_and_scan_give_the_same_samples(tok, clip, tmp_path):
 
 def test_zero_byte_videos_are_skipped_and_counted(tok, clip, tmp_path):
     open(tmp_path / "empty.mp4", "w").close()
-    recs = [authors_line("empty.mp4", 0, 4), authors_line(clip, 0, 4), authors_line("empty.mp4", 2, 6)]
+    shutil.copy(clip, tmp_path / "clip.mp4")  # a video inside the root (the JSONL's folder)
+    recs = [authors_line("empty.mp4", 0, 4), authors_line("clip.mp4", 0, 4), authors_line("empty.mp4", 2, 6)]
     said = []
     data = JsonlSamples(write_jsonl(tmp_path / "z_with_seeks.jsonl", recs), tok, CFG, log=said.append)
     assert said == [f"{tmp_path}/z_with_seeks.jsonl: skipped 2 zero-byte videos"]
@@ -175,7 +178,7 @@ def test_video_root(tok, clip, tmp_path):
     (authors_line("gone.mp4", 0, 4), r"bad.jsonl:2: video gone.mp4 not found"),
 ])
 def test_a_bad_line_is_named(tok, clip, tmp_path, line, why):
-    os.symlink(clip, tmp_path / "clip.mp4")
+    shutil.copy(clip, tmp_path / "clip.mp4")  # a copy: a symlink out of the root is refused
     path = write_jsonl(tmp_path / "bad.jsonl", [authors_line("clip.mp4", 0, 4), line])
     with pytest.raises(DataError, match=why) as e:
         JsonlSamples(path, tok, CFG, log=lambda m: None)
@@ -183,7 +186,8 @@ def test_a_bad_line_is_named(tok, clip, tmp_path, line, why):
 
 
 def test_bad_seeks_file(tok, clip, tmp_path):
-    path = write_jsonl(tmp_path / "s_with_seeks.jsonl", [authors_line(clip, 0, 4)] * 2)
+    shutil.copy(clip, tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "s_with_seeks.jsonl", [authors_line("clip.mp4", 0, 4)] * 2)
     for seeks, why in [("[0, 7]", "offset 7 (record 2) is not the start of a line"),
                        ('{"a": 1}', "a seek index is one JSON list"), ("[0,", "cannot read the seek index")]:
         (tmp_path / "s_seeks.jsonl").write_text(seeks)
@@ -265,7 +269,7 @@ def run_train(tmp_path, data, *extra):
 
 
 def test_train_two_steps_on_the_authors_format(tmp_path, clip, capsys):
-    os.symlink(clip, tmp_path / "clip.mp4")
+    shutil.copy(clip, tmp_path / "clip.mp4")  # a copy: a symlink out of the root is refused
     recs = [authors_line("clip.mp4", s, s + 3, qa=[[0, s + 2.5, "Who shot?", "Red."]]) for s in (0.0, 4.5, 8.0)]
     history = run_train(tmp_path, write_jsonl(tmp_path / "train_with_seeks.jsonl", recs))
     assert len(history) == 2 and all(h == h for h in history)
@@ -276,7 +280,9 @@ def test_train_stops_with_one_line_on_a_broken_video(tmp_path, clip):
     """A record whose video exists but does not decode passes the check at the start and fails in a DataLoader
     worker: the run stops with that record's file:line, not the worker's traceback."""
     (tmp_path / "broken.mp4").write_bytes(b"not a video" * 100)
-    path = write_jsonl(tmp_path / "b_with_seeks.jsonl", [authors_line(clip, 0, 3), authors_line("broken.mp4", 0, 3)])
+    shutil.copy(clip, tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "b_with_seeks.jsonl", [authors_line("clip.mp4", 0, 3),
+                                                         authors_line("broken.mp4", 0, 3)])
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, path)
     assert str(e.value).startswith(f"{path}:2: {tmp_path}/broken.mp4: cannot open it")
@@ -284,6 +290,7 @@ def test_train_stops_with_one_line_on_a_broken_video(tmp_path, clip):
 
 
 def test_train_names_a_malformed_line(tmp_path, clip):
-    path = write_jsonl(tmp_path / "m_with_seeks.jsonl", [authors_line(clip, 0, 3), "[1, 2"])
+    shutil.copy(clip, tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "m_with_seeks.jsonl", [authors_line("clip.mp4", 0, 3), "[1, 2"])
     with pytest.raises(SystemExit, match=r"m_with_seeks.jsonl:2: not JSON"):
         run_train(tmp_path, path)

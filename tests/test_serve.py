@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import stream
+from checkpoint import load_checkpoint
 from cli import SHIPPED
 from layout import layout_of
 from serve import StreamBatch
@@ -20,7 +21,7 @@ SEEDS = (0, 4, 5)   # held-out streams with events in their first seconds (secon
 
 @pytest.fixture(scope="module")
 def shipped():
-    model, tok, st = stream.load_checkpoint(SHIPPED, "cpu")
+    model, tok, st = load_checkpoint(SHIPPED, "cpu")
     return model, tok, stream.streamer_kwargs(layout_of(st))
 
 

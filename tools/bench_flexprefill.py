@@ -41,7 +41,8 @@ from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_
 from model import causal_attention
 from layout import question_segments
 from layout import layout_of
-from stream import load_checkpoint, make_streamer, streamer_kwargs
+from checkpoint import load_checkpoint
+from stream import make_streamer, streamer_kwargs
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 

@@ -12,9 +12,11 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import HELD_OUT_SEED, Parser, at_least, default_model, unwritable
+from cli import HELD_OUT_SEED, Parser, at_least, default_model, file_problem
+from safeio import write_atomic
 from layout import layout_of
-from stream import load_checkpoint, make_streamer, streamer_kwargs
+from checkpoint import load_checkpoint
+from stream import make_streamer, streamer_kwargs
 from world import SportsStream, WorldConfig, split_seed
 
 GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (170, 170, 170)
@@ -49,7 +51,9 @@ def main(argv=None):
     ap.add_argument("--out", default="assets/demo.gif", help="the GIF to write (default assets/demo.gif, the "
                     "README's picture)")
     args = ap.parse_args(argv)
-    if problem := unwritable(args.out, folder=False):
+    if not args.out.lower().endswith(".gif"):  # said now, not after the run
+        ap.error(f"--out {args.out}: the demo is a GIF; give a name ending in .gif")
+    if problem := file_problem(args.out, [args.model]):
         ap.error(f"--out {problem}")
     model, tok, settings = load_checkpoint(args.model)
     layout = layout_of(settings)
@@ -63,7 +67,8 @@ def main(argv=None):
         if t >= start:
             frames += [panel(f, t, said, sec.text, sec.score) for f in sec.frames]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=1000 // layout.fps, loop=0)
+    with write_atomic(args.out, "wb") as f:  # a new file renamed into place: a link there is replaced, not followed
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // layout.fps, loop=0)
     print(f"wrote {args.out}: seconds {start}-{end} of held-out stream {args.seed}")
 
 

@@ -12,16 +12,17 @@ growing without bound with the original ("native") positions.
   python -m tools.draw_cache                        # small windows so the picture is readable
   python -m tools.draw_cache --text-sink 512 --text-window 512 --vision-window 16 --seconds 600
 """
-import argparse
 import os
 import random
 
 import torch
 
 from cache import StreamingCache
+from cli import Parser, checked, file_problem
 from layout import Kind, end_ids, prefix_segments, reply_ids, user_ids
 from model import PRESETS
 from processor import Tokenizer, build_tokenizer
+from safeio import write_atomic
 from stream import POLICIES
 
 COLOURS = {Kind.SYS: "#444444", Kind.PREV_HEAD: "#444444", Kind.PREV_BODY: "#e08e0b", Kind.PREV_END: "#444444",
@@ -90,20 +91,23 @@ def draw_png(kinds, maxpos, native, path, args):
     b.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with write_atomic(path, "wb") as f:  # a new file renamed into place: a link there is replaced, not followed
+        fig.savefig(f, dpi=110, format="png")
     print(f"wrote {path}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=80)
-    ap.add_argument("--text-sink", type=int, default=12)
-    ap.add_argument("--text-window", type=int, default=24)
-    ap.add_argument("--vision-window", type=int, default=8)
-    ap.add_argument("--out", default="assets/cache.png")
-    args = ap.parse_args()
-    if min(args.seconds, args.vision_window) < 1 or min(args.text_sink, args.text_window) < 0:
-        ap.error("--seconds and --vision-window must be positive, the text windows not negative")
+def main(argv=None):
+    ap = Parser(prog="python -m tools.draw_cache", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=checked(int, lambda v: 1 <= v <= 100_000, "in [1, 100,000]"), default=80)
+    ap.add_argument("--text-sink", type=checked(int, lambda v: 0 <= v <= 4096, "in [0, 4096]"), default=12)
+    ap.add_argument("--text-window", type=checked(int, lambda v: 0 <= v <= 4096, "in [0, 4096]"), default=24)
+    ap.add_argument("--vision-window", type=checked(int, lambda v: 1 <= v <= 3600, "in [1, 3600]"), default=8)
+    ap.add_argument("--out", default="assets/cache.png", help="the PNG to write (default assets/cache.png)")
+    args = ap.parse_args(argv)
+    if not args.out.lower().endswith(".png"):
+        ap.error(f"--out {args.out}: the picture is a PNG; give a name ending in .png")
+    if problem := file_problem(args.out):
+        ap.error(f"--out {problem}")
     windows = (args.text_sink, args.text_window, args.vision_window)
     kinds, maxpos = simulate("streaming", args.seconds, *windows)
     _, native = simulate("native", args.seconds, *windows)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from eval import held_out
 from cli import HELD_OUT_SEED, Parser, at_least, default_model, device_name
 from layout import Kind, add_layout_flags, layout_of
-from stream import load_checkpoint, make_streamer, streamer_kwargs
+from checkpoint import load_checkpoint
+from stream import make_streamer, streamer_kwargs
 
 
 def variants(kind, rnd, T):
