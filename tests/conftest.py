@@ -1,8 +1,14 @@
 """Shared test helpers: a toy tokenizer (a fixture), a tiny random VLM, random frames and a commentary script;
 `refused`, the check that a command line stops with a one-line error.
 
+The numerical oracle (transformers, pinned in requirements-dev.txt) must be there: without it the model tests
+would skip, not fail, so a run without it stops at once with one line (NANOSTREAM_NO_ORACLE=1 lets it skip them,
+for a quick run on a machine without the dev requirements). GPU tests skip on a machine without one.
+
 pytest.ini puts the repository root on the import path, so tests import model.py, cache.py, ... as a reader
 runs them; test modules import the plain helpers below with `from conftest import ...`."""
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +18,29 @@ from processor import Tokenizer, build_tokenizer
 
 TEXTS = ["Red scores! Red 1, Blue 0.", "Blue shoots!", "Foul by Red.", "Corner for Blue.", "Blue keeper saves.",
          "Time=12.0-13.0s", " ..."]
+
+
+def pinned_oracle():
+    """The transformers version requirements-dev.txt pins (the one the model matches)."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements-dev.txt")) as f:
+        return next(line.split("==")[1].split()[0] for line in f if line.startswith("transformers=="))
+
+
+def oracle_problem():
+    """Why the oracle cannot be used ('' when it can): transformers missing, or not the pinned version."""
+    try:
+        import transformers
+    except ImportError as e:
+        return f"transformers is not importable ({e})"
+    if transformers.__version__ != (pinned := pinned_oracle()):
+        return f"transformers {transformers.__version__} is installed, the tests' oracle is {pinned}"
+    return ""
+
+
+def pytest_configure(config):
+    if os.environ.get("NANOSTREAM_NO_ORACLE") != "1" and (problem := oracle_problem()):
+        raise pytest.UsageError(f"{problem}: pip install -r requirements-dev.txt (or set NANOSTREAM_NO_ORACLE=1 to "
+                                "skip the model-vs-transformers tests)")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +58,9 @@ def refused(main, argv, capsys):
 
 
 def tiny_model(tok, layers=2, seed=0):
+    """A random tiny VLM whose every weight matters: init_weights zeroes the biases (training from scratch), so
+    here they are drawn too (q/k/v in the decoder, the vision tower's), or no test would see how they are handled
+    (a key bias rotated with the key, kept in raw keys, a value bias through eviction)."""
     cfg = PRESETS["tiny"](vocab_size=len(tok))
     cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 64, 128, layers
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.mrope_section = 4, 2, [2, 3, 3]
@@ -36,7 +68,19 @@ def tiny_model(tok, layers=2, seed=0):
     cfg.vision.num_heads, cfg.vision.out_hidden_size, cfg.vision.fullatt_block_indexes = 2, 64, [1]
     cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
     torch.manual_seed(seed)
-    return VLM(cfg).init_weights(std=0.2, seed=seed).eval()
+    model = VLM(cfg).init_weights(std=0.2, seed=seed).eval()
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        # a random model may pick a vision placeholder as its next word, which no reply can say (the fast decode
+        # path stops with an error, the plain loop at the model's input): the placeholders' rows of the (tied)
+        # embedding, unused as input (the vision tower's features replace them), make their logits 0
+        assert model.lm_head is None
+        model.model.embed_tokens.weight[[tok.image_pad_id, tok.video_pad_id]] = 0
+    assert any(n.endswith("bias") for n, _ in model.named_parameters())
+    return model
 
 
 def frames(t, size=56):

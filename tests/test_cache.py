@@ -161,15 +161,16 @@ def test_long_stream_is_flat(tok):
 
 def test_native_rope_positions_grow_and_streaming_stay_bounded(tok):
     model = tiny_model(tok, layers=1)
-    maxpos = {}
+    maxpos, kept = {}, {}
     for policy in ("streaming", "native"):
         s = make_streamer(model, tok, policy=policy, vision_window=3, text_sink=4, text_window=4)
         for t in range(60):
             s.step(frames(t % 5), force_text=script(t))
         maxpos[policy] = s.cache.max_position()
-        length = s.cache.length
+        kept[policy] = s.cache.tokens()
     assert maxpos["native"] > 3 * maxpos["streaming"]
-    assert s.cache.length == length  # both keep the same tokens; only positions differ
+    for a, b in zip(kept["native"], kept["streaming"]):  # both keep the same tokens; only positions differ
+        assert torch.equal(a, b)
 
 
 def test_reset_and_recompute_policies(tok):
@@ -231,3 +232,31 @@ def test_evict_every_lets_rounds_leave_in_groups(tok):
     assert seen == {1, 2, 3, 4, 5}  # warm-up, then vision_window .. vision_window + 2 rounds (the one being said too)
     _, err = run_and_compare(model, tok, 14, evict_every=3, previous_text="Red scores! Red 1, Blue 0.", **kw)
     assert err <= 1e-4, err
+
+
+def test_seconds_of_several_temporal_patches_keep_contiguous_positions(tok):
+    """At 4 frames a second a second is two temporal patches (t positions 0 and 1) of one merged token each
+    (28 x 28 frames: h = w = 0): the block is as wide as its temporal extent, not its spatial one. After every
+    eviction the kept tokens sit at the positions rope.mrope_positions gives them as a fresh prompt (the rule
+    tests/test_model.py pins to transformers), and with 1 layer the logits equal a fresh forward over them."""
+    from processor import patchify_video
+    from rope import mrope_positions
+    model = tiny_model(tok, layers=1, seed=1)
+    s = make_streamer(model, tok, vision_window=2, text_sink=4, text_window=6, fps=4, frame_pixels=(28 * 28, 28 * 28))
+    seconds = {}
+    for t in range(6):
+        second = s.prepare(frames(t, size=28) + frames(100 + t, size=28))
+        seconds[t] = second
+        assert second.grid.tolist() == [[2, 2, 2]] and second.secs.tolist() == [0.5]
+        s.step(second, force_text=script(t))
+        ids, kinds, rounds = s.cache.tokens()
+        kept = sorted({int(r) for r in rounds[ids == tok.video_pad_id]})
+        grid = torch.cat([seconds[r].grid for r in kept])
+        secs = torch.cat([seconds[r].secs for r in kept])
+        want, nxt = mrope_positions(ids[None], model.cfg, video_grid_thw=grid, second_per_grid_ts=secs)
+        assert torch.equal(s.cache.pos[:, :s.cache.length], want[:, 0]) and torch.equal(s.cache.next_pos, nxt)
+        with torch.no_grad():
+            fresh = model(ids[None], pixel_values_videos=torch.cat([patchify_video(seconds[r].clip) for r in kept]),
+                          video_grid_thw=grid, second_per_grid_ts=secs)[:, -1]
+        assert (fresh - s.last_logits[:, -1]).abs().max() <= 1e-4
+    assert kept == [4, 5]  # rounds left, so positions were re-laid

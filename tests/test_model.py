@@ -223,6 +223,33 @@ def test_index_functions_match_spec_examples():
     assert pos[0, 0].tolist() == [0, 1] + [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4 + [9, 10]
 
 
+def test_text_after_a_video_starts_after_its_largest_position():
+    """Our rule for the text after a video is the reference's: transformers 4.57.6's get_rope_index (the pinned
+    oracle), Qwen's own code and the StreamingVLM authors' start it at the video's largest position + 1, temporal
+    positions included. transformers 5 starts it at the video's start + max(h, w) / 2 instead, which differs
+    once a video has several temporal patches: here 5 where the reference says 7.
+
+    By hand: text 5 and <|vision_start|> take 0 and 1; the video (grid 3 x 4 x 6: 3 temporal patches of 2 x 3
+    merged tokens, 1 s each at 2 tokens a second) starts at 2, its t positions 2, 4, 6, h 2-3, w 2-4; so
+    <|vision_end|> and the text after it take 7, 8, 9, and the next free position is 10."""
+    from types import SimpleNamespace
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    hf = hf_config()
+    cfg = VLMConfig.from_hf_dict(hf.to_dict())
+    grid, secs = torch.tensor([[3, 4, 6]]), torch.tensor([1.0])
+    ids = torch.tensor([[5, VS] + [VID] * (3 * 4 * 6 // 4) + [VE, 7, 8]])
+    got, nxt = mrope_positions(ids, cfg, video_grid_thw=grid, second_per_grid_ts=secs)
+    video = got[:, 0, 2:-3]
+    assert sorted(set(video[0].tolist())) == [2, 4, 6] and sorted(set(video[1].tolist())) == [2, 3]
+    assert sorted(set(video[2].tolist())) == [2, 3, 4]
+    assert got[:, 0, -3:].tolist() == [[7, 8, 9]] * 3 and nxt.tolist() == [10]
+    assert 2 + max(4, 6) // 2 != 7  # transformers 5's rule would put the text elsewhere
+    # the reference: transformers 4.57.6's own position function (on a stand-in model: it only reads the config)
+    ref, _ = Qwen2_5_VLModel.get_rope_index(SimpleNamespace(config=hf), ids, video_grid_thw=grid,
+                                            second_per_grid_ts=secs)
+    assert torch.equal(got, ref)
+
+
 # ---- errors ------------------------------------------------------------------------------------------------
 
 

@@ -107,6 +107,108 @@ def test_segments_attend_to_exactly_the_streaming_cache(tok):
     assert torch.allclose(again, grad, atol=1e-5)
 
 
+# ---- StreamingVLM's eviction written out by hand: the reference for the segment tests (cache.py and reuse.py
+# share kept_after_eviction, contiguous_positions and units, so they cannot be each other's reference) ----------
+
+
+def evict_by_hand(tokens, now, window, sink, text_window):
+    """tokens: [(sample index, kind, round)] as a cache holds them. When round `now` arrives, the rounds up to
+    now - window leave: their replies go to the end of the previous text, the rest of those rounds is dropped,
+    and the previous text keeps its first `sink` and last `text_window` tokens. Returns the tokens kept, in order
+    (system prompt and previous-text header, previous text, its closing, the rounds still in view)."""
+    from layout import Kind
+    prefix, body, closing, recent = [], [], [], []
+    for i, kind, rnd in tokens:
+        if kind in (Kind.SYS, Kind.PREV_HEAD):
+            prefix.append((i, kind, rnd))
+        elif kind == Kind.PREV_BODY:
+            body.append((i, kind, rnd))
+        elif kind == Kind.PREV_END:
+            closing.append((i, kind, rnd))
+        elif rnd > now - window:
+            recent.append((i, kind, rnd))
+    for i, kind, rnd in tokens:
+        if kind == Kind.REPLY and rnd <= now - window:
+            body.append((i, Kind.PREV_BODY, rnd))
+    if len(body) > sink + text_window:
+        body = body[:sink] + body[len(body) - text_window:]
+    return prefix + body + closing + recent
+
+
+def positions_by_hand(ids, video_pad, h, w):
+    """M-RoPE positions [(t, h, w)] of a token list as a fresh prompt: a text token takes (p, p, p) and moves p on
+    by 1; a video block of one temporal patch, h x w merged tokens in rows, starts at p, its token in row r and
+    column c takes (p, p + r, p + c), and the text after it starts at p + max(h, w)."""
+    pos, p, j = [], 0, 0
+    for i in ids:
+        if i != video_pad:
+            pos.append((p, p, p))
+            p += 1
+            continue
+        pos.append((p, p + j // w, p + j % w))
+        j += 1
+        if j == h * w:
+            p, j = p + max(h, w), 0
+    return pos
+
+
+def test_segments_keep_what_eviction_by_hand_keeps(tok):
+    """Each later segment of a chunk in 3 s segments (reuse.evicted_prefixes) starts on the tokens evict_by_hand
+    keeps, at the positions positions_by_hand gives them, and a StreamingCache fed the same segments holds the
+    same; with a 1-layer model (a cached key/value then depends only on its token and position) each segment's
+    logits are those of one plain forward over the hand-kept tokens and the segment at those positions."""
+    from types import SimpleNamespace
+    from cache import StreamingCache
+    from conftest import tiny_model
+    from data import collate_chunks, with_positions
+    from layout import Kind
+    from reuse import segments
+    from validate import outputs
+    s = synthetic_sample(tok, "train", 3, chunk_seconds=9, overlap=4, text_sink=4, text_window=6,
+                         world=dict(event_rate=0.6, goal_rate=0.1))
+    model = tiny_model(tok, layers=1)
+    window, sink, text_window = 2, 4, 6
+    cfg = SimpleNamespace(segment_seconds=3, vision_window=window, text_sink=sink, text_window=text_window)
+    batch = with_positions(collate_chunks([s], tok.pad_id, cfg), model.cfg)
+    parts = segments(batch)
+    assert torch.equal(torch.cat([p["input_ids"][0] for p in parts]), s.ids)  # one row: no padding
+    with torch.no_grad():
+        got = [logits for logits, _, _ in outputs(model, batch, "cpu")]
+    assert (s.grid_thw[:, 0] == 1).all()
+    h, w = int(s.grid_thw[0, 1]) // 2, int(s.grid_thw[0, 2]) // 2
+    patches = s.grid_thw.prod(-1).cumsum(0).tolist()
+    pixels = lambda r: s.pixel_values[(patches[r - 1] if r else 0):patches[r]]
+    cache = StreamingCache(model.cfg, text_sink=sink, text_window=text_window, vision_window=window)
+    kept = []
+    for k, a in enumerate((0, 3, 6)):
+        b = a + 3
+        if a:
+            kept = evict_by_hand(kept, a, window, sink, text_window)
+            cache.evict(a)
+        seg = list(range(int((s.round < a).sum()) if a else 0, int((s.round < b).sum())))  # the prefix goes first
+        ids = [int(s.ids[i]) for i, _, _ in kept] + [int(s.ids[i]) for i in seg]
+        pos = torch.tensor(positions_by_hand(ids, tok.video_pad_id, h, w)).T  # (3, kept + segment)
+        if a:
+            assert parts[k]["keep"][0].tolist() == [i for i, _, _ in kept]
+            assert torch.equal(parts[k]["keep_pos"][:, 0], pos[:, :len(kept)])
+        assert parts[k]["input_ids"][0].tolist() == ids[len(kept):]
+        assert torch.equal(parts[k]["position_ids"][:, 0], pos[:, len(kept):])
+        # the streaming cache, fed the segment after its eviction, holds the hand-kept tokens at their positions
+        cache.add_tokens(s.ids[seg], s.kind[seg], s.round[seg], video_grid_thw=s.grid_thw[a:b])
+        cache.commit(len(seg))
+        assert cache.ids[:cache.length].tolist() == ids and torch.equal(cache.pos[:, :cache.length], pos)
+        # one plain forward over the kept tokens and the segment, with the frames of the seconds they show
+        shown = sorted({int(s.round[i]) for i, _, _ in kept if int(s.ids[i]) == tok.video_pad_id} | set(range(a, b)))
+        with torch.no_grad():
+            want = model(torch.tensor([ids]), pixel_values_videos=torch.cat([pixels(r) for r in shown]),
+                         video_grid_thw=s.grid_thw[shown], position_ids=pos[:, None])[:, len(kept):]
+        assert torch.allclose(got[k], want, atol=1e-4), (k, (got[k] - want).abs().max())
+        kept += [(i, int(s.kind[i]), int(s.round[i])) for i in seg]
+    # the hand-kept previous text holds replies evicted from the chunk, and was cut back to head + tail
+    body = [i for i, kind, _ in kept if kind == Kind.PREV_BODY]
+    assert any(s.kind[i] == Kind.REPLY for i in body) and len(body) == sink + text_window
+
+
 def test_segments_of_chunks_of_different_lengths_are_padded_away(tok):
     """A batch of a 5 s and a 6 s chunk (--data records differ) cut into 2 s segments: both rows get three
     segments (the longer one's last takes the rest), as each does alone, and each row's logits equal those of its
@@ -403,6 +505,8 @@ def test_question_turn_ends_the_chunk_and_only_its_answer_is_supervised(tok):
     assert mid.ids[question].tolist() == prompt + answer and (mid.kind[question] == Kind.USER).all()
     keep, body = kept_after_eviction(mid.kind, mid.round, 2, 1, 16, 16)  # at second 2, seconds 0-1 leave
     assert not set(question.tolist()) & set(keep.tolist())
+    by_hand = evict_by_hand(list(zip(range(len(mid.ids)), mid.kind.tolist(), mid.round.tolist())), 2, 1, 16, 16)
+    assert [i for i, _, _ in by_hand] == keep.tolist()  # the cache's eviction is the one written out by hand
 
 
 def test_first_goal_and_answers():
