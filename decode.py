@@ -41,7 +41,7 @@ import functools
 import torch
 
 from cache import DecodeSlots
-from layout import Kind
+from layout import Kind, check_text
 from rope import mrope_axis, mrope_cos_sin
 
 try:  # the split-KV decode kernel needs Triton (it comes with CUDA builds of PyTorch)
@@ -274,13 +274,12 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
             last.append(dec(tok, cache.add_tokens([tok if tok is not None else 0], Kind.REPLY, round_)))
         read = dec.read(back=2 if ahead else 1) if forced is None or readback else None
         out.append(forced[k] if forced is not None else read)
-        if out[-1] in (dec.model.cfg.image_token_id, dec.model.cfg.video_token_id):
-            raise ValueError(f"the model emitted a vision placeholder token ({out[-1]}) as text")
         if out[-1] in stops or len(out) == cap:
             if ahead:  # the step queued ahead fed a token that ends up unused
                 cache.drop_last()
                 last.pop()
             return out, last[-1][:, None]
+        check_text(out[-1], dec.model.cfg)  # it stays fed: it must be text (as the plain loop checks)
         if forced is None:
             cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
         last = last[-2:]

@@ -167,6 +167,13 @@ def stop_ids(tok):
     return {tok.im_end_id, tok.endoftext_id}
 
 
+def check_text(token, cfg):
+    """A decoded token about to be fed back must be text: a vision placeholder would be given a vision block's
+    positions without its pixels (the reply's last token, never fed, is not checked)."""
+    if token in (cfg.image_token_id, cfg.video_token_id):
+        raise ValueError(f"the model emitted a vision placeholder token ({token}) as text")
+
+
 def cut_previous(body, text_sink, text_window):
     """The previous text kept: its first text_sink and last text_window tokens (a list or a 1-D tensor)."""
     if len(body) <= text_sink + text_window:

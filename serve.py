@@ -40,7 +40,7 @@ import torch
 from checkpoint import checkpoint_settings, load_checkpoint
 from cli import file_problem, output_problem, stop_on_ctrl_c
 from eval import steady_capacity
-from layout import Kind, layout_of
+from layout import Kind, check_text, layout_of
 from rope import mrope_cos_sin
 from stream import POLICIES, Outputs, Streamer, open_seconds, streamer_kwargs, timestamp
 from video import is_live
@@ -184,6 +184,8 @@ class StreamBatch:
                 out.append(f[len(out)] if f is not None else s.pick(last[i], out))
                 if out[-1] in s.stops or len(out) == (len(f) if f is not None else s.max_new_tokens):
                     live.remove(i)
+                else:
+                    check_text(out[-1], self.model.cfg)
             if not live:
                 break
             for i in live:

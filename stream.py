@@ -39,8 +39,8 @@ import cache as caches
 from checkpoint import checkpoint_settings, load_checkpoint
 from cli import Parser, at_least, checked, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
-from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, end_ids,
-                    layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
+from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, check_text,
+                    end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import sample_next
 from processor import patchify_video, resize_video
 from safeio import replace_file, same_file
@@ -199,6 +199,7 @@ class Streamer:
             out.append(forced[len(out)] if forced is not None else self.pick(logits, out))
             if out[-1] in self.stops or len(out) == cap:
                 return out
+            check_text(out[-1], self.model.cfg)
             pos = self.cache.add_tokens(out[-1:], Kind.REPLY, self.t)
             ids = torch.tensor([out[-1:]], device=self.model.device)
             logits = self.last_logits = (self.decoder(out[-1], pos)[:, None] if self.decoder is not None

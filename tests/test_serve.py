@@ -113,9 +113,21 @@ def test_several_videos_on_the_command_line(tmp_path, capsys):
     (["--video", "x/clip.mp4", "--video", "y/clip.gif"], "share the name 'clip'"),
     (["--video", "a.mp4", "--video", "b.mp4", "--vtt", "o.vtt"], "use --out DIR"),
     (["--video", "a.mp4", "--video", "b.mp4", "--policy", "recompute"], "streams one video at a time"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--out", "checkpoints/tiny"], "home of the shipped model"),
 ])
 def test_several_videos_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit):
-        stream.main(argv)
+        stream.main(argv + ["--device", "cpu"])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_an_out_folder_over_a_video_is_refused(tmp_path, capsys):
+    """--out is where the commentary goes: it may not be, or be inside, a video folder or the model's folder."""
+    a = frame_folder(tmp_path / "a", worlds()[0], 2)
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    with pytest.raises(SystemExit):
+        stream.main(["--video", a, "--video", a + "/../b", "--out", a, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an input of this run" in err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
