@@ -1,4 +1,4 @@
-"""Hostile inputs (issue #30), tried as an attacker or a careless user would: every case must end in one line
+"""Hostile inputs, tried as an attacker or a careless user would: every case must end in one line
 (no traceback) and lose nothing (every file that was there before is byte-identical after, the shipped checkpoint
 included). The classes: an output over an input, training data outside its root or silently wrong, sizes that
 would allocate before a check, and Ctrl-C.

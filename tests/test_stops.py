@@ -3,7 +3,7 @@ the CPU): at the first stop token, which is said but never fed, or at the cap, m
 all but the last fed. What each second returns and what its cache holds are checked against greedy decoding
 written out by hand: every token an argmax of a fresh forward over the whole sequence so far (no cache), the
 reply cut at the first stop or at the cap, and the next second's prompt built from layout.py's pieces.
-Without eviction (policy "full") the cache must hold exactly that sequence, so one token too few or too many
+Without eviction (full attention) the cache must hold exactly that sequence, so one token too few or too many
 decoded, fed or handed back fails here."""
 import pytest
 import torch
@@ -42,7 +42,7 @@ def by_hand(model, tok, seconds, cap, stops):
 
 
 def stream(model, tok, decode, cap, seconds, extra_stop=None):
-    s = Streamer(model, tok, policy="full", max_new_tokens=cap, decode=decode)
+    s = Streamer(model, tok, evict=False, max_new_tokens=cap, decode=decode)  # full attention
     if extra_stop is not None:
         s.stops = s.stops | {extra_stop}
     return s, [s.step(frames(t)) for t in range(seconds)]

@@ -23,7 +23,8 @@ import torch
 from tools.bench_flexprefill import timeit
 from cli import Parser, at_least, checked
 from eval import Results
-from model import PRESETS, VLM, canonical_name
+from model import PRESETS, VLM
+from weights import canonical_name
 from rope import inv_freq
 
 
