@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from cli import Parser, at_least, checked, default_model
+from cli import Parser, Results, at_least, checked, default_model, hardware, table
 from data import build_sample
-from eval import Results, hardware, table
 from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
                          estimate_density, select_blocks, sparse_attention)
 from model import causal_attention

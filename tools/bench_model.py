@@ -21,8 +21,7 @@ import time
 import torch
 
 from tools.bench_flexprefill import timeit
-from cli import Parser, at_least, checked
-from eval import Results
+from cli import Parser, Results, at_least, checked
 from model import PRESETS, VLM
 from weights import canonical_name
 from rope import inv_freq

@@ -39,14 +39,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import Parser, at_least
-from eval import (Results, add_run_flags, check_run_flags, fresh_peak, hardware, ms, percentile, run_policy,
-                  steady_capacity, sync, table, timed_seconds)
-from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
+from cli import Parser, Results, at_least, hardware, table
 from decode import decode_kernel_for
+from eval import (add_run_flags, check_run_flags, fresh_peak, ms, percentile, run_policy, steady_capacity, sync,
+                  timed_seconds)
 from flexprefill import enable_flexprefill
+from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
 from model import PRESETS, VLM, pick_device_dtype
 from processor import Tokenizer, build_tokenizer, patchify_video, preprocess_video
+from safeio import write_atomic
 from stream import streamer_kwargs
 
 
@@ -274,8 +275,10 @@ def plot(out, name, series, xlabel, ylabel):
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+    with write_atomic(os.path.join(out, f"{name}.png"), "wb") as f:  # a new file: a planted link is not followed
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
+
 
 def build_parser():
     ap = Parser(prog="python -m tools.bench_stream", description=__doc__.strip().split("\n\n")[0],
