@@ -15,12 +15,13 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
 cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
-to that row's next free slots, and the layer reads the whole buffer back with a mask that shows each query its own
-row's keys only (those before it, and itself).
+to that row's next free slots. In a prefill, RowAttention then runs the model's own prompt attention (dense SDPA,
+or FlexPrefill) row by row on that row's cache, so each stream's attention is the one it would run alone; a decode
+step reads its rows with a mask that shows each query its own row's keys.
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
-    row 2: [sys prev ... kept 2 | new turn 2 | pad ]  . . . . . . . . . . . .     padded queries see row 2 only
+    row 2: [sys prev ... kept 2 | new turn 2 | pad ]  . . . . . . . . . . . .     padding: attends to nothing
 
 Streams are independent: they join and leave between seconds (add, remove), may differ in frame rate and size,
 and their windows and sampling come from their own Streamer. A batched second gives each stream the tokens its
@@ -29,6 +30,7 @@ Streamer would give alone (tests/test_serve.py: greedy commentary equal, logits 
 Only the StreamingVLM-style loops batch (the streaming, native and full policies of stream.POLICIES); the sliding
 windows change the loop itself (reset, recompute) and stream one video at a time.
 """
+import contextlib
 import itertools
 import os
 import sys
@@ -54,9 +56,10 @@ BATCHED = [name for name, p in POLICIES.items() if p.loop is Streamer]
 
 class RowSlots:
     """The cache adapter of one batched forward: write each row's first `lengths[i]` new keys/values at slots
-    [starts[i], starts[i] + lengths[i]) of row rows[i], return the whole (rows, Hkv, capacity, D) buffers."""
+    [starts[i], starts[i] + lengths[i]) of cache row rows[i]. A prefill reads back the whole buffers (RowAttention
+    picks each row's part); a decode step (gather=True) reads its rows' (a copy, unless the step holds every row)."""
 
-    def __init__(self, k, v, raw_k, rows, starts, lengths):
+    def __init__(self, k, v, raw_k, rows, starts, lengths, gather=False):
         self.k, self.v, self.raw_k = k, v, raw_k  # (layers, R, Hkv, capacity, D)
         dev = k.device
         # flat (row, slot, source position) triples of the real (unpadded) new tokens
@@ -65,29 +68,57 @@ class RowSlots:
         self.slot = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(dev)
         self.batch = torch.repeat_interleave(torch.arange(len(rows)), torch.as_tensor(lengths)).to(dev)
         self.rows = torch.as_tensor(rows, device=dev)
-        self.all_rows = len(rows) == k.shape[1] and rows == list(range(len(rows)))
+        self.gather = gather and not (len(rows) == k.shape[1] and rows == list(range(len(rows))))
 
     def update(self, layer, k, v, raw_k):
         # k (B, Hkv, T, D) -> the (n, Hkv, D) real tokens, written at (row, :, slot)
         for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
             buf[layer][self.row, :, self.slot] = new[self.batch, :, self.src]
-        if self.all_rows:
-            return self.k[layer], self.v[layer]
-        return self.k[layer][self.rows], self.v[layer][self.rows]   # a batch of some rows: a copy of theirs
+        if self.gather:
+            return self.k[layer][self.rows], self.v[layer][self.rows]
+        return self.k[layer], self.v[layer]
 
 
-def row_mask(starts, lengths, T, capacity, device):
-    """(B, 1, T, capacity) bool: query t of row i sees the keys at slots <= starts[i] + t (its cache and the new
-    tokens up to itself); a padding query (t >= lengths[i]) sees what the row's last real query sees."""
-    t = torch.arange(T)[None, :].clamp(max=torch.as_tensor(lengths)[:, None] - 1)   # (B, T)
-    last = torch.as_tensor(starts)[:, None] + t                                     # (B, T)
+class RowAttention:
+    """A padded prefill's attention, row by row: the real queries of batch row i (lengths[i] of them) attend to cache
+    row rows[i]'s slots [0, starts[i] + lengths[i]) through `inner`, the model's own prompt attention (dense SDPA, or
+    FlexPrefill), exactly as that stream alone would; padding queries give zeros (their outputs are never read)."""
+
+    def __init__(self, inner, rows, starts, lengths):
+        self.inner, self.rows, self.starts, self.lengths = inner, rows, starts, lengths
+
+    def __call__(self, q, k, v):
+        # q (B, Hq, T, D); k, v (R, Hkv, capacity, D): every cache row
+        out = torch.zeros_like(q)
+        for i, (row, start, n) in enumerate(zip(self.rows, self.starts, self.lengths)):
+            out[i:i + 1, :, :n] = self.inner(q[i:i + 1, :, :n], k[row:row + 1, :, :start + n],
+                                             v[row:row + 1, :, :start + n])
+        return out
+
+
+@contextlib.contextmanager
+def row_attention(model, rows, starts, lengths):
+    """The model's prompt attention (VLM.use_attention) as RowAttention for one batched prefill, restored after."""
+    inner = model.model.layers[0].self_attn.attn_fn
+    model.use_attention(RowAttention(inner, rows, starts, lengths))
+    try:
+        yield
+    finally:
+        model.use_attention(inner)
+
+
+def row_mask(starts, T, capacity, device):
+    """(B, 1, T, capacity) bool for a decode step (T = 1): the query of row i sees the slots <= starts[i] + t, its
+    cache and itself."""
+    last = torch.as_tensor(starts)[:, None] + torch.arange(T)[None, :]             # (B, T)
     return (torch.arange(capacity)[None, None, :] <= last[..., None])[:, None].to(device)
 
 
 @torch.no_grad()
 def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
     """model.forward over padded rows that each continue their own cache row: ids (B, T), pos (3, B, T), slots a
-    RowSlots, mask (B, 1, T, capacity); returns the logits of each row's last real token, (B, vocab)."""
+    RowSlots, mask None (a prefill, under row_attention) or (B, 1, 1, capacity) (a decode step); returns the logits
+    of each row's last real token, (B, vocab)."""
     x = model.embed(ids, video_embeds=video_embeds)
     cos, sin = mrope_cos_sin(pos.to(x.device), model.model.inv_freq, model.cfg.mrope_section, x.dtype)
     for layer in model.model.layers:
@@ -165,8 +196,8 @@ class StreamBatch:
         pos = torch.cat([pad(p, 0) for _, p in staged], 1)                               # (3, B, T)
         rows = [self.row_of[n] for n in names]
         slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, lengths)
-        mask = row_mask(starts, lengths, T, self.capacity, self.model.device)
-        logits = batched_forward(self.model, ids, pos, slots, mask, lengths, video_embeds=feats)
+        with row_attention(self.model, rows, starts, lengths):
+            logits = batched_forward(self.model, ids, pos, slots, None, lengths, video_embeds=feats)
         for s, n in zip(ss, lengths):
             s.cache.commit(n)
         return logits
@@ -195,8 +226,8 @@ class StreamBatch:
             ids = torch.tensor([[outs[i][-1]] for i in live], device=self.model.device)
             pos = torch.cat(staged, 1)                                                   # (3, B, 1)
             rows = [self.row_of[names[i]] for i in live]
-            slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(live))
-            mask = row_mask(starts, [1] * len(live), 1, self.capacity, self.model.device)
+            slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(live), gather=True)
+            mask = row_mask(starts, 1, self.capacity, self.model.device)
             step = batched_forward(self.model, ids, pos, slots, mask, [1] * len(live))
             for j, i in enumerate(live):
                 ss[i].cache.commit(1)

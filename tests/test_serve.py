@@ -62,6 +62,8 @@ def test_batched_cache_rows_hold_the_lone_caches(shipped):
         batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
         for s, w in zip(alone, ws):
             s.step(w.second(t).frames)
+    from model import causal_attention
+    assert all(layer.self_attn.attn_fn is causal_attention for layer in model.model.layers)  # restored after
     for i, s in enumerate(alone):
         a, b = s.cache, batch.streams[i].cache
         n = a.length
