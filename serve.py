@@ -136,8 +136,10 @@ class StreamBatch:
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity):
+    def __init__(self, model, tok, rows, capacity, readback=False):
         self.model, self.tok, self.capacity = model, tok, capacity
+        # readback: a teacher-forced step still reads its argmax back to the host, as greedy decoding must (benchmarks)
+        self.readback = readback
         c, dev = model.cfg, model.device
         shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim)
         self.k, self.v, self.raw_k = (torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(3))
@@ -229,6 +231,8 @@ class StreamBatch:
             slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(live), gather=True)
             mask = row_mask(starts, 1, self.capacity, self.model.device)
             step = batched_forward(self.model, ids, pos, slots, mask, [1] * len(live))
+            if self.readback:
+                step.argmax(-1).tolist()
             for j, i in enumerate(live):
                 ss[i].cache.commit(1)
                 ss[i].forwards += 1
