@@ -43,7 +43,7 @@ from checkpoint import checkpoint_settings, load_checkpoint
 from cli import file_problem, output_problem, stop_on_ctrl_c
 from eval import steady_capacity
 from layout import Kind, check_text, layout_of
-from rope import mrope_cos_sin
+from rope import mrope_axis, mrope_cos_sin
 from stream import POLICIES, Outputs, Streamer, open_seconds, streamer_kwargs, timestamp
 from video import is_live
 
@@ -127,6 +127,67 @@ def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
     x = model.model.norm(x)
     return model.lm_head(x) if model.lm_head is not None else x @ model.model.embed_tokens.weight.T
 
+class FixedStep:
+    """One decode step for every row of the batch at a fixed shape, so that it can be captured in a CUDA graph and
+    replayed (decode.py's idea, for R rows; decode="graphs"). A row that does not speak this step writes its K/V into
+    its scratch slot (the buffers' last, past any cache's capacity); a speaking row writes at its cache's next slot.
+    Each row sees the slots up to the one it writes. The host fills the static token / position / slot tensors before
+    each step; without a GPU the same step runs eagerly."""
+
+    def __init__(self, model, k, v, raw_k):
+        self.model, self.k, self.v, self.raw_k = model, k, v, raw_k   # (layers, R, Hkv, capacity + 1, D)
+        R, S, dev = k.shape[1], k.shape[3], model.device
+        self.token = torch.zeros(R, 1, dtype=torch.long, device=dev)     # static inputs, filled per step
+        self.pos = torch.zeros(3, R, 1, dtype=torch.long, device=dev)
+        self.index = torch.full((R,), S - 1, dtype=torch.long, device=dev)
+        self.rows, self.keys = torch.arange(R, device=dev), torch.arange(S, device=dev)
+        self.axis = mrope_axis(model.cfg.mrope_section, dev)
+        self.graphs = dev.type == "cuda"
+        self.graph, self.logits = None, None
+
+    def update(self, layer, k, v, raw_k):  # the cache adapter: k (R, Hkv, 1, D) -> slot index[r] of row r
+        for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
+            buf[layer][self.rows, :, self.index] = new[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+    def _step(self):
+        m = self.model
+        x = m.model.embed_tokens(self.token)                                            # (R, 1, hidden)
+        cos, sin = mrope_cos_sin(self.pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
+        mask = (self.keys[None, :] <= self.index[:, None])[:, None, None]               # (R, 1, 1, slots)
+        for layer in m.model.layers:
+            x = layer(x, cos, sin, mask, self)
+        x = m.model.norm(x)
+        return (m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T)[:, -1]
+
+    def _capture(self):
+        # warm up on a side stream (lazy initialisation must not happen during capture), then record; the warm-up
+        # writes this step's K/V too, and replaying rewrites the same values
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.no_grad()
+    def __call__(self, tokens, positions, slots):
+        """tokens, positions, slots: a value per row (a silent row: 0, 0 and the scratch slot). Returns (R, vocab)."""
+        dev = self.token.device
+        self.token.copy_(torch.tensor(tokens, device=dev)[:, None])
+        self.pos.copy_(torch.tensor(positions, device=dev)[None, :, None].expand(3, -1, -1))
+        self.index.copy_(torch.tensor(slots, device=dev))
+        if not self.graphs:
+            return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits.clone()   # the graph's output buffer is overwritten by the next replay
+
+
 # -----------------------------------------------------------------------------
 # The batch
 
@@ -136,13 +197,17 @@ class StreamBatch:
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity, readback=False):
+    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain"):
+        if decode not in ("plain", "graphs"):
+            raise ValueError(f"decode={decode!r}: expected plain or graphs")
         self.model, self.tok, self.capacity = model, tok, capacity
         # readback: a teacher-forced step still reads its argmax back to the host, as greedy decoding must (benchmarks)
         self.readback = readback
         c, dev = model.cfg, model.device
-        shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim)
+        # a slot past every cache's capacity: the scratch slot where a silent row's fixed-shape decode step writes
+        shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity + 1, c.head_dim)
         self.k, self.v, self.raw_k = (torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(3))
+        self.fixed = FixedStep(model, self.k, self.v, self.raw_k) if decode == "graphs" else None
         self.streams, self.row_of = {}, {}   # name -> Streamer; name -> its row
 
     def add(self, name, **kw):
@@ -155,7 +220,7 @@ class StreamBatch:
         s = Streamer(self.model, self.tok, capacity=self.capacity, decode="plain", **kw)
         row = free[0]
         for n in ("k", "v", "raw_k"):  # the stream's cache works in its row of the shared buffers
-            setattr(s.cache, n, getattr(self, n)[:, row:row + 1])
+            setattr(s.cache, n, getattr(self, n)[:, row:row + 1, :, :self.capacity])
         self.streams[name], self.row_of[name] = s, row
         return s
 
@@ -221,16 +286,7 @@ class StreamBatch:
                     check_text(out[-1], self.model.cfg)
             if not live:
                 break
-            for i in live:
-                self._check_room(ss[i], 1)
-            staged = [ss[i].cache.add_tokens(outs[i][-1:], Kind.REPLY, ss[i].t) for i in live]
-            starts = [ss[i].cache.length for i in live]
-            ids = torch.tensor([[outs[i][-1]] for i in live], device=self.model.device)
-            pos = torch.cat(staged, 1)                                                   # (3, B, 1)
-            rows = [self.row_of[names[i]] for i in live]
-            slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(live), gather=True)
-            mask = row_mask(starts, 1, self.capacity, self.model.device)
-            step = batched_forward(self.model, ids, pos, slots, mask, [1] * len(live))
+            step = self.decode_step([names[i] for i in live], [ss[i] for i in live], [outs[i][-1] for i in live])
             if self.readback:
                 step.argmax(-1).tolist()
             for j, i in enumerate(live):
@@ -238,6 +294,24 @@ class StreamBatch:
                 ss[i].forwards += 1
                 last[i] = step[j][None, None]
         return outs
+
+    def decode_step(self, names, ss, tokens):
+        """Feed each named stream its token in one step; returns their next logits (len(names), vocab). plain: a
+        forward over the speaking rows; graphs: the fixed-shape step over every row (FixedStep)."""
+        for s in ss:
+            self._check_room(s, 1)
+        staged = [s.cache.add_tokens([tok], Kind.REPLY, s.t) for s, tok in zip(ss, tokens)]   # (3, 1, 1) each
+        starts, rows = [s.cache.length for s in ss], [self.row_of[n] for n in names]
+        if self.fixed is not None:
+            R = self.k.shape[1]
+            token, position, slot = [0] * R, [0] * R, [self.capacity] * R   # silent rows: the scratch slot
+            for row, tok, p, start in zip(rows, tokens, staged, starts):
+                token[row], position[row], slot[row] = tok, int(p[0, 0, 0]), start
+            return self.fixed(token, position, slot)[torch.as_tensor(rows, device=self.model.device)]
+        ids = torch.tensor([[tok] for tok in tokens], device=self.model.device)
+        slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(rows), gather=True)
+        mask = row_mask(starts, 1, self.k.shape[3], self.model.device)
+        return batched_forward(self.model, ids, torch.cat(staged, 1), slots, mask, [1] * len(rows))
 
 # -----------------------------------------------------------------------------
 # The command line: python stream.py --video A --video B ... --out DIR

@@ -13,6 +13,8 @@ The ideas:
   --speak-every K, that reply one second in K (stream i speaks at the seconds t with (t + i) % K == 0) and " ..." in
   the others, the realistic mix. Each decode step's argmax is read back to the host, as greedy decoding must.
 - Streams differ: stream i starts its frames i seconds into the synthetic video, so no two rows hold the same frames.
+- The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep; --decode
+  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU).
 - Per N: the latency of a batch second (mean over the steady seconds, p99 over their last half), that per stream,
   its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last 10%, and
   whether the batch is real time (p99 of a second <= 1.0 s). A JSON line per batch second, the summary, and a plot
@@ -34,7 +36,9 @@ from tools.bench_stream import build_models, fixed_reply, plot
 def batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res):
     """N streams for --seconds as one batch; returns (latencies in seconds, memory held after each second)."""
     fresh_peak(model.device)
-    batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback)
+    # the batch's decode steps in a CUDA graph over every row unless --decode plain (the single path: compiled)
+    batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback,
+                        decode="plain" if args.decode[0] == "plain" else "graphs")
     for i in range(n):
         batch.add(i, **kw)
     lat, mem = [], []
@@ -103,8 +107,8 @@ def main(argv=None):
     capacity = steady_capacity(frames_of(0), layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
                                (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
     reply, warmup = fixed_reply(tok, layout.max_new_tokens), min(args.warmup, args.seconds // 2)
-    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {layout.fps} fps, {args.seconds} s a run, "
-          f"speaking one second in {args.speak_every}; means leave out the first {warmup} s", flush=True)
+    print(f"{hardware()}; {args.preset} config, {args.height}x{args.width} at {layout.fps} fps, {args.seconds} s a "
+          f"run, speaking one second in {args.speak_every}; means leave out the first {warmup} s", flush=True)
     res = Results(args.out, "bench_serve")
     # the single-stream path, same run: one stream speaking the same seconds as stream 0 of a batch
     speak = lambda t: reply if t % args.speak_every == 0 else ""
