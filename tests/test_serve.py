@@ -135,3 +135,22 @@ def test_an_out_folder_over_a_video_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "an input of this run" in err
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_captured_batch_step_on_a_gpu():
+    """On a GPU, decode="graphs" replays a captured CUDA graph: three streams (fp32, so that rounding cannot flip a
+    greedy token) say what each says alone, and the graph was captured once and replayed."""
+    from model import VLM
+    from processor import Tokenizer
+    model = VLM.from_pretrained(SHIPPED, device="cuda", dtype=torch.float32)
+    tok = Tokenizer.from_file(SHIPPED)
+    kw = stream.streamer_kwargs(layout_of(stream.checkpoint_settings(SHIPPED)))
+    ws, batch = worlds(), StreamBatch(model, tok, rows=3, capacity=1024, decode="graphs")
+    for i in range(3):
+        batch.add(i, **kw)
+    alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
+    for t in range(9):
+        said = batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
+        assert said == {i: s.step(w.second(t).frames) for i, (s, w) in enumerate(zip(alone, ws))}
+    assert batch.fixed.graph is not None
