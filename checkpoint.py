@@ -280,6 +280,18 @@ def checkpoint_settings(path):
     return settings
 
 
+def check_vocab(path, tok, cfg):
+    """A ValueError naming the folder when its tokenizer holds ids past the model's embedding table (they would index
+    out of it) or the config's vision placeholders are not the tokenizer's."""
+    if len(tok) > cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {len(tok):,} tokens, more than config.json's vocab_size "
+                         f"{cfg.vocab_size:,}")
+    if (cfg.image_token_id, cfg.video_token_id) != (tok.image_pad_id, tok.video_pad_id):
+        raise ValueError(f"{path}: config.json's image/video token ids ({cfg.image_token_id}, {cfg.video_token_id}) "
+                         f"are not the tokenizer's <|image_pad|>/<|video_pad|> ({tok.image_pad_id}, "
+                         f"{tok.video_pad_id})")
+
+
 def load_checkpoint(path, device=None, flexprefill=False, settings=None):
     """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them (or as
     given, when the caller has read them already)."""
@@ -288,9 +300,7 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None):
         device, dtype = pick_device_dtype(device)
         model = VLM.from_pretrained(path, device=device, dtype=dtype)
         tok = Tokenizer.from_file(path)
-        if len(tok) > model.cfg.vocab_size:  # an id past the embedding table would index out of it
-            raise ValueError(f"{path}: tokenizer.json has {len(tok):,} tokens, more than config.json's vocab_size "
-                             f"{model.cfg.vocab_size:,}")
+        check_vocab(path, tok, model.cfg)
     except (OSError, ValueError, TypeError) as e:
         sys.exit(f"error: {e}")
     if flexprefill:

@@ -339,6 +339,7 @@ def load_model(args, run):
         try:
             model = VLM.from_pretrained(source, device=run.device, dtype=torch.float32)
             tok = Tokenizer.from_file(source)
+            ckpt.check_vocab(source, tok, model.cfg)
             with open(os.path.join(source, "tokenizer.json")) as f:
                 tok_json = f.read()
         except (OSError, ValueError) as e:

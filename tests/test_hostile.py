@@ -294,6 +294,8 @@ LIMIT_CASES = {
     "a tokenizer past the vocabulary": (dict(tokens=1000), r"tokenizer.json has 1,\d\d\d tokens, more than "
                                                            r"config.json's vocab_size 704"),
     "heads that do not split hidden": (dict(config=dict(num_attention_heads=3)), r"must split into"),
+    "a video placeholder the tokenizer does not have": (dict(config=dict(video_token_id=5)),
+                                                        r"image/video token ids \(\d+, 5\) are not the tokenizer's"),
     "--vision-window 10**20": (dict(flags=["--vision-window", str(10**20)]),
                                r"--vision-window: must be at most 3,600 \(layout.LIMITS\)"),
     "--min-pixels over the limit": (dict(flags=["--min-pixels", "99999999999"]),
