@@ -1,7 +1,7 @@
 """
 The command line every script shares: a user's mistake costs one line, not a traceback and not a run.
 
-- Parser: argparse whose errors are one line ("eval.py: error: --seconds must be >= 1, got 0 (see --help)"),
+- Parser: argparse whose errors are one line ("eval.py: error: argument --seconds: must be >= 1, got 0 (see --help)"),
   without the usage block that would bury it.
 - checked / at_least / device_name / HELD_OUT_SEED: argparse types that parse and range-check a value, so a bad
   number is refused before anything loads.

@@ -10,7 +10,9 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
   2. one vision-tower call for every stream's frames (the tower packs any number of videos into one sequence;
      attention never crosses one);
   3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
-  4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch.
+  4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch (or, with
+     decode="graphs", one fixed-shape step over every row, silent rows writing to a scratch slot: FixedStep, which
+     a CUDA graph captures once and replays).
 
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
@@ -27,8 +29,9 @@ Streams are independent: they join and leave between seconds (add, remove), may 
 and their windows and sampling come from their own Streamer. A batched second gives each stream the tokens its
 Streamer would give alone (tests/test_serve.py: greedy commentary equal, logits within float tolerance).
 
-Only the StreamingVLM-style loops batch (the streaming, native and full policies of stream.POLICIES); the sliding
-windows change the loop itself (reset, recompute) and stream one video at a time.
+Only the loops that evict batch (the streaming and native policies of stream.POLICIES): the sliding windows change
+the loop itself (reset, recompute), and full attention's cache grows without bound where a batch sizes its rows up
+front; they stream one video at a time.
 """
 import contextlib
 import itertools
@@ -44,11 +47,13 @@ from cli import file_problem, output_problem, stop_on_ctrl_c
 from eval import steady_capacity
 from layout import Kind, check_text, layout_of
 from rope import mrope_axis, mrope_cos_sin
+from safeio import RunLock
 from stream import POLICIES, Outputs, Streamer, open_seconds, streamer_kwargs, timestamp
 from video import is_live
 
-# the policies that batch: those of the plain Streamer loop (the sliding windows change the loop itself)
-BATCHED = [name for name, p in POLICIES.items() if p.loop is Streamer]
+# the policies that batch: those of the plain Streamer loop that evict (the sliding windows change the loop itself;
+# full attention's cache grows without bound, and a batch's rows are sized up front)
+BATCHED = [name for name, p in POLICIES.items() if p.loop is Streamer and p.evict]
 
 # -----------------------------------------------------------------------------
 # Shared cache storage: a row per stream
@@ -318,10 +323,13 @@ class StreamBatch:
 
 
 def stems(videos):
-    """{name: source}: each video's file stem (a camera or URL: its last path part), refused when two collide."""
+    """{name: source}: each video's file stem (a camera or URL: its last path part), refused when two collide or when
+    a source has no name to give its outputs."""
     names = {}
     for v in videos:
-        name = os.path.splitext(os.path.basename(v.rstrip("/")))[0] or v
+        name = os.path.splitext(os.path.basename(v.rstrip("/")))[0]
+        if not name or name in (".", ".."):
+            raise ValueError(f"--video {v}: has no file name to name its outputs after")
         if name in names:
             raise ValueError(f"--video {names[name]} and --video {v} share the name {name!r}: their outputs would "
                              "collide (rename or link one of them)")
@@ -348,19 +356,30 @@ def next_seconds(sources, batch, limit):
     return ready
 
 
+def keep_pace(batch, frames, start, counts):
+    """--realtime: wait until the earliest stream's second is due (second t is ready at start + t + 1 s), then drop
+    the seconds of the streams a whole second behind (they skip them, as the single-stream loop does)."""
+    due = start + min(batch.streams[n].t for n in frames) + 1
+    if (wait := due - time.monotonic()) > 0:
+        time.sleep(wait)
+    for name in list(frames):
+        s = batch.streams[name]
+        if time.monotonic() - start - (s.t + 1) >= 1:
+            s.skip()
+            counts[name][1] += 1
+            del frames[name]
+
+
 def run_many(batch, sources, args, outputs):
-    """Step the batch until every stream has ended; with --realtime, a stream whose second t is a whole second late
-    (it is ready at start + t + 1 s) skips it. Ctrl-C lets the second in progress finish and be written, then stops.
-    Returns ({name: (seconds seen, seconds skipped)}, stopped by Ctrl-C)."""
+    """Step the batch until every stream has ended, paced by the wall clock with --realtime. Ctrl-C lets the second
+    in progress finish and be written, then stops. Returns ({name: [seconds seen, skipped]}, stopped by Ctrl-C)."""
     start, counts = time.monotonic(), {name: [0, 0] for name in batch.streams}
     with stop_on_ctrl_c(threading.current_thread() is threading.main_thread()) as stop:
         while not stop and (frames := next_seconds(sources, batch, args.seconds)):
-            for name in list(frames) if args.realtime else []:
-                s = batch.streams[name]
-                if time.monotonic() - start - (s.t + 1) >= 1:
-                    s.skip()
-                    counts[name][1] += 1
-                    del frames[name]
+            if args.realtime:
+                keep_pace(batch, frames, start, counts)
+            if not frames:  # every stream skipped this second
+                continue
             t0 = time.perf_counter()
             said = batch.step(frames)
             ms = (time.perf_counter() - t0) * 1000
@@ -374,14 +393,15 @@ def run_many(batch, sources, args, outputs):
 
 
 def check_args(ap, args):
-    """One line, before anything loads, for what cannot work: --vtt/--jsonl with several videos, a loop that does
-    not batch, two videos of one name, an --out that would land on an input (a video, the model) or cannot be
-    written. Returns ({name: source}, the output folder)."""
+    """One line, before anything loads, for what cannot work: --vtt/--jsonl beside --out, a loop that does not
+    batch, two videos of one name, an --out that would land on an input (a video, the model) or cannot be written.
+    Returns ({name: source}, the output folder)."""
     if args.vtt or args.jsonl:
-        ap.error("--vtt and --jsonl write one video's commentary; with several --video, use --out DIR")
+        ap.error("--vtt and --jsonl write one video's commentary; with --out DIR (or several --video) each video's "
+                 "goes to DIR/<name>.vtt and .jsonl: drop one of them")
     if args.policy not in BATCHED:
-        ap.error(f"--policy {args.policy} changes the loop itself and streams one video at a time; several videos "
-                 f"stream with {', '.join(BATCHED)}")
+        ap.error(f"--policy {args.policy} does not batch (its loop or its cache's size is its own): stream one video "
+                 f"without --out; several videos stream with {', '.join(BATCHED)}")
     try:
         names = stems(args.video)
     except ValueError as e:
@@ -395,6 +415,23 @@ def check_args(ap, args):
     return names, out
 
 
+def first_seconds(sources):
+    """Each source with its first second read (it sizes the cache rows): {name: (first frames, the rest)}; a source
+    without a whole second, or broken at its first, leaves with a line."""
+    ready = {}
+    for name, src in sources.items():
+        try:
+            first = next(src, None)
+        except (ValueError, OSError) as e:
+            print(f"{name}: left at second 0: {e}")
+            continue
+        if first is None:
+            print(f"{name}: ended after 0 s (no whole second)")
+            continue
+        ready[name] = (first, itertools.chain([first], src))
+    return ready
+
+
 def main(args, ap):
     """stream.py's path for several videos (or --out): one batch, a row per video."""
     names, out = check_args(ap, args)
@@ -403,35 +440,45 @@ def main(args, ap):
         layout = layout_of(settings, args)
     except ValueError as e:
         ap.error(str(e))
-    # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
-    sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
-    print(f"model {args.model}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
-    sources = {n: src or open_seconds(names[n], layout.fps) for n, src in sources.items()}
-    kw = dict(streamer_kwargs(layout), previous_text=args.previous_text)
-    p = POLICIES[args.policy]
-    # a cache row holds the steady state of the largest frames: each stream's first second sizes it
-    firsts = {n: next(src, None) for n, src in sources.items()}
-    sources = {n: itertools.chain([f], sources[n]) for n, f in firsts.items() if f is not None}
-    if not sources:
-        sys.exit("error: none of the videos has a whole second to stream")
-    capacity = max(steady_capacity(f, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
-                                   (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
-                   for f in firsts.values() if f is not None)
-    batch, outputs = StreamBatch(model, tok, len(sources), capacity), {}
-    os.makedirs(out, exist_ok=True)
     try:
-        for n in sources:
-            batch.add(n, evict=p.evict, reindex=p.reindex, **kw)
-            outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
-        print(f"layout: {vars(layout)}; {len(sources)} streams, a cache row of {capacity} tokens; commentary in {out}")
-        counts, stopped = run_many(batch, sources, args, outputs)
-    finally:
-        for o in outputs.values():
-            o.close()
+        with RunLock(out):  # one run at a time writes --out
+            counts, outputs, stopped = serve_videos(args, names, out, settings, layout)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or twice
+        print("stopped before the first second was written", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, RuntimeError) as e:  # the batch's own errors (a reader's leave with their stream)
+        sys.exit(f"error: {e}")
     for n, (seen, skipped) in counts.items():
         print(f"{n}: {seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
     if stopped:
         print("stopped: " + ", ".join(f"{n} at second {o.seconds}" for n, o in outputs.items())
               + "; outputs complete up to it", file=sys.stderr)
         sys.exit(130)  # the status of a process ended by SIGINT
+
+
+def serve_videos(args, names, out, settings, layout):
+    """Load, open, size the rows, stream; returns (counts, outputs, stopped by Ctrl-C). Outputs are closed here."""
+    # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
+    sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
+    print(f"model {args.model}")
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
+    sources = {n: src or open_seconds(names[n], layout.fps) for n, src in sources.items()}
+    ready = first_seconds(sources)
+    if not ready:
+        sys.exit("error: none of the videos has a whole second to stream")
+    # a cache row holds the steady state of the largest frames: each stream's first second sizes it
+    capacity = max(steady_capacity(first, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
+                                   (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
+                   for first, _ in ready.values())
+    batch, outputs, p = StreamBatch(model, tok, len(ready), capacity), {}, POLICIES[args.policy]
+    os.makedirs(out, exist_ok=True)
+    try:
+        for n in ready:
+            batch.add(n, evict=p.evict, reindex=p.reindex, previous_text=args.previous_text, **streamer_kwargs(layout))
+            outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
+        print(f"layout: {vars(layout)}; {len(ready)} streams, a cache row of {capacity} tokens; commentary in {out}")
+        counts, stopped = run_many(batch, {n: rest for n, (_, rest) in ready.items()}, args, outputs)
+    finally:
+        for o in outputs.values():
+            o.close()
+    return counts, outputs, stopped

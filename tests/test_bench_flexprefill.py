@@ -1,4 +1,4 @@
-"""bench_flexprefill.py on the CPU: the kernel table at a smoke size, and the long-prefill check end to end."""
+"""tools/bench_flexprefill.py on the CPU: the kernel table at a smoke size, and the long-prefill check end to end."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""bench_stream.py at a tiny size on the CPU: our loop and transformers' on the same seconds, side by side."""
+"""tools/bench_stream.py at a tiny size on the CPU: our loop and transformers' on the same seconds, side by side."""
 import json
 
 import pytest

@@ -115,8 +115,10 @@ def test_several_videos_on_the_command_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--video", "x/clip.mp4", "--video", "y/clip.gif"], "share the name 'clip'"),
-    (["--video", "a.mp4", "--video", "b.mp4", "--vtt", "o.vtt"], "use --out DIR"),
-    (["--video", "a.mp4", "--video", "b.mp4", "--policy", "recompute"], "streams one video at a time"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--vtt", "o.vtt"], "each video's goes to DIR/<name>.vtt"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--policy", "recompute"], "does not batch"),
+    (["--video", "a.mp4", "--video", "b.mp4", "--policy", "full"], "does not batch"),
+    (["--video", "a.mp4", "--video", "/"], "has no file name"),
     (["--video", "a.mp4", "--video", "b.mp4", "--out", "checkpoints/tiny"], "home of the shipped model"),
 ])
 def test_several_videos_refused_in_one_line(argv, message, capsys):
@@ -154,3 +156,28 @@ def test_the_captured_batch_step_on_a_gpu():
         said = batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
         assert said == {i: s.step(w.second(t).frames) for i, (s, w) in enumerate(zip(alone, ws))}
     assert batch.fixed.graph is not None
+
+
+def test_a_video_without_a_whole_second_leaves_with_a_line(tmp_path, capsys):
+    """A video shorter than a second, or broken at its first, leaves with a line; the others stream."""
+    a = frame_folder(tmp_path / "a", worlds()[0], 3)
+    short = tmp_path / "short"
+    short.mkdir()
+    worlds()[1].second(0).frames[0].save(short / "frame0.png")  # one frame at 2 fps: half a second
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "frame0.png").write_bytes(b"not an image")
+    (broken / "frame1.png").write_bytes(b"not an image")
+    stream.main(["--video", a, "--video", str(short), "--video", str(broken), "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "short: ended after 0 s" in printed and "broken: left at second 0: " in printed
+    assert len(lines(tmp_path / "out" / "a.jsonl")) == 3 and not (tmp_path / "out" / "short.jsonl").exists()
+
+
+def test_realtime_paces_several_streams(tmp_path, capsys):
+    """--realtime with several videos: every second is streamed (the tiny model keeps up) and written."""
+    a, b = frame_folder(tmp_path / "a", worlds()[0], 2), frame_folder(tmp_path / "b", worlds()[1], 2)
+    stream.main(["--video", a, "--video", b, "--out", str(tmp_path / "out"), "--realtime", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "a: 2 seconds streamed" in printed and "b: 2 seconds streamed" in printed

@@ -1,4 +1,4 @@
-"""swap_kv.py: the swapped caches decode what they should on the shipped model (CPU, a short stream)."""
+"""tools/swap_kv.py: the swapped caches decode what they should on the shipped model (CPU, a short stream)."""
 import os
 
 import pytest
