@@ -51,19 +51,26 @@ def test_a_batch_says_what_each_stream_says_alone(shipped):
     assert sum(bool(x) for texts in said for x in texts) >= 4, "the streams must say something to compare"
 
 
-@pytest.mark.parametrize("decode", ["plain", "graphs"])
-def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
-    """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V, and
-    said the same; decode="graphs" runs the fixed-shape step over every row (eagerly on a CPU), silent rows writing
-    to their scratch slot, as a CUDA graph replays it. Four rows for three streams: one row is never used."""
-    model, tok, kw = shipped
-    ws, batch = worlds(), StreamBatch(model, tok, rows=4, capacity=1024, decode=decode)
+def nine_seconds_beside_alone(model, tok, kw, rows, decode):
+    """The three held-out streams for 9 s (an eviction at second 8 included) in a batch of `rows` rows and each
+    alone, asserting every second that the batch says what each says alone; returns (batch, the lone streamers)."""
+    ws, batch = worlds(), StreamBatch(model, tok, rows=rows, capacity=1024, decode=decode)
     for i in range(3):
         batch.add(i, **kw)
     alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
     for t in range(9):
         said = batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
         assert said == {i: s.step(w.second(t).frames) for i, (s, w) in enumerate(zip(alone, ws))}
+    return batch, alone
+
+
+@pytest.mark.parametrize("decode", ["plain", "graphs"])
+def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
+    """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V, and
+    said the same; decode="graphs" runs the fixed-shape step over every row (eagerly on a CPU), silent rows writing
+    to their scratch slot, as a CUDA graph replays it. Four rows for three streams: one row is never used."""
+    model, tok, kw = shipped
+    batch, alone = nine_seconds_beside_alone(model, tok, kw, rows=4, decode=decode)
     from model import causal_attention
     assert all(layer.self_attn.attn_fn is causal_attention for layer in model.model.layers)  # restored after
     for i, s in enumerate(alone):
@@ -148,13 +155,7 @@ def test_the_captured_batch_step_on_a_gpu():
     model = VLM.from_pretrained(SHIPPED, device="cuda", dtype=torch.float32)
     tok = Tokenizer.from_file(SHIPPED)
     kw = stream.streamer_kwargs(layout_of(stream.checkpoint_settings(SHIPPED)))
-    ws, batch = worlds(), StreamBatch(model, tok, rows=3, capacity=1024, decode="graphs")
-    for i in range(3):
-        batch.add(i, **kw)
-    alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
-    for t in range(9):
-        said = batch.step({i: w.second(t).frames for i, w in enumerate(ws)})
-        assert said == {i: s.step(w.second(t).frames) for i, (s, w) in enumerate(zip(alone, ws))}
+    batch, _ = nine_seconds_beside_alone(model, tok, kw, rows=3, decode="graphs")
     assert batch.fixed.graph is not None
 
 
