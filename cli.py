@@ -1,8 +1,8 @@
 """
 The command line every script shares: a user's mistake costs one line, not a traceback and not a run.
 
-- Parser: argparse whose errors are one line ("eval.py: error: argument --seconds: must be >= 1, got 0 (see --help)"),
-  without the usage block that would bury it.
+- Parser: argparse whose errors are one line ("eval.py: error: argument --seconds: must be >= 1, got 0 (see
+  --help)"), without the usage block that would bury it.
 - checked / at_least / device_name / HELD_OUT_SEED: argparse types that parse and range-check a value, so a bad
   number is refused before anything loads.
 - unwritable / output_problem / file_problem: whether an output path can be written and is none of the run's inputs

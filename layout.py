@@ -36,6 +36,7 @@ from enum import IntEnum
 import torch
 
 from cli import Parser, between, checked
+from safeio import write_atomic
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
@@ -69,8 +70,8 @@ class StreamLayout:
     max_new_tokens: int = 20        # tokens decoded a second at most
 
     def save(self, folder, **extra):
-        """Write stream.json into a checkpoint folder, atomically; `extra` keys (e.g. how it was trained) ride along."""
-        from safeio import write_atomic  # a new temporary file: a planted stream.json.tmp symlink is never followed
+        """Write stream.json into a checkpoint folder, atomically (a new temporary file renamed into place: a planted
+        stream.json.tmp symlink is never followed); `extra` keys (e.g. how it was trained) ride along."""
         with write_atomic(os.path.join(folder, "stream.json")) as f:
             json.dump({**asdict(self), **extra}, f, indent=1)
 

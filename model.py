@@ -16,7 +16,8 @@ References:
   numerical oracle in tests/test_model.py.
 
 Module names follow the published checkpoint keys (visual.*, model.*, lm_head), so loading is a plain
-state-dict copy (weights.py reads and checks the safetensors). forward takes an optional cache (cache.py: the stage / write / commit protocol is written there).
+state-dict copy (weights.py reads and checks the safetensors). forward takes an optional cache (cache.py: the
+stage / write / commit protocol is written there).
 Attention has three paths: one decoded token (two matmuls), a prompt or a chunk on a cache (a pluggable causal
 attention function: dense SDPA, or FlexPrefill after flexprefill.enable_flexprefill), and an explicit padding mask.
 """
