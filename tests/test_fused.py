@@ -133,3 +133,31 @@ def test_fused_in_bf16_on_gpu(tok, fused_everywhere):
     got = model.fuse()(ids, **vision).float()
     scale = ref.abs().max()
     torch.testing.assert_close(got / scale, ref / scale, atol=2e-2, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [3, 200])
+def test_padded_mlp_equals_unfused(rows):
+    # a width that is not a multiple of layers.ALIGN (the 7B vision tower's 3,420): fuse() pads gate/up with zero
+    # rows and down with zero columns, and runs the padded matmuls at every input size
+    torch.manual_seed(0)
+    mlp = layers.GatedMLP(48, 100, bias=True)
+    for p in mlp.parameters():
+        p.normal_()  # a zero-initialised bias would hide a padded column that is not zero
+    x = torch.randn(rows, 48)
+    ref = mlp(x)
+    sd = {k: v.clone() for k, v in mlp.state_dict().items()}
+    mlp.fuse()
+    assert mlp.down_padded.shape == (48, 128) and mlp.fused[0].shape == (256, 48)
+    assert torch.equal(mlp.down_padded[:, 100:], torch.zeros(48, 28)) and torch.equal(mlp.fused[1][100:128], torch.zeros(28))
+    torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(v, sd[k]) for k, v in mlp.state_dict().items())  # names and values unchanged
+    mlp.down_proj.weight.mul_(2)  # a view of the padded weight: an in-place change reaches the fast path
+    assert torch.equal(mlp.down_padded[:, :100], mlp.down_proj.weight)
+    mlp.fuse(False)
+    assert mlp.down_padded is None
+    mlp.double().fuse().float()  # moves restack and re-pad
+    assert mlp.down_padded.dtype == torch.float32 and mlp.down_padded.shape == (48, 128)
+    with torch.enable_grad():  # training sees the Linears, unpadded
+        mlp(x).sum().backward()
+    assert mlp.down_proj.weight.grad.shape == (48, 100)
