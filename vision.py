@@ -15,13 +15,14 @@ layout, the RMSNorm order, inv_freq to the last bit) is the oracle in tests/test
 """
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from layers import GatedMLP, RMSNorm
+from layers import Fusable, GatedMLP, RMSNorm
 from rope import inv_freq, rotate_half
 
 # -----------------------------------------------------------------------------
@@ -177,6 +178,16 @@ def vision_layout(grid_thw, c: VisionConfig):
     return torch.cat(pos), torch.cat(window_index), cu_window, cu_full
 
 
+class Plan(NamedTuple):
+    """What a batch of grids needs besides the pixels, made once per grid and device (VisionTower.plan)."""
+    order: torch.Tensor     # (N,) patch rows in window order, merge units kept together
+    back: torch.Tensor      # (N/4,) merged tokens from window order back to raster order
+    cos: torch.Tensor       # (N, 1, head_dim) fp32 2-D rotary, in window order
+    sin: torch.Tensor
+    windows: Segments       # the windowed blocks' segments
+    full: Segments          # the full-attention blocks' segments (one per temporal patch per image)
+
+
 class VisionTower(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -184,13 +195,37 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(c)
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c.hidden_size, c.out_hidden_size, c.spatial_merge_size)
+        self.plans, self.graphs = {}, {}  # per (grids, device): Plan; per (grids, device, pixel dtype): VisionGraph
+        self.graphed_weights = None       # the weights' addresses the graphs were captured with
 
     def forward(self, pixel_values, grid_thw, compiled=False):
         """pixel_values (N, 1176) as the processor makes them, grid_thw (n, 3) -> (N/4, out_hidden).
-        compiled=True runs the blocks through torch.compile (fused norms, rotary and casts, far fewer launches:
-        eager, the CPU launching ~25 kernels per block is slower than the GPU running them at 720p)."""
-        c, dev = self.c, pixel_values.device
-        x = self.patch_embed(pixel_values)
+        compiled=True runs the blocks through torch.compile (fused norms, rotary and casts, far fewer launches) and,
+        on a GPU without gradients, replays them from a CUDA graph captured once per grid (VisionGraph)."""
+        plan = self.plan(grid_thw, pixel_values.device)
+        if compiled and pixel_values.is_cuda and not torch.is_grad_enabled():
+            # a graph replays the kernels with the weights' addresses of its capture: new weights (fuse(), .to())
+            # make new graphs; values loaded in place are seen as they are
+            weights = tuple(p.data_ptr() for p in self.parameters()) + tuple(
+                m.fused is not None for m in self.modules() if isinstance(m, Fusable))
+            if weights != self.graphed_weights:
+                self.graphs, self.graphed_weights = {}, weights
+            key = (tuple(grid_thw.flatten().tolist()), str(pixel_values.device), pixel_values.dtype)
+            if key not in self.graphs:
+                if len(self.graphs) >= MAX_GRAPHS:  # a graph holds its own activations: keep a few
+                    self.graphs.pop(next(iter(self.graphs)))
+                self.graphs[key] = VisionGraph(self, pixel_values, plan)
+            return self.graphs[key](pixel_values)
+        return self.run(pixel_values, plan, compiled)
+
+    def plan(self, grid_thw, device):
+        """The host-side bookkeeping for these grids (vision_layout, the rotary table, the segments), on `device`;
+        kept per grid, as a stream's seconds repeat their grid. Computed per forward on the device it would cost
+        host syncs; recomputed per forward on the host, ~20 small copies."""
+        key = (tuple(grid_thw.flatten().tolist()), str(device))
+        if key in self.plans:
+            return self.plans[key]
+        c = self.c
         pos, window_index, cu_window, cu_full = vision_layout(grid_thw.cpu(), c)
         # 2-D rotary: the first half of the frequencies rotate by row, the second half by column
         head_dim = c.hidden_size // c.num_heads
@@ -199,16 +234,56 @@ class VisionTower(nn.Module):
         # reorder rows into window order, keeping the 4 patches of each merge unit together
         u = c.spatial_merge_size ** 2
         order = (window_index[:, None] * u + torch.arange(u)).flatten()
-        x, emb = x[order.to(dev)], emb[order].to(dev)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]             # (N, 1, head_dim) fp32
-        windows, full = Segments(cu_window, dev), Segments(cu_full, dev)
+        emb = emb[order].to(device)
+        plan = Plan(order.to(device), torch.argsort(window_index).to(device), emb.cos()[:, None, :],
+                    emb.sin()[:, None, :], Segments(cu_window, device), Segments(cu_full, device))
+        if len(self.plans) >= MAX_PLANS:  # training batches bring many grids
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
+
+    def run(self, pixel_values, plan, compiled=False):
+        """The tower on pixels whose grids `plan` describes -> merged tokens in raster order."""
+        x = self.patch_embed(pixel_values)[plan.order]
         for i, blk in enumerate(self.blocks):
-            segments = full if i in c.fullatt_block_indexes else windows
-            x = _compiled_block(blk, x, segments, cos, sin) if compiled else blk(x, segments, cos, sin)
-        x = self.merger(x)
-        return x[torch.argsort(window_index).to(dev)]  # back to raster order, as the prompt expects
+            segments = plan.full if i in self.c.fullatt_block_indexes else plan.windows
+            x = _compiled_block(blk, x, segments, plan.cos, plan.sin) if compiled else blk(x, segments, plan.cos,
+                                                                                            plan.sin)
+        return self.merger(x)[plan.back]  # back to raster order, as the prompt expects
 
 
 # One compiled block function for every block of every tower (the weights are its inputs): a compile for the
 # window blocks and one for the full-attention blocks, per input size
 _compiled_block = torch.compile(VisionBlock.forward)
+MAX_PLANS, MAX_GRAPHS = 256, 4
+
+# -----------------------------------------------------------------------------
+# The fast path: the whole tower replayed from a CUDA graph
+#
+# Why: at 720p a second is 2,880 patches through 32 blocks, and even compiled each block launches ~10 kernels
+# and checks its compile guards from Python. On an H100 that host work (~20 ms) outlasted the GPU's (~12 ms with
+# the padded MLP, layers.py), so the tower waited on Python. A stream's seconds all have the same grid, so the
+# tower's kernels can be recorded once and replayed with one launch, like the decode step (decode.py). The graph
+# reads its pixels from a fixed buffer and writes a fixed output, which __call__ copies out.
+
+
+class VisionGraph:
+    """tower.run(pixels, plan, compiled=True) captured for one grid; calling it with pixels of that shape replays
+    it and returns a copy of the output (the next replay overwrites the graph's own)."""
+
+    def __init__(self, tower, pixel_values, plan):
+        self.pixels = pixel_values.clone()
+        side = torch.cuda.Stream()  # warm up (compile, pick kernels) off the capture, as CUDA graphs require
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                tower.run(self.pixels, plan, compiled=True)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = tower.run(self.pixels, plan, compiled=True)
+
+    def __call__(self, pixel_values):
+        self.pixels.copy_(pixel_values)
+        self.graph.replay()
+        return self.out.clone()
