@@ -60,7 +60,8 @@ except ImportError:
 # heads (tl.dot on a 16-row tile), keeps a running max and sum (online softmax) and writes an unnormalised
 # partial output; the slices are then merged by their log-sum-exp (Dao et al., "Flash-Decoding", 2023). On an
 # H100 at 7B (bench_stream --profile) it takes 14.7 us a layer (with the fused projections, decode went from 7.66
-# to 6.52 ms a token in the same run).
+# to 6.52 ms a token in the same run). The decode step's buffers are the cache's whole capacity (a graph needs
+# fixed shapes) while the mask shows only the first length + 1 slots, so blocks that see no key skip their K/V.
 
 
 if triton is not None:
@@ -81,22 +82,26 @@ if triton is not None:
             ok = n < N
             if HAS_MASK:
                 ok = ok & (tl.load(mask_ptr + b * smb + n, mask=n < N, other=0) != 0)
-            k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None], other=0.0)
-            if IEEE:  # fp32 inputs: full-precision products (tf32 would miss the fp32 reference by ~1e-3)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
-            else:
-                s = tl.dot(q, tl.trans(k)) * SCALE                  # (GP, BLOCK) fp32
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing visible yet: keep exp() finite
-            alpha, p = tl.exp(m_i - m_safe), tl.exp(s - m_safe[:, None])
-            v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=(n < N)[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            # a block with no visible key (the buffer's unused tail past the cache's length) reads no K/V
+            if tl.max(ok.to(tl.int32), 0) > 0:
+                k = tl.load(k_ptr + b * skb + h * skh + n[:, None] * skn + d[None, :], mask=(n < N)[:, None],
+                            other=0.0)
+                if IEEE:  # fp32 inputs: full-precision products (tf32 would miss the fp32 reference by ~1e-3)
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
+                else:
+                    s = tl.dot(q, tl.trans(k)) * SCALE                  # (GP, BLOCK) fp32
+                s = tl.where(ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # nothing visible yet: keep exp() finite
+                alpha, p = tl.exp(m_i - m_safe), tl.exp(s - m_safe[:, None])
+                v = tl.load(v_ptr + b * svb + h * svh + n[:, None] * svn + d[None, :], mask=(n < N)[:, None],
+                            other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
         row = (bh * tl.num_programs(1) + split) * GP + g
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
         tl.store(m_ptr + row, m_i)
