@@ -166,6 +166,31 @@ def _probe(q, k, n):
     return vertical, slash, qp.float().mean(2)
 
 
+def _probe_fused(q, k, n):
+    """_probe written for torch.compile (the fast selection): the same sums, but the fp32 probabilities are never
+    stored. At 128k the probe's scores are 28 heads x 128 x 131k: 0.94 GB in bf16, 1.9 GB more as fp32 p. Here only
+    the bf16 scores s are stored (one matmul); the row max, the row sum, the vertical and the slash sums each read s
+    once with exp(s - max) / sum recomputed on the fly, so the compiler fuses each into one pass. The causal corner and
+    the padding keys are masked by index arithmetic instead of a write; the slash reads s through the skew view."""
+    (B, Hq, _, D), (_, Hkv, Nk, _) = q.shape, k.shape
+    L = _cdiv(Nk + n - 1, 64) * 64
+    qp = q[:, :, -n:].flip(2) * D**-0.5                                        # (B, Hq, n, D)
+    kp = F.pad(k, (0, 0, 0, L - Nk))                                           # (B, Hkv, L, D)
+    s = (qp.reshape(B, Hkv, -1, D) @ kp.transpose(-1, -2)).view(B, Hq, n, L)    # input dtype, stored once
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None, :]
+    s32 = s.float().masked_fill(j > Nk - 1 - i, float("-inf"))                 # (B, Hq, n, L), not stored
+    m = s32.amax(-1, keepdim=True)                                             # (B, Hq, n, 1)
+    z = (s32 - m).exp().sum(-1, keepdim=True)
+    vertical = ((s32[..., :Nk] - m).exp() / z).mean(2)                         # (B, Hq, Nk), per key
+    # skew row i, column t is key t - i of row i for t >= i (always causal); for t < i it is the previous row's
+    # tail, which _probe reads as zero probabilities and we mask here
+    skew = s.flatten(2)[..., : n * (L - 1)].view(B, Hq, n, L - 1)[..., :Nk].float()
+    t = torch.arange(Nk, device=q.device)[None, :]
+    slash = ((skew - m).exp() / z).masked_fill(t < i, 0).sum(2).flip(-1) / n   # (B, Hq, Nk), per distance
+    return vertical, slash, qp.float().mean(2)
+
+
 @dataclass(frozen=True)
 class FlexPrefillConfig:
     """FlexPrefill's settings, passed by name to every function here (the authors' defaults).
@@ -177,7 +202,9 @@ class FlexPrefillConfig:
     dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
     SDPA instead (None: never, as the authors); a cheap estimate (estimate_density) is checked first, so a
     dense-looking input pays ~0.5 ms at 32k, not the selection; dense_below: inputs of fewer keys run dense SDPA
-    (0: never). GUARDED below sets both for a GPU like the H100."""
+    (0: never). GUARDED below sets both for a GPU like the H100. fast: the selection, the density estimate and the
+    BlockMask indices through torch.compile (select_blocks_fast, one compile per shape) instead of the eager reference
+    functions (None: fast on CUDA; the same selection, tests/test_flexprefill.py checks it)."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -187,6 +214,7 @@ class FlexPrefillConfig:
     backend: str = "auto"
     dense_above: float | None = None
     dense_below: int = 0
+    fast: bool | None = None
 
 
 def line_budgets(vertical, slash, cfg, nkb):
@@ -239,7 +267,7 @@ def query_aware_blocks(q, k_pool, visible, gamma, bs):
 
 
 @torch.no_grad()
-def probe_lines(q, k, cfg=FlexPrefillConfig()):
+def probe_lines(q, k, cfg=FlexPrefillConfig(), fused=False):
     """1) The probe and the vertical-slash budgets: the true attention of the last block_size queries per key block
     (vertical) and per block diagonal (slash), the probe queries' mean, and how many key-block columns and block
     diagonals would cover gamma of it (line_budgets). Cheap next to the rest of the selection."""
@@ -248,7 +276,7 @@ def probe_lines(q, k, cfg=FlexPrefillConfig()):
     Nq, Nk = q.shape[2], k.shape[2]
     if Nq < bs:
         raise ValueError(f"select_blocks needs at least block_size={bs} queries for the probe, got {Nq}")
-    vertical, slash, q_probe = _probe(q, k, bs)
+    vertical, slash, q_probe = (_probe_fused if fused else _probe)(q, k, bs)
     n_vertical, n_slash = line_budgets(vertical, slash, cfg, _cdiv(Nk, bs))
     # distance d as seen from the last query, which sits (-Nk) % bs slots before its block's end, falls
     # in block diagonal (d + (-Nk) % bs) // bs
@@ -302,6 +330,32 @@ def select_blocks(q, k, cfg=FlexPrefillConfig()):
     return select_from_probe(q, k, probe_lines(q, k, cfg), cfg)
 
 
+def _select_fused(q, k, cfg):
+    return select_from_probe(q, k, probe_lines(q, k, cfg, fused=True), cfg)
+
+
+@functools.cache
+def _compiled(fn):
+    """fn compiled once per process, shapes static (a new shape or cfg recompiles, a new value does not)."""
+    return torch.compile(fn, dynamic=False)
+
+
+@torch._dynamo.config.patch(recompile_limit=64)   # as _flex: one graph per (Nq, Nk), heads, dtype, device
+def _call_compiled(fn, *args):
+    return _compiled(fn)(*args)
+
+
+def _is_fast(cfg, device):
+    return device.type == "cuda" if cfg.fast is None else cfg.fast
+
+
+def select_blocks_fast(q, k, cfg=FlexPrefillConfig()):
+    """select_blocks, compiled: the same functions with the fused probe (_probe_fused), so that the compiler fuses the
+    many small steps into a few kernels and no fp32 N-long probe matrix is stored. Same arguments and results."""
+    _check_inputs(q, k, k, cfg.block_size)
+    return _call_compiled(_select_fused, q, k, cfg)
+
+
 # FlexPrefill that is never much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
 # model's default (enable_flexprefill). dense_above=0.4: FlexAttention costs ~1.5x cuDNN's dense SDPA per visible
 # block (on an H100 at 32k: 3.8 ms at density 0.2 vs 12 ms dense) and the selection ~0.07-0.25x dense on top,
@@ -329,19 +383,25 @@ def _ordered(mask):
     return count, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
 
 
-def block_mask_from_selection(sel, q_len, kv_len, block_size=128):
-    """BlockMask for a (B, H, nqb, nkb) block selection. Blocks crossing the causal boundary are partial
-    (causal mask_mod applied), visible blocks below it are full (no mask_mod), invisible ones are dropped."""
+def _kv_blocks(sel, q_len, kv_len, block_size):
+    """from_kv_blocks' four index tensors: the partial blocks (crossing the causal boundary) and the full ones."""
     visible, partial, _ = _block_geometry(q_len, kv_len, block_size, sel.device)
-    kv_num, kv_idx = _ordered(sel & partial)
-    full_num, full_idx = _ordered(sel & visible & ~partial)
+    return *_ordered(sel & partial), *_ordered(sel & visible & ~partial)
+
+
+def block_mask_from_selection(sel, q_len, kv_len, block_size=128, fast=False):
+    """BlockMask for a (B, H, nqb, nkb) block selection. Blocks crossing the causal boundary are partial
+    (causal mask_mod applied), visible blocks below it are full (no mask_mod), invisible ones are dropped.
+    fast: the index tensors through torch.compile (a few fused kernels instead of ~20 small ones)."""
+    args = (sel, q_len, kv_len, block_size)
+    kv_num, kv_idx, full_num, full_idx = _call_compiled(_kv_blocks, *args) if fast else _kv_blocks(*args)
     offset = torch.full((), kv_len - q_len, dtype=torch.int32, device=sel.device)  # a fill, not a host copy
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                     mask_mod=generate_causal_mask(offset), seq_lengths=(q_len, kv_len),
                                     compute_q_blocks=False)  # forward only: skip the transposed metadata
 
 
-def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
+def sparse_attention(q, k, v, sel, block_size=128, backend="auto", fast=False):
     """Causal attention restricted to the selected blocks. backend: "flex" (compiled FlexAttention),
     "dense" (SDPA with an Nq x Nk token mask: the reference, O(N^2) memory) or "auto" (flex on CUDA)."""
     _check_inputs(q, k, v, block_size)
@@ -353,7 +413,7 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
         backend = "flex" if q.is_cuda else "dense"
     gqa = Hq != k.shape[1]
     if backend == "flex":
-        block_mask = block_mask_from_selection(sel, Nq, Nk, block_size)
+        block_mask = block_mask_from_selection(sel, Nq, Nk, block_size, fast)
         return _flex(q, k, v, block_mask, gqa)
     if backend == "dense":
         mask = sel.repeat_interleave(block_size, 2)[:, :, :Nq].repeat_interleave(block_size, 3)[..., :Nk]
@@ -376,14 +436,17 @@ def flexprefill_attention(q, k, v, cfg=FlexPrefillConfig(), return_info=False):
     if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nk < cfg.dense_below or Nq <= bs:
         info = dict()
     else:
-        info = dict(estimated_density=estimate_density(q, k, cfg) if cfg.dense_above is not None else None)
+        fast = _is_fast(cfg, q.device)
+        estimate = functools.partial(_call_compiled, estimate_density) if fast else estimate_density
+        info = dict(estimated_density=estimate(q, k, cfg) if cfg.dense_above is not None else None)
         if cfg.dense_above is None or float(info["estimated_density"]) <= cfg.dense_above:
-            sel, more = select_blocks(q, k, cfg)
+            sel, more = (select_blocks_fast if fast else select_blocks)(q, k, cfg)
             info.update(more)
             if cfg.dense_above is not None and float(more["density"].float().mean()) > cfg.dense_above:
                 sel = None
     info["dense_fallback"] = sel is None
-    out = causal_attention(q, k, v) if sel is None else sparse_attention(q, k, v, sel, bs, cfg.backend)
+    fast_mask = _is_fast(cfg, q.device)
+    out = causal_attention(q, k, v) if sel is None else sparse_attention(q, k, v, sel, bs, cfg.backend, fast_mask)
     return (out, info) if return_info else out
 
 
