@@ -263,7 +263,9 @@ def query_aware_blocks(q, k_pool, visible, gamma, bs):
     a = (q_pool.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nqb, nkb)
     a = a.masked_fill(~visible, float("-inf")).softmax(-1).flatten(2)   # (B, Hq, nqb*nkb)
     a, order = a.sort(-1, descending=True)                    # the one big sort: 1M per head at 128k
-    return _scatter_mask(order, a.cumsum(-1) <= gamma * nqb).view(B, Hq, nqb, nkb)
+    # fp64 running sum: fp32 over 1M blocks drifts by ~1e-4, next to blocks of ~1e-3 at the boundary, and the fast
+    # path sums in another order; fp64 leaves only ties of the fp32 scores themselves to flip a block
+    return _scatter_mask(order, a.cumsum(-1, dtype=torch.float64) <= gamma * nqb).view(B, Hq, nqb, nkb)
 
 
 @torch.no_grad()

@@ -76,3 +76,13 @@ def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
 def test_long_prefill_without_a_checkpoint_is_one_line(tmp_path, capsys):
     err = refused(main, ["--long-prefill", "--model", str(tmp_path / "none")], capsys)
     assert "no checkpoint there" in err and "python train.py" in err
+
+
+def test_authors_side_by_side_that_cannot_import_is_one_line(tmp_path, capsys):
+    """--authors with a path that holds no FlexPrefill checkout (or one whose imports fail): one line says so and the
+    table runs without the authors' columns."""
+    rows = main(["--device", "cpu", "--lengths", "512", "--heads", "2", "1", "--iters", "1", "--warmup", "0",
+                 "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("not importable") == 1 and str(tmp_path) in out.splitlines()[0]
+    assert len(rows) == 1 and "authors_ms" not in rows[0] and rows[0]["sel_diff"] == 0
