@@ -403,7 +403,8 @@ def build_parser():
                    "fast (select_blocks_fast, compiled: one compile per length), reference (eager select_blocks) or "
                    "auto (fast on CUDA); the reference also runs beside the fast one as a check (sel_diff)")
     p.add_argument("--authors", metavar="PATH", help="a checkout of bytedance/FlexPrefill: their "
-                   "flex_prefill_attention runs on the same inputs and settings, side by side (needs CUDA, triton, einops)")
+                   "flex_prefill_attention runs on the same inputs and settings, side by side (needs CUDA, triton, "
+                   "einops)")
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--seed", type=at_least(0), default=0, help="inputs' seed; --long-prefill: the first "
