@@ -41,8 +41,12 @@ offset as a tensor, which is not guarded). Dynamo's default of 8 graphs per func
 eager flex (O(N^2) memory) after 8 lengths, so we raise the limit to 64. On CPU the default backend is a
 dense masked SDPA over the same blocks (the test reference); `backend="flex"` runs compiled flex on CPU too.
 The flex path is forward-only (the BlockMask skips the transposed metadata that backward needs).
-`torch.compile(select_blocks, dynamic=False)` traces without graph breaks and gives the same selection (one
-compile per shape); tools/bench_flexprefill.py --compile-select measures whether it pays.
+The selection has two forms: the eager functions below (select_blocks, the readable reference) and
+select_blocks_fast, the same functions compiled (torch.compile, fixed shapes, one compile per shape) with a probe
+written for fusion (_probe_fused: the 128 x N fp32 probabilities, 1.9 GB at 128k, are never stored). The eager
+selection runs ~100 small kernels and stores every intermediate; compiled, it is a few fused passes over the probe's
+bf16 scores, q, and the block grid. flexprefill_attention takes the fast one on CUDA (cfg.fast forces either); the
+tests check both keep the same blocks, and tools/bench_flexprefill.py reports any block they differ in (sel_diff).
 """
 import argparse
 import functools
