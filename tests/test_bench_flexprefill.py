@@ -120,3 +120,13 @@ def test_authors_side_by_side_plumbing(tmp_path):
     assert row["vs_authors"] == pytest.approx(1 - row["density"], abs=1e-6)
     assert row["authors_max_err"] < 1e-4 < row["max_err"]
     assert row["x_authors"] == pytest.approx(row["authors_ms"] / row["flexprefill_ms"])
+
+
+def test_authors_that_fail_at_run_time_cost_their_columns_only(tmp_path, capsys):
+    ops = tmp_path / "flex_prefill" / "ops"
+    ops.mkdir(parents=True)
+    (ops / "flex_prefill_attention.py").write_text(FAKE_AUTHORS.replace("nb = -(-", "raise RuntimeError('old triton')#"))
+    rows = main(["--device", "cpu", "--lengths", "512", "--heads", "2", "1", "--iters", "1", "--warmup", "0",
+                 "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
+    assert "failed on random N=512: RuntimeError: old triton" in capsys.readouterr().out
+    assert "authors_ms" not in rows[0] and rows[0]["x_authors"] is None and rows[0]["sdpa_ms"] > 0

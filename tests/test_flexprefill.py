@@ -418,6 +418,21 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", ["random_inputs", "planted_inputs"])
+def test_fast_selection_is_the_reference_selection_cuda(make):
+    """The benchmark's inputs at 8k, Qwen2.5-VL-7B's heads, bf16 on the GPU: the compiled selection (Triton kernels,
+    other summation orders than cuBLAS/ATen's) keeps exactly the reference's blocks and head patterns."""
+    import tools.bench_flexprefill as bench
+    q, k, _ = getattr(bench, make)(8192, 28, 4, 128, torch.Generator().manual_seed(0))
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    cfg = FlexPrefillConfig()
+    (sel, info), (sel_fast, info_fast) = select_blocks(q, k, cfg), select_blocks_fast(q, k, cfg)
+    assert torch.equal(info_fast["query_aware"], info["query_aware"]), (info["js"], info_fast["js"])
+    heads = (sel_fast != sel).flatten(2).any(-1).nonzero().tolist()
+    assert not heads, f"{(sel_fast != sel).sum()} blocks differ, in (batch, head) {heads}"
+
+
 # ------------------------------------------------------------------------------------------------
 # bad inputs
 

@@ -173,7 +173,11 @@ def run_one(name, q, k, v, args, device, authors=None):
                max_err=err.max().item(), mean_err=err.mean().item(), select_peak_gib=peak_gib)
     del out, err, sel_ref, info_ref
     if authors is not None:
-        row.update(run_authors(authors, q, k, v, cfg, sel, dense, bench))
+        try:   # their Triton kernels were written for older Triton versions: a failure costs their columns only
+            row.update(run_authors(authors, q, k, v, cfg, sel, dense, bench))
+        except Exception as e:
+            why = (str(e).splitlines() or [""])[0]
+            print(f"  authors' FlexPrefill failed on {name} N={N}: {type(e).__name__}: {why}")
     del dense
 
     row["select_ms"] = bench(lambda: select_fn(q, k, cfg))
@@ -206,7 +210,7 @@ def run_one(name, q, k, v, args, device, authors=None):
     row["speedup"] = row["sdpa_ms"] / row["total_ms"]
     mask_ms = 0.0 if math.isnan(row["mask_ms"]) else row["mask_ms"]      # no BlockMask on the dense backend
     row["select_share"] = (row["select_ms"] + mask_ms) / row["sdpa_ms"]
-    row["x_authors"] = row["authors_ms"] / row["flexprefill_ms"] if authors is not None else float("nan")
+    row["x_authors"] = row.get("authors_ms", float("nan")) / row["flexprefill_ms"]
     return row
 
 
