@@ -125,7 +125,8 @@ def test_authors_side_by_side_plumbing(tmp_path):
 def test_authors_that_fail_at_run_time_cost_their_columns_only(tmp_path, capsys):
     ops = tmp_path / "flex_prefill" / "ops"
     ops.mkdir(parents=True)
-    (ops / "flex_prefill_attention.py").write_text(FAKE_AUTHORS.replace("nb = -(-", "raise RuntimeError('old triton')#"))
+    broken = FAKE_AUTHORS.replace("nb = -(-", "raise RuntimeError('old triton')  #")
+    (ops / "flex_prefill_attention.py").write_text(broken)
     rows = main(["--device", "cpu", "--lengths", "512", "--heads", "2", "1", "--iters", "1", "--warmup", "0",
                  "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
     assert "failed on random N=512: RuntimeError: old triton" in capsys.readouterr().out
