@@ -7,6 +7,10 @@ Per length and input it reports the selection time, the BlockMask build, the spa
 FlexPrefill call, SDPA's default dense causal attention (and SDPA's FlashAttention-2 backend on CUDA), the
 kept fraction of causal blocks, the share of query-aware heads and the output error against SDPA's output
 (nothing N x N is built). Times are medians over --iters runs after --warmup runs (CUDA events on GPU).
+The selection is the fast (compiled) one on CUDA; the eager reference runs beside it, timed (select_ref_ms) and
+compared block by block (sel_diff, expected 0). --authors PATH adds the authors' Triton FlexPrefill (a checkout of
+bytedance/FlexPrefill, imported from there, never copied) on the same inputs and settings: its time, its selection's
+time and density, the share of blocks where it and ours differ, its error, and x_authors = its time over ours.
 
     python -m tools.bench_flexprefill                                   # H100: 8k, 32k, 64k, 128k
     python -m tools.bench_flexprefill --lengths 131072 --select reference --json out.json   # eager selection
