@@ -41,12 +41,11 @@ offset as a tensor, which is not guarded). Dynamo's default of 8 graphs per func
 eager flex (O(N^2) memory) after 8 lengths, so we raise the limit to 64. On CPU the default backend is a
 dense masked SDPA over the same blocks (the test reference); `backend="flex"` runs compiled flex on CPU too.
 The flex path is forward-only (the BlockMask skips the transposed metadata that backward needs).
-The selection has two forms: the eager functions below (select_blocks, the readable reference) and
-select_blocks_fast, the same functions compiled (torch.compile, fixed shapes, one compile per shape) with a probe
-written for fusion (_probe_fused: the 128 x N fp32 probabilities, 1.9 GB at 128k, are never stored). The eager
-selection runs ~100 small kernels and stores every intermediate; compiled, it is a few fused passes over the probe's
-bf16 scores, q, and the block grid. flexprefill_attention takes the fast one on CUDA (cfg.fast forces either); the
-tests check both keep the same blocks, and tools/bench_flexprefill.py reports any block they differ in (sel_diff).
+The selection has two forms: the eager functions below (select_blocks, the readable reference) and select_blocks_fast,
+the same functions compiled (one compile per shape) with a probe written for fusion (_probe_fused: the 128 x N fp32
+probabilities, 1.9 GB at 128k, are never stored): ~100 small eager kernels storing every intermediate become a few
+fused passes over the probe's bf16 scores, q and the block grid. flexprefill_attention takes the fast one on CUDA
+(cfg.fast forces either); tests check both keep the same blocks, and the benchmark reports any difference (sel_diff).
 """
 import argparse
 import functools
@@ -57,7 +56,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from model import causal_attention
-
 
 
 @functools.cache
@@ -105,6 +103,7 @@ def _block_geometry(q_len, kv_len, block_size, device):
     return visible, visible & ~full, diag
 
 
+@torch.compiler.disable   # eager in select_blocks_fast too: see query_aware_blocks
 def _block_mean(x, block_size):
     """(B, H, N, D) -> (B, H, ceil(N/bs), D) fp32 means; the last, partial block is divided by its true size."""
     B, H, N, D = x.shape
@@ -171,11 +170,10 @@ def _probe(q, k, n):
 
 
 def _probe_fused(q, k, n):
-    """_probe written for torch.compile (the fast selection): the same sums, but the fp32 probabilities are never
-    stored. At 128k the probe's scores are 28 heads x 128 x 131k: 0.94 GB in bf16, 1.9 GB more as fp32 p. Here only
-    the bf16 scores s are stored (one matmul); the row max, the row sum, the vertical and the slash sums each read s
-    once with exp(s - max) / sum recomputed on the fly, so the compiler fuses each into one pass. The causal corner and
-    the padding keys are masked by index arithmetic instead of a write; the slash reads s through the skew view."""
+    """_probe for torch.compile: the same sums, the fp32 probabilities never stored (28 x 128 x 131k at 128k: 1.9 GB).
+    Only the bf16 scores s are (one matmul, 0.94 GB); row max, row sum, vertical and slash sums each read s once with
+    exp(s - max) / sum recomputed on the fly: one fused pass each. The causal corner and the padding keys are masked
+    by index arithmetic, not a write; the slash reads s through the skew view."""
     (B, Hq, _, D), (_, Hkv, Nk, _) = q.shape, k.shape
     L = _cdiv(Nk + n - 1, 64) * 64
     qp = q[:, :, -n:].flip(2) * D**-0.5                                        # (B, Hq, n, D)
@@ -206,9 +204,8 @@ class FlexPrefillConfig:
     dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
     SDPA instead (None: never, as the authors); a cheap estimate (estimate_density) is checked first, so a
     dense-looking input pays ~0.5 ms at 32k, not the selection; dense_below: inputs of fewer keys run dense SDPA
-    (0: never). GUARDED below sets both for a GPU like the H100. fast: the selection, the density estimate and the
-    BlockMask indices through torch.compile (select_blocks_fast, one compile per shape) instead of the eager reference
-    functions (None: fast on CUDA; the same selection, tests/test_flexprefill.py checks it)."""
+    (0: never). GUARDED below sets both for a GPU like the H100. fast: the selection, density estimate and
+    BlockMask indices compiled (select_blocks_fast: the reference's blocks, one compile per shape; None: on CUDA)."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -257,6 +254,10 @@ def vertical_slash_blocks(vertical_blocks, slash_blocks, n_vertical, n_slash, di
     return cols[:, :, None, :] | diags[:, :, offset] | partial
 
 
+# Eager in select_blocks_fast too (a graph break; so are the pooled means): a random-looking head's pooled scores are
+# nearly flat, and compiled code (other sum orders, Triton's exp) moves them by ~1e-7, enough to swap blocks at the
+# gamma boundary; ATen's kernels on the same inputs keep the reference's blocks bit for bit
+@torch.compiler.disable
 def query_aware_blocks(q, k_pool, visible, gamma, bs):
     """4) A query-aware head's blocks: pooled (query block x key block) scores, a softmax per row, one global sort,
     and the top blocks covering gamma of the total mass (nqb: each row sums to 1).
@@ -356,8 +357,7 @@ def _is_fast(cfg, device):
 
 
 def select_blocks_fast(q, k, cfg=FlexPrefillConfig()):
-    """select_blocks, compiled: the same functions with the fused probe (_probe_fused), so that the compiler fuses the
-    many small steps into a few kernels and no fp32 N-long probe matrix is stored. Same arguments and results."""
+    """select_blocks compiled, with the fused probe (_probe_fused): a few fused kernels. Same arguments and results."""
     _check_inputs(q, k, k, cfg.block_size)
     return _call_compiled(_select_fused, q, k, cfg)
 
