@@ -41,8 +41,11 @@ offset as a tensor, which is not guarded). Dynamo's default of 8 graphs per func
 eager flex (O(N^2) memory) after 8 lengths, so we raise the limit to 64. On CPU the default backend is a
 dense masked SDPA over the same blocks (the test reference); `backend="flex"` runs compiled flex on CPU too.
 The flex path is forward-only (the BlockMask skips the transposed metadata that backward needs).
-`torch.compile(select_blocks, dynamic=False)` traces without graph breaks and gives the same selection (one
-compile per shape); tools/bench_flexprefill.py --compile-select measures whether it pays.
+The selection has two forms: the eager functions below (select_blocks, the readable reference) and select_blocks_fast,
+the same functions compiled (one compile per shape) with a probe written for fusion (_probe_fused: the 128 x N fp32
+probabilities, 1.9 GB at 128k, are never stored): ~100 small eager kernels storing every intermediate become a few
+fused passes over the probe's bf16 scores, q and the block grid. flexprefill_attention takes the fast one on CUDA
+(cfg.fast forces either); tests check both keep the same blocks, and the benchmark reports any difference (sel_diff).
 """
 import argparse
 import functools
@@ -53,7 +56,6 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from model import causal_attention
-
 
 
 @functools.cache
@@ -101,6 +103,7 @@ def _block_geometry(q_len, kv_len, block_size, device):
     return visible, visible & ~full, diag
 
 
+@torch.compiler.disable   # eager in select_blocks_fast too: see query_aware_blocks
 def _block_mean(x, block_size):
     """(B, H, N, D) -> (B, H, ceil(N/bs), D) fp32 means; the last, partial block is divided by its true size."""
     B, H, N, D = x.shape
@@ -166,6 +169,30 @@ def _probe(q, k, n):
     return vertical, slash, qp.float().mean(2)
 
 
+def _probe_fused(q, k, n):
+    """_probe for torch.compile: the same sums, the fp32 probabilities never stored (28 x 128 x 131k at 128k: 1.9 GB).
+    Only the bf16 scores s are (one matmul, 0.94 GB); row max, row sum, vertical and slash sums each read s once with
+    exp(s - max) / sum recomputed on the fly: one fused pass each. The causal corner and the padding keys are masked
+    by index arithmetic, not a write; the slash reads s through the skew view."""
+    (B, Hq, _, D), (_, Hkv, Nk, _) = q.shape, k.shape
+    L = _cdiv(Nk + n - 1, 64) * 64
+    qp = q[:, :, -n:].flip(2) * D**-0.5                                        # (B, Hq, n, D)
+    kp = F.pad(k, (0, 0, 0, L - Nk))                                           # (B, Hkv, L, D)
+    s = (qp.reshape(B, Hkv, -1, D) @ kp.transpose(-1, -2)).view(B, Hq, n, L)    # input dtype, stored once
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None, :]
+    s32 = s.float().masked_fill(j > Nk - 1 - i, float("-inf"))                 # (B, Hq, n, L), not stored
+    m = s32.amax(-1, keepdim=True)                                             # (B, Hq, n, 1)
+    z = (s32 - m).exp().sum(-1, keepdim=True)
+    vertical = ((s32[..., :Nk] - m).exp() / z).mean(2)                         # (B, Hq, Nk), per key
+    # skew row i, column t is key t - i of row i for t >= i (always causal); for t < i it is the previous row's
+    # tail, which _probe reads as zero probabilities and we mask here
+    skew = s.flatten(2)[..., : n * (L - 1)].view(B, Hq, n, L - 1)[..., :Nk].float()
+    t = torch.arange(Nk, device=q.device)[None, :]
+    slash = ((skew - m).exp() / z).masked_fill(t < i, 0).sum(2).flip(-1) / n   # (B, Hq, Nk), per distance
+    return vertical, slash, qp.float().mean(2)
+
+
 @dataclass(frozen=True)
 class FlexPrefillConfig:
     """FlexPrefill's settings, passed by name to every function here (the authors' defaults).
@@ -177,7 +204,8 @@ class FlexPrefillConfig:
     dense_above: when the selection keeps more than this share of the visible blocks (mean over heads), run dense
     SDPA instead (None: never, as the authors); a cheap estimate (estimate_density) is checked first, so a
     dense-looking input pays ~0.5 ms at 32k, not the selection; dense_below: inputs of fewer keys run dense SDPA
-    (0: never). GUARDED below sets both for a GPU like the H100."""
+    (0: never). GUARDED below sets both for a GPU like the H100. fast: the selection, density estimate and
+    BlockMask indices compiled (select_blocks_fast: the reference's blocks, one compile per shape; None: on CUDA)."""
     gamma: float = 0.9
     tau: float = 0.1
     min_budget: int = 1024
@@ -187,6 +215,7 @@ class FlexPrefillConfig:
     backend: str = "auto"
     dense_above: float | None = None
     dense_below: int = 0
+    fast: bool | None = None
 
 
 def line_budgets(vertical, slash, cfg, nkb):
@@ -225,6 +254,10 @@ def vertical_slash_blocks(vertical_blocks, slash_blocks, n_vertical, n_slash, di
     return cols[:, :, None, :] | diags[:, :, offset] | partial
 
 
+# Eager in select_blocks_fast too (a graph break; so are the pooled means): a random-looking head's pooled scores are
+# nearly flat, and compiled code (other sum orders, Triton's exp) moves them by ~1e-7, enough to swap blocks at the
+# gamma boundary; ATen's kernels on the same inputs keep the reference's blocks bit for bit
+@torch.compiler.disable
 def query_aware_blocks(q, k_pool, visible, gamma, bs):
     """4) A query-aware head's blocks: pooled (query block x key block) scores, a softmax per row, one global sort,
     and the top blocks covering gamma of the total mass (nqb: each row sums to 1).
@@ -235,11 +268,13 @@ def query_aware_blocks(q, k_pool, visible, gamma, bs):
     a = (q_pool.reshape(B, Hkv, -1, D) @ k_pool.transpose(-1, -2)).view(B, Hq, nqb, nkb)
     a = a.masked_fill(~visible, float("-inf")).softmax(-1).flatten(2)   # (B, Hq, nqb*nkb)
     a, order = a.sort(-1, descending=True)                    # the one big sort: 1M per head at 128k
-    return _scatter_mask(order, a.cumsum(-1) <= gamma * nqb).view(B, Hq, nqb, nkb)
+    # fp64 running sum: fp32 over 1M blocks drifts by ~1e-4, next to blocks of ~1e-3 at the boundary, and the fast
+    # path sums in another order; fp64 leaves only ties of the fp32 scores themselves to flip a block
+    return _scatter_mask(order, a.cumsum(-1, dtype=torch.float64) <= gamma * nqb).view(B, Hq, nqb, nkb)
 
 
 @torch.no_grad()
-def probe_lines(q, k, cfg=FlexPrefillConfig()):
+def probe_lines(q, k, cfg=FlexPrefillConfig(), fused=False):
     """1) The probe and the vertical-slash budgets: the true attention of the last block_size queries per key block
     (vertical) and per block diagonal (slash), the probe queries' mean, and how many key-block columns and block
     diagonals would cover gamma of it (line_budgets). Cheap next to the rest of the selection."""
@@ -248,7 +283,7 @@ def probe_lines(q, k, cfg=FlexPrefillConfig()):
     Nq, Nk = q.shape[2], k.shape[2]
     if Nq < bs:
         raise ValueError(f"select_blocks needs at least block_size={bs} queries for the probe, got {Nq}")
-    vertical, slash, q_probe = _probe(q, k, bs)
+    vertical, slash, q_probe = (_probe_fused if fused else _probe)(q, k, bs)
     n_vertical, n_slash = line_budgets(vertical, slash, cfg, _cdiv(Nk, bs))
     # distance d as seen from the last query, which sits (-Nk) % bs slots before its block's end, falls
     # in block diagonal (d + (-Nk) % bs) // bs
@@ -302,6 +337,31 @@ def select_blocks(q, k, cfg=FlexPrefillConfig()):
     return select_from_probe(q, k, probe_lines(q, k, cfg), cfg)
 
 
+def _select_fused(q, k, cfg):
+    return select_from_probe(q, k, probe_lines(q, k, cfg, fused=True), cfg)
+
+
+@functools.cache
+def _compiled(fn):
+    """fn compiled once per process, shapes static (a new shape or cfg recompiles, a new value does not)."""
+    return torch.compile(fn, dynamic=False)
+
+
+@torch._dynamo.config.patch(recompile_limit=64)   # as _flex: one graph per (Nq, Nk), heads, dtype, device
+def _call_compiled(fn, *args):
+    return _compiled(fn)(*args)
+
+
+def _is_fast(cfg, device):
+    return device.type == "cuda" if cfg.fast is None else cfg.fast
+
+
+def select_blocks_fast(q, k, cfg=FlexPrefillConfig()):
+    """select_blocks compiled, with the fused probe (_probe_fused): a few fused kernels. Same arguments and results."""
+    _check_inputs(q, k, k, cfg.block_size)
+    return _call_compiled(_select_fused, q, k, cfg)
+
+
 # FlexPrefill that is never much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
 # model's default (enable_flexprefill). dense_above=0.4: FlexAttention costs ~1.5x cuDNN's dense SDPA per visible
 # block (on an H100 at 32k: 3.8 ms at density 0.2 vs 12 ms dense) and the selection ~0.07-0.25x dense on top,
@@ -329,19 +389,25 @@ def _ordered(mask):
     return count, idx.scatter_(-1, slot, cols)[..., :n].contiguous()
 
 
-def block_mask_from_selection(sel, q_len, kv_len, block_size=128):
-    """BlockMask for a (B, H, nqb, nkb) block selection. Blocks crossing the causal boundary are partial
-    (causal mask_mod applied), visible blocks below it are full (no mask_mod), invisible ones are dropped."""
+def _kv_blocks(sel, q_len, kv_len, block_size):
+    """from_kv_blocks' four index tensors: the partial blocks (crossing the causal boundary) and the full ones."""
     visible, partial, _ = _block_geometry(q_len, kv_len, block_size, sel.device)
-    kv_num, kv_idx = _ordered(sel & partial)
-    full_num, full_idx = _ordered(sel & visible & ~partial)
+    return *_ordered(sel & partial), *_ordered(sel & visible & ~partial)
+
+
+def block_mask_from_selection(sel, q_len, kv_len, block_size=128, fast=False):
+    """BlockMask for a (B, H, nqb, nkb) block selection. Blocks crossing the causal boundary are partial
+    (causal mask_mod applied), visible blocks below it are full (no mask_mod), invisible ones are dropped.
+    fast: the index tensors through torch.compile (a few fused kernels instead of ~20 small ones)."""
+    args = (sel, q_len, kv_len, block_size)
+    kv_num, kv_idx, full_num, full_idx = _call_compiled(_kv_blocks, *args) if fast else _kv_blocks(*args)
     offset = torch.full((), kv_len - q_len, dtype=torch.int32, device=sel.device)  # a fill, not a host copy
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                     mask_mod=generate_causal_mask(offset), seq_lengths=(q_len, kv_len),
                                     compute_q_blocks=False)  # forward only: skip the transposed metadata
 
 
-def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
+def sparse_attention(q, k, v, sel, block_size=128, backend="auto", fast=False):
     """Causal attention restricted to the selected blocks. backend: "flex" (compiled FlexAttention),
     "dense" (SDPA with an Nq x Nk token mask: the reference, O(N^2) memory) or "auto" (flex on CUDA)."""
     _check_inputs(q, k, v, block_size)
@@ -353,7 +419,7 @@ def sparse_attention(q, k, v, sel, block_size=128, backend="auto"):
         backend = "flex" if q.is_cuda else "dense"
     gqa = Hq != k.shape[1]
     if backend == "flex":
-        block_mask = block_mask_from_selection(sel, Nq, Nk, block_size)
+        block_mask = block_mask_from_selection(sel, Nq, Nk, block_size, fast)
         return _flex(q, k, v, block_mask, gqa)
     if backend == "dense":
         mask = sel.repeat_interleave(block_size, 2)[:, :, :Nq].repeat_interleave(block_size, 3)[..., :Nk]
@@ -376,14 +442,17 @@ def flexprefill_attention(q, k, v, cfg=FlexPrefillConfig(), return_info=False):
     if Nk <= max(2 * bs, _cdiv(cfg.min_budget or 1, bs) * bs) or Nk < cfg.dense_below or Nq <= bs:
         info = dict()
     else:
-        info = dict(estimated_density=estimate_density(q, k, cfg) if cfg.dense_above is not None else None)
+        fast = _is_fast(cfg, q.device)
+        estimate = functools.partial(_call_compiled, estimate_density) if fast else estimate_density
+        info = dict(estimated_density=estimate(q, k, cfg) if cfg.dense_above is not None else None)
         if cfg.dense_above is None or float(info["estimated_density"]) <= cfg.dense_above:
-            sel, more = select_blocks(q, k, cfg)
+            sel, more = (select_blocks_fast if fast else select_blocks)(q, k, cfg)
             info.update(more)
             if cfg.dense_above is not None and float(more["density"].float().mean()) > cfg.dense_above:
                 sel = None
     info["dense_fallback"] = sel is None
-    out = causal_attention(q, k, v) if sel is None else sparse_attention(q, k, v, sel, bs, cfg.backend)
+    fast_mask = _is_fast(cfg, q.device)
+    out = causal_attention(q, k, v) if sel is None else sparse_attention(q, k, v, sel, bs, cfg.backend, fast_mask)
     return (out, info) if return_info else out
 
 

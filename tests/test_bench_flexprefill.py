@@ -76,3 +76,58 @@ def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
 def test_long_prefill_without_a_checkpoint_is_one_line(tmp_path, capsys):
     err = refused(main, ["--long-prefill", "--model", str(tmp_path / "none")], capsys)
     assert "no checkpoint there" in err and "python train.py" in err
+
+
+def test_authors_side_by_side_that_cannot_import_is_one_line(tmp_path, capsys):
+    """--authors with a path that holds no FlexPrefill checkout (or one whose imports fail): one line says so and the
+    table runs without the authors' columns."""
+    rows = main(["--device", "cpu", "--lengths", "512", "--heads", "2", "1", "--iters", "1", "--warmup", "0",
+                 "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("not importable") == 1 and str(tmp_path) in out.splitlines()[0]
+    assert len(rows) == 1 and "authors_ms" not in rows[0] and rows[0]["sel_diff"] == 0
+
+
+FAKE_AUTHORS = '''
+import torch
+import torch.nn.functional as F
+
+
+def get_active_blocks(q, k, v, block_size, gamma, min_budget, max_budget, tau=0, gqa_interleave=False):
+    nb = -(-q.shape[1] // block_size)   # every causal block, as flat indices of the nb x nb grid, per (b, h)
+    idx = torch.tensor([r * nb + c for r in range(nb) for c in range(r + 1)])
+    return [[idx for _ in range(q.shape[2])] for _ in range(q.shape[0])]
+
+
+def flex_prefill_attention(q, k, v, gamma, tau=0, min_budget=None, max_budget=None, gqa_interleave=False,
+                           softmax_scale=None, block_size=128, return_computational_ratio=False):
+    o = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True, enable_gqa=True)
+    return o.transpose(1, 2)
+'''
+
+
+def test_authors_side_by_side_plumbing(tmp_path):
+    """A stand-in for the authors' module with their API (B, N, H, D layout) that keeps every causal block and runs
+    dense attention: their density is 1, they differ from us in exactly the blocks we drop (1 - our density), their
+    error against dense is ~0, and x_authors is their time over ours."""
+    ops = tmp_path / "flex_prefill" / "ops"
+    ops.mkdir(parents=True)
+    (ops / "flex_prefill_attention.py").write_text(FAKE_AUTHORS)
+    rows = main(["--device", "cpu", "--lengths", "1024", "--heads", "4", "1", "--iters", "1", "--warmup", "0",
+                 "--min-budget", "256", "--dtype", "float32", "--inputs", "planted", "--authors", str(tmp_path)])
+    row = rows[0]
+    assert row["authors_density"] == 1.0 and row["density"] < 1
+    assert row["vs_authors"] == pytest.approx(1 - row["density"], abs=1e-6)
+    assert row["authors_max_err"] < 1e-4 < row["max_err"]
+    assert row["x_authors"] == pytest.approx(row["authors_ms"] / row["flexprefill_ms"])
+
+
+def test_authors_that_fail_at_run_time_cost_their_columns_only(tmp_path, capsys):
+    ops = tmp_path / "flex_prefill" / "ops"
+    ops.mkdir(parents=True)
+    broken = FAKE_AUTHORS.replace("nb = -(-", "raise RuntimeError('old triton')  #")
+    (ops / "flex_prefill_attention.py").write_text(broken)
+    rows = main(["--device", "cpu", "--lengths", "512", "--heads", "2", "1", "--iters", "1", "--warmup", "0",
+                 "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
+    assert "failed on random N=512: RuntimeError: old triton" in capsys.readouterr().out
+    assert "authors_ms" not in rows[0] and rows[0]["x_authors"] is None and rows[0]["sdpa_ms"] > 0

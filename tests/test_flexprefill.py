@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexprefill import (GUARDED, FlexPrefillConfig, block_mask_from_selection, enable_flexprefill,
-                         flexprefill_attention, select_blocks, sparse_attention)
+from flexprefill import (GUARDED, FlexPrefillConfig, _probe, _probe_fused, block_mask_from_selection,
+                         enable_flexprefill, flexprefill_attention, select_blocks, select_blocks_fast, sparse_attention)
 from model import causal_attention
 
 FP32_TOL, BF16_TOL = 1e-5, 2e-2
@@ -202,6 +202,61 @@ def test_planted_patterns():
     assert sel[0, 2, rows, rows // 2].all()
 
 
+# ------------------------------------------------------------------------------------------------
+# the fast (compiled) selection against the eager reference
+
+def fast_cases():
+    """Random with a shared direction (both patterns at a mid tau), the planted heads, and Nq < Nk (offset 700)."""
+    q, k = randn(1, 8, 1000, 32, seed=1), randn(1, 2, 1000, 32, seed=2)
+    q[..., 0] += 2.0
+    k[..., 0] += torch.linspace(0, 3, 1000)
+    yield "random", q, k, FlexPrefillConfig(tau=0.119, min_budget=64, block_size=32)   # 5 of 8 heads QA
+    q, k, bs = planted()
+    yield "planted", q, k, FlexPrefillConfig(min_budget=2 * bs, block_size=bs)
+    yield "Nq < Nk", randn(1, 4, 300, 32, seed=3), randn(1, 2, 1000, 32, seed=4), FlexPrefillConfig(
+        min_budget=64, block_size=32, tau=0.099)   # tau: 2 of 4 heads query-aware, none within 5e-4
+
+
+def test_fused_probe_matches_probe():
+    """The fused probe computes the same sums in a different order: equal to fp32 rounding (1e-6 of a sum of 1)."""
+    for name, q, k, cfg in fast_cases():
+        for a, b in zip(_probe(q, k, cfg.block_size), _probe_fused(q, k, cfg.block_size)):
+            assert_close(a, b, 1e-6, name)
+
+
+def test_fast_selection_is_the_reference_selection():
+    """select_blocks_fast (compiled, CPU inductor) keeps exactly the reference's blocks and head patterns. Exact
+    equality holds here because no decision of these inputs sits within fp32 rounding (~1e-7) of its threshold:
+    the sums differ by that much (test above), so a cover count or top-k exactly on a tie could flip on other
+    inputs; the GPU benchmark reports any differing blocks (sel_diff)."""
+    for name, q, k, cfg in fast_cases():
+        sel, info = select_blocks(q, k, cfg)
+        sel_fast, info_fast = select_blocks_fast(q, k, cfg)
+        assert 0 < info["density"].mean() < 1, name
+        assert torch.equal(sel_fast, sel), f"{name}: {(sel_fast != sel).sum()} blocks differ"
+        for key in ("query_aware", "n_vertical", "n_slash", "n_blocks"):
+            assert torch.equal(info_fast[key], info[key]), (name, key)
+        assert_close(info_fast["js"], info["js"], 1e-5, name)
+        assert name == "planted" or info["query_aware"].any() and not info["query_aware"].all()   # both patterns
+
+
+def test_fast_flexprefill_matches_eager():
+    """flexprefill_attention with fast=True (compiled selection, estimate and BlockMask indices) gives the eager
+    path's output and info, and the compiled BlockMask indices are the eager ones."""
+    q, k, v = randn(1, 4, 1000, 32, seed=1), randn(1, 2, 1000, 32, seed=2), randn(1, 2, 1000, 32, seed=3)
+    cfg = FlexPrefillConfig(min_budget=64, block_size=32, dense_above=0.9)
+    out, info = flexprefill_attention(q, k, v, cfg, return_info=True)
+    out_fast, info_fast = flexprefill_attention(q, k, v, FlexPrefillConfig(**{**vars(cfg), "fast": True}),
+                                                return_info=True)
+    assert not info["dense_fallback"] and torch.equal(out_fast, out)
+    assert torch.equal(info_fast["n_blocks"], info["n_blocks"])
+    assert abs(float(info_fast["estimated_density"]) - float(info["estimated_density"])) < 1e-6
+    sel, _ = select_blocks(q, k, cfg)
+    a, b = block_mask_from_selection(sel, 1000, 1000, 32), block_mask_from_selection(sel, 1000, 1000, 32, fast=True)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_dense_looking_inputs_run_dense_sdpa():
     """Random q/k: every head's probe attention is flat, so the lines covering gamma of it span most key blocks;
     the cheap estimate alone sends the input to dense SDPA (no selection). Planted heads stay sparse."""
@@ -361,6 +416,21 @@ def test_flex_cuda_bf16_qwen_shape(Nq, Nk):
     out, info = flexprefill_attention(q, k, v, FlexPrefillConfig(min_budget=bs), return_info=True)
     assert not info["dense_fallback"]
     assert_close(out, flex, BF16_TOL, "flexprefill_attention vs flex backend")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", ["random_inputs", "planted_inputs"])
+def test_fast_selection_is_the_reference_selection_cuda(make):
+    """The benchmark's inputs at 8k, Qwen2.5-VL-7B's heads, bf16 on the GPU: the compiled selection (Triton kernels,
+    other summation orders than cuBLAS/ATen's) keeps exactly the reference's blocks and head patterns."""
+    import tools.bench_flexprefill as bench
+    q, k, _ = getattr(bench, make)(8192, 28, 4, 128, torch.Generator().manual_seed(0))
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    cfg = FlexPrefillConfig()
+    (sel, info), (sel_fast, info_fast) = select_blocks(q, k, cfg), select_blocks_fast(q, k, cfg)
+    assert torch.equal(info_fast["query_aware"], info["query_aware"]), (info["js"], info_fast["js"])
+    heads = (sel_fast != sel).flatten(2).any(-1).nonzero().tolist()
+    assert not heads, f"{(sel_fast != sel).sum()} blocks differ, in (batch, head) {heads}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,9 +7,14 @@ Per length and input it reports the selection time, the BlockMask build, the spa
 FlexPrefill call, SDPA's default dense causal attention (and SDPA's FlashAttention-2 backend on CUDA), the
 kept fraction of causal blocks, the share of query-aware heads and the output error against SDPA's output
 (nothing N x N is built). Times are medians over --iters runs after --warmup runs (CUDA events on GPU).
+The selection is the fast (compiled) one on CUDA; the eager reference runs beside it, timed (select_ref_ms) and
+compared block by block (sel_diff, expected 0). --authors PATH adds the authors' Triton FlexPrefill (a checkout of
+bytedance/FlexPrefill, imported from there, never copied) on the same inputs and settings: its time, its selection's
+time and density, the share of blocks where it and ours differ, its error, and x_authors = its time over ours.
 
     python -m tools.bench_flexprefill                                   # H100: 8k, 32k, 64k, 128k
-    python -m tools.bench_flexprefill --lengths 131072 --compile-select --json out.json
+    python -m tools.bench_flexprefill --lengths 131072 --select reference --json out.json   # eager selection
+    python -m tools.bench_flexprefill --lengths 32768 131072 --authors ../FlexPrefill       # and the authors' code
     python -m tools.bench_flexprefill --activations qkv_layer10.pt      # q, k, v captured from a model
     python -m tools.bench_flexprefill --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
     python -m tools.bench_flexprefill --long-prefill   # dense vs FlexPrefill answers of the shipped model
@@ -22,6 +27,7 @@ For contrast the same questions go to the StreamingVLM cache after streaming the
 its memory is the sink, the text window and the vision window, which is what the model was trained on.
 """
 import argparse
+import importlib.util
 import math
 import os
 import statistics
@@ -36,7 +42,7 @@ from tqdm import tqdm
 from cli import Parser, Results, at_least, checked, default_model, hardware, table
 from data import build_sample
 from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
-                         estimate_density, select_blocks, sparse_attention)
+                         estimate_density, select_blocks, select_blocks_fast, sparse_attention)
 from model import causal_attention
 from layout import question_segments
 from layout import layout_of
@@ -108,10 +114,51 @@ def load_activations(path):
     return q, k, v
 
 
-def run_one(name, q, k, v, args, device, select_fn):
+def load_authors(path):
+    """The authors' flex_prefill/ops/flex_prefill_attention.py from a bytedance/FlexPrefill checkout at path, imported
+    as a lone module (their package __init__ also patches transformers models, which we do not need; the module itself
+    needs triton, einops and transformers). Returns (module, None), or (None, why it failed)."""
+    file = os.path.join(path, "flex_prefill", "ops", "flex_prefill_attention.py")
+    try:
+        spec = importlib.util.spec_from_file_location("authors_flex_prefill_attention", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module, None
+    except Exception as e:  # a missing file or package, or a triton/transformers version it does not know
+        return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def run_authors(authors, q, k, v, cfg, sel, dense, bench):
+    """The authors' FlexPrefill on the same q, k, v (their layout: (B, N, H, D)) and settings: the whole call, their
+    selection (get_active_blocks), their density counted as ours (kept / causal blocks), how many blocks their
+    selection and ours differ in (share of causal blocks; ours differs by design: see flexprefill.py's docstring) and
+    their output's error against dense SDPA."""
+    bs, N = cfg.block_size, q.shape[2]
+    nb, max_budget = math.ceil(N / bs), math.ceil((cfg.max_budget or 2**31 - 1) / bs)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    call = lambda: authors.flex_prefill_attention(qt, kt, vt, cfg.gamma, cfg.tau, cfg.min_budget, cfg.max_budget,
+                                                  block_size=bs)
+    select = lambda: authors.get_active_blocks(qt, kt, vt, bs, cfg.gamma, math.ceil(cfg.min_budget / bs),
+                                               max_budget, cfg.tau)
+    theirs = torch.zeros_like(sel).flatten(2)                       # (B, Hq, nb * nb): their flat block indices
+    for b, heads in enumerate(select()):
+        for h, idx in enumerate(heads):
+            theirs[b, h, idx.long()] = True
+    theirs = theirs.view(sel.shape)
+    causal = nb * (nb + 1) / 2
+    err = (call().transpose(1, 2).float() - dense.float()).abs().max().item()
+    return dict(authors_ms=bench(call), authors_select_ms=bench(select), authors_max_err=err,
+                authors_density=(theirs.sum((-2, -1)) / causal).float().mean().item(),
+                vs_authors=((theirs != sel).sum((-2, -1)) / causal).float().mean().item())
+
+
+def run_one(name, q, k, v, args, device, authors=None):
     N = q.shape[2]
     cfg = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, max_budget=args.max_budget,
-                            block_size=args.block_size, dense_above=args.dense_above, dense_below=args.dense_below)
+                            block_size=args.block_size, dense_above=args.dense_above, dense_below=args.dense_below,
+                            fast=dict(auto=None, fast=True, reference=False)[args.select])
+    fast = device.type == "cuda" if cfg.fast is None else cfg.fast
+    select_fn = select_blocks_fast if fast else select_blocks
     backend = args.backend if args.backend != "auto" else ("flex" if device.type == "cuda" else "dense")
     bench = lambda fn: timeit(fn, device, args.warmup, args.iters)
 
@@ -120,23 +167,34 @@ def run_one(name, q, k, v, args, device, select_fn):
         base = torch.cuda.memory_allocated()
     sel, info = select_fn(q, k, cfg)
     peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+    sel_ref, info_ref = select_blocks(q, k, cfg)    # the eager reference: the fast path must keep the same blocks
     out = sparse_attention(q, k, v, sel, args.block_size, backend)
     dense = causal_attention(q, k, v)
     err = (out.float() - dense.float()).abs()
-    row = dict(input=name, N=N, density=info["density"].mean().item(),
-               query_aware=info["query_aware"].float().mean().item(),
+    row = dict(input=name, N=N, select="fast" if fast else "reference", density=info["density"].mean().item(),
+               query_aware=info["query_aware"].float().mean().item(), sel_diff=int((sel != sel_ref).sum()),
+               qa_diff=int((info["query_aware"] != info_ref["query_aware"]).sum()),
                max_err=err.max().item(), mean_err=err.mean().item(), select_peak_gib=peak_gib)
-    del out, dense, err
+    del out, err, sel_ref, info_ref
+    if authors is not None:
+        try:   # their Triton kernels were written for older Triton versions: a failure costs their columns only
+            row.update(run_authors(authors, q, k, v, cfg, sel, dense, bench))
+        except Exception as e:
+            why = (str(e).splitlines() or [""])[0]
+            print(f"  authors' FlexPrefill failed on {name} N={N}: {type(e).__name__}: {why}")
+    del dense
 
     row["select_ms"] = bench(lambda: select_fn(q, k, cfg))
+    row["select_ref_ms"] = bench(lambda: select_blocks(q, k, cfg)) if fast else row["select_ms"]
     if backend == "flex":
-        block_mask = block_mask_from_selection(sel, N, N, args.block_size)
-        row["mask_ms"] = bench(lambda: block_mask_from_selection(sel, N, N, args.block_size))
+        block_mask = block_mask_from_selection(sel, N, N, args.block_size, fast)
+        row["mask_ms"] = bench(lambda: block_mask_from_selection(sel, N, N, args.block_size, fast))
         row["attn_ms"] = bench(lambda: _flex(q, k, v, block_mask, True))
     else:   # the dense reference backend builds an N x N token mask inside
         row["mask_ms"] = float("nan")
         row["attn_ms"] = bench(lambda: sparse_attention(q, k, v, sel, args.block_size, backend))
-    row["total_ms"] = bench(lambda: sparse_attention(q, k, v, select_fn(q, k, cfg)[0], args.block_size, backend))
+    row["total_ms"] = bench(lambda: sparse_attention(q, k, v, select_fn(q, k, cfg)[0], args.block_size, backend,
+                                                     fast))
     row["sdpa_ms"] = bench(lambda: causal_attention(q, k, v))
     row["sdpa_fa2_ms"] = float("nan")
     if device.type == "cuda":
@@ -154,17 +212,25 @@ def run_one(name, q, k, v, args, device, select_fn):
     row["flexprefill_ms"] = bench(lambda: flexprefill_attention(q, k, v, cfg))
     row["fp_x_sdpa"] = row["sdpa_ms"] / row["flexprefill_ms"]
     row["speedup"] = row["sdpa_ms"] / row["total_ms"]
-    row["select_share"] = row["select_ms"] / row["sdpa_ms"]
+    mask_ms = 0.0 if math.isnan(row["mask_ms"]) else row["mask_ms"]      # no BlockMask on the dense backend
+    row["select_share"] = (row["select_ms"] + mask_ms) / row["sdpa_ms"]
+    row["x_authors"] = row.get("authors_ms", float("nan")) / row["flexprefill_ms"]
     return row
 
 
-COLUMNS = [("input", "{:>11}"), ("N", "{:>7}"), ("select_ms", "{:>9.2f}"), ("mask_ms", "{:>8.2f}"),
+COLUMNS = [("input", "{:>11}"), ("N", "{:>7}"), ("select_ms", "{:>9.2f}"), ("select_ref_ms", "{:>13.2f}"),
+           ("sel_diff", "{:>8}"), ("mask_ms", "{:>8.2f}"),
            ("attn_ms", "{:>9.2f}"), ("total_ms", "{:>9.2f}"), ("sdpa_ms", "{:>9.2f}"), ("sdpa_fa2_ms", "{:>11.2f}"),
            ("speedup", "{:>7.2f}x"), ("select_share", "{:>12.1%}"), ("density", "{:>7.3f}"),
            ("query_aware", "{:>11.2f}"), ("max_err", "{:>8.4f}"), ("mean_err", "{:>8.5f}"),
            ("select_peak_gib", "{:>15.2f}"), ("est_density", "{:>11.3f}"), ("estimate_ms", "{:>11.2f}"),
            ("fallback", "{:>8}"),
-           ("flexprefill_ms", "{:>14.2f}"), ("fp_x_sdpa", "{:>8.2f}x")]
+           ("flexprefill_ms", "{:>14.2f}"), ("fp_x_sdpa", "{:>8.2f}x"), ("x_authors", "{:>9.2f}x")]
+
+
+SUMMARY = ["input", "N", "select_ms", "select_ref_ms", "mask_ms", "select_share", "sel_diff", "density", "fallback",
+           "flexprefill_ms", "sdpa_ms", "fp_x_sdpa", "max_err", "authors_ms", "authors_select_ms", "authors_density",
+           "vs_authors", "x_authors"]
 
 
 def print_row(row):
@@ -275,11 +341,15 @@ def kernel_bench(args):
     """The kernel table: per input kind and length, FlexPrefill's parts against dense SDPA."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     Hq, Hkv = args.heads
-    select_fn = torch.compile(select_blocks, dynamic=False) if args.compile_select else select_blocks
+    authors = None
+    if args.authors:
+        authors, why = load_authors(args.authors)
+        if authors is None:
+            print(f"authors' FlexPrefill not importable from {args.authors} ({why}): running ours only")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.dtype}, heads {Hq}/{Hkv}, head dim {args.head_dim}, "
           f"gamma {args.gamma}, tau {args.tau}, min_budget {args.min_budget}, block {args.block_size}, "
-          f"selection {'compiled' if args.compile_select else 'eager'}")
+          f"selection {args.select}{', authors: ' + args.authors if authors else ''}")
     print("density = kept / causal blocks (mean over heads); query_aware = share of query-aware heads; "
           "errors against SDPA's output")
     if max(args.lengths) <= max(2 * args.block_size, math.ceil(args.min_budget / args.block_size) * args.block_size):
@@ -299,7 +369,7 @@ def kernel_bench(args):
             else:
                 q, k, v = (random_inputs if source == "random" else planted_inputs)(N, Hq, Hkv, args.head_dim, gen)
             q, k, v = (x.to(device, dtype).contiguous() for x in (q, k, v))
-            row = run_one(source, q, k, v, args, device, select_fn)
+            row = run_one(source, q, k, v, args, device, authors)
             print_row(row)
             rows.append({key: None if val != val else val for key, val in row.items()})  # NaN: null in JSON
             if res:
@@ -309,6 +379,9 @@ def kernel_bench(args):
                 torch.cuda.empty_cache()
     if res:
         res.save(dict(device=name, torch=torch.__version__, args=vars(args), rows=rows))
+    short = lambda v: round(v, 3 if abs(v) < 10 else 1) if isinstance(v, float) else v
+    print("summary (select_share: selection + BlockMask over dense SDPA; x_authors: authors' time over ours)")
+    print(table([{c: short(r.get(c)) for c in SUMMARY} for r in rows], SUMMARY))
     return rows
 
 
@@ -334,8 +407,12 @@ def build_parser():
                    "share of the visible blocks (FlexPrefillConfig.dense_above; flexprefill.GUARDED's value)")
     p.add_argument("--dense-below", type=at_least(0), default=16384, help="flexprefill_attention runs dense SDPA "
                    "on inputs of fewer keys (FlexPrefillConfig.dense_below; flexprefill.GUARDED's value)")
-    p.add_argument("--compile-select", action="store_true",
-                   help="torch.compile(select_blocks, dynamic=False): one compile per length")
+    p.add_argument("--select", default="auto", choices=["auto", "fast", "reference"], help="the block selection: "
+                   "fast (select_blocks_fast, compiled: one compile per length), reference (eager select_blocks) or "
+                   "auto (fast on CUDA); the reference also runs beside the fast one as a check (sel_diff)")
+    p.add_argument("--authors", metavar="PATH", help="a checkout of bytedance/FlexPrefill: their "
+                   "flex_prefill_attention runs on the same inputs and settings, side by side (needs CUDA, triton, "
+                   "einops)")
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--seed", type=at_least(0), default=0, help="inputs' seed; --long-prefill: the first "
