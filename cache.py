@@ -113,8 +113,6 @@ class StreamingCache(KVCache):
         self.next_pos = torch.zeros(1, dtype=torch.long)  # the next free M-RoPE position
         self.next_unit = 0
         self._allocate(capacity)
-        if compiled and evict:
-            self._warm_up_moves()
 
     def _allocate(self, capacity):
         c = self.cfg
@@ -207,22 +205,10 @@ class StreamingCache(KVCache):
             self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
             cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
                                      self.dtype)
-        # eager: one layer at a time (a small temporary); compiled: LAYERS_PER_MOVE layers per call, as each call of
-        # a compiled function costs its guards and launches on the host whatever its size
-        move, step = (_compiled_kept_rows(), LAYERS_PER_MOVE) if self.compiled else (kept_rows, 1)
-        for i in range(0, self.cfg.num_hidden_layers, step):
-            layers = slice(i, i + step)
-            k, v, raw_k = move(self.k[layers], self.v[layers], self.raw_k[layers], dev_keep, cos, sin)
-            self.k[layers, ..., :n, :], self.v[layers, ..., :n, :], self.raw_k[layers, ..., :n, :] = k, v, raw_k
-
-    def _warm_up_moves(self):
-        """Compile the fast path's row moves now, at start-up, rather than at the first eviction mid-stream (a
-        pause of a second or more on a GPU). Dynamic shapes: two rows compile what ten thousand will run."""
-        keep = torch.arange(2, device=self.device)
-        cos, sin = mrope_cos_sin(torch.zeros(3, 1, 2, dtype=torch.long, device=self.device), self.inv_freq,
-                                 self.cfg.mrope_section, self.dtype) if self.reindex else (None, None)
-        layers = slice(0, LAYERS_PER_MOVE)
-        _compiled_kept_rows()(self.k[layers], self.v[layers], self.raw_k[layers], keep, cos, sin)
+        move = _compiled_kept_rows() if self.compiled else kept_rows
+        for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
+            k, v, raw_k = move(self.k[layer], self.v[layer], self.raw_k[layer], dev_keep, cos, sin)
+            self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.raw_k[layer, :, :, :n] = k, v, raw_k
 
     def clear(self):
         self.length, self.next_unit, self.added = 0, 0, 0
@@ -242,14 +228,11 @@ class StreamingCache(KVCache):
 
 
 def kept_rows(k, v, raw_k, keep, cos=None, sin=None):
-    """Some layers' rows after an eviction: (k, v, raw_k) (layers, 1, Hkv, capacity, D) -> the rows `keep` of
-    each, in order, as new tensors (layers, 1, Hkv, n, D). With cos/sin (1, 1, n, D) (contiguous RoPE) the keys are
-    rotated afresh from the raw ones at the new positions; without, the rotated keys move as they are (native RoPE)."""
-    raw = raw_k.index_select(-2, keep)
-    return (apply_rope(raw, cos, sin) if cos is not None else k.index_select(-2, keep)), v.index_select(-2, keep), raw
-
-
-LAYERS_PER_MOVE = 7  # compiled eviction: 4 calls at 7B (a temporary of 7 layers' kept rows, ~90 MB at 720p 2 fps)
+    """One layer's rows after an eviction: (k, v, raw_k) (1, Hkv, capacity, D) -> the rows `keep` of each, in
+    order, new tensors (1, Hkv, n, D). With cos/sin (contiguous RoPE) the keys are rotated afresh from the raw ones
+    at the new positions; without, the rotated keys move as they are (native RoPE)."""
+    raw = raw_k[:, :, keep]
+    return (apply_rope(raw, cos, sin) if cos is not None else k[:, :, keep]), v[:, :, keep], raw
 
 
 @functools.cache
