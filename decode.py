@@ -27,9 +27,8 @@ treat the K/V write as a mutation of the whole buffer and copy all of it on ever
 
 The fast path also fuses the model's projections (VLM.fuse: one q/k/v and one gate/up matmul per layer, 84
 fewer launches a step at 7B and larger matrix-vector products) and, on a GPU, runs the decode attention through
-the split-KV kernel below (VLM.use_decode_attention) and a second's prefill on the cache through cuDNN in two
-parts (split_prefill_attention, VLM.use_attention), unless the caller decided otherwise before (model.fuse(False),
-model.use_decode_attention(None), model.use_attention(None) keep the references; the benchmarks run both ways).
+the split-KV kernel below (VLM.use_decode_attention), unless the caller decided otherwise before
+(model.fuse(False), model.use_decode_attention(None) keep the references; the benchmarks run both ways).
 
 The step reuses the model's own layers (Attention, MLP, norms), so it computes exactly what the eager path
 does; only the cache adapter (cache.DecodeSlots) and the mask differ. tests/test_decode.py runs the same step eagerly on
@@ -43,7 +42,6 @@ import torch
 
 from cache import DecodeSlots
 from layout import Kind, check_text
-from model import causal_attention
 from rope import mrope_axis, mrope_cos_sin
 
 try:  # the split-KV decode kernel needs Triton (it comes with CUDA builds of PyTorch)
@@ -149,42 +147,6 @@ def decode_kernel_for(device):
     return functools.partial(split_kv_attention, programs=2 * sms)
 
 
-# -----------------------------------------------------------------------------
-# A second's prefill on the cache: cached keys and new keys apart, merged by log-sum-exp
-#
-# Why: each second prefills ~775 new tokens (720p, 2 fps) that attend to all ~12.7k cached ones and causally to
-# each other. SDPA reaches that bottom-right causal mask only through the FlashAttention-2 kernel (causal_lower_right
-# in model.causal_attention), which ran at ~230 TFLOP/s on an H100 here; cuDNN's Hopper kernel has no such mask,
-# but needs none if the work is cut in two: the new queries against the cached keys (no mask at all) and against
-# their own keys (plain causal, a square). Each part returns its log-sum-exp, and the two softmaxes merge exactly:
-# o = (o1 e^(l1 - m) + o2 e^(l2 - m)) / (e^(l1 - m) + e^(l2 - m)), m = max(l1, l2). One H100, 28/4 heads, d 128,
-# bf16, per layer: 775 x 13.5k keys 0.63 -> 0.45 ms; an 8-fps second (2,980 x 47.8k) 6.46 -> 4.18 ms.
-
-
-def split_prefill_attention(q, k, v):
-    """model.causal_attention (same arguments: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), the queries the last Nq
-    positions) for a chunk on a cache, on cuDNN. Falls back to the reference where cuDNN's kernel does not apply:
-    no cache (Nq == Nk), not on a GPU, not bf16/fp16, or with gradients."""
-    (B, H, Nq, D), Nk = q.shape, k.shape[2]
-    if Nq == Nk or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or torch.is_grad_enabled():
-        return causal_attention(q, k, v)
-    past = Nk - Nq
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention  # (q, k, v, bias, with_lse, dropout, causal)
-    o1, l1 = cudnn(q, k[:, :, :past], v[:, :, :past], None, True, 0.0, False)[:2]    # every query, every cached key
-    o2, l2 = cudnn(q, k[:, :, past:], v[:, :, past:], None, True, 0.0, True)[:2]     # causal among the new ones
-    l1, l2 = l1.view(B, H, Nq, 1).float(), l2.view(B, H, Nq, 1).float()              # log-sum-exp per query
-    m = torch.maximum(l1, l2)
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
-
-
-def prefill_kernel_for(device):
-    """split_prefill_attention on a CUDA device with cuDNN, else None."""
-    device = torch.device(device)
-    ok = device.type == "cuda" and torch.backends.cudnn.is_available()
-    return split_prefill_attention if ok else None
-
-
 class GraphDecoder:
     """decoder(token_id) -> logits (1, vocab) of the next token, for a StreamingCache that the caller has
     already told about the token (cache.add_tokens), exactly like model(...) with cache=cache would."""
@@ -196,8 +158,6 @@ class GraphDecoder:
             model.fuse()
         if model.decode_kernel is None and decode_kernel_for(dev) is not None:  # ... and split-KV decoding
             model.use_decode_attention(decode_kernel_for(dev))
-        if model.prefill_kernel is None and prefill_kernel_for(dev) is not None:  # ... and the two-part prefill
-            model.use_attention(prefill_kernel_for(dev))
         self.graphs = dev.type == "cuda" if graphs is None else graphs
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)    # static inputs, filled per step
         self.pos = torch.zeros(3, 1, 1, dtype=torch.long, device=dev)

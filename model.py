@@ -309,7 +309,6 @@ class VLM(nn.Module):
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
         self.decode_kernel = None  # decode attention: None until use_decode_attention decides (likewise)
-        self.prefill_kernel = None  # prompt and prefill attention: None until use_attention decides (likewise)
 
     def fuse(self, enabled=True):
         """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
@@ -326,7 +325,6 @@ class VLM(nn.Module):
         explicitly masked (padded) batches stay dense."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = attn_fn or causal_attention
-        self.prefill_kernel = attn_fn or causal_attention
         return self
 
     def use_decode_attention(self, decode_fn=None):

@@ -72,33 +72,3 @@ def test_split_kv_compiled_and_in_a_graph():
     k.normal_()  # new contents at the same addresses: the replay reads them
     graph.replay()
     torch.testing.assert_close(out, fn(q, k, v, mask), atol=1e-3, rtol=1e-3)
-
-
-def test_split_prefill_falls_back_to_the_reference_off_a_gpu():
-    from decode import prefill_kernel_for, split_prefill_attention
-    from model import causal_attention
-    assert prefill_kernel_for("cpu") is None
-    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
-    assert torch.equal(split_prefill_attention(q, k, v), causal_attention(q, k, v))
-
-
-@gpu
-@pytest.mark.parametrize("Nq, past, Hq, Hkv", [(775, 12737 - 775, 28, 4), (1, 300, 28, 4), (300, 1, 4, 2),
-                                               (64, 64, 4, 4)])
-@torch.no_grad()
-def test_split_prefill_equals_causal_attention(Nq, past, Hq, Hkv):
-    # cuDNN over the cached keys + cuDNN causal over the new ones, merged by log-sum-exp, against fp64 truth; the
-    # keys are a view of a larger buffer, as the cache's are (capacity past the length)
-    from decode import split_prefill_attention
-    from model import causal_attention
-    g = torch.Generator("cuda").manual_seed(Nq)
-    cap = Nq + past + 100
-    q = torch.randn(1, Hq, Nq, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-    kb, vb = (torch.randn(1, Hkv, cap, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    k, v = kb[:, :, :Nq + past], vb[:, :, :Nq + past]
-    truth = causal_attention(q.double(), k.double(), v.double())
-    got, bf16 = split_prefill_attention(q, k, v), causal_attention(q, k, v)
-    assert got.shape == truth.shape and torch.isfinite(got).all()
-    err = ((got.double() - truth).norm() / truth.norm()).item()
-    ref = ((bf16.double() - truth).norm() / truth.norm()).item()
-    assert err < max(2 * ref, 5e-3), (err, ref)

@@ -25,10 +25,9 @@ The ideas:
   step reads (measure_floor), plus the live cache's K/V bytes at the bandwidth those products reach. Each run's
   row says its ms per token (in the loop: launch, readback and all) and its decode graph's replay alone as
   multiples of it (x_floor, graph_x_floor). --variants reference,fused,fast runs the model's reference layers
-  (separate q/k/v and gate/up Linears, two-matmul decode attention, prefill attention through SDPA), the fused
-  projections (VLM.fuse, the vision MLP padded) and those plus the split-KV decode kernel and the two-part cuDNN
-  prefill attention (decode.py) side by side; --profile prints the kernels of one more steady second and of a
-  replay of the decode graph.
+  (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
+  plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
+  and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary.
 """
 import argparse
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import Parser, Results, at_least, hardware, table
-from decode import decode_kernel_for, prefill_kernel_for
+from decode import decode_kernel_for
 from eval import (add_run_flags, check_run_flags, fresh_peak, ms, percentile, run_policy, steady_capacity, sync,
                   timed_seconds)
 from flexprefill import enable_flexprefill
@@ -52,16 +51,13 @@ from safeio import write_atomic
 from stream import streamer_kwargs
 
 
-# (fuse, kernels: the split-KV decode attention and the two-part cuDNN prefill attention, decode.py)
-VARIANTS = {"reference": (False, False), "fused": (True, False), "fast": (True, True)}
+VARIANTS = {"reference": (False, False), "fused": (True, False), "fast": (True, True)}  # (fuse, split-KV kernel)
 
 
-def set_variant(model, variant, flexprefill=False):
-    fuse, kernels = VARIANTS[variant]
+def set_variant(model, variant):
+    fuse, kernel = VARIANTS[variant]
     model.fuse(fuse)
-    model.use_decode_attention(decode_kernel_for(model.device) if kernels else None)
-    if not flexprefill:  # --flexprefill keeps FlexPrefill's prefill attention
-        model.use_attention(prefill_kernel_for(model.device) if kernels else None)
+    model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
 
 
 def build_models(args):
@@ -299,8 +295,7 @@ def build_parser():
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
                     help="comma-separated, each policy and decode path runs once per variant: reference (separate "
-                    "Linears, two-matmul decode attention, SDPA prefill), fused (VLM.fuse), fast (fused + split-KV decode "
-                    "and two-part cuDNN prefill attention)")
+                    "Linears, two-matmul decode attention), fused (VLM.fuse), fast (fused + split-KV decode kernel)")
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
@@ -362,7 +357,7 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
             r, w = hf_loop(hf, tok, seconds, frames_of, args, after=log), min(warmup, seconds // 2)
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
-            set_variant(model, variant, args.flexprefill)
+            set_variant(model, variant)
             try:
                 r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
                                   **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
