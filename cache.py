@@ -42,8 +42,6 @@ Design choices:
 - DecodeSlots is the cache as a fixed-shape decode step sees it (decode.py): whole-capacity views written at a
   device index, so the step can be captured in a CUDA graph.
 """
-import functools
-
 import torch
 
 from layout import Kind, cut_previous
@@ -95,11 +93,8 @@ class StreamingCache(KVCache):
     and evicts once a round."""
 
     def __init__(self, cfg, evict=True, reindex=True, text_sink=512, text_window=512, vision_window=16,
-                 capacity=1024, device="cpu", dtype=torch.float32, evict_every=1, compiled=False):
+                 capacity=1024, device="cpu", dtype=torch.float32, evict_every=1):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
-        # compiled: eviction moves each layer's rows through one torch.compile'd function (kept_rows) instead of
-        # ~14 eager kernels a layer (the fast path; Streamer(decode="compiled") turns it on)
-        self.compiled = compiled
         # evict: drop rounds that left the vision window (their replies move to the previous text); reindex:
         # contiguous RoPE, re-derive the kept tokens' positions after an eviction
         self.evict_rounds, self.reindex = evict, reindex
@@ -200,15 +195,17 @@ class StreamingCache(KVCache):
         self.pos[:, :n] = self.pos[:, keep]
         self.length = n
         dev_keep = keep.to(self.device)
-        cos = sin = None
         if self.reindex:
             self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
             cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
                                      self.dtype)
-        move = _compiled_kept_rows() if self.compiled else kept_rows
         for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
-            k, v, raw_k = move(self.k[layer], self.v[layer], self.raw_k[layer], dev_keep, cos, sin)
-            self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.raw_k[layer, :, :, :n] = k, v, raw_k
+            self.v[layer, :, :, :n] = self.v[layer, :, :, dev_keep]
+            self.raw_k[layer, :, :, :n] = self.raw_k[layer, :, :, dev_keep]
+            if self.reindex:
+                self.k[layer, :, :, :n] = apply_rope(self.raw_k[layer, :, :, :n], cos, sin)
+            else:
+                self.k[layer, :, :, :n] = self.k[layer, :, :, dev_keep]
 
     def clear(self):
         self.length, self.next_unit, self.added = 0, 0, 0
@@ -225,21 +222,6 @@ class StreamingCache(KVCache):
 
     def nbytes(self):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in ("k", "v", "raw_k"))
-
-
-def kept_rows(k, v, raw_k, keep, cos=None, sin=None):
-    """One layer's rows after an eviction: (k, v, raw_k) (1, Hkv, capacity, D) -> the rows `keep` of each, in
-    order, new tensors (1, Hkv, n, D). With cos/sin (contiguous RoPE) the keys are rotated afresh from the raw ones
-    at the new positions; without, the rotated keys move as they are (native RoPE)."""
-    raw = raw_k[:, :, keep]
-    return (apply_rope(raw, cos, sin) if cos is not None else k[:, :, keep]), v[:, :, keep], raw
-
-
-@functools.cache
-def _compiled_kept_rows():
-    """kept_rows through torch.compile (made on first use): the gathers and the rotation fuse into a few kernels.
-    dynamic=True: the kept length changes from second to second and must not recompile each time."""
-    return torch.compile(kept_rows, dynamic=True)
 
 
 def units(ids, pos, cfg):

@@ -100,8 +100,7 @@ class Streamer:
         self.previous_ids = tok.encode(previous_text) if previous_text else []
         self.silence, self.end, self.stops = tok.encode(SILENCE), end_ids(tok), stop_ids(tok)
         self.cache = caches.StreamingCache(model.cfg, evict, reindex, text_sink, text_window, vision_window, capacity,
-                                           device=model.device, dtype=model.dtype, evict_every=evict_every,
-                                           compiled=decode == "compiled")
+                                           device=model.device, dtype=model.dtype, evict_every=evict_every)
         # the fast path: a graph-captured decode step (compiled too, and the vision blocks, with "compiled")
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda",
                                      compile=decode == "compiled") if decode != "plain" else None)

@@ -260,25 +260,3 @@ def test_seconds_of_several_temporal_patches_keep_contiguous_positions(tok):
                           video_grid_thw=grid, second_per_grid_ts=secs)[:, -1]
         assert (fresh - s.last_logits[:, -1]).abs().max() <= 1e-4
     assert kept == [4, 5]  # rounds left, so positions were re-laid
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("reindex", [True, False])
-def test_compiled_eviction_equals_eager(tok, reindex):
-    # the fast path's torch.compile'd row moves (cache.kept_rows) against the eager ones, through several evictions
-    # of different kept lengths (dynamic shapes: one compile)
-    model = tiny_model(tok, seed=4)
-    kw = dict(text_sink=4, text_window=8, vision_window=2)
-    out = {}
-    for compiled in (False, True):
-        s = make_streamer(model, tok, "streaming" if reindex else "native", **kw)
-        s.cache.compiled = compiled
-        for t in range(6):
-            s.step(frames(t), force_text="a goal" if t % 2 else None)
-        out[compiled] = s.cache
-    ref, got = out[False], out[True]
-    n = ref.length
-    assert got.length == n and int(ref.round[:n][ref.kind[:n] >= Kind.USER].min()) == 4  # rounds left: rows moved
-    for name in ("k", "v", "raw_k"):
-        torch.testing.assert_close(getattr(got, name)[..., :n, :], getattr(ref, name)[..., :n, :], atol=1e-6, rtol=1e-6)
-    assert torch.equal(got.pos[:, :n], ref.pos[:, :n])
