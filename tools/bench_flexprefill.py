@@ -152,6 +152,19 @@ def run_authors(authors, q, k, v, cfg, sel, dense, bench):
                 vs_authors=((theirs != sel).sum((-2, -1)) / causal).float().mean().item())
 
 
+def timeit_pair(fa, fb, device, warmup, iters):
+    """Median milliseconds of fa() and of fb(), called in turn (a, b, a, b, ...): a GPU's clocks drift over a long
+    run (heat, power), so two functions timed minutes apart can differ by more than what they compute differently;
+    timed in alternation, both see the same drift."""
+    times = ([], [])
+    for i in range(warmup + iters):
+        for fn, out in zip((fa, fb), times):
+            ms = timeit(fn, device, 0, 1)
+            if i >= warmup:
+                out.append(ms)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def run_one(name, q, k, v, args, device, authors=None):
     N = q.shape[2]
     cfg = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, max_budget=args.max_budget,
@@ -195,7 +208,6 @@ def run_one(name, q, k, v, args, device, authors=None):
         row["attn_ms"] = bench(lambda: sparse_attention(q, k, v, sel, args.block_size, backend))
     row["total_ms"] = bench(lambda: sparse_attention(q, k, v, select_fn(q, k, cfg)[0], args.block_size, backend,
                                                      fast))
-    row["sdpa_ms"] = bench(lambda: causal_attention(q, k, v))
     row["sdpa_fa2_ms"] = float("nan")
     if device.type == "cuda":
         try:
@@ -209,7 +221,10 @@ def run_one(name, q, k, v, args, device, authors=None):
     row["fallback"] = "dense" if fp_info["dense_fallback"] else "sparse"
     row["est_density"] = float(fp_info.get("estimated_density") or float("nan"))
     row["estimate_ms"] = bench(lambda: estimate_density(q, k, cfg))
-    row["flexprefill_ms"] = bench(lambda: flexprefill_attention(q, k, v, cfg))
+    # the ratio that decides "never slower than dense": both timed in alternation (timeit_pair)
+    row["sdpa_ms"], row["flexprefill_ms"] = timeit_pair(lambda: causal_attention(q, k, v),
+                                                        lambda: flexprefill_attention(q, k, v, cfg), device,
+                                                        args.warmup, max(args.iters, 5))
     row["fp_x_sdpa"] = row["sdpa_ms"] / row["flexprefill_ms"]
     row["speedup"] = row["sdpa_ms"] / row["total_ms"]
     mask_ms = 0.0 if math.isnan(row["mask_ms"]) else row["mask_ms"]      # no BlockMask on the dense backend
