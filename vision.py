@@ -255,7 +255,7 @@ class VisionTower(nn.Module):
 # One compiled block function for every block of every tower (the weights are its inputs): a compile for the
 # window blocks and one for the full-attention blocks, per input size
 _compiled_block = torch.compile(VisionBlock.forward)
-MAX_PLANS, MAX_GRAPHS = 256, 4
+MAX_PLANS, MAX_GRAPHS = 32, 4  # a 720p plan holds ~2 MB of rotary tables on the device
 
 # -----------------------------------------------------------------------------
 # The fast path: the whole tower replayed from a CUDA graph
