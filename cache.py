@@ -168,7 +168,7 @@ class StreamingCache(KVCache):
         self.next_pos = self.next_pos - n
 
     def relabel(self, start, end, kind):
-        """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from Kind.REPLY to Kind.END."""
+        """Change the kind of the cached tokens [start, end), e.g. a reply's closing ' ...' from REPLY to END."""
         self.kind[start:end] = kind
 
     # ---- eviction and contiguous RoPE ------------------------------------------------------------------------

@@ -166,7 +166,8 @@ class Streamer:
         """[(ids, kind, round)]: what is still to be fed (the end of the last reply, or the prefix), then a user
         turn of round self.t. The end of a reply belongs to the round before."""
         t = self.t
-        return [(ids, kind, t - 1 if kind == Kind.END else t) for ids, kind in self.pending] + [(user_turn, Kind.USER, t)]
+        pending = [(ids, kind, t - 1 if kind == Kind.END else t) for ids, kind in self.pending]
+        return pending + [(user_turn, Kind.USER, t)]
 
     def stage(self, segments, grid=None, secs=None):
         """Stage [(ids, kind, round)] in the cache, which hands out their M-RoPE positions (the video grids and
@@ -411,7 +412,8 @@ def build_parser():
     ap.add_argument("--out", help="folder for OUT/<name>.vtt and OUT/<name>.jsonl of every --video, <name> its file "
                     "stem (default with several videos: out/stream)")
     ap.add_argument("--vtt", help="write WebVTT subtitles here (a cue for each second that says something)")
-    ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, max_position)")
+    ap.add_argument("--jsonl", help="write one JSON line a second here (t, text, latency_ms, cache_tokens, "
+                    "max_position)")
     ap.add_argument("--realtime", action="store_true", help="pace by the wall clock; skip seconds when behind")
     ap.add_argument("--policy", default="streaming", choices=list(POLICIES), help="default streaming; "
                     + "; ".join(f"{name}: {p.about}" for name, p in POLICIES.items()))
