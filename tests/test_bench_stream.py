@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools.bench_stream import main
+from tools.bench_stream import main, per_minute
 from test_eval import lines, refused
 
 
@@ -27,6 +27,19 @@ def test_ours_and_transformers_side_by_side(tmp_path):
     assert {x["forwards"] for x in logged if x["policy"] == "transformers"} == {4}
     assert {x["forwards"] for x in logged if x["policy"] != "transformers"} == {3}  # the 4th token is never fed
     assert json.load(open(tmp_path / "bench_stream.json"))["runs"]["full"]["summary"] == runs["full"]["summary"]
+    pm = runs["streaming"]["per_minute"]
+    assert [m["seconds"] for m in pm] == [4] and pm[0]["mean_ms"] == round(1000 * sum(runs["streaming"]["latency"]) / 4, 1)
+
+
+def test_per_minute_flatness_numbers():
+    # 130 seconds: two whole minutes and 10 seconds of a third; a slow second 61 shows in minute 1's p99 only
+    latency = [0.2] * 130
+    latency[61] = 1.0
+    memory = [1.0] * 60 + [1.5] * 70
+    pm = per_minute(latency, memory)
+    assert [(m["minute"], m["seconds"]) for m in pm] == [(0, 60), (1, 60), (2, 10)]
+    assert [m["p99_ms"] for m in pm] == [200.0, 1000.0, 200.0] and pm[1]["mean_ms"] == round(1000 * (59 * 0.2 + 1) / 60, 1)
+    assert [m["memory_gib"] for m in pm] == [1.0, 1.5, 1.5]
 
 
 def test_a_failure_in_the_first_second_is_reported(tmp_path):

@@ -28,7 +28,8 @@ The ideas:
   (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
   plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
   and of a replay of the decode graph.
-Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary.
+Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary, with
+each run's mean and p99 per minute of stream and its memory (per_minute: is it flat?).
 """
 import argparse
 import os
@@ -325,6 +326,16 @@ def get_args(argv=None):
     return args
 
 
+def per_minute(latency, memory):
+    """Flatness at a glance: for each minute of stream (60 seconds' records), the mean and p99 of a second's
+    latency in ms and the most GPU memory held after a second."""
+    minutes = [slice(60 * m, 60 * m + 60) for m in range((len(latency) + 59) // 60)]
+    held = lambda sl: max((x for x in memory[sl] if x is not None), default=None)  # None: not measured (transformers)
+    return [dict(minute=m, seconds=len(latency[sl]), mean_ms=ms(statistics.mean(latency[sl])),
+                 p99_ms=ms(percentile(latency[sl], 99)), memory_gib=held(sl) and round(held(sl), 3))
+            for m, sl in enumerate(minutes)]
+
+
 def cache_gb(cfg, tokens):
     """GB of K and V that `tokens` cached tokens hold (bf16), all layers."""
     return tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 / 1e9
@@ -380,7 +391,9 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
         print(table([row]), flush=True)
         key = "-".join([name] + ([decode] if len(args.decode) > 1 and name != "transformers" else [])
                        + ([variant] if len(args.variants) > 1 and name != "transformers" else []))
-        runs[key] = dict(summary=row, latency=r["latency"], memory_gib=[x["memory_gib"] for x in r["seconds"]])
+        memory = [x["memory_gib"] for x in r["seconds"]]
+        runs[key] = dict(summary=row, latency=r["latency"], memory_gib=memory,
+                         per_minute=per_minute(r["latency"], memory))
         del r  # free this run's cache (and graph) before the next run measures its peak memory
     return rows, runs, hf_window
 
