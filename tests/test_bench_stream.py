@@ -28,7 +28,8 @@ def test_ours_and_transformers_side_by_side(tmp_path):
     assert {x["forwards"] for x in logged if x["policy"] != "transformers"} == {3}  # the 4th token is never fed
     assert json.load(open(tmp_path / "bench_stream.json"))["runs"]["full"]["summary"] == runs["full"]["summary"]
     pm = runs["streaming"]["per_minute"]
-    assert [m["seconds"] for m in pm] == [4] and pm[0]["mean_ms"] == round(1000 * sum(runs["streaming"]["latency"]) / 4, 1)
+    assert [m["seconds"] for m in pm] == [4]
+    assert pm[0]["mean_ms"] == round(1000 * sum(runs["streaming"]["latency"]) / 4, 1)
 
 
 def test_per_minute_flatness_numbers():
@@ -38,7 +39,8 @@ def test_per_minute_flatness_numbers():
     memory = [1.0] * 60 + [1.5] * 70
     pm = per_minute(latency, memory)
     assert [(m["minute"], m["seconds"]) for m in pm] == [(0, 60), (1, 60), (2, 10)]
-    assert [m["p99_ms"] for m in pm] == [200.0, 1000.0, 200.0] and pm[1]["mean_ms"] == round(1000 * (59 * 0.2 + 1) / 60, 1)
+    assert [m["p99_ms"] for m in pm] == [200.0, 1000.0, 200.0]
+    assert pm[1]["mean_ms"] == round(1000 * (59 * 0.2 + 1) / 60, 1)
     assert [m["memory_gib"] for m in pm] == [1.0, 1.5, 1.5]
 
 
