@@ -199,17 +199,13 @@ class StreamingCache(KVCache):
             self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
             cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
                                      self.dtype)
-        # LAYERS_PER_MOVE layers at a time: a small temporary, and ~15 kernels for 7 layers instead of for each (on
-        # an H100 at 7B the kernels' launches, not their bytes, set the eviction's time: 28 layers one at a time took
-        # 8.0 ms, all at once 4.7 ms)
-        for i in range(0, self.cfg.num_hidden_layers, LAYERS_PER_MOVE):
-            layers = slice(i, i + LAYERS_PER_MOVE)
-            self.v[layers, ..., :n, :] = self.v[layers].index_select(-2, dev_keep)   # (layers, 1, Hkv, n, D)
-            self.raw_k[layers, ..., :n, :] = self.raw_k[layers].index_select(-2, dev_keep)
-            if self.reindex:   # rotated afresh from the raw keys at the new positions; cos/sin (1, 1, n, D)
-                self.k[layers, ..., :n, :] = apply_rope(self.raw_k[layers, ..., :n, :], cos, sin)
+        for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
+            self.v[layer, :, :, :n] = self.v[layer, :, :, dev_keep]
+            self.raw_k[layer, :, :, :n] = self.raw_k[layer, :, :, dev_keep]
+            if self.reindex:
+                self.k[layer, :, :, :n] = apply_rope(self.raw_k[layer, :, :, :n], cos, sin)
             else:
-                self.k[layers, ..., :n, :] = self.k[layers].index_select(-2, dev_keep)
+                self.k[layer, :, :, :n] = self.k[layer, :, :, dev_keep]
 
     def clear(self):
         self.length, self.next_unit, self.added = 0, 0, 0
@@ -226,9 +222,6 @@ class StreamingCache(KVCache):
 
     def nbytes(self):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in ("k", "v", "raw_k"))
-
-
-LAYERS_PER_MOVE = 7  # eviction moves 7 layers' rows at once (at 7B, 720p, 2 fps: a temporary of ~90 MB)
 
 
 def units(ids, pos, cfg):
