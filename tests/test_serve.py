@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stream
 from checkpoint import load_checkpoint
 from cli import SHIPPED
 from layout import layout_of
-from serve import StreamBatch
+from model import causal_attention
+from serve import PackedRowAttention, RowAttention, StreamBatch
 from world import SportsStream, WorldConfig, split_seed
 
 SEEDS = (0, 4, 5)   # held-out streams with events in their first seconds (seconds 5 and 8; 2; 1 and 3)
@@ -51,10 +53,10 @@ def test_a_batch_says_what_each_stream_says_alone(shipped):
     assert sum(bool(x) for texts in said for x in texts) >= 4, "the streams must say something to compare"
 
 
-def nine_seconds_beside_alone(model, tok, kw, rows, decode):
+def nine_seconds_beside_alone(model, tok, kw, rows, decode, prefill="packed"):
     """The three held-out streams for 9 s (an eviction at second 8 included) in a batch of `rows` rows and each
     alone, asserting every second that the batch says what each says alone; returns (batch, the lone streamers)."""
-    ws, batch = worlds(), StreamBatch(model, tok, rows=rows, capacity=1024, decode=decode)
+    ws, batch = worlds(), StreamBatch(model, tok, rows=rows, capacity=1024, decode=decode, prefill=prefill)
     for i in range(3):
         batch.add(i, **kw)
     alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
@@ -64,14 +66,14 @@ def nine_seconds_beside_alone(model, tok, kw, rows, decode):
     return batch, alone
 
 
-@pytest.mark.parametrize("decode", ["plain", "graphs"])
-def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
+@pytest.mark.parametrize("decode, prefill", [("plain", "packed"), ("graphs", "packed"), ("plain", "rows")])
+def test_batched_cache_rows_hold_the_lone_caches(shipped, decode, prefill):
     """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V, and
     said the same; decode="graphs" runs the fixed-shape step over every row (eagerly on a CPU), silent rows writing
-    to their scratch slot, as a CUDA graph replays it. Four rows for three streams: one row is never used."""
+    to their scratch slot, as a CUDA graph replays it; prefill="rows" attends row by row (RowAttention) instead of in
+    one call (PackedRowAttention). Four rows for three streams: one row is never used."""
     model, tok, kw = shipped
-    batch, alone = nine_seconds_beside_alone(model, tok, kw, rows=4, decode=decode)
-    from model import causal_attention
+    batch, alone = nine_seconds_beside_alone(model, tok, kw, rows=4, decode=decode, prefill=prefill)
     assert all(layer.self_attn.attn_fn is causal_attention for layer in model.model.layers)  # restored after
     for i, s in enumerate(alone):
         a, b = s.cache, batch.streams[i].cache
@@ -82,6 +84,59 @@ def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
             x, y = getattr(a, name)[..., :n, :], getattr(b, name)[..., :n, :]
             assert (x - y).abs().max() <= 1e-4 * max(1.0, x.abs().max()), name
             assert not torch.equal(batch.k[:, i], batch.k[:, (i + 1) % 3])  # rows are not shared by mistake
+
+
+@pytest.mark.parametrize("rows, starts, lengths", [
+    ([0, 1, 2], [300, 17, 0], [130, 5, 260]),      # ragged turns over ragged caches; row 2 just joined (no cache yet)
+    ([2, 0], [129, 256], [1, 128]),                 # row 1 left: its stale K/V must stay unseen; rows out of order
+    ([3], [0], [7]),                                # a single stream, its first turn
+])
+def test_packed_prefill_attention_is_the_row_by_row_one(rows, starts, lengths):
+    """PackedRowAttention (one FlexAttention call over every cache row) gives RowAttention's outputs (dense causal
+    attention row by row, the reference) for each real query, and zeros for padding (fp32, random q, k, v, GQA)."""
+    g = torch.Generator().manual_seed(0)
+    R, Hq, Hkv, S, D, T = 4, 6, 2, 600, 16, max(lengths)
+    q = torch.randn(len(rows), Hq, T, D, generator=g)
+    k, v = torch.randn(2, R, Hkv, S, D, generator=g)
+    want = RowAttention(causal_attention, rows, starts, lengths)(q, k, v)
+    got = PackedRowAttention(rows, starts, lengths)(q, k, v)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+    assert all(not got[i, :, n:].any() for i, n in enumerate(lengths))
+    # a query that saw one more key, or one fewer, would differ: the test can fail
+    shifted = RowAttention(causal_attention, rows, [s + 1 for s in starts], lengths)(q, k, v)
+    assert (shifted - want).abs().max() > 1e-3
+
+
+class DeviceBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors allocated on a (non-meta) device while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        factories = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                     torch.ops.aten.zeros.default, torch.ops.aten.full.default)
+        if func in factories and out.device.type != "meta":
+            self.bytes += out.nbytes
+        return out
+
+
+def test_a_stream_joins_without_a_cache_of_its_own(shipped):
+    """StreamBatch.add allocates no K/V for the new stream (its cache's K/V are views of its row, from the start):
+    what it allocates is its host-side bookkeeping, a small fraction of a row's K/V."""
+    model, tok, kw = shipped
+    batch = StreamBatch(model, tok, rows=2, capacity=1024)
+    with DeviceBytes() as allocated:
+        s = batch.add("a", **kw)
+    row_bytes = s.cache.nbytes()
+    assert row_bytes == 3 * batch.k[:, 0, :, :1024].numel() * batch.k.element_size()
+    assert s.cache.k.untyped_storage().data_ptr() == batch.k.untyped_storage().data_ptr()
+    assert allocated.bytes < row_bytes / 4, (allocated.bytes, row_bytes)
+    with DeviceBytes() as alone:   # the same Streamer with a cache of its own allocates at least a row
+        stream.Streamer(model, tok, capacity=1024, **kw)
+    assert alone.bytes >= row_bytes
 
 
 def frame_folder(path, world, seconds, broken_at=None):
