@@ -381,6 +381,8 @@ class StreamBatch:
                 ss[i].cache.commit(1)
                 ss[i].forwards += 1
                 last[i] = step[j][None, None]
+        for i, s in enumerate(ss):   # as Streamer's: the logits after the last token fed (tests compare them)
+            s.last_logits = last[i]
         return outs
 
     def decode_step(self, names, ss, tokens):

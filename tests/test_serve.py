@@ -237,3 +237,71 @@ def test_realtime_paces_several_streams(tmp_path, capsys):
     stream.main(["--video", a, "--video", b, "--out", str(tmp_path / "out"), "--realtime", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "a: 2 seconds streamed" in printed and "b: 2 seconds streamed" in printed
+
+
+def random_model(preset, device, dtype):
+    """(model, tokenizer) of a config with random weights and the toy tokenizer, as tools/bench_stream.py builds them."""
+    from model import PRESETS, VLM, tiny_config
+    from processor import Tokenizer, build_tokenizer
+    torch.manual_seed(0)
+    tok = Tokenizer(build_tokenizer(["a b c d e f g", " ...", " ..."], 300, qwen_ids=preset != "tiny"))
+    cfg = tiny_config(tok) if preset == "tiny" else PRESETS[preset]()
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    with torch.device(device):
+        return VLM(cfg).to(dtype).init_weights(std=0.02).eval(), tok
+
+
+@torch.no_grad()
+def random_batch_beside_alone(model, tok, tol, side=224):
+    """Streams of 5, 3 and 4 s of side x side random frames, the third joining at the batch's second 1, as served
+    (decode="graphs", the packed prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
+    tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
+    logits are within `tol` (relative norm) of its lone Streamer's, their greedy token equal wherever the lone top
+    two are clearly apart, and its cache row holds the same tokens with K/V within `tol`. Returns the batch."""
+    from tools.bench_stream import fixed_reply
+    kw = stream.streamer_kwargs(layout_of({}))
+    g = torch.Generator().manual_seed(0)
+    clip = [torch.randint(0, 255, (side, side, 3), generator=g, dtype=torch.uint8) for _ in range(16)]
+    frames = lambda i, t: clip[(4 * i + 2 * t) % 16:(4 * i + 2 * t) % 16 + 2]   # 2 fps; the streams differ
+    lengths, joins, reply = [5, 3, 4], [0, 0, 1], fixed_reply(tok, 4)
+    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs")
+    alone = [stream.Streamer(model, tok, **kw, capacity=2048) for _ in lengths]
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    checked = 0
+    for T in range(max(j + n for j, n in zip(joins, lengths))):
+        for i, (j, n) in enumerate(zip(joins, lengths)):
+            if T == j:
+                batch.add(i, **kw)
+            if T == j + n:
+                batch.remove(i)
+        force = {i: reply if (T + i) % 2 == 0 else "" for i in batch.streams}
+        said = batch.step({i: frames(i, T - joins[i]) for i in batch.streams}, force)
+        for i, s in batch.streams.items():
+            assert said[i] == alone[i].step(frames(i, T - joins[i]), force[i])
+            a, b = s.last_logits[0, -1].float(), alone[i].last_logits[0, -1].float()
+            assert rel(a, b) < tol, (T, i, rel(a, b))
+            top = b.topk(2).values
+            if top[0] - top[1] > 0.05 * b.abs().max():   # a clear choice: rounding must not flip it
+                assert int(a.argmax()) == int(b.argmax()), (T, i)
+                checked += 1
+            x, y = s.cache, alone[i].cache
+            n = y.length
+            assert x.length == n and torch.equal(x.ids[:n], y.ids[:n]) and torch.equal(x.pos[:, :n], y.pos[:, :n])
+            for name in ("k", "v"):
+                assert rel(getattr(x, name)[..., :n, :], getattr(y, name)[..., :n, :]) < tol, (T, i, name)
+    assert checked >= 3, "too few clear greedy choices to compare"
+    return batch
+
+
+def test_a_random_batch_beside_alone_on_the_cpu():
+    """The GPU test below at the tiny size in fp32 on the CPU (its checks, exact to float rounding)."""
+    random_batch_beside_alone(*random_model("tiny", "cpu", torch.float32), tol=1e-4, side=56)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_7b_batch_matches_each_stream_alone_on_a_gpu():
+    """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
+    ~1 min on an H100 (the 7B init, one flex compile per padded prefill length, the graph capture)."""
+    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=3e-2)
+    assert batch.fixed.graph is not None
