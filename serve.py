@@ -281,13 +281,17 @@ class StreamBatch:
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="packed"):
+    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="packed",
+                 compile_vision=False):
         if decode not in ("plain", "graphs"):
             raise ValueError(f"decode={decode!r}: expected plain or graphs")
         if prefill not in ("packed", "rows"):
             raise ValueError(f"prefill={prefill!r}: expected packed or rows")
         # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention)
         self.packed = prefill == "packed"
+        # the vision tower compiled and replayed from a CUDA graph per set of grids (VisionTower's fast path, what
+        # the single stream's decode="compiled" takes): the same key while the batch's streams stay the same
+        self.compile_vision = compile_vision
         self.model, self.tok, self.capacity = model, tok, capacity
         # readback: a teacher-forced step still reads its argmax back to the host, as greedy decoding must (benchmarks)
         self.readback = readback
@@ -330,7 +334,8 @@ class StreamBatch:
         for s in ss:  # 1. evict, each in its own cache
             s.cache.evict(s.t)
         vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
-        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]))  # 2.
+        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),  # 2.
+                                  compiled=self.compile_vision)
         logits = self.prefill(names, ss, vision, feats)                                                         # 3.
         forced = [s.forced((force or {}).get(n)) for n, s in zip(names, ss)]
         outs = self.decode(names, ss, logits, forced)                                                            # 4.

@@ -17,7 +17,9 @@ The ideas:
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
 - The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep; --decode
-  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU).
+  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU). With
+  --decode compiled both run the vision tower compiled and graph-replayed, and the batch's prefill attention is one
+  FlexAttention call per layer (--prefill rows: a dense SDPA call per row, the reference).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
@@ -46,7 +48,8 @@ def batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res):
     fresh_peak(model.device)
     # the batch's decode steps in a CUDA graph over every row unless --decode plain (the single path: compiled)
     batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback,
-                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=args.prefill)
+                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=args.prefill,
+                        compile_vision=args.decode[0] == "compiled")   # the single path's vision tower
     streams = [batch.add(i, **kw) for i in range(n)]
     # prefetch: second t + 1's frames resized on a thread while the batch runs second t (eval.run_policy's, for N)
     pool = ThreadPoolExecutor(1) if args.prefetch else None
