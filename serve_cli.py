@@ -13,13 +13,12 @@ import threading
 import time
 
 from checkpoint import checkpoint_settings, load_checkpoint
-from cli import file_problem, output_problem, stop_on_ctrl_c
+from cli import file_problem, is_live, output_problem, stop_on_ctrl_c
 from eval import steady_capacity
 from layout import layout_of
 from safeio import RunLock
 from serve import BATCHED, StreamBatch
 from stream import POLICIES, Outputs, open_seconds, streamer_kwargs, timestamp
-from video import is_live
 
 
 

@@ -305,3 +305,18 @@ def test_the_7b_batch_matches_each_stream_alone_on_a_gpu():
     ~1 min on an H100 (the 7B init, one flex compile per padded prefill length, the graph capture)."""
     batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=3e-2)
     assert batch.fixed.graph is not None
+
+
+def test_a_live_source_is_no_input_to_protect():
+    """cli.inputs_of (which paths --out must not touch) and video.is_live (what streams as it is made) are one rule:
+    a URL with a scheme or a device is live; a path with '://' further in is a file, protected like any other."""
+    import argparse
+
+    import video
+    from cli import inputs_of
+    sources = ["rtsp://cam/1", "https://x/y.m3u8", "/dev/video0", "clip.mp4", "dir/a://b", "3rtsp://x"]
+    args = argparse.Namespace(video=None, model="m", data=None)
+    for s in sources:
+        args.video = s
+        assert (s in inputs_of(args, "video", "model", "data")) == (not video.is_live(s)), s
+    assert [video.is_live(s) for s in sources] == [True, True, True, False, False, False]
