@@ -17,9 +17,13 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
 cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
-to that row's next free slots. In a prefill, RowAttention then runs the model's own prompt attention (dense SDPA,
-or FlexPrefill) row by row on that row's cache, so each stream's attention is the one it would run alone; a decode
-step reads its rows with a mask that shows each query its own row's keys.
+to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
+reference, RowAttention, runs the model's own prompt attention (dense SDPA, or FlexPrefill) row by row, so each
+stream's attention is the one it would run alone; PackedRowAttention (the default over dense attention) computes
+the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one call
+fills the GPU where a row alone leaves a quarter of it idle: see the numbers above it). A decode step reads its
+rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no cache of its own:
+its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
@@ -28,6 +32,8 @@ step reads its rows with a mask that shows each query its own row's keys.
 Streams are independent: they join and leave between seconds (add, remove), may differ in frame rate and size,
 and their windows and sampling come from their own Streamer. A batched second gives each stream the tokens its
 Streamer would give alone (tests/test_serve.py: greedy commentary equal, logits within float tolerance).
+
+The command line (python stream.py --video A --video B --out DIR) is serve_cli.py's.
 
 Only the loops that evict batch (the streaming and native policies of stream.POLICIES): the sliding windows change
 the loop itself (reset, recompute), and full attention's cache grows without bound where a batch sizes its rows up

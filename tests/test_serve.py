@@ -240,7 +240,7 @@ def test_realtime_paces_several_streams(tmp_path, capsys):
 
 
 def random_model(preset, device, dtype):
-    """(model, tokenizer) of a config with random weights and the toy tokenizer, as tools/bench_stream.py builds them."""
+    """(model, tokenizer): a config with random weights and the toy tokenizer, as tools/bench_stream.py builds them."""
     from model import PRESETS, VLM, tiny_config
     from processor import Tokenizer, build_tokenizer
     torch.manual_seed(0)
