@@ -15,7 +15,8 @@ def test_batches_beside_the_single_stream_path(tmp_path):
     assert abs(rows[2]["per_stream_ms"] - rows[2]["mean_ms"] / 2) <= 0.1
     assert [m["seconds"] for m in rows[2]["minutes"]] == [3] and rows[2]["peak_gib"] > 0
     logged = [json.loads(x) for x in open(tmp_path / "bench_serve.jsonl")]
-    assert [(x["streams"], x["t"]) for x in logged] == [(n, t) for n in (1, 2) for t in range(4)]
+    assert [(x["streams"], x["prefill"], x["t"]) for x in logged] == [(n, "packed", t) for n in (1, 2)
+                                                                       for t in range(4)]
     saved = json.load(open(tmp_path / "bench_serve.json"))
     assert saved["rows"] == json.loads(json.dumps(rows))
     # the largest batch whose p99 stayed within a second (no timed assert: which one that is depends on the machine)
@@ -24,13 +25,13 @@ def test_batches_beside_the_single_stream_path(tmp_path):
     assert (tmp_path / "bench_serve_by_streams.png").exists() and (tmp_path / "bench_serve_latency.png").exists()
 
 
-def test_the_row_by_row_prefill_and_a_time_limit(tmp_path, capsys):
-    """--prefill rows runs RowAttention; --time-limit 0.001 stops each batch after its first second and says so;
-    a run with no steady second has no numbers, not made-up ones."""
+def test_both_prefills_and_a_time_limit(tmp_path, capsys):
+    """--prefill packed rows runs each N both ways; --time-limit 0.001 stops each batch after its first second and
+    says so; a run with no steady second has no numbers, not made-up ones."""
     rows = main(TINY + ["--streams", "2", "--seconds", "4", "--warmup", "1", "--single-seconds", "2", "--prefill",
-                        "rows", "--time-limit", "0.001", "--no-prefetch", "--out", str(tmp_path)])
-    assert "2 streams: --time-limit 0.001 s reached after 1 s" in capsys.readouterr().out
-    assert rows[1] == dict(run="batch", streams=2, steady_s=0, realtime=False)
+                        "packed", "rows", "--time-limit", "0.001", "--no-prefetch", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.count("2 streams: --time-limit 0.001 s reached after 1 s") == 2
+    assert rows[1:] == [dict(run="batch", streams=2, steady_s=0, realtime=False, prefill=p) for p in ("packed", "rows")]
 
 
 def test_per_minute_numbers_and_the_steady_flag():

@@ -6,6 +6,7 @@ fast path (stream.Streamer, compiled decode), as tools/bench_stream.py runs it.
   python -m tools.bench_serve --streams 1 4 8 16 --seconds 300 --warmup 30          # every stream speaks every second
   python -m tools.bench_serve --streams 8 16 32 --speak-every 4 --seconds 300        # ... one second in four
   python -m tools.bench_serve --streams 16 --minutes 5 --warmup 60 --single-seconds 90   # the target: 5 steady minutes
+  python -m tools.bench_serve --streams 16 --seconds 90 --warmup 60 --prefill packed rows   # the prefill both ways
   python -m tools.bench_serve --preset tiny --height 56 --width 84 --streams 1 3 --seconds 6 --warmup 2   # CPU smoke
 
 The ideas:
@@ -29,6 +30,7 @@ The ideas:
 """
 import argparse
 import importlib.util
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,13 +44,13 @@ from stream import streamer_kwargs
 from tools.bench_stream import build_models, fixed_reply, plot
 
 
-def batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res):
+def batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res):
     """N streams for --seconds (or until --time-limit) as one batch; returns (latencies in seconds, memory held after
     each second, peak memory)."""
     fresh_peak(model.device)
     # the batch's decode steps in a CUDA graph over every row unless --decode plain (the single path: compiled)
     batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback,
-                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=args.prefill,
+                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=prefill,
                         compile_vision=args.decode[0] == "compiled")   # the single path's vision tower
     streams = [batch.add(i, **kw) for i in range(n)]
     # prefetch: second t + 1's frames resized on a thread while the batch runs second t (eval.run_policy's, for N)
@@ -71,7 +73,7 @@ def batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res):
         lat.append(time.perf_counter() - t0)
         mem.append(torch.cuda.memory_allocated() / 2**30 if model.device.type == "cuda" else
                    3 * batch.k.numel() * batch.k.element_size() / 2**30)
-        res.log(streams=n, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3))
+        res.log(streams=n, prefill=prefill, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3))
     if pool:
         pool.shutdown()
     peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else max(mem, default=0.0)
@@ -114,8 +116,9 @@ def build_parser():
                     "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
     ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
                     "(default: --seconds; shorter saves a lent GPU's time on long runs)")
-    ap.add_argument("--prefill", choices=["packed", "rows"], default="packed", help="a batched prefill's attention: "
-                    "one FlexAttention call per layer (packed, default) or a dense SDPA call per row (rows)")
+    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["packed"], help="a batched "
+                    "prefill's attention: one FlexAttention call per layer (packed, default) or a dense SDPA call per "
+                    "row (rows); both: each N runs with each, one after another")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
@@ -162,10 +165,10 @@ def main(argv=None):
                     min(args.warmup, single // 2), r["peak_gib"])]
     print(table(brief(rows)), flush=True)
     lat_of = {}
-    for n in args.streams:
-        lat, mem, peak = batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res)
-        lat_of[n] = lat
-        rows.append(summary("batch", n, lat, mem, warmup, peak))
+    for n, prefill in itertools.product(args.streams, args.prefill):
+        lat, mem, peak = batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res)
+        lat_of[n, prefill] = lat
+        rows.append(dict(summary("batch", n, lat, mem, warmup, peak), prefill=prefill))
         if rows[-1]["steady_s"] and rows[0]["steady_s"]:
             rows[-1]["x_single"] = round(rows[-1]["per_stream_ms"] / rows[0]["mean_ms"], 3)
         print(table(brief(rows[-1:])), flush=True)
@@ -195,13 +198,18 @@ def report(args, layout, rows, lat_of, res):
     if importlib.util.find_spec("matplotlib") is None:
         print("no plots: matplotlib is not installed (pip install matplotlib)")
         return
-    plot(args.out, "bench_serve_latency", {f"{n} streams": (range(1, len(v)), v[1:]) for n, v in lat_of.items()},
-         "second", "seconds per batch second")
-    ns = [r["streams"] for r in batches]
-    plot(args.out, "bench_serve_by_streams", {
-        "mean": (ns, [r["mean_ms"] for r in batches]), "p99": (ns, [r["p99_ms"] for r in batches]),
-        "real time (1 s)": (ns, [1000] * len(ns)),
-        "single stream x N": (ns, [rows[0].get("mean_ms", 0) * n for n in ns])}, "streams", "ms per batch second")
+    plot(args.out, "bench_serve_latency", {f"{n} streams ({p})": (range(1, len(v)), v[1:])
+                                           for (n, p), v in lat_of.items()}, "second", "seconds per batch second")
+    series = {}
+    for p in args.prefill:
+        mine = [r for r in batches if r["prefill"] == p]
+        ns = [r["streams"] for r in mine]
+        series[f"mean ({p})"] = (ns, [r["mean_ms"] for r in mine])
+        series[f"p99 ({p})"] = (ns, [r["p99_ms"] for r in mine])
+    ns = sorted({r["streams"] for r in batches})
+    series.update({"real time (1 s)": (ns, [1000] * len(ns)),
+                   "single stream x N": (ns, [(rows[0].get("mean_ms") or 0) * n for n in ns])})
+    plot(args.out, "bench_serve_by_streams", series, "streams", "ms per batch second")
 
 
 if __name__ == "__main__":
