@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import tempfile
 import time
@@ -97,11 +98,17 @@ def touches_shipped(path):
     return os.path.commonpath([real, home]) in (home, real)
 
 
+def is_live(path):
+    """A URL or a device (a camera): PyAV decides whether it is there, and frames arrive as they are made. Here, not
+    in video.py which reads them, so that inputs_of can ask it (video.py imports layout.py, which imports this file)."""
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path)) or path.startswith("/dev/")
+
+
 def inputs_of(args, *flags):
     """The input paths of a run: the values of `flags` (attribute names of args) that are set, e.g.
-    inputs_of(args, "video", "model"); a live source (a URL, a camera) is no path."""
+    inputs_of(args, "video", "model"); a live source (is_live: a URL, a camera) is no path."""
     paths = [getattr(args, f, None) for f in flags]
-    return [p for p in paths if p and not ("://" in p or p.startswith("/dev/"))]
+    return [p for p in paths if p and not is_live(p)]
 
 
 def output_problem(folder, inputs=(), holds=True):

@@ -17,9 +17,13 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
 cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
-to that row's next free slots. In a prefill, RowAttention then runs the model's own prompt attention (dense SDPA,
-or FlexPrefill) row by row on that row's cache, so each stream's attention is the one it would run alone; a decode
-step reads its rows with a mask that shows each query its own row's keys.
+to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
+reference, RowAttention, runs the model's own prompt attention (dense SDPA, or FlexPrefill) row by row, so each
+stream's attention is the one it would run alone; PackedRowAttention (the default over dense attention) computes
+the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one call
+fills the GPU where a row alone leaves a quarter of it idle: see the numbers above it). A decode step reads its
+rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no cache of its own:
+its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
@@ -29,27 +33,23 @@ Streams are independent: they join and leave between seconds (add, remove), may 
 and their windows and sampling come from their own Streamer. A batched second gives each stream the tokens its
 Streamer would give alone (tests/test_serve.py: greedy commentary equal, logits within float tolerance).
 
+The command line (python stream.py --video A --video B --out DIR) is serve_cli.py's.
+
 Only the loops that evict batch (the streaming and native policies of stream.POLICIES): the sliding windows change
 the loop itself (reset, recompute), and full attention's cache grows without bound where a batch sizes its rows up
 front; they stream one video at a time.
 """
 import contextlib
-import itertools
-import os
-import sys
-import threading
-import time
+import functools
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from checkpoint import checkpoint_settings, load_checkpoint
-from cli import file_problem, output_problem, stop_on_ctrl_c
-from eval import steady_capacity
-from layout import Kind, check_text, layout_of
+from cache import StreamingCache
+from layout import Kind, check_text
+from model import causal_attention
 from rope import mrope_axis, mrope_cos_sin
-from safeio import RunLock
-from stream import POLICIES, Outputs, Streamer, open_seconds, streamer_kwargs, timestamp
-from video import is_live
+from stream import POLICIES, Streamer
 
 # the policies that batch: those of the plain Streamer loop that evict (the sliding windows change the loop itself;
 # full attention's cache grows without bound, and a batch's rows are sized up front)
@@ -101,11 +101,85 @@ class RowAttention:
         return out
 
 
+# One call per layer instead of one per row: at 16 streams of 720p (~775 new tokens a row over ~13.8k cached), a
+# row's prompt attention is 4 * 775 * 13.8k * 128 * 28 heads = 153 GFLOP against 2 * 13.8k * 4 KV heads * 128 * 2 B =
+# 28 MB of K/V (~5k FLOP a byte): compute-bound, so the loop's cost is neither bytes nor its 16 x 28 launches (~10 ms
+# of host time, queued ahead of the GPU) but occupancy: one row is 7 query blocks x 28 heads = 196 tiles on an H100's
+# 132 SMs, two waves for 1.5 waves of work (~74% busy); all rows in one call are 3,136 tiles (~99%). FlexAttention
+# does it without copying K/V and without a dense mask: queries padded per cache row, the cache rows read in place
+# (GQA in the kernel), a BlockMask that skips every tile no query of the row sees. Its kernel is ~FA2-class (this repo
+# measured ~1.5x cuDNN's time per tile, flexprefill.GUARDED), so the win is the waves and the launches, not the tile:
+# tools/bench_serve.py --prefill rows|packed measures both.
+BLOCK = 128
+
+
+@functools.cache
+def compiled_flex():
+    """flex_attention compiled once per process, shapes static: a new padded query length (a multiple of BLOCK) or
+    capacity recompiles, a new block mask does not."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@torch._dynamo.config.patch(recompile_limit=64)   # one graph per padded query length (flexprefill._flex's reason)
+def flex(q, k, v, block_mask):
+    """FlexAttention, compiled on a GPU; eager elsewhere (the unfused reference, exact enough for the CPU tests)."""
+    fn = compiled_flex() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def kv_blocks(selected):
+    """(R, 1, nqb, nkb) bool -> BlockMask.from_kv_blocks' (count, indices) int32: the selected key blocks first, in
+    ascending order."""
+    count = selected.sum(-1, dtype=torch.int32)
+    return count, torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+
+def packed_block_mask(starts, lengths, Tq, S):
+    """The BlockMask of one packed prefill over every cache row: query q of row b (q < lengths[b]) sees the slots
+    <= starts[b] + q, its row's cache and its own turn up to itself; starts, lengths (R,) on the device (0 for rows
+    not in this prefill: they see nothing). Tiles where every query sees every key are full (no mask_mod)."""
+    q0 = torch.arange(0, Tq, BLOCK, device=starts.device)[None, :, None]   # each query block's first query
+    k0 = torch.arange(0, S, BLOCK, device=starts.device)[None, None, :]    # each key block's first slot
+    start, n = starts[:, None, None], lengths[:, None, None]
+    last_q = torch.minimum(q0 + BLOCK, n) - 1                              # the block's last real query
+    seen = (q0 < n) & (k0 <= start + last_q)                               # some query sees some key
+    full = (q0 + BLOCK <= n) & (k0 + BLOCK - 1 <= start + q0)              # every query sees every key
+
+    def visible(b, h, q, kv):
+        return (q < lengths[b]) & (kv <= starts[b] + q)
+    return BlockMask.from_kv_blocks(*kv_blocks((seen & ~full)[:, None]), *kv_blocks(full[:, None]), BLOCK_SIZE=BLOCK,
+                                    mask_mod=visible, seq_lengths=(Tq, S), compute_q_blocks=False)
+
+
+class PackedRowAttention:
+    """RowAttention's result in one FlexAttention call per layer (the dense prompt attention only): batch row i's
+    queries go to cache row rows[i] of a (R, Hq, Tq, D) query tensor, Tq the padded length rounded up to BLOCK, and
+    attend to every cache row in place under packed_block_mask, built at the first layer and shared by all."""
+
+    def __init__(self, rows, starts, lengths):
+        self.rows, self.starts, self.lengths, self.mask = rows, starts, lengths, None
+
+    def __call__(self, q, k, v):
+        # q (B, Hq, T, D); k, v (R, Hkv, S, D): every cache row, and its scratch slot
+        (_, H, T, D), (R, S), dev = q.shape, (k.shape[0], k.shape[2]), q.device
+        Tq, rows = -(-T // BLOCK) * BLOCK, torch.as_tensor(self.rows, device=dev)
+        if self.mask is None:
+            per_row = lambda x: torch.zeros(R, dtype=torch.long).index_put_((torch.tensor(self.rows),), torch.tensor(x))
+            self.mask = packed_block_mask(per_row(self.starts).to(dev), per_row(self.lengths).to(dev), Tq, S)
+        packed = q.new_zeros(R, H, Tq, D)
+        packed[rows, :, :T] = q
+        return flex(packed, k, v, self.mask)[rows, :, :T]   # padding queries see nothing: zeros, as RowAttention
+
+
 @contextlib.contextmanager
-def row_attention(model, rows, starts, lengths):
-    """The model's prompt attention (VLM.use_attention) as RowAttention for one batched prefill, restored after."""
+def row_attention(model, rows, starts, lengths, packed=True):
+    """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after:
+    PackedRowAttention when it is the dense causal attention and `packed`, else RowAttention (FlexPrefill picks its
+    blocks from each row's own queries and keys, so it runs row by row)."""
     inner = model.model.layers[0].self_attn.attn_fn
-    model.use_attention(RowAttention(inner, rows, starts, lengths))
+    fast = packed and inner is causal_attention
+    model.use_attention(PackedRowAttention(rows, starts, lengths) if fast else
+                        RowAttention(inner, rows, starts, lengths))
     try:
         yield
     finally:
@@ -197,14 +271,33 @@ class FixedStep:
 # The batch
 
 
+def adopt_row(cache, k, v, raw_k):
+    """Let a StreamingCache built with capacity 0 work in k, v, raw_k (views of a batch row, (layers, 1, Hkv, capacity,
+    D)): its host-side bookkeeping grows to their capacity (from a cache of that capacity whose K/V sit on the meta
+    device, which holds no memory), its K/V are the views."""
+    capacity = k.shape[3]
+    sized = StreamingCache(cache.cfg, capacity=capacity, device="meta")
+    for name in ("ids", "kind", "round", "unit", "rel", "pos"):
+        setattr(cache, name, getattr(sized, name))
+    cache.k, cache.v, cache.raw_k, cache.capacity = k, v, raw_k, capacity
+
+
 class StreamBatch:
     """Streams stepped together: add(name, **Streamer keywords), then step({name: frames}) once a second for the
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain"):
+    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="packed",
+                 compile_vision=False):
         if decode not in ("plain", "graphs"):
             raise ValueError(f"decode={decode!r}: expected plain or graphs")
+        if prefill not in ("packed", "rows"):
+            raise ValueError(f"prefill={prefill!r}: expected packed or rows")
+        # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention)
+        self.packed = prefill == "packed"
+        # the vision tower compiled and replayed from a CUDA graph per set of grids (VisionTower's fast path, what
+        # the single stream's decode="compiled" takes): the same key while the batch's streams stay the same
+        self.compile_vision = compile_vision
         self.model, self.tok, self.capacity = model, tok, capacity
         # readback: a teacher-forced step still reads its argmax back to the host, as greedy decoding must (benchmarks)
         self.readback = readback
@@ -222,10 +315,10 @@ class StreamBatch:
         free = sorted(set(range(self.k.shape[1])) - set(self.row_of.values()))
         if not free:
             raise ValueError(f"the batch is full ({self.k.shape[1]} streams)")
-        s = Streamer(self.model, self.tok, capacity=self.capacity, decode="plain", **kw)
-        row = free[0]
-        for n in ("k", "v", "raw_k"):  # the stream's cache works in its row of the shared buffers
-            setattr(s.cache, n, getattr(self, n)[:, row:row + 1, :, :self.capacity])
+        # built with no cache slots (a cache of the row's size would take a row's K/V on the device for a moment, ~1 GB
+        # at 7B: enough to fail a full GPU), then working in its row of the shared buffers
+        s, row = Streamer(self.model, self.tok, capacity=0, decode="plain", **kw), free[0]
+        adopt_row(s.cache, *(getattr(self, n)[:, row:row + 1, :, :self.capacity] for n in ("k", "v", "raw_k")))
         self.streams[name], self.row_of[name] = s, row
         return s
 
@@ -247,7 +340,8 @@ class StreamBatch:
         for s in ss:  # 1. evict, each in its own cache
             s.cache.evict(s.t)
         vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
-        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]))  # 2.
+        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),  # 2.
+                                  compiled=self.compile_vision)
         logits = self.prefill(names, ss, vision, feats)                                                         # 3.
         forced = [s.forced((force or {}).get(n)) for n, s in zip(names, ss)]
         outs = self.decode(names, ss, logits, forced)                                                            # 4.
@@ -268,7 +362,7 @@ class StreamBatch:
         pos = torch.cat([pad(p, 0) for _, p in staged], 1)                               # (3, B, T)
         rows = [self.row_of[n] for n in names]
         slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, lengths)
-        with row_attention(self.model, rows, starts, lengths):
+        with row_attention(self.model, rows, starts, lengths, self.packed):
             logits = batched_forward(self.model, ids, pos, slots, None, lengths, video_embeds=feats)
         for s, n in zip(ss, lengths):
             s.cache.commit(n)
@@ -298,6 +392,8 @@ class StreamBatch:
                 ss[i].cache.commit(1)
                 ss[i].forwards += 1
                 last[i] = step[j][None, None]
+        for i, s in enumerate(ss):   # as Streamer's: the logits after the last token fed (tests compare them)
+            s.last_logits = last[i]
         return outs
 
     def decode_step(self, names, ss, tokens):
@@ -318,167 +414,8 @@ class StreamBatch:
         mask = row_mask(starts, 1, self.k.shape[3], self.model.device)
         return batched_forward(self.model, ids, torch.cat(staged, 1), slots, mask, [1] * len(rows))
 
-# -----------------------------------------------------------------------------
-# The command line: python stream.py --video A --video B ... --out DIR
-
-
-def stems(videos):
-    """{name: source}: each video's file stem (a camera or URL: its last path part), refused when two collide or when
-    a source has no name to give its outputs."""
-    names = {}
-    for v in videos:
-        name = os.path.splitext(os.path.basename(v.rstrip("/")))[0]
-        if not name or name in (".", ".."):
-            raise ValueError(f"--video {v}: has no file name to name its outputs after")
-        if name in names:
-            raise ValueError(f"--video {names[name]} and --video {v} share the name {name!r}: their outputs would "
-                             "collide (rename or link one of them)")
-        names[name] = v
-    return names
-
-
-def next_seconds(sources, batch, limit):
-    """{name: frames} of the next second of every stream in the batch; a stream whose reader ends, fails or reaches
-    --seconds leaves with a line that names it."""
-    ready = {}
-    for name in list(batch.streams):
-        s = batch.streams[name]
-        try:
-            if limit and s.t >= limit:
-                raise StopIteration
-            ready[name] = next(sources[name])
-        except StopIteration:
-            print(f"{name}: ended after {s.t} s")
-            batch.remove(name)
-        except (ValueError, OSError) as e:  # the readers' errors name the file
-            print(f"{name}: left at second {s.t}: {e}")
-            batch.remove(name)
-    return ready
-
-
-def keep_pace(batch, frames, start, counts):
-    """--realtime: wait until the earliest stream's second is due (second t is ready at start + t + 1 s), then drop
-    the seconds of the streams a whole second behind (they skip them, as the single-stream loop does)."""
-    due = start + min(batch.streams[n].t for n in frames) + 1
-    if (wait := due - time.monotonic()) > 0:
-        time.sleep(wait)
-    for name in list(frames):
-        s = batch.streams[name]
-        if time.monotonic() - start - (s.t + 1) >= 1:
-            s.skip()
-            counts[name][1] += 1
-            del frames[name]
-
-
-def run_many(batch, sources, args, outputs):
-    """Step the batch until every stream has ended, paced by the wall clock with --realtime. Ctrl-C lets the second
-    in progress finish and be written, then stops. Returns ({name: [seconds seen, skipped]}, stopped by Ctrl-C)."""
-    start, counts = time.monotonic(), {name: [0, 0] for name in batch.streams}
-    with stop_on_ctrl_c(threading.current_thread() is threading.main_thread()) as stop:
-        while not stop and (frames := next_seconds(sources, batch, args.seconds)):
-            if args.realtime:
-                keep_pace(batch, frames, start, counts)
-            if not frames:  # every stream skipped this second
-                continue
-            t0 = time.perf_counter()
-            said = batch.step(frames)
-            ms = (time.perf_counter() - t0) * 1000
-            for name, text in said.items():
-                s = batch.streams[name]
-                counts[name][0] += 1
-                outputs[name].write(s.t - 1, text, ms, s)
-                print(f"{name} [{timestamp(s.t - 1)}] {text or '...':<50s} ({ms:.0f} ms for {len(said)} streams, "
-                      f"cache {s.cache.length} tokens, max pos {s.cache.max_position()})", flush=True)
-    return counts, bool(stop)
-
-
-def check_args(ap, args):
-    """One line, before anything loads, for what cannot work: --vtt/--jsonl beside --out, a loop that does not
-    batch, two videos of one name, an --out that would land on an input (a video, the model) or cannot be written.
-    Returns ({name: source}, the output folder)."""
-    if args.vtt or args.jsonl:
-        ap.error("--vtt and --jsonl write one video's commentary; with --out DIR (or several --video) each video's "
-                 "goes to DIR/<name>.vtt and .jsonl: drop one of them")
-    if args.policy not in BATCHED:
-        ap.error(f"--policy {args.policy} does not batch (its loop or its cache's size is its own): stream one video "
-                 f"without --out; several videos stream with {', '.join(BATCHED)}")
-    try:
-        names = stems(args.video)
-    except ValueError as e:
-        ap.error(str(e))
-    out = args.out or "out/stream"
-    inputs = [v for v in args.video if not is_live(v)] + [args.model]  # a camera or a URL is no file to clash with
-    problems = [output_problem(out, inputs, holds=False)] + [
-        file_problem(os.path.join(out, n + ext), inputs) for n in names for ext in (".vtt", ".jsonl")]
-    if problem := next((p for p in problems if p), None):
-        ap.error(f"--out {problem}")
-    return names, out
-
-
-def first_seconds(sources):
-    """Each source with its first second read (it sizes the cache rows): {name: (first frames, the rest)}; a source
-    without a whole second, or broken at its first, leaves with a line."""
-    ready = {}
-    for name, src in sources.items():
-        try:
-            first = next(src, None)
-        except (ValueError, OSError) as e:
-            print(f"{name}: left at second 0: {e}")
-            continue
-        if first is None:
-            print(f"{name}: ended after 0 s (no whole second)")
-            continue
-        ready[name] = (first, itertools.chain([first], src))
-    return ready
-
 
 def main(args, ap):
-    """stream.py's path for several videos (or --out): one batch, a row per video."""
-    names, out = check_args(ap, args)
-    settings = checkpoint_settings(args.model)
-    try:
-        layout = layout_of(settings, args)
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        with RunLock(out):  # one run at a time writes --out
-            counts, outputs, stopped = serve_videos(args, names, out, settings, layout)
-    except KeyboardInterrupt:  # Ctrl-C while loading, or twice
-        print("stopped before the first second was written", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError, RuntimeError) as e:  # the batch's own errors (a reader's leave with their stream)
-        sys.exit(f"error: {e}")
-    for n, (seen, skipped) in counts.items():
-        print(f"{n}: {seen} seconds streamed" + (f", {skipped} skipped to keep up (--realtime)" if skipped else ""))
-    if stopped:
-        print("stopped: " + ", ".join(f"{n} at second {o.seconds}" for n, o in outputs.items())
-              + "; outputs complete up to it", file=sys.stderr)
-        sys.exit(130)  # the status of a process ended by SIGINT
-
-
-def serve_videos(args, names, out, settings, layout):
-    """Load, open, size the rows, stream; returns (counts, outputs, stopped by Ctrl-C). Outputs are closed here."""
-    # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
-    sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
-    print(f"model {args.model}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
-    sources = {n: src or open_seconds(names[n], layout.fps) for n, src in sources.items()}
-    ready = first_seconds(sources)
-    if not ready:
-        sys.exit("error: none of the videos has a whole second to stream")
-    # a cache row holds the steady state of the largest frames: each stream's first second sizes it
-    capacity = max(steady_capacity(first, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
-                                   (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
-                   for first, _ in ready.values())
-    batch, outputs, p = StreamBatch(model, tok, len(ready), capacity), {}, POLICIES[args.policy]
-    os.makedirs(out, exist_ok=True)
-    try:
-        for n in ready:
-            batch.add(n, evict=p.evict, reindex=p.reindex, previous_text=args.previous_text, **streamer_kwargs(layout))
-            outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
-        print(f"layout: {vars(layout)}; {len(ready)} streams, a cache row of {capacity} tokens; commentary in {out}")
-        counts, stopped = run_many(batch, {n: rest for n, (_, rest) in ready.items()}, args, outputs)
-    finally:
-        for o in outputs.values():
-            o.close()
-    return counts, outputs, stopped
+    """stream.py's path for several videos (or --out): serve_cli.main (the command line; it imports this file)."""
+    import serve_cli
+    return serve_cli.main(args, ap)

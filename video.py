@@ -45,6 +45,7 @@ from fractions import Fraction
 
 from PIL import Image, ImageSequence
 
+from cli import is_live  # a URL or a camera (cli.py, whose inputs_of asks it too)
 from layout import FPS
 from processor import to_rgb_image
 
@@ -57,11 +58,6 @@ MAX_GAP_S = 3600      # a frame shown longer than this (a timestamp 1e9 s ahead)
 
 class VideoError(ValueError):
     """A frame source that cannot be read, or stopped being readable: "<source>: <what went wrong>"."""
-
-
-def is_live(path):
-    """A URL or a device (a camera): PyAV decides whether it is there, and frames arrive as they are made."""
-    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path)) or path.startswith("/dev/")
 
 
 def open_video(path, fps=FPS):

@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import stream
 from checkpoint import load_checkpoint
 from cli import SHIPPED
 from layout import layout_of
-from serve import StreamBatch
+from model import causal_attention
+from serve import PackedRowAttention, RowAttention, StreamBatch
 from world import SportsStream, WorldConfig, split_seed
 
 SEEDS = (0, 4, 5)   # held-out streams with events in their first seconds (seconds 5 and 8; 2; 1 and 3)
@@ -51,10 +53,10 @@ def test_a_batch_says_what_each_stream_says_alone(shipped):
     assert sum(bool(x) for texts in said for x in texts) >= 4, "the streams must say something to compare"
 
 
-def nine_seconds_beside_alone(model, tok, kw, rows, decode):
+def nine_seconds_beside_alone(model, tok, kw, rows, decode, prefill="packed"):
     """The three held-out streams for 9 s (an eviction at second 8 included) in a batch of `rows` rows and each
     alone, asserting every second that the batch says what each says alone; returns (batch, the lone streamers)."""
-    ws, batch = worlds(), StreamBatch(model, tok, rows=rows, capacity=1024, decode=decode)
+    ws, batch = worlds(), StreamBatch(model, tok, rows=rows, capacity=1024, decode=decode, prefill=prefill)
     for i in range(3):
         batch.add(i, **kw)
     alone = [stream.make_streamer(model, tok, **kw, capacity=1024) for _ in ws]
@@ -64,14 +66,14 @@ def nine_seconds_beside_alone(model, tok, kw, rows, decode):
     return batch, alone
 
 
-@pytest.mark.parametrize("decode", ["plain", "graphs"])
-def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
+@pytest.mark.parametrize("decode, prefill", [("plain", "packed"), ("graphs", "packed"), ("plain", "rows")])
+def test_batched_cache_rows_hold_the_lone_caches(shipped, decode, prefill):
     """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V, and
     said the same; decode="graphs" runs the fixed-shape step over every row (eagerly on a CPU), silent rows writing
-    to their scratch slot, as a CUDA graph replays it. Four rows for three streams: one row is never used."""
+    to their scratch slot, as a CUDA graph replays it; prefill="rows" attends row by row (RowAttention) instead of in
+    one call (PackedRowAttention). Four rows for three streams: one row is never used."""
     model, tok, kw = shipped
-    batch, alone = nine_seconds_beside_alone(model, tok, kw, rows=4, decode=decode)
-    from model import causal_attention
+    batch, alone = nine_seconds_beside_alone(model, tok, kw, rows=4, decode=decode, prefill=prefill)
     assert all(layer.self_attn.attn_fn is causal_attention for layer in model.model.layers)  # restored after
     for i, s in enumerate(alone):
         a, b = s.cache, batch.streams[i].cache
@@ -82,6 +84,59 @@ def test_batched_cache_rows_hold_the_lone_caches(shipped, decode):
             x, y = getattr(a, name)[..., :n, :], getattr(b, name)[..., :n, :]
             assert (x - y).abs().max() <= 1e-4 * max(1.0, x.abs().max()), name
             assert not torch.equal(batch.k[:, i], batch.k[:, (i + 1) % 3])  # rows are not shared by mistake
+
+
+@pytest.mark.parametrize("rows, starts, lengths", [
+    ([0, 1, 2], [300, 17, 0], [130, 5, 260]),      # ragged turns over ragged caches; row 2 just joined (no cache yet)
+    ([2, 0], [129, 256], [1, 128]),                 # row 1 left: its stale K/V must stay unseen; rows out of order
+    ([3], [0], [7]),                                # a single stream, its first turn
+])
+def test_packed_prefill_attention_is_the_row_by_row_one(rows, starts, lengths):
+    """PackedRowAttention (one FlexAttention call over every cache row) gives RowAttention's outputs (dense causal
+    attention row by row, the reference) for each real query, and zeros for padding (fp32, random q, k, v, GQA)."""
+    g = torch.Generator().manual_seed(0)
+    R, Hq, Hkv, S, D, T = 4, 6, 2, 600, 16, max(lengths)
+    q = torch.randn(len(rows), Hq, T, D, generator=g)
+    k, v = torch.randn(2, R, Hkv, S, D, generator=g)
+    want = RowAttention(causal_attention, rows, starts, lengths)(q, k, v)
+    got = PackedRowAttention(rows, starts, lengths)(q, k, v)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
+    assert all(not got[i, :, n:].any() for i, n in enumerate(lengths))
+    # a query that saw one more key, or one fewer, would differ: the test can fail
+    shifted = RowAttention(causal_attention, rows, [s + 1 for s in starts], lengths)(q, k, v)
+    assert (shifted - want).abs().max() > 1e-3
+
+
+class DeviceBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors allocated on a (non-meta) device while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        factories = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+                     torch.ops.aten.zeros.default, torch.ops.aten.full.default)
+        if func in factories and out.device.type != "meta":
+            self.bytes += out.nbytes
+        return out
+
+
+def test_a_stream_joins_without_a_cache_of_its_own(shipped):
+    """StreamBatch.add allocates no K/V for the new stream (its cache's K/V are views of its row, from the start):
+    what it allocates is its host-side bookkeeping, a small fraction of a row's K/V."""
+    model, tok, kw = shipped
+    batch = StreamBatch(model, tok, rows=2, capacity=1024)
+    with DeviceBytes() as allocated:
+        s = batch.add("a", **kw)
+    row_bytes = s.cache.nbytes()
+    assert row_bytes == 3 * batch.k[:, 0, :, :1024].numel() * batch.k.element_size()
+    assert s.cache.k.untyped_storage().data_ptr() == batch.k.untyped_storage().data_ptr()
+    assert allocated.bytes < row_bytes / 4, (allocated.bytes, row_bytes)
+    with DeviceBytes() as alone:   # the same Streamer with a cache of its own allocates at least a row
+        stream.Streamer(model, tok, capacity=1024, **kw)
+    assert alone.bytes >= row_bytes
 
 
 def frame_folder(path, world, seconds, broken_at=None):
@@ -182,3 +237,90 @@ def test_realtime_paces_several_streams(tmp_path, capsys):
     stream.main(["--video", a, "--video", b, "--out", str(tmp_path / "out"), "--realtime", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "a: 2 seconds streamed" in printed and "b: 2 seconds streamed" in printed
+
+
+def random_model(preset, device, dtype):
+    """(model, tokenizer): a config with random weights and the toy tokenizer, as tools/bench_stream.py builds them."""
+    from model import PRESETS, VLM, tiny_config
+    from processor import Tokenizer, build_tokenizer
+    torch.manual_seed(0)
+    tok = Tokenizer(build_tokenizer(["a b c d e f g", " ...", " ..."], 300, qwen_ids=preset != "tiny"))
+    cfg = tiny_config(tok) if preset == "tiny" else PRESETS[preset]()
+    cfg.image_token_id, cfg.video_token_id = tok.image_pad_id, tok.video_pad_id
+    cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    with torch.device(device):
+        return VLM(cfg).to(dtype).init_weights(std=0.02).eval(), tok
+
+
+@torch.no_grad()
+def random_batch_beside_alone(model, tok, tol, side=224):
+    """Streams of 5, 3 and 4 s of side x side random frames, the third joining at the batch's second 1, as served
+    (decode="graphs", the packed prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
+    tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
+    logits are within `tol` (relative norm) of its lone Streamer's, their greedy token equal wherever the lone top
+    two are clearly apart, and its cache row holds the same tokens with K/V within `tol`. Returns the batch."""
+    from tools.bench_stream import fixed_reply
+    kw = stream.streamer_kwargs(layout_of({}))
+    g = torch.Generator().manual_seed(0)
+    clip = [torch.randint(0, 255, (side, side, 3), generator=g, dtype=torch.uint8) for _ in range(16)]
+    frames = lambda i, t: clip[(4 * i + 2 * t) % 16:(4 * i + 2 * t) % 16 + 2]   # 2 fps; the streams differ
+    lengths, joins, reply = [5, 3, 4], [0, 0, 1], fixed_reply(tok, 4)
+    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs")
+    alone = [stream.Streamer(model, tok, **kw, capacity=2048) for _ in lengths]
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+    checked, worst = 0, {"logits": 0.0, "k": 0.0, "v": 0.0}
+    for T in range(max(j + n for j, n in zip(joins, lengths))):
+        for i, (j, n) in enumerate(zip(joins, lengths)):
+            if T == j:
+                batch.add(i, **kw)
+            if T == j + n:
+                batch.remove(i)
+        force = {i: reply if (T + i) % 2 == 0 else "" for i in batch.streams}
+        said = batch.step({i: frames(i, T - joins[i]) for i in batch.streams}, force)
+        for i, s in batch.streams.items():
+            assert said[i] == alone[i].step(frames(i, T - joins[i]), force[i])
+            a, b = s.last_logits[0, -1].float(), alone[i].last_logits[0, -1].float()
+            worst["logits"] = max(worst["logits"], rel(a, b))
+            assert rel(a, b) < tol, (T, i, rel(a, b))
+            top = b.topk(2).values
+            # a clear choice (random weights: logits ~ N(0, s), top two ~s/5 apart): rounding must not flip it
+            if top[0] - top[1] > 0.02 * b.abs().max():
+                assert int(a.argmax()) == int(b.argmax()), (T, i)
+                checked += 1
+            x, y = s.cache, alone[i].cache
+            n = y.length
+            assert x.length == n and torch.equal(x.ids[:n], y.ids[:n]) and torch.equal(x.pos[:, :n], y.pos[:, :n])
+            for name in ("k", "v"):
+                worst[name] = max(worst[name], rel(getattr(x, name)[..., :n, :], getattr(y, name)[..., :n, :]))
+                assert worst[name] < tol, (T, i, name, worst[name])
+    print(f"largest relative differences from each stream alone: {worst}; {checked} greedy choices compared")
+    assert checked >= 3, "too few clear greedy choices to compare"
+    return batch
+
+
+def test_a_random_batch_beside_alone_on_the_cpu():
+    """The GPU test below at the tiny size in fp32 on the CPU (its checks, exact to float rounding)."""
+    random_batch_beside_alone(*random_model("tiny", "cpu", torch.float32), tol=1e-4, side=56)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_7b_batch_matches_each_stream_alone_on_a_gpu():
+    """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
+    ~1 min on an H100 (the 7B init, one flex compile per padded prefill length, the graph capture)."""
+    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2)
+    assert batch.fixed.graph is not None
+
+
+def test_a_live_source_is_no_input_to_protect():
+    """cli.inputs_of (which paths --out must not touch) and video.is_live (what streams as it is made) are one rule:
+    a URL with a scheme or a device is live; a path with '://' further in is a file, protected like any other."""
+    import argparse
+
+    import video
+    from cli import inputs_of
+    sources = ["rtsp://cam/1", "https://x/y.m3u8", "/dev/video0", "clip.mp4", "dir/a://b", "3rtsp://x"]
+    args = argparse.Namespace(video=None, model="m", data=None)
+    for s in sources:
+        args.video = s
+        assert (s in inputs_of(args, "video", "model", "data")) == (not video.is_live(s)), s
+    assert [video.is_live(s) for s in sources] == [True, True, True, False, False, False]

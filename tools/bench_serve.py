@@ -5,6 +5,8 @@ fast path (stream.Streamer, compiled decode), as tools/bench_stream.py runs it.
 
   python -m tools.bench_serve --streams 1 4 8 16 --seconds 300 --warmup 30          # every stream speaks every second
   python -m tools.bench_serve --streams 8 16 32 --speak-every 4 --seconds 300        # ... one second in four
+  python -m tools.bench_serve --streams 16 --minutes 5 --warmup 60 --single-seconds 90   # the target: 5 steady minutes
+  python -m tools.bench_serve --streams 16 --seconds 90 --warmup 60 --prefill packed rows   # the prefill both ways
   python -m tools.bench_serve --preset tiny --height 56 --width 84 --streams 1 3 --seconds 6 --warmup 2   # CPU smoke
 
 The ideas:
@@ -13,15 +15,24 @@ The ideas:
   --speak-every K, that reply one second in K (stream i speaks at the seconds t with (t + i) % K == 0) and " ..." in
   the others, the realistic mix. Each decode step's argmax is read back to the host, as greedy decoding must.
 - Streams differ: stream i starts its frames i seconds into the synthetic video, so no two rows hold the same frames.
+- As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
+  (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
 - The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep; --decode
-  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU).
-- Per N: the latency of a batch second (mean over the steady seconds, p99 over their last half), that per stream,
-  its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last 10%, and
-  whether the batch is real time (p99 of a second <= 1.0 s). A JSON line per batch second, the summary, and a plot
-  of latency against N.
+  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU). With
+  --decode compiled both run the vision tower compiled and graph-replayed, and the batch's prefill attention is one
+  FlexAttention call per layer (--prefill rows: a dense SDPA call per row, the reference).
+- Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
+  stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
+  10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
+  steady seconds: --minutes 5), and the same per minute of the steady seconds (its JSON's "minutes"). The largest N
+  that stayed real time, a JSON line per batch second, the summary, and two plots: latency per second, and mean and
+  p99 against N. --time-limit stops a batch run early (a command's time on a lent GPU is bounded) and says where.
 """
 import argparse
+import importlib.util
+import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -33,37 +44,63 @@ from stream import streamer_kwargs
 from tools.bench_stream import build_models, fixed_reply, plot
 
 
-def batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res):
-    """N streams for --seconds as one batch; returns (latencies in seconds, memory held after each second)."""
+def batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res):
+    """N streams for --seconds (or until --time-limit) as one batch; returns (latencies in seconds, memory held after
+    each second, peak memory)."""
     fresh_peak(model.device)
     # the batch's decode steps in a CUDA graph over every row unless --decode plain (the single path: compiled)
     batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback,
-                        decode="plain" if args.decode[0] == "plain" else "graphs")
-    for i in range(n):
-        batch.add(i, **kw)
-    lat, mem = [], []
+                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=prefill,
+                        compile_vision=args.decode[0] == "compiled")   # the single path's vision tower
+    streams = [batch.add(i, **kw) for i in range(n)]
+    # prefetch: second t + 1's frames resized on a thread while the batch runs second t (eval.run_policy's, for N)
+    pool = ThreadPoolExecutor(1) if args.prefetch else None
+    prepare = lambda t: {i: s.prepare(frames_of(t + i)) for i, s in enumerate(streams)}
+    ahead = pool.submit(prepare, 0) if pool else None
+    lat, mem, start = [], [], time.perf_counter()
     for t in range(args.seconds):
+        if args.time_limit and time.perf_counter() - start > args.time_limit:
+            print(f"{n} streams: --time-limit {args.time_limit:g} s reached after {t} s")
+            break
         force = {i: reply if (t + i) % args.speak_every == 0 else "" for i in range(n)}
-        frames = {i: frames_of(t + i) for i in range(n)}
         sync(model.device)
         t0 = time.perf_counter()
+        frames = ahead.result() if pool else {i: frames_of(t + i) for i in range(n)}
+        if pool and t + 1 < args.seconds:
+            ahead = pool.submit(prepare, t + 1)
         batch.step(frames, force)
         sync(model.device)
         lat.append(time.perf_counter() - t0)
         mem.append(torch.cuda.memory_allocated() / 2**30 if model.device.type == "cuda" else
                    3 * batch.k.numel() * batch.k.element_size() / 2**30)
-        res.log(streams=n, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3))
-    return lat, mem
+        res.log(streams=n, prefill=prefill, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3))
+    if pool:
+        pool.shutdown()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else max(mem, default=0.0)
+    return lat, mem, peak
 
 
-def summary(name, n, lat, mem, warmup):
-    """A table row: the steady seconds' mean and p99 (last half), per stream, memory first / last 10%."""
+def minutes(lat, mem, warmup):
+    """Each minute of the steady seconds (the last may be shorter): its mean and p99 of a second, memory at most."""
+    rows = []
+    for m in range(warmup, len(lat), 60):
+        xs = lat[m:m + 60]
+        rows.append(dict(minute=len(rows), seconds=len(xs), mean_ms=ms(sum(xs) / len(xs)),
+                         p99_ms=ms(percentile(xs, 99)), memory_gib=round(max(mem[m:m + 60]), 3)))
+    return rows
+
+
+def summary(name, n, lat, mem, warmup, peak):
+    """A table row: the steady seconds' mean and p99, per stream, memory first / last 10% and peak; per minute."""
     steady, held = lat[warmup:], mem[warmup:]
+    if not steady:
+        return dict(run=name, streams=n, steady_s=0, realtime=False)
     k = max(1, len(steady) // 10)
-    mean = sum(steady) / len(steady)
-    p99 = percentile(steady[len(steady) // 2:], 99)
-    return dict(run=name, streams=n, mean_ms=ms(mean), p99_ms=ms(p99), per_stream_ms=ms(mean / n),
-                realtime=p99 <= 1.0, mem_first_last_gib=f"{sum(held[:k]) / k:.2f}/{sum(held[-k:]) / k:.2f}")
+    mean, p99 = sum(steady) / len(steady), percentile(steady, 99)
+    return dict(run=name, streams=n, steady_s=len(steady), mean_ms=ms(mean), p99_ms=ms(p99),
+                per_stream_ms=ms(mean / n), realtime=p99 <= 1.0,
+                mem_first_last_gib=f"{sum(held[:k]) / k:.2f}/{sum(held[-k:]) / k:.2f}", peak_gib=round(peak, 2),
+                minutes=minutes(lat, mem, warmup))
 
 
 def build_parser():
@@ -75,6 +112,13 @@ def build_parser():
                     "says ' ...' otherwise (default 1: every second)")
     ap.add_argument("--preset", default="7B", choices=["7B", "3B", "tiny"], help="model config (random weights)")
     ap.add_argument("--seconds", type=at_least(2), default=300, help="seconds of each run (default 300)")
+    ap.add_argument("--minutes", type=at_least(1), default=None, help="steady minutes to measure: sets --seconds to "
+                    "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
+    ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
+                    "(default: --seconds; shorter saves a lent GPU's time on long runs)")
+    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["packed"], help="a batched "
+                    "prefill's attention: one FlexAttention call per layer (packed, default) or a dense SDPA call per "
+                    "row (rows); both: each N runs with each, one after another")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
@@ -86,6 +130,8 @@ def build_parser():
 def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.minutes:
+        args.seconds = args.warmup + 60 * args.minutes
     gpu = check_run_flags(ap, args)
     args.stream_layout = layout_of({}, args)
     if not gpu and args.preset != "tiny":
@@ -112,24 +158,58 @@ def main(argv=None):
     res = Results(args.out, "bench_serve")
     # the single-stream path, same run: one stream speaking the same seconds as stream 0 of a batch
     speak = lambda t: reply if t % args.speak_every == 0 else ""
-    r = run_policy(model, tok, "streaming", args.seconds, frames_of, args, force=speak, decode=args.decode[0],
+    single = args.single_seconds or args.seconds
+    r = run_policy(model, tok, "streaming", single, frames_of, args, force=speak, decode=args.decode[0],
                    readback=not args.no_readback, **dict(kw, capacity=capacity))
-    rows = [summary(f"single ({args.decode[0]})", 1, r["latency"], [x["memory_gib"] for x in r["seconds"]], warmup)]
-    print(table(rows), flush=True)
+    rows = [summary(f"single ({args.decode[0]})", 1, r["latency"], [x["memory_gib"] for x in r["seconds"]],
+                    min(args.warmup, single // 2), r["peak_gib"])]
+    print(table(brief(rows)), flush=True)
     lat_of = {}
-    for n in args.streams:
-        lat, mem = batch_run(args, model, tok, n, frames_of, reply, kw, capacity, res)
-        lat_of[n] = lat
-        rows.append(summary("batch", n, lat, mem, warmup))
-        rows[-1]["x_single"] = round(rows[-1]["per_stream_ms"] / rows[0]["mean_ms"], 3)
-        print(table(rows[-1:]), flush=True)
-    print("\n" + table(rows))
+    for n, prefill in itertools.product(args.streams, args.prefill):
+        lat, mem, peak = batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res)
+        lat_of[n, prefill] = lat
+        rows.append(dict(summary("batch", n, lat, mem, warmup, peak), prefill=prefill))
+        if rows[-1]["steady_s"] and rows[0]["steady_s"]:
+            rows[-1]["x_single"] = round(rows[-1]["per_stream_ms"] / rows[0]["mean_ms"], 3)
+        print(table(brief(rows[-1:])), flush=True)
+        for m in rows[-1].get("minutes", []):
+            print(f"  minute {m['minute']}: mean {m['mean_ms']} ms, p99 {m['p99_ms']} ms, {m['memory_gib']} GiB")
+    report(args, layout, rows, lat_of, res)
+    return rows
+
+
+def brief(rows):
+    """The rows for the table: their per-minute numbers stay in the JSON."""
+    return [{k: v for k, v in r.items() if k != "minutes"} for r in rows]
+
+
+def report(args, layout, rows, lat_of, res):
+    """The table, the largest N that stayed real time, the summary JSON and the plots."""
+    batches = [r for r in rows[1:] if r["steady_s"]]
+    largest = max((r["streams"] for r in batches if r["realtime"]), default=0)
+    steady = min((r["steady_s"] for r in batches), default=0)
+    print("\n" + table(brief(rows)))
     print("x_single: a stream-second's cost in the batch over the single-stream path's second, same run; realtime: "
           "p99 of a batch second <= 1.0 s")
-    res.save(dict(settings=dict(vars(args), stream_layout=vars(layout)), hardware=hardware(), rows=rows))
-    plot(args.out, "bench_serve_latency", {f"{n} streams": (range(1, len(v)), v[1:]) for n, v in lat_of.items()},
-         "second", "seconds per batch second")
-    return rows
+    print(f"largest real-time batch: {largest} streams (over {steady} steady seconds"
+          + ("; the target asks for >= 300: --minutes 5)" if steady < 300 else ")"))
+    res.save(dict(settings=dict(vars(args), stream_layout=vars(layout)), hardware=hardware(), rows=rows,
+                  largest_realtime=largest))
+    if importlib.util.find_spec("matplotlib") is None:
+        print("no plots: matplotlib is not installed (pip install matplotlib)")
+        return
+    plot(args.out, "bench_serve_latency", {f"{n} streams ({p})": (range(1, len(v)), v[1:])
+                                           for (n, p), v in lat_of.items()}, "second", "seconds per batch second")
+    series = {}
+    for p in args.prefill:
+        mine = [r for r in batches if r["prefill"] == p]
+        ns = [r["streams"] for r in mine]
+        series[f"mean ({p})"] = (ns, [r["mean_ms"] for r in mine])
+        series[f"p99 ({p})"] = (ns, [r["p99_ms"] for r in mine])
+    ns = sorted({r["streams"] for r in batches})
+    series.update({"real time (1 s)": (ns, [1000] * len(ns)),
+                   "single stream x N": (ns, [(rows[0].get("mean_ms") or 0) * n for n in ns])})
+    plot(args.out, "bench_serve_by_streams", series, "streams", "ms per batch second")
 
 
 if __name__ == "__main__":
