@@ -287,13 +287,14 @@ class StreamBatch:
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="packed",
+    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="rows",
                  compile_vision=False):
         if decode not in ("plain", "graphs"):
             raise ValueError(f"decode={decode!r}: expected plain or graphs")
         if prefill not in ("packed", "rows"):
             raise ValueError(f"prefill={prefill!r}: expected packed or rows")
-        # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention)
+        # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention,
+        # the default until packed is measured on a GPU: tools.bench_serve --prefill packed rows runs both)
         self.packed = prefill == "packed"
         # the vision tower compiled and replayed from a CUDA graph per set of grids (VisionTower's fast path, what
         # the single stream's decode="compiled" takes): the same key while the batch's streams stay the same

@@ -19,8 +19,8 @@ The ideas:
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
 - The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep; --decode
   plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU). With
-  --decode compiled both run the vision tower compiled and graph-replayed, and the batch's prefill attention is one
-  FlexAttention call per layer (--prefill rows: a dense SDPA call per row, the reference).
+  --decode compiled both run the vision tower compiled and graph-replayed. The batch's prefill attention is a dense
+  SDPA call per row (--prefill rows, the default) or one FlexAttention call per layer over all rows (--prefill packed).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
@@ -116,9 +116,9 @@ def build_parser():
                     "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
     ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
                     "(default: --seconds; shorter saves a lent GPU's time on long runs)")
-    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["packed"], help="a batched "
-                    "prefill's attention: one FlexAttention call per layer (packed, default) or a dense SDPA call per "
-                    "row (rows); both: each N runs with each, one after another")
+    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["rows"], help="a batched "
+                    "prefill's attention: one FlexAttention call per layer (packed) or a dense SDPA call per row "
+                    "(rows, default); both: each N runs with each, one after another")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
