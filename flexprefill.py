@@ -362,11 +362,11 @@ def select_blocks_fast(q, k, cfg=FlexPrefillConfig()):
     return _call_compiled(_select_fused, q, k, cfg)
 
 
-# FlexPrefill that is never much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
+# FlexPrefill that is rarely much slower than dense SDPA on an H100 (tools/bench_flexprefill.py measures it), the
 # model's default (enable_flexprefill). dense_above=0.4: FlexAttention costs ~1.5x cuDNN's dense SDPA per visible
-# block (on an H100 at 32k: 3.8 ms at density 0.2 vs 12 ms dense) and the selection ~0.07-0.25x dense on top,
-# so above ~0.4-0.5 kept the sparse path cannot win. dense_below=16384: at 8k dense SDPA takes 0.8 ms and the
-# selection alone 2 ms.
+# block (on an H100 at 32k: 3.8 ms at density 0.2 vs 12 ms dense) and the compiled selection ~0.05-0.15x dense on
+# top, so above ~0.4-0.5 kept the sparse path cannot win. dense_below=16384: at 8k dense SDPA takes 0.8 ms, less
+# than the selection.
 GUARDED = FlexPrefillConfig(dense_above=0.4, dense_below=16384)
 
 

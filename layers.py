@@ -124,6 +124,9 @@ class GatedMLP(Fusable):
         width = padded(self.down_proj.in_features, self.align)
         pad = enabled and width != self.down_proj.in_features
         self.down_padded = pad_inputs(self.down_proj, width) if pad else None
+        w = self.down_proj.weight
+        if not enabled and not w.is_contiguous():  # unfused: down's weight its own again, not a strided view
+            self.down_proj.weight = nn.Parameter(w.detach().contiguous(), requires_grad=w.requires_grad)
         return self
 
     def forward(self, x):

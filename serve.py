@@ -19,11 +19,11 @@ StreamingCache holds views of its row, so its bookkeeping and eviction (a gather
 cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
 to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
 reference, RowAttention, runs the model's own prompt attention (dense SDPA, or FlexPrefill) row by row, so each
-stream's attention is the one it would run alone; PackedRowAttention (the default over dense attention) computes
-the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one call
-fills the GPU where a row alone leaves a quarter of it idle: see the numbers above it). A decode step reads its
-rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no cache of its own:
-its cache works in its row from the start (adopt_row).
+stream's attention is the one it would run alone; PackedRowAttention (opt-in: StreamBatch(prefill="packed"))
+computes the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one
+call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above PackedRowAttention). A
+decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no
+cache of its own: its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
@@ -157,22 +157,24 @@ class PackedRowAttention:
     attend to every cache row in place under packed_block_mask, built at the first layer and shared by all."""
 
     def __init__(self, rows, starts, lengths):
-        self.rows, self.starts, self.lengths, self.mask = rows, starts, lengths, None
+        self.rows, self.starts, self.lengths, self.mask, self.dev_rows = rows, starts, lengths, None, None
 
     def __call__(self, q, k, v):
         # q (B, Hq, T, D); k, v (R, Hkv, S, D): every cache row, and its scratch slot
         (_, H, T, D), (R, S), dev = q.shape, (k.shape[0], k.shape[2]), q.device
-        Tq, rows = -(-T // BLOCK) * BLOCK, torch.as_tensor(self.rows, device=dev)
-        if self.mask is None:
+        Tq = -(-T // BLOCK) * BLOCK
+        if self.mask is None:  # made at the first layer, shared by all (and the rows' index on the device with it)
             per_row = lambda x: torch.zeros(R, dtype=torch.long).index_put_((torch.tensor(self.rows),), torch.tensor(x))
             self.mask = packed_block_mask(per_row(self.starts).to(dev), per_row(self.lengths).to(dev), Tq, S)
+            self.dev_rows = torch.as_tensor(self.rows, device=dev)
         packed = q.new_zeros(R, H, Tq, D)
-        packed[rows, :, :T] = q
-        return flex(packed, k, v, self.mask)[rows, :, :T]   # padding queries see nothing: zeros, as RowAttention
+        packed[self.dev_rows, :, :T] = q
+        # padding queries see nothing: zeros, as RowAttention's
+        return flex(packed, k, v, self.mask)[self.dev_rows, :, :T]
 
 
 @contextlib.contextmanager
-def row_attention(model, rows, starts, lengths, packed=True):
+def row_attention(model, rows, starts, lengths, packed=False):
     """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after:
     PackedRowAttention when it is the dense causal attention and `packed`, else RowAttention (FlexPrefill picks its
     blocks from each row's own queries and keys, so it runs row by row)."""

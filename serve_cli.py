@@ -21,7 +21,6 @@ from serve import BATCHED, StreamBatch
 from stream import POLICIES, Outputs, open_seconds, streamer_kwargs, timestamp
 
 
-
 def stems(videos):
     """{name: source}: each video's file stem (a camera or URL: its last path part), refused when two collide or when
     a source has no name to give its outputs."""

@@ -205,8 +205,9 @@ class VisionTower(nn.Module):
         plan = self.plan(grid_thw, pixel_values.device)
         if compiled and pixel_values.is_cuda and not torch.is_grad_enabled():
             # a graph replays the kernels with the weights' addresses of its capture: new weights (fuse(), .to())
-            # make new graphs; values loaded in place are seen as they are
-            weights = tuple(p.data_ptr() for p in self.parameters()) + tuple(
+            # make new graphs (an address alone could be reused by a tensor of another dtype or shape); values loaded
+            # in place are seen as they are
+            weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in self.parameters()) + tuple(
                 m.fused is not None for m in self.modules() if isinstance(m, Fusable))
             if weights != self.graphed_weights:
                 self.graphs, self.graphed_weights = {}, weights
@@ -261,7 +262,7 @@ MAX_PLANS, MAX_GRAPHS = 32, 4  # a 720p plan holds ~2 MB of rotary tables on the
 # The fast path: the whole tower replayed from a CUDA graph
 #
 # Why: at 720p a second is 2,880 patches through 32 blocks, and even compiled each block launches ~10 kernels
-# and checks its compile guards from Python. On an H100 that host work (~20 ms) outlasted the GPU's (~12 ms with
+# and checks its compile guards from Python. On an H100 that host work (~25 ms) outlasted the GPU's (~12 ms with
 # the padded MLP, layers.py), so the tower waited on Python. A stream's seconds all have the same grid, so the
 # tower's kernels can be recorded once and replayed with one launch, like the decode step (decode.py). The graph
 # reads its pixels from a fixed buffer and writes a fixed output, which __call__ copies out.
@@ -272,6 +273,7 @@ class VisionGraph:
     it and returns a copy of the output (the next replay overwrites the graph's own)."""
 
     def __init__(self, tower, pixel_values, plan):
+        self.plan = plan  # the graph reads the plan's tensors by address: keep them alive (plans may be cleared)
         self.pixels = pixel_values.clone()
         side = torch.cuda.Stream()  # warm up (compile, pick kernels) off the capture, as CUDA graphs require
         side.wait_stream(torch.cuda.current_stream())

@@ -120,6 +120,7 @@ def test_authors_side_by_side_plumbing(tmp_path):
     assert row["vs_authors"] == pytest.approx(1 - row["density"], abs=1e-6)
     assert row["authors_max_err"] < 1e-4 < row["max_err"]
     assert row["x_authors"] == pytest.approx(row["authors_ms"] / row["flexprefill_ms"])
+    assert row["x_authors_sparse"] == pytest.approx(row["authors_ms"] / row["total_ms"])
 
 
 def test_authors_that_fail_at_run_time_cost_their_columns_only(tmp_path, capsys):

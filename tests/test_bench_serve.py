@@ -46,3 +46,10 @@ def test_per_minute_numbers_and_the_steady_flag():
     assert abs(row["per_stream_ms"] - row["mean_ms"] / 4) <= 0.1
     args = get_args(TINY + ["--minutes", "5", "--warmup", "60"])
     assert args.seconds == 360
+
+
+def test_minutes_and_seconds_together_is_one_line(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        get_args(TINY + ["--minutes", "1", "--seconds", "30"])
+    assert "--minutes sets --seconds" in capsys.readouterr().err

@@ -149,13 +149,15 @@ def test_padded_mlp_equals_unfused(rows):
     sd = {k: v.clone() for k, v in mlp.state_dict().items()}
     mlp.fuse()
     assert mlp.down_padded.shape == (48, 128) and mlp.fused[0].shape == (256, 48)
-    assert torch.equal(mlp.down_padded[:, 100:], torch.zeros(48, 28)) and torch.equal(mlp.fused[1][100:128], torch.zeros(28))
+    assert torch.equal(mlp.down_padded[:, 100:], torch.zeros(48, 28))
+    assert torch.equal(mlp.fused[1][100:128], torch.zeros(28))
     torch.testing.assert_close(mlp(x), ref, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(v, sd[k]) for k, v in mlp.state_dict().items())  # names and values unchanged
     mlp.down_proj.weight.mul_(2)  # a view of the padded weight: an in-place change reaches the fast path
     assert torch.equal(mlp.down_padded[:, :100], mlp.down_proj.weight)
     mlp.fuse(False)
-    assert mlp.down_padded is None
+    assert mlp.down_padded is None and mlp.down_proj.weight.is_contiguous()  # the reference's own layout back
+    assert torch.equal(mlp.down_proj.weight, sd["down_proj.weight"] * 2)
     mlp.double().fuse().float()  # moves restack and re-pad
     assert mlp.down_padded.dtype == torch.float32 and mlp.down_padded.shape == (48, 128)
     with torch.enable_grad():  # training sees the Linears, unpadded
@@ -184,6 +186,19 @@ def test_vision_graph_of_the_7b_tower_equals_eager():
         got = tower(p, grid, compiled=True).float()
         assert ((got - r).norm() / r.norm()) < 2e-2
     assert len(tower.graphs) == 1 and not torch.equal(ref[0], ref[1])
+    old = next(iter(tower.graphs.values()))
     tower.apply(lambda m: m.fuse(False) if isinstance(m, layers.GatedMLP) else None)
     got = tower(pix[0], grid, compiled=True).float()
     assert ((got - ref[0]).norm() / ref[0].norm()) < 2e-2 and len(tower.graphs) == 1
+    assert next(iter(tower.graphs.values())) is not old  # new weights' layout: captured again
+    # values changed in place (same addresses) are what the replay reads
+    with torch.no_grad():
+        tower.blocks[3].mlp.down_proj.weight.mul_(3)
+    want = tower(pix[1], grid).float()
+    got = tower(pix[1], grid, compiled=True).float()
+    assert ((got - want).norm() / want.norm()) < 2e-2 and not torch.allclose(want, ref[1], rtol=0, atol=1e-3)
+    # a graph keeps the plan it was captured with, even after the tower's plans are cleared
+    tower.plans.clear()
+    torch.randn(4096, 4096, device="cuda")  # reuse freed memory, if anything was freed
+    got = tower(pix[1], grid, compiled=True).float()
+    assert ((got - want).norm() / want.norm()) < 2e-2

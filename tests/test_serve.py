@@ -253,9 +253,9 @@ def random_model(preset, device, dtype):
 
 
 @torch.no_grad()
-def random_batch_beside_alone(model, tok, tol, side=224):
+def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows"):
     """Streams of 5, 3 and 4 s of side x side random frames, the third joining at the batch's second 1, as served
-    (decode="graphs", the packed prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
+    (decode="graphs", the given prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
     tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
     logits are within `tol` (relative norm) of its lone Streamer's, their greedy token equal wherever the lone top
     two are clearly apart, and its cache row holds the same tokens with K/V within `tol`. Returns the batch."""
@@ -265,7 +265,7 @@ def random_batch_beside_alone(model, tok, tol, side=224):
     clip = [torch.randint(0, 255, (side, side, 3), generator=g, dtype=torch.uint8) for _ in range(16)]
     frames = lambda i, t: clip[(4 * i + 2 * t) % 16:(4 * i + 2 * t) % 16 + 2]   # 2 fps; the streams differ
     lengths, joins, reply = [5, 3, 4], [0, 0, 1], fixed_reply(tok, 4)
-    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs")
+    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs", prefill=prefill)
     alone = [stream.Streamer(model, tok, **kw, capacity=2048) for _ in lengths]
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
     checked, worst = 0, {"logits": 0.0, "k": 0.0, "v": 0.0}
@@ -298,16 +298,18 @@ def random_batch_beside_alone(model, tok, tol, side=224):
     return batch
 
 
-def test_a_random_batch_beside_alone_on_the_cpu():
+@pytest.mark.parametrize("prefill", ["rows", "packed"])
+def test_a_random_batch_beside_alone_on_the_cpu(prefill):
     """The GPU test below at the tiny size in fp32 on the CPU (its checks, exact to float rounding)."""
-    random_batch_beside_alone(*random_model("tiny", "cpu", torch.float32), tol=1e-4, side=56)
+    random_batch_beside_alone(*random_model("tiny", "cpu", torch.float32), tol=1e-4, side=56, prefill=prefill)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_the_7b_batch_matches_each_stream_alone_on_a_gpu():
+@pytest.mark.parametrize("prefill", ["rows", "packed"])
+def test_the_7b_batch_matches_each_stream_alone_on_a_gpu(prefill):
     """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
-    ~1 min on an H100 (the 7B init, one flex compile per padded prefill length, the graph capture)."""
-    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2)
+    ~1 min on an H100 each (the 7B init, the graph capture; packed: one flex compile per padded prefill length)."""
+    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2, prefill=prefill)
     assert batch.fixed.graph is not None
 
 

@@ -31,6 +31,7 @@ The ideas:
 import argparse
 import importlib.util
 import itertools
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,6 +132,8 @@ def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.minutes:
+        if "--seconds" in (argv if argv is not None else sys.argv[1:]):
+            ap.error("--minutes sets --seconds (--warmup + 60 x minutes): give one of them")
         args.seconds = args.warmup + 60 * args.minutes
     gpu = check_run_flags(ap, args)
     args.stream_layout = layout_of({}, args)
