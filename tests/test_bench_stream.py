@@ -60,3 +60,12 @@ def test_a_failure_in_the_first_second_is_reported(tmp_path):
 ])
 def test_bad_flags_are_one_line_errors(capsys, argv, says):
     assert says in refused(main, argv, capsys)
+
+
+def test_profile_groups_a_second_by_phase(tmp_path, capsys):
+    # --profile: the kernels of one more second, and its time per phase (stream.PhaseTimer's ranges)
+    main(["--preset", "tiny", "--seconds", "3", "--warmup", "1", "--height", "56", "--width", "84", "--policies",
+          "streaming", "--max-new-tokens", "4", "--profile", "--out", str(tmp_path)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("per phase (ms): "))
+    assert [p.split(" host ")[0] for p in line[len("per phase (ms): "):].split(", ")] == [
+        "evict", "preprocess", "prefill", "decode"]

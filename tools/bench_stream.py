@@ -27,7 +27,7 @@ The ideas:
   multiples of it (x_floor, graph_x_floor). --variants reference,fused,fast runs the model's reference layers
   (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
   plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
-  and of a replay of the decode graph.
+  (and its host and GPU time per phase) and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary, with
 each run's mean and p99 per minute of stream and its memory (per_minute: is it flat?).
 """
@@ -212,6 +212,10 @@ def print_profile(title, fn, rows=25):
     avg = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(f"\n== profile: {title}\n" + avg.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+    phases = [e for e in avg if e.key.startswith("phase:")]  # a timed Streamer's phases (stream.PhaseTimer)
+    if phases:
+        print("per phase (ms): " + ", ".join(f"{e.key[6:]} host {e.cpu_time_total / 1e3:.1f} / GPU "
+                                              f"{e.device_time_total / 1e3:.1f}" for e in phases), flush=True)
 
 
 @torch.no_grad()
