@@ -41,16 +41,21 @@ def test_a_batch_says_what_each_stream_says_alone(shipped):
         alone.append([s.step(w.second(t).frames) for t in range(n)])
     batch, said = StreamBatch(model, tok, rows=3, capacity=1024), [[], [], []]
     for T in range(max(j + n for j, n in zip(joins, lengths))):
-        for i, (j, n) in enumerate(zip(joins, lengths)):
-            if T == j:
-                batch.add(i, **kw)
-            if T == j + n:
-                batch.remove(i)
+        join_and_leave(batch, T, joins, lengths, kw)
         ready = {i: worlds()[i].second(T - joins[i]).frames for i in batch.streams}
         for i, text in batch.step(ready).items():
             said[i].append(text)
     assert alone == said
     assert sum(bool(x) for texts in said for x in texts) >= 4, "the streams must say something to compare"
+
+
+def join_and_leave(batch, T, joins, lengths, kw):
+    """At batch second T, stream i joins if it starts now (joins[i]) and leaves once it has had its lengths[i]."""
+    for i, (j, n) in enumerate(zip(joins, lengths)):
+        if T == j:
+            batch.add(i, **kw)
+        if T == j + n:
+            batch.remove(i)
 
 
 def nine_seconds_beside_alone(model, tok, kw, rows, decode, prefill="packed"):
@@ -270,11 +275,7 @@ def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows"):
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
     checked, worst = 0, {"logits": 0.0, "k": 0.0, "v": 0.0}
     for T in range(max(j + n for j, n in zip(joins, lengths))):
-        for i, (j, n) in enumerate(zip(joins, lengths)):
-            if T == j:
-                batch.add(i, **kw)
-            if T == j + n:
-                batch.remove(i)
+        join_and_leave(batch, T, joins, lengths, kw)
         force = {i: reply if (T + i) % 2 == 0 else "" for i in batch.streams}
         said = batch.step({i: frames(i, T - joins[i]) for i in batch.streams}, force)
         for i, s in batch.streams.items():
