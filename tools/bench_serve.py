@@ -26,7 +26,7 @@ The ideas:
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
   steady seconds: --minutes 5), and the same per minute of the steady seconds (its JSON's "minutes"). The largest N
   that stayed real time, a JSON line per batch second, the summary, and two plots: latency per second, and mean and
-  p99 against N. --time-limit stops a batch run early (a command's time on a lent GPU is bounded) and says where.
+  p99 against N. --time-limit stops a batch run early (when GPU time is bounded) and says where.
 """
 import argparse
 import importlib.util
@@ -116,7 +116,7 @@ def build_parser():
     ap.add_argument("--minutes", type=at_least(1), default=None, help="steady minutes to measure: sets --seconds to "
                     "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
     ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
-                    "(default: --seconds; shorter saves a lent GPU's time on long runs)")
+                    "(default: --seconds; shorter saves GPU time on long runs)")
     ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["rows"], help="a batched "
                     "prefill's attention: one FlexAttention call per layer (packed) or a dense SDPA call per row "
                     "(rows, default); both: each N runs with each, one after another")
