@@ -176,17 +176,21 @@ class StreamingCache(KVCache):
     def evict(self, current_round):
         """Once per round, before round `current_round` is added: StreamingVLM's eviction (at every evict_every-th
         round; never when the cache was made with evict=False)."""
+        keep = self.evict_tokens(current_round)
+        if keep is not None:
+            self.move_kv(keep)
+
+    def evict_tokens(self, current_round):
+        """evict's bookkeeping (the host's half): the kept tokens' ids, kinds, rounds and positions move to the
+        front. Returns the kept slots' old indices, whose K/V move_kv then moves, or None when nothing leaves."""
         if not self.evict_rounds or current_round % self.evict_every:
-            return
+            return None
         L = self.length
         keep, body = kept_after_eviction(self.kind[:L], self.round[:L], current_round, self.vision_window,
                                          self.text_sink, self.text_window)
         if len(keep) == L and bool((keep == torch.arange(L)).all()):
-            return
+            return None
         self.kind[body] = Kind.PREV_BODY
-        self._gather(keep)
-
-    def _gather(self, keep):
         n = len(keep)
         for name in ("ids", "kind", "round", "unit"):
             buf = getattr(self, name)
@@ -194,9 +198,15 @@ class StreamingCache(KVCache):
         self.rel[:, :n] = self.rel[:, keep]
         self.pos[:, :n] = self.pos[:, keep]
         self.length = n
-        dev_keep = keep.to(self.device)
         if self.reindex:
             self.pos[:, :n], self.next_pos = contiguous_positions(self.unit[:n], self.rel[:, :n])
+        return keep
+
+    def move_kv(self, keep):
+        """evict's device half: the K/V of slots `keep` to the front; with reindex, the keys rotated afresh from
+        the raw ones at their new, contiguous positions (serve.move_rows does the same for many caches at once)."""
+        n, dev_keep = len(keep), keep.to(self.device)
+        if self.reindex:
             cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
                                      self.dtype)
         for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary

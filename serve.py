@@ -12,7 +12,7 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
   3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
   4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch (or, with
      decode="graphs", one fixed-shape step over every row, silent rows writing to a scratch slot: FixedStep, which
-     a CUDA graph captures once and replays).
+     a CUDA graph captures once and replays; decode="compiled" compiles that step first).
 
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
@@ -48,8 +48,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from cache import StreamingCache
 from layout import Kind, check_text
 from model import causal_attention
-from rope import mrope_axis, mrope_cos_sin
-from stream import POLICIES, Streamer
+from rope import apply_rope, mrope_axis, mrope_cos_sin
+from stream import POLICIES, PhaseTimer, Streamer
 
 # the policies that batch: those of the plain Streamer loop that evict (the sliding windows change the loop itself;
 # full attention's cache grows without bound, and a batch's rows are sized up front)
@@ -210,20 +210,24 @@ def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
 
 class FixedStep:
     """One decode step for every row of the batch at a fixed shape, so that it can be captured in a CUDA graph and
-    replayed (decode.py's idea, for R rows; decode="graphs"). A row that does not speak this step writes its K/V into
-    its scratch slot (the buffers' last, past any cache's capacity); a speaking row writes at its cache's next slot.
-    Each row sees the slots up to the one it writes. The host fills the static token / position / slot tensors before
-    each step; without a GPU the same step runs eagerly."""
+    replayed (decode.py's idea, for R rows; decode="graphs"), compiled first with decode="compiled" (the ~20 small
+    kernels a layer fuse into a few, as decode.GraphDecoder's compile does). A row that does not speak this step
+    writes its K/V into its scratch slot (the buffers' last, past any cache's capacity); a speaking row writes at its
+    cache's next slot. Each row sees the slots up to the one it writes. The host fills the static token / position /
+    slot tensors before each step; without a GPU the same step runs eagerly."""
 
-    def __init__(self, model, k, v, raw_k):
-        self.model, self.k, self.v, self.raw_k = model, k, v, raw_k   # (layers, R, Hkv, capacity + 1, D)
+    def __init__(self, model, k, v, raw_k, compile=False):
         R, S, dev = k.shape[1], k.shape[3], model.device
+        # one view per layer, made here: indexing the whole buffer inside compiled code would make the compiler treat
+        # a layer's write as a mutation of all of it (decode.py's reason)
+        self.model, self.k, self.v, self.raw_k = model, k.unbind(0), v.unbind(0), raw_k.unbind(0)  # (R, Hkv, S, D)
         self.token = torch.zeros(R, 1, dtype=torch.long, device=dev)     # static inputs, filled per step
         self.pos = torch.zeros(3, R, 1, dtype=torch.long, device=dev)
         self.index = torch.full((R,), S - 1, dtype=torch.long, device=dev)
         self.rows, self.keys = torch.arange(R, device=dev), torch.arange(S, device=dev)
         self.axis = mrope_axis(model.cfg.mrope_section, dev)
         self.graphs = dev.type == "cuda"
+        self.compiled = compile and self.graphs
         self.graph, self.logits = None, None
 
     def update(self, layer, k, v, raw_k):  # the cache adapter: k (R, Hkv, 1, D) -> slot index[r] of row r
@@ -241,18 +245,23 @@ class FixedStep:
         x = m.model.norm(x)
         return (m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T)[:, -1]
 
+    def step(self):
+        # the function, not a bound method, is compiled (decode.GraphDecoder.step's reason)
+        return _compiled_fixed_step()(self) if self.compiled else FixedStep._step(self)
+
     def _capture(self):
-        # warm up on a side stream (lazy initialisation must not happen during capture), then record; the warm-up
-        # writes this step's K/V too, and replaying rewrites the same values
+        # warm up on a side stream (lazy initialisation must not happen during capture; a compiled step compiles
+        # and autotunes in its first call), then record; the warm-up writes this step's K/V too, and replaying
+        # rewrites the same values
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step()
+                self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self.step()
 
     @torch.no_grad()
     def __call__(self, tokens, positions, slots):
@@ -269,8 +278,44 @@ class FixedStep:
         return self.logits.clone()   # the graph's output buffer is overwritten by the next replay
 
 
+@functools.cache
+def _compiled_fixed_step():
+    return torch.compile(FixedStep._step, fullgraph=True)
+
+
 # -----------------------------------------------------------------------------
 # The batch
+
+
+def move_rows(k, v, raw_k, rows, caches, keeps):
+    """StreamingCache.move_kv for many cache rows at once: cache row rows[i] of k, v, raw_k ((layers, R, Hkv,
+    capacity, D)) keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per
+    tensor and layer for all rows, where the rows one by one launch ~15 kernels a layer each (~10 ms a 7B stream,
+    host-bound). Same values as move_kv: the same gathers and rotation."""
+    for rotate in (True, False):   # reindexing streams rotate their keys afresh; native RoPE keeps the old ones
+        group = [(r, c, keep) for r, c, keep in zip(rows, caches, keeps) if c.reindex == rotate]
+        if group:
+            _move_rows(k, v, raw_k, *zip(*group), rotate)
+
+
+@torch.no_grad()
+def _move_rows(k, v, raw_k, rows, caches, keeps, rotate):
+    # rows padded to the longest keep by repeating their last kept slot: the copies land past the row's new length,
+    # where nothing is read
+    dev, n = k.device, max(len(keep) for keep in keeps)
+    idx = torch.stack([torch.cat([keep, keep[-1:].expand(n - len(keep))]) for keep in keeps]).to(dev)  # (E, n)
+    row, to = torch.as_tensor(rows, device=dev)[:, None], torch.arange(n, device=dev)[None, :]          # (E, 1), (1, n)
+    if rotate:
+        pos = torch.stack([torch.nn.functional.pad(c.pos[:, :len(keep)], (0, n - len(keep)))
+                           for c, keep in zip(caches, keeps)], 1)                                        # (3, E, n)
+        c = caches[0]
+        cos, sin = mrope_cos_sin(pos.to(dev), c.inv_freq, c.cfg.mrope_section, k.dtype)                # (E, 1, n, D)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)                                              # (E, n, 1, D)
+    for layer in range(k.shape[0]):   # indexed (E, n, Hkv, D): the advanced indices' dims come first
+        v[layer][row, :, to] = v[layer][row, :, idx]
+        raw = raw_k[layer][row, :, idx]
+        raw_k[layer][row, :, to] = raw
+        k[layer][row, :, to] = apply_rope(raw, cos, sin) if rotate else k[layer][row, :, idx]
 
 
 def adopt_row(cache, k, v, raw_k):
@@ -290,9 +335,9 @@ class StreamBatch:
     between seconds."""
 
     def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="rows",
-                 compile_vision=False):
-        if decode not in ("plain", "graphs"):
-            raise ValueError(f"decode={decode!r}: expected plain or graphs")
+                 compile_vision=False, timed=False):
+        if decode not in ("plain", "graphs", "compiled"):
+            raise ValueError(f"decode={decode!r}: expected plain, graphs or compiled")
         if prefill not in ("packed", "rows"):
             raise ValueError(f"prefill={prefill!r}: expected packed or rows")
         # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention,
@@ -308,8 +353,10 @@ class StreamBatch:
         # a slot past every cache's capacity: the scratch slot where a silent row's fixed-shape decode step writes
         shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity + 1, c.head_dim)
         self.k, self.v, self.raw_k = (torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(3))
-        self.fixed = FixedStep(model, self.k, self.v, self.raw_k) if decode == "graphs" else None
+        self.fixed = (FixedStep(model, self.k, self.v, self.raw_k, compile=decode == "compiled")
+                      if decode != "plain" else None)
         self.streams, self.row_of = {}, {}   # name -> Streamer; name -> its row
+        self.timer = PhaseTimer(timed, dev)  # seconds per phase of step(), summed over the seconds, when timed
 
     def add(self, name, **kw):
         """A new stream in a free row; kw are Streamer's (windows, sampling, fps, pixels, evict, reindex, ...)."""
@@ -338,16 +385,22 @@ class StreamBatch:
     def step(self, frames, force=None):
         """One second of the streams named in `frames` ({name: that stream's frames, or Streamer.prepare's}); force
         ({name: text}) teacher-forces their replies. Returns {name: commentary ('' for silence)}."""
-        names = list(frames)
+        names, timer = list(frames), self.timer
         ss = [self.streams[n] for n in names]
-        for s in ss:  # 1. evict, each in its own cache
-            s.cache.evict(s.t)
-        vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
-        feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),  # 2.
-                                  compiled=self.compile_vision)
-        logits = self.prefill(names, ss, vision, feats)                                                         # 3.
-        forced = [s.forced((force or {}).get(n)) for n, s in zip(names, ss)]
-        outs = self.decode(names, ss, logits, forced)                                                            # 4.
+        with timer("evict"):  # 1. evict, each in its own cache; the K/V of every evicting row move together
+            moves = [(self.row_of[n], s.cache, s.cache.evict_tokens(s.t)) for n, s in zip(names, ss)]
+            moves = [m for m in moves if m[2] is not None]
+            if moves:
+                move_rows(self.k, self.v, self.raw_k, *zip(*moves))
+        with timer("vision"):  # 2. one tower call for every stream's frames
+            vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
+            feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),
+                                      compiled=self.compile_vision)
+        with timer("prefill"):  # 3. one forward for every stream's new turn
+            logits = self.prefill(names, ss, vision, feats)
+        with timer("decode"):  # 4. the replies, batched over the streams still speaking
+            forced = [s.forced((force or {}).get(n)) for n, s in zip(names, ss)]
+            outs = self.decode(names, ss, logits, forced)
         return {n: s.hand_back(out) for n, s, out in zip(names, ss, outs)}
 
     def prefill(self, names, ss, vision, feats):

@@ -169,7 +169,8 @@ def serve_videos(args, names, out, settings, layout):
     capacity = max(steady_capacity(first, layout.fps, layout.text_sink, layout.text_window, layout.vision_window,
                                    (layout.min_pixels, layout.max_pixels), layout.evict_every)[1]
                    for first, _ in ready.values())
-    batch, outputs, p = StreamBatch(model, tok, len(ready), capacity), {}, POLICIES[args.policy]
+    decode = "graphs" if model.device.type == "cuda" else "plain"  # a CUDA graph's decode step on a GPU (as stream.py)
+    batch, outputs, p = StreamBatch(model, tok, len(ready), capacity, decode=decode), {}, POLICIES[args.policy]
     os.makedirs(out, exist_ok=True)
     try:
         for n in ready:

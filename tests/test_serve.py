@@ -11,11 +11,12 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stream
+from cache import StreamingCache
 from checkpoint import load_checkpoint
 from cli import SHIPPED
 from layout import layout_of
 from model import causal_attention
-from serve import PackedRowAttention, RowAttention, StreamBatch
+from serve import PackedRowAttention, RowAttention, StreamBatch, adopt_row, move_rows
 from world import SportsStream, WorldConfig, split_seed
 
 SEEDS = (0, 4, 5)   # held-out streams with events in their first seconds (seconds 5 and 8; 2; 1 and 3)
@@ -89,6 +90,31 @@ def test_batched_cache_rows_hold_the_lone_caches(shipped, decode, prefill):
             x, y = getattr(a, name)[..., :n, :], getattr(b, name)[..., :n, :]
             assert (x - y).abs().max() <= 1e-4 * max(1.0, x.abs().max()), name
             assert not torch.equal(batch.k[:, i], batch.k[:, (i + 1) % 3])  # rows are not shared by mistake
+
+
+def test_moving_many_rows_at_once_is_moving_each(shipped):
+    """move_rows (the batch's eviction: every evicting row's K/V moved in one gather a layer) leaves each row as its
+    cache's own move_kv leaves a copy of it: ragged keeps, rows out of order, contiguous RoPE and native RoPE mixed."""
+    model, tok, kw = shipped
+    cfg, g = model.cfg, torch.Generator().manual_seed(0)
+    shape = (cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 64, cfg.head_dim)
+    k, v, raw_k = (torch.randn(shape, generator=g) for _ in range(3))
+    rows, keeps, caches, alone = [3, 0, 2], [[0, 5, 9, 40], [1, 2, 3], [0, 7, 8, 9, 10, 63]], [], []
+    for row, keep, reindex in zip(rows, keeps, [True, False, True]):
+        for copy in (False, True):   # the row's cache, and a lone cache on a copy of the row
+            c = StreamingCache(cfg, reindex=reindex, capacity=0)
+            views = [x[:, row:row + 1] for x in (k, v, raw_k)]
+            adopt_row(c, *([x.clone() for x in views] if copy else views))
+            c.pos[:, :64] = torch.randint(0, 500, (3, 64), generator=g) if not copy else caches[-1].pos[:, :64]
+            (alone if copy else caches).append(c)
+    for c, a, keep in zip(caches, alone, keeps):
+        a.move_kv(torch.tensor(keep))
+    move_rows(k, v, raw_k, rows, caches, [torch.tensor(keep) for keep in keeps])
+    for c, a, keep in zip(caches, alone, keeps):
+        n = len(keep)
+        for name in ("k", "v", "raw_k"):
+            assert torch.equal(getattr(c, name)[..., :n, :], getattr(a, name)[..., :n, :]), name
+    assert not torch.equal(caches[0].k[..., :4, :], caches[0].raw_k[..., :4, :])   # the keys were rotated
 
 
 @pytest.mark.parametrize("rows, starts, lengths", [
@@ -258,9 +284,9 @@ def random_model(preset, device, dtype):
 
 
 @torch.no_grad()
-def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows"):
+def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows", decode="graphs"):
     """Streams of 5, 3 and 4 s of side x side random frames, the third joining at the batch's second 1, as served
-    (decode="graphs", the given prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
+    (decode="graphs" or "compiled", the given prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
     tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
     logits are within `tol` (relative norm) of its lone Streamer's, their greedy token equal wherever the lone top
     two are clearly apart, and its cache row holds the same tokens with K/V within `tol`. Returns the batch."""
@@ -270,7 +296,7 @@ def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows"):
     clip = [torch.randint(0, 255, (side, side, 3), generator=g, dtype=torch.uint8) for _ in range(16)]
     frames = lambda i, t: clip[(4 * i + 2 * t) % 16:(4 * i + 2 * t) % 16 + 2]   # 2 fps; the streams differ
     lengths, joins, reply = [5, 3, 4], [0, 0, 1], fixed_reply(tok, 4)
-    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode="graphs", prefill=prefill)
+    batch = StreamBatch(model, tok, rows=3, capacity=2048, decode=decode, prefill=prefill)
     alone = [stream.Streamer(model, tok, **kw, capacity=2048) for _ in lengths]
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
     checked, worst = 0, {"logits": 0.0, "k": 0.0, "v": 0.0}
@@ -306,11 +332,13 @@ def test_a_random_batch_beside_alone_on_the_cpu(prefill):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("prefill", ["rows", "packed"])
-def test_the_7b_batch_matches_each_stream_alone_on_a_gpu(prefill):
+@pytest.mark.parametrize("prefill, decode", [("rows", "graphs"), ("packed", "compiled")])
+def test_the_7b_batch_matches_each_stream_alone_on_a_gpu(prefill, decode):
     """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
-    ~1 min on an H100 each (the 7B init, the graph capture; packed: one flex compile per padded prefill length)."""
-    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2, prefill=prefill)
+    ~1 min on an H100 each (the 7B init, the graph capture; packed: one flex compile per padded prefill length;
+    compiled: the decode step's compile)."""
+    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2, prefill=prefill,
+                                      decode=decode)
     assert batch.fixed.graph is not None
 
 

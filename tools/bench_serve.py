@@ -17,10 +17,11 @@ The ideas:
 - Streams differ: stream i starts its frames i seconds into the synthetic video, so no two rows hold the same frames.
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
-- The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep; --decode
-  plain: a forward over the speaking rows instead); the single-stream path with --decode (compiled on a GPU). With
-  --decode compiled both run the vision tower compiled and graph-replayed. The batch's prefill attention is a dense
-  SDPA call per row (--prefill rows, the default) or one FlexAttention call per layer over all rows (--prefill packed).
+- The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep), compiled
+  first as the single-stream path's step is (--batch-decode: the same or another); the single-stream path with
+  --decode (compiled on a GPU). With --decode compiled both run the vision tower compiled and graph-replayed. The
+  batch's prefill attention is a dense SDPA call per row (--prefill rows, the default) or one FlexAttention call per
+  layer over all rows (--prefill packed).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
@@ -45,40 +46,42 @@ from stream import streamer_kwargs
 from tools.bench_stream import build_models, fixed_reply, plot
 
 
-def batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res):
+def batch_run(args, model, tok, n, prefill, decode, frames_of, reply, kw, capacity, res):
     """N streams for --seconds (or until --time-limit) as one batch; returns (latencies in seconds, memory held after
-    each second, peak memory)."""
+    each second, peak memory, each second's {phase: seconds} with --phases)."""
     fresh_peak(model.device)
-    # the batch's decode steps in a CUDA graph over every row unless --decode plain (the single path: compiled)
     batch = StreamBatch(model, tok, n, capacity, readback=not args.no_readback,
-                        decode="plain" if args.decode[0] == "plain" else "graphs", prefill=prefill,
-                        compile_vision=args.decode[0] == "compiled")   # the single path's vision tower
+                        decode=decode, prefill=prefill,
+                        compile_vision=args.decode[0] == "compiled",   # the single path's vision tower
+                        timed=args.phases)
     streams = [batch.add(i, **kw) for i in range(n)]
     # prefetch: second t + 1's frames resized on a thread while the batch runs second t (eval.run_policy's, for N)
     pool = ThreadPoolExecutor(1) if args.prefetch else None
     prepare = lambda t: {i: s.prepare(frames_of(t + i)) for i, s in enumerate(streams)}
     ahead = pool.submit(prepare, 0) if pool else None
-    lat, mem, start = [], [], time.perf_counter()
+    lat, mem, phases, start = [], [], [], time.perf_counter()
     for t in range(args.seconds):
         if args.time_limit and time.perf_counter() - start > args.time_limit:
             print(f"{n} streams: --time-limit {args.time_limit:g} s reached after {t} s")
             break
         force = {i: reply if (t + i) % args.speak_every == 0 else "" for i in range(n)}
         sync(model.device)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), dict(batch.timer.phases)
         frames = ahead.result() if pool else {i: frames_of(t + i) for i in range(n)}
         if pool and t + 1 < args.seconds:
             ahead = pool.submit(prepare, t + 1)
         batch.step(frames, force)
         sync(model.device)
         lat.append(time.perf_counter() - t0)
+        phases.append({k: v - before.get(k, 0.0) for k, v in batch.timer.phases.items()})
         mem.append(torch.cuda.memory_allocated() / 2**30 if model.device.type == "cuda" else
                    3 * batch.k.numel() * batch.k.element_size() / 2**30)
-        res.log(streams=n, prefill=prefill, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3))
+        res.log(streams=n, prefill=prefill, decode=decode, t=t, ms=ms(lat[-1]), memory_gib=round(mem[-1], 3),
+                **{f"{k}_ms": ms(v) for k, v in phases[-1].items()})
     if pool:
         pool.shutdown()
     peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else max(mem, default=0.0)
-    return lat, mem, peak
+    return lat, mem, peak, phases
 
 
 def minutes(lat, mem, warmup):
@@ -91,9 +94,10 @@ def minutes(lat, mem, warmup):
     return rows
 
 
-def summary(name, n, lat, mem, warmup, peak):
-    """A table row: the steady seconds' mean and p99, per stream, memory first / last 10% and peak; per minute."""
-    steady, held = lat[warmup:], mem[warmup:]
+def summary(name, n, lat, mem, warmup, peak, phases=()):
+    """A table row: the steady seconds' mean and p99, per stream, memory first / last 10% and peak, the mean of each
+    phase (--phases); per minute."""
+    steady, held, timed = lat[warmup:], mem[warmup:], list(phases)[warmup:]
     if not steady:
         return dict(run=name, streams=n, steady_s=0, realtime=False)
     k = max(1, len(steady) // 10)
@@ -101,6 +105,8 @@ def summary(name, n, lat, mem, warmup, peak):
     return dict(run=name, streams=n, steady_s=len(steady), mean_ms=ms(mean), p99_ms=ms(p99),
                 per_stream_ms=ms(mean / n), realtime=p99 <= 1.0,
                 mem_first_last_gib=f"{sum(held[:k]) / k:.2f}/{sum(held[-k:]) / k:.2f}", peak_gib=round(peak, 2),
+                **{f"{ph}_ms": ms(sum(p.get(ph, 0.0) for p in timed) / len(timed))
+                   for ph in dict.fromkeys(ph for p in timed for ph in p)},
                 minutes=minutes(lat, mem, warmup))
 
 
@@ -120,9 +126,15 @@ def build_parser():
     ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["rows"], help="a batched "
                     "prefill's attention: one FlexAttention call per layer (packed) or a dense SDPA call per row "
                     "(rows, default); both: each N runs with each, one after another")
+    ap.add_argument("--batch-decode", choices=["plain", "graphs", "compiled"], nargs="+", default=None,
+                    help="the batch's decode step: a forward over the speaking rows (plain), one fixed-shape step over "
+                    "every row replayed from a CUDA graph (graphs), compiled first (compiled); several: each N runs "
+                    "with each (default: graphs, compiled with --decode compiled)")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
+    ap.add_argument("--phases", action="store_true", help="time each phase of a batch second (evict, vision, "
+                    "prefill, decode; the GPU is waited for at each phase's ends, which costs a little)")
     add_run_flags(ap, warmup=30, out="out/bench_serve")
     ap.set_defaults(policies=["streaming"], hf=False, flexprefill=False)
     return ap
@@ -136,6 +148,8 @@ def get_args(argv=None):
             ap.error("--minutes sets --seconds (--warmup + 60 x minutes): give one of them")
         args.seconds = args.warmup + 60 * args.minutes
     gpu = check_run_flags(ap, args)
+    if args.batch_decode is None:
+        args.batch_decode = [{"plain": "plain", "compiled": "compiled"}.get(args.decode[0], "graphs")]
     args.stream_layout = layout_of({}, args)
     if not gpu and args.preset != "tiny":
         ap.error(f"--preset {args.preset} is a GPU's work; on a CPU, the smoke run: --preset tiny --height 56 "
@@ -163,15 +177,15 @@ def main(argv=None):
     speak = lambda t: reply if t % args.speak_every == 0 else ""
     single = args.single_seconds or args.seconds
     r = run_policy(model, tok, "streaming", single, frames_of, args, force=speak, decode=args.decode[0],
-                   readback=not args.no_readback, **dict(kw, capacity=capacity))
+                   readback=not args.no_readback, **dict(kw, capacity=capacity, timed=args.phases))
     rows = [summary(f"single ({args.decode[0]})", 1, r["latency"], [x["memory_gib"] for x in r["seconds"]],
-                    min(args.warmup, single // 2), r["peak_gib"])]
+                    min(args.warmup, single // 2), r["peak_gib"], [x["phases"] for x in r["seconds"]])]
     print(table(brief(rows)), flush=True)
     lat_of = {}
-    for n, prefill in itertools.product(args.streams, args.prefill):
-        lat, mem, peak = batch_run(args, model, tok, n, prefill, frames_of, reply, kw, capacity, res)
-        lat_of[n, prefill] = lat
-        rows.append(dict(summary("batch", n, lat, mem, warmup, peak), prefill=prefill))
+    for n, prefill, decode in itertools.product(args.streams, args.prefill, args.batch_decode):
+        lat, mem, peak, phases = batch_run(args, model, tok, n, prefill, decode, frames_of, reply, kw, capacity, res)
+        lat_of[n, prefill, decode] = lat
+        rows.append(dict(summary("batch", n, lat, mem, warmup, peak, phases), prefill=prefill, decode=decode))
         if rows[-1]["steady_s"] and rows[0]["steady_s"]:
             rows[-1]["x_single"] = round(rows[-1]["per_stream_ms"] / rows[0]["mean_ms"], 3)
         print(table(brief(rows[-1:])), flush=True)
@@ -201,14 +215,14 @@ def report(args, layout, rows, lat_of, res):
     if importlib.util.find_spec("matplotlib") is None:
         print("no plots: matplotlib is not installed (pip install matplotlib)")
         return
-    plot(args.out, "bench_serve_latency", {f"{n} streams ({p})": (range(1, len(v)), v[1:])
-                                           for (n, p), v in lat_of.items()}, "second", "seconds per batch second")
+    plot(args.out, "bench_serve_latency", {f"{n} streams ({p}, {d})": (range(1, len(v)), v[1:])
+                                           for (n, p, d), v in lat_of.items()}, "second", "seconds per batch second")
     series = {}
-    for p in args.prefill:
-        mine = [r for r in batches if r["prefill"] == p]
+    for p, d in itertools.product(args.prefill, args.batch_decode):
+        mine = [r for r in batches if r["prefill"] == p and r["decode"] == d]
         ns = [r["streams"] for r in mine]
-        series[f"mean ({p})"] = (ns, [r["mean_ms"] for r in mine])
-        series[f"p99 ({p})"] = (ns, [r["p99_ms"] for r in mine])
+        series[f"mean ({p}, {d})"] = (ns, [r["mean_ms"] for r in mine])
+        series[f"p99 ({p}, {d})"] = (ns, [r["p99_ms"] for r in mine])
     ns = sorted({r["streams"] for r in batches})
     series.update({"real time (1 s)": (ns, [1000] * len(ns)),
                    "single stream x N": (ns, [(rows[0].get("mean_ms") or 0) * n for n in ns])})
