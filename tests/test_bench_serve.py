@@ -8,11 +8,14 @@ TINY = ["--preset", "tiny", "--height", "56", "--width", "84", "--device", "cpu"
 
 
 def test_batches_beside_the_single_stream_path(tmp_path):
-    rows = main(TINY + ["--streams", "1", "2", "--seconds", "4", "--warmup", "1", "--speak-every", "2",
+    rows = main(TINY + ["--streams", "1", "2", "--seconds", "4", "--warmup", "1", "--speak-every", "2", "--phases",
                         "--out", str(tmp_path)])
     assert [(r["run"], r["streams"]) for r in rows] == [("single (plain)", 1), ("batch", 1), ("batch", 2)]
     assert all(r["mean_ms"] > 0 and "x_single" in r and r["steady_s"] == 3 for r in rows[1:])
     assert abs(rows[2]["per_stream_ms"] - rows[2]["mean_ms"] / 2) <= 0.1
+    # --phases: each phase's mean, and together they are the second (less what lies between them: the resize wait)
+    phases = [rows[2][f"{p}_ms"] for p in ("evict", "vision", "prefill", "decode")]
+    assert all(p > 0 for p in phases) and sum(phases) <= rows[2]["mean_ms"] + 0.5
     assert [m["seconds"] for m in rows[2]["minutes"]] == [3] and rows[2]["peak_gib"] > 0
     logged = [json.loads(x) for x in open(tmp_path / "bench_serve.jsonl")]
     assert [(x["streams"], x["prefill"], x["t"]) for x in logged] == [(n, "rows", t) for n in (1, 2)
@@ -27,11 +30,14 @@ def test_batches_beside_the_single_stream_path(tmp_path):
 
 def test_both_prefills_and_a_time_limit(tmp_path, capsys):
     """--prefill packed rows runs each N both ways; --time-limit 0.001 stops each batch after its first second and
-    says so; a run with no steady second has no numbers, not made-up ones."""
-    rows = main(TINY + ["--streams", "2", "--seconds", "4", "--warmup", "1", "--single-seconds", "2", "--prefill",
+    says so; a run with no steady second has no numbers, not made-up ones. tools/bench_stream.py --streams is this
+    run."""
+    from tools import bench_stream
+    rows = bench_stream.main(TINY + ["--streams", "2", "--seconds", "4", "--warmup", "1", "--single-seconds", "2", "--prefill",
                         "packed", "rows", "--time-limit", "0.001", "--no-prefetch", "--out", str(tmp_path)])
     assert capsys.readouterr().out.count("2 streams: --time-limit 0.001 s reached after 1 s") == 2
-    assert rows[1:] == [dict(run="batch", streams=2, steady_s=0, realtime=False, prefill=p) for p in ("packed", "rows")]
+    assert rows[1:] == [dict(run="batch", streams=2, steady_s=0, realtime=False, prefill=p, decode="plain")
+                        for p in ("packed", "rows")]
 
 
 def test_per_minute_numbers_and_the_steady_flag():

@@ -304,6 +304,8 @@ def build_parser():
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
+    ap.add_argument("--streams", nargs="+", metavar="N", help="many streams as one batch: the run is "
+                    "tools/bench_serve.py's, given every flag (python -m tools.bench_serve --help)")
     add_run_flags(ap, warmup=30, out="out/bench")
     ap.set_defaults(policies=["streaming", "native", "full"])
     return ap
@@ -403,6 +405,10 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--streams" or a.startswith("--streams=") for a in argv):   # many streams: bench_serve's run
+        from tools import bench_serve
+        return bench_serve.main(argv)
     args = get_args(argv)
     model, hf, tok = build_models(args)
     if args.max_new_tokens < len(end_ids(tok)):
