@@ -147,6 +147,15 @@ def decode_kernel_for(device):
     return functools.partial(split_kv_attention, programs=2 * sms)
 
 
+def take_fast_defaults(model):
+    """Where nobody chose (model.fuse / use_decode_attention not called), the fast path takes the fused
+    projections and, on a GPU, split-KV decoding (decode graphs here, and serve.FixedStep's)."""
+    if model.fusion is None:
+        model.fuse()
+    if model.decode_kernel is None and decode_kernel_for(model.device) is not None:
+        model.use_decode_attention(decode_kernel_for(model.device))
+
+
 class GraphDecoder:
     """decoder(token_id) -> logits (1, vocab) of the next token, for a StreamingCache that the caller has
     already told about the token (cache.add_tokens), exactly like model(...) with cache=cache would."""
@@ -154,10 +163,7 @@ class GraphDecoder:
     def __init__(self, model, cache, graphs=None, compile=False):
         self.model, self.cache = model, cache
         dev = model.device
-        if model.fusion is None:  # nobody chose: the fast path takes the fused projections
-            model.fuse()
-        if model.decode_kernel is None and decode_kernel_for(dev) is not None:  # ... and split-KV decoding
-            model.use_decode_attention(decode_kernel_for(dev))
+        take_fast_defaults(model)
         self.graphs = dev.type == "cuda" if graphs is None else graphs
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)    # static inputs, filled per step
         self.pos = torch.zeros(3, 1, 1, dtype=torch.long, device=dev)

@@ -6,7 +6,7 @@ turn and decodes the reply. Served one process a stream, N streams time-slice th
 weights for itself. StreamBatch keeps a Streamer per stream, with all its state (StreamingCache: sink, windows,
 contiguous RoPE, evict_every; pending tokens; sampling generator; its own second t), and runs their seconds together:
 
-  1. each stream evicts, in its own cache;
+  1. each stream evicts in its own cache (the bookkeeping its own, the K/V of every evicting row moved at once);
   2. one vision-tower call for every stream's frames (the tower packs any number of videos into one sequence;
      attention never crosses one);
   3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
@@ -15,9 +15,9 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
      a CUDA graph captures once and replays; decode="compiled" compiles that step first).
 
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
-StreamingCache holds views of its row, so its bookkeeping and eviction (a gather inside the row) are the plain
-cache's, unchanged. RowSlots is the adapter an attention layer writes through: each row's new keys and values go
-to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
+StreamingCache holds views of its row, so its bookkeeping is the plain cache's, unchanged, and its eviction too: the
+same gather inside the row, made for all rows in one call a layer (move_rows). RowSlots is the adapter an attention
+layer writes through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
 reference, RowAttention, runs the model's own prompt attention (dense SDPA, or FlexPrefill) row by row, so each
 stream's attention is the one it would run alone; PackedRowAttention (opt-in: StreamBatch(prefill="packed"))
 computes the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one
@@ -46,6 +46,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from cache import StreamingCache
+from decode import take_fast_defaults
 from layout import Kind, check_text
 from model import causal_attention
 from rope import apply_rope, mrope_axis, mrope_cos_sin
@@ -218,6 +219,7 @@ class FixedStep:
 
     def __init__(self, model, k, v, raw_k, compile=False):
         R, S, dev = k.shape[1], k.shape[3], model.device
+        take_fast_defaults(model)   # fused projections, split-KV decoding on a GPU (unless the caller chose)
         # one view per layer, made here: indexing the whole buffer inside compiled code would make the compiler treat
         # a layer's write as a mutation of all of it (decode.py's reason)
         self.model, self.k, self.v, self.raw_k = model, k.unbind(0), v.unbind(0), raw_k.unbind(0)  # (R, Hkv, S, D)
@@ -280,7 +282,10 @@ class FixedStep:
 
 @functools.cache
 def _compiled_fixed_step():
-    return torch.compile(FixedStep._step, fullgraph=True)
+    # static shapes: a batch's rows and capacity never change, and a batch of another size (bench_serve runs several)
+    # gets kernels of its own, not a dynamic-shape version of the first
+    return torch._dynamo.config.patch(recompile_limit=64)(torch.compile(FixedStep._step, fullgraph=True,
+                                                                        dynamic=False))
 
 
 # -----------------------------------------------------------------------------
@@ -289,11 +294,12 @@ def _compiled_fixed_step():
 
 def move_rows(k, v, raw_k, rows, caches, keeps):
     """StreamingCache.move_kv for many cache rows at once: cache row rows[i] of k, v, raw_k ((layers, R, Hkv,
-    capacity, D)) keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per
+    slots, D)) keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per
     tensor and layer for all rows, where the rows one by one launch ~15 kernels a layer each (~10 ms a 7B stream,
-    host-bound). Same values as move_kv: the same gathers and rotation."""
+    host-bound). Same values as move_kv: the same gathers and rotation. The cost: a layer's temporaries span every
+    evicting row ((rows, kept, Hkv, D), ~0.2 GB each at 16 streams of 7B 720p) where move_kv's span one."""
     for rotate in (True, False):   # reindexing streams rotate their keys afresh; native RoPE keeps the old ones
-        group = [(r, c, keep) for r, c, keep in zip(rows, caches, keeps) if c.reindex == rotate]
+        group = [(r, c, keep) for r, c, keep in zip(rows, caches, keeps) if c.reindex == rotate and len(keep)]
         if group:
             _move_rows(k, v, raw_k, *zip(*group), rotate)
 
@@ -392,8 +398,9 @@ class StreamBatch:
             moves = [m for m in moves if m[2] is not None]
             if moves:
                 move_rows(self.k, self.v, self.raw_k, *zip(*moves))
-        with timer("vision"):  # 2. one tower call for every stream's frames
+        with timer("preprocess"):  # patches on the device (resized on the CPU, unless prepared ahead)
             vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
+        with timer("vision"):  # 2. one tower call for every stream's frames
             feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),
                                       compiled=self.compile_vision)
         with timer("prefill"):  # 3. one forward for every stream's new turn
@@ -454,7 +461,8 @@ class StreamBatch:
 
     def decode_step(self, names, ss, tokens):
         """Feed each named stream its token in one step; returns their next logits (len(names), vocab). plain: a
-        forward over the speaking rows; graphs: the fixed-shape step over every row (FixedStep)."""
+        forward over the speaking rows; graphs: the fixed-shape step over every row (FixedStep); compiled: that step
+        compiled."""
         for s in ss:
             self._check_room(s, 1)
         staged = [s.cache.add_tokens([tok], Kind.REPLY, s.t) for s, tok in zip(ss, tokens)]   # (3, 1, 1) each

@@ -72,7 +72,8 @@ def nine_seconds_beside_alone(model, tok, kw, rows, decode, prefill="packed"):
     return batch, alone
 
 
-@pytest.mark.parametrize("decode, prefill", [("plain", "packed"), ("graphs", "packed"), ("plain", "rows")])
+@pytest.mark.parametrize("decode, prefill", [("plain", "packed"), ("graphs", "packed"), ("plain", "rows"),
+                                             ("compiled", "rows")])
 def test_batched_cache_rows_hold_the_lone_caches(shipped, decode, prefill):
     """After 9 s (an eviction at second 8 included), each row holds its lone cache's tokens, positions and K/V, and
     said the same; decode="graphs" runs the fixed-shape step over every row (eagerly on a CPU), silent rows writing
@@ -109,7 +110,9 @@ def test_moving_many_rows_at_once_is_moving_each(shipped):
             (alone if copy else caches).append(c)
     for c, a, keep in zip(caches, alone, keeps):
         a.move_kv(torch.tensor(keep))
+    row1 = [x[:, 1].clone() for x in (k, v, raw_k)]
     move_rows(k, v, raw_k, rows, caches, [torch.tensor(keep) for keep in keeps])
+    assert all(torch.equal(x[:, 1], y) for x, y in zip((k, v, raw_k), row1))   # a row that did not evict
     for c, a, keep in zip(caches, alone, keeps):
         n = len(keep)
         for name in ("k", "v", "raw_k"):
@@ -286,8 +289,8 @@ def random_model(preset, device, dtype):
 @torch.no_grad()
 def random_batch_beside_alone(model, tok, tol, side=224, prefill="rows", decode="graphs"):
     """Streams of 5, 3 and 4 s of side x side random frames, the third joining at the batch's second 1, as served
-    (decode="graphs" or "compiled", the given prefill) beside each alone (the plain Streamer). Replies are teacher-forced (4
-    tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
+    (decode="graphs" or "compiled", the given prefill) beside each alone (the plain Streamer). Replies are
+    teacher-forced (4 tokens; silence one second in two) so that both sides feed the same tokens. Every second, each stream's last
     logits are within `tol` (relative norm) of its lone Streamer's, their greedy token equal wherever the lone top
     two are clearly apart, and its cache row holds the same tokens with K/V within `tol`. Returns the batch."""
     from tools.bench_stream import fixed_reply

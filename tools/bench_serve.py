@@ -17,9 +17,9 @@ The ideas:
 - Streams differ: stream i starts its frames i seconds into the synthetic video, so no two rows hold the same frames.
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
-- The batch decodes with one fixed-shape step over all its rows, captured in a CUDA graph (serve.FixedStep), compiled
-  first as the single-stream path's step is (--batch-decode: the same or another); the single-stream path with
-  --decode (compiled on a GPU). With --decode compiled both run the vision tower compiled and graph-replayed. The
+- The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
+  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep), plain a
+  forward over the speaking rows. With --decode compiled both run the vision tower compiled and graph-replayed. The
   batch's prefill attention is a dense SDPA call per row (--prefill rows, the default) or one FlexAttention call per
   layer over all rows (--prefill packed).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
@@ -129,12 +129,13 @@ def build_parser():
     ap.add_argument("--batch-decode", choices=["plain", "graphs", "compiled"], nargs="+", default=None,
                     help="the batch's decode step: a forward over the speaking rows (plain), one fixed-shape step over "
                     "every row replayed from a CUDA graph (graphs), compiled first (compiled); several: each N runs "
-                    "with each (default: graphs, compiled with --decode compiled)")
+                    "with each (default: --decode's)")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
-    ap.add_argument("--phases", action="store_true", help="time each phase of a batch second (evict, vision, "
-                    "prefill, decode; the GPU is waited for at each phase's ends, which costs a little)")
+    ap.add_argument("--phases", action="store_true", help="time each phase of a second (batch: evict, preprocess, "
+                    "vision, prefill, decode; single: its prefill holds its vision tower; the GPU is waited for at "
+                    "each phase's ends, which costs a little)")
     add_run_flags(ap, warmup=30, out="out/bench_serve")
     ap.set_defaults(policies=["streaming"], hf=False, flexprefill=False)
     return ap
@@ -148,8 +149,10 @@ def get_args(argv=None):
             ap.error("--minutes sets --seconds (--warmup + 60 x minutes): give one of them")
         args.seconds = args.warmup + 60 * args.minutes
     gpu = check_run_flags(ap, args)
-    if args.batch_decode is None:
-        args.batch_decode = [{"plain": "plain", "compiled": "compiled"}.get(args.decode[0], "graphs")]
+    if len(args.decode) > 1:
+        ap.error(f"--decode {','.join(args.decode)}: one path for the single stream here (--batch-decode takes "
+                 "several for the batch)")
+    args.batch_decode = args.batch_decode or args.decode
     args.stream_layout = layout_of({}, args)
     if not gpu and args.preset != "tiny":
         ap.error(f"--preset {args.preset} is a GPU's work; on a CPU, the smoke run: --preset tiny --height 56 "

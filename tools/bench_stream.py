@@ -314,6 +314,8 @@ def build_parser():
 def get_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.streams:   # an abbreviation of --streams that main() did not see
+        ap.error("write --streams in full: it hands the run to tools/bench_serve.py")
     check_run_flags(ap, args)
     # the layout flags over our defaults (no checkpoint here): windows, frame rate and pixels, reply cap
     args.stream_layout = layout_of({}, args)
