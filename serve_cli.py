@@ -8,6 +8,7 @@ apart from serve.py so that the batch itself reads on its own.
 """
 import itertools
 import os
+import queue
 import sys
 import threading
 import time
@@ -34,6 +35,37 @@ def stems(videos):
                              "collide (rename or link one of them)")
         names[name] = v
     return names
+
+
+class ReadAhead:
+    """A source's seconds read (decoded, then resized by `prepare`: Streamer.prepare) on a thread of its own, up to
+    `depth` seconds ahead of the batch. Read in turn on the batch's thread, N sources would add N decodes and resizes
+    to every batch second; here they overlap the GPU's work, as a live server reads each camera on its own. next()
+    gives the seconds in order, then raises what the reader raised (its error, or StopIteration at its end) at the
+    second where it raised it."""
+
+    def __init__(self, seconds, prepare, depth=2):
+        self.queue = queue.Queue(maxsize=depth)
+        self.end = None
+        threading.Thread(target=self._read, args=(seconds, prepare), daemon=True).start()
+
+    def _read(self, seconds, prepare):
+        try:
+            for frames in seconds:
+                self.queue.put((prepare(frames), None))
+            self.queue.put((None, StopIteration()))
+        except Exception as e:   # handed to the batch's thread, which names the stream and lets it leave
+            self.queue.put((None, e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.end is None:
+            second, self.end = self.queue.get()
+            if self.end is None:
+                return second
+        raise self.end
 
 
 def next_seconds(sources, batch, limit):
@@ -177,7 +209,8 @@ def serve_videos(args, names, out, settings, layout):
             batch.add(n, evict=p.evict, reindex=p.reindex, previous_text=args.previous_text, **streamer_kwargs(layout))
             outputs[n] = Outputs(os.path.join(out, n + ".vtt"), os.path.join(out, n + ".jsonl"))
         print(f"layout: {vars(layout)}; {len(ready)} streams, a cache row of {capacity} tokens; commentary in {out}")
-        counts, stopped = run_many(batch, {n: rest for n, (_, rest) in ready.items()}, args, outputs)
+        sources = {n: ReadAhead(rest, batch.streams[n].prepare) for n, (_, rest) in ready.items()}
+        counts, stopped = run_many(batch, sources, args, outputs)
     finally:
         for o in outputs.values():
             o.close()

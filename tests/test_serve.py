@@ -209,6 +209,36 @@ def test_several_videos_on_the_command_line(tmp_path, capsys):
     assert (tmp_path / "out" / "a.vtt").read_text().startswith("WEBVTT")
 
 
+def test_read_ahead_gives_the_seconds_then_what_the_reader_raised():
+    """serve_cli.ReadAhead (each source read on a thread of its own): the seconds in order, prepared; the reader's
+    error where it raised it, again on every later call; it reads ahead of the consumer, at most `depth` + 1."""
+    import threading
+
+    from serve_cli import ReadAhead
+    pulled, gate = [], threading.Event()
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            if i == 3:
+                gate.wait(5)
+                raise ValueError("clip.mp4: cannot decode second 3")
+            yield i
+    r = ReadAhead(source(), prepare=lambda x: 10 * x, depth=2)
+    for _ in range(100):   # the thread fills the queue (2) and holds one more before anything is asked of it
+        if len(pulled) == 3:
+            break
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.05)
+    assert pulled == [0, 1, 2]
+    gate.set()
+    assert [next(r) for _ in range(3)] == [0, 10, 20]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="cannot decode second 3"):
+            next(r)
+    assert list(ReadAhead(iter([1, 2]), prepare=str)) == ["1", "2"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--video", "x/clip.mp4", "--video", "y/clip.gif"], "share the name 'clip'"),
     (["--video", "a.mp4", "--video", "b.mp4", "--vtt", "o.vtt"], "each video's goes to DIR/<name>.vtt"),
