@@ -17,9 +17,9 @@ The ideas:
 - Streams differ: stream i starts its frames i seconds into the synthetic video, so no two rows hold the same frames.
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
-- The batch decodes with one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep; the
-  default on a GPU), or that step compiled first (--batch-decode compiled), or a forward over the speaking rows
-  (plain: the default with --decode plain); several: each N runs with each. With --decode compiled both run the vision tower compiled and graph-replayed. The
+- The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
+  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep; compiled
+  first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower compiled and graph-replayed. The
   batch's prefill attention is a dense SDPA call per row (--prefill rows, the default) or one FlexAttention call per
   layer over all rows (--prefill packed).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
@@ -129,7 +129,7 @@ def build_parser():
     ap.add_argument("--batch-decode", choices=["plain", "graphs", "compiled"], nargs="+", default=None,
                     help="the batch's decode step: a forward over the speaking rows (plain), one fixed-shape step over "
                     "every row replayed from a CUDA graph (graphs), compiled first (compiled); several: each N runs "
-                    "with each (default: graphs, plain with --decode plain)")
+                    "with each (default: --decode's)")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
@@ -152,8 +152,7 @@ def get_args(argv=None):
     if len(args.decode) > 1:
         ap.error(f"--decode {','.join(args.decode)}: one path for the single stream here (--batch-decode takes "
                  "several for the batch)")
-    # the batch's step compiled is opt-in (--batch-decode compiled) until a GPU run has measured it against graphs
-    args.batch_decode = args.batch_decode or [{"compiled": "graphs"}.get(args.decode[0], args.decode[0])]
+    args.batch_decode = args.batch_decode or args.decode   # the single path's: compiled on a GPU
     args.stream_layout = layout_of({}, args)
     if not gpu and args.preset != "tiny":
         ap.error(f"--preset {args.preset} is a GPU's work; on a CPU, the smoke run: --preset tiny --height 56 "
@@ -180,7 +179,9 @@ def main(argv=None):
     # the single-stream path, same run: one stream speaking the same seconds as stream 0 of a batch
     speak = lambda t: reply if t % args.speak_every == 0 else ""
     single = args.single_seconds or args.seconds
-    r = run_policy(model, tok, "streaming", single, frames_of, args, force=speak, decode=args.decode[0],
+    # --time-limit bounds the batch runs; the single run is bounded by --single-seconds (its first second compiles)
+    r = run_policy(model, tok, "streaming", single, frames_of, argparse.Namespace(**dict(vars(args), time_limit=0)),
+                   force=speak, decode=args.decode[0],
                    readback=not args.no_readback, **dict(kw, capacity=capacity, timed=args.phases))
     rows = [summary(f"single ({args.decode[0]})", 1, r["latency"], [x["memory_gib"] for x in r["seconds"]],
                     min(args.warmup, single // 2), r["peak_gib"], [x["phases"] for x in r["seconds"]])]
