@@ -17,13 +17,13 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping is the plain cache's, unchanged, and its eviction too: the
 same gather inside the row, made for all rows in one call a layer (move_rows). RowSlots is the adapter an attention
-layer writes through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries attend to that row's cache up to themselves: the
-reference, RowAttention, runs the model's own prompt attention (dense SDPA, or FlexPrefill) row by row, so each
-stream's attention is the one it would run alone; PackedRowAttention (opt-in: StreamBatch(prefill="packed"))
-computes the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees (one
-call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above PackedRowAttention). A
-decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no
-cache of its own: its cache works in its row from the start (adopt_row).
+layer writes through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries
+attend to that row's cache up to themselves: the reference, RowAttention, runs the model's own prompt attention (dense
+SDPA, or FlexPrefill) row by row, so each stream's attention is the one it would run alone; PackedRowAttention (opt-in:
+StreamBatch(prefill="packed")) computes the same in one FlexAttention call per layer over every row, a BlockMask
+skipping what no query sees (one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above
+PackedRowAttention). A decode step reads its rows with a mask that shows each query its own row's keys. A new stream's
+Streamer allocates no cache of its own: its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
@@ -293,11 +293,12 @@ def _compiled_fixed_step():
 
 
 def move_rows(k, v, raw_k, rows, caches, keeps):
-    """StreamingCache.move_kv for many cache rows at once: cache row rows[i] of k, v, raw_k ((layers, R, Hkv,
-    slots, D)) keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per
-    tensor and layer for all rows, where the rows one by one launch ~15 kernels a layer each (~10 ms a 7B stream,
-    host-bound). Same values as move_kv: the same gathers and rotation. The cost: a layer's temporaries span every
-    evicting row ((rows, kept, Hkv, D), ~0.2 GB each at 16 streams of 7B 720p) where move_kv's span one."""
+    """StreamingCache.move_kv for many cache rows at once: cache row rows[i] of k, v, raw_k ((layers, R, Hkv, slots, D))
+    keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per tensor and layer
+    for all rows, where the rows one by one launch ~15 kernels a layer each: fewer launches, the same bytes (an H100
+    took ~150 ms a second for 16 rows of 7B at 720p, ~9 ms a row, about one stream's eviction alone, 10.7 ms: the
+    gathers and rotation temporaries are bandwidth-bound). Same values as move_kv. The cost: a layer's temporaries span
+    every evicting row ((rows, kept, Hkv, D), ~0.2 GB each at 16 streams of 7B 720p) where move_kv's span one."""
     for rotate in (True, False):   # reindexing streams rotate their keys afresh; native RoPE keeps the old ones
         group = [(r, c, keep) for r, c, keep in zip(rows, caches, keeps) if c.reindex == rotate and len(keep)]
         if group:

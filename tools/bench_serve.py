@@ -18,10 +18,10 @@ The ideas:
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
 - The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
-  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep; compiled
-  first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower compiled and graph-replayed. The
-  batch's prefill attention is a dense SDPA call per row (--prefill rows, the default) or one FlexAttention call per
-  layer over all rows (--prefill packed).
+  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep;
+  compiled first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower
+  compiled and graph-replayed. The batch's prefill attention is a dense SDPA call per row (--prefill rows, the
+  default) or one FlexAttention call per layer over all rows (--prefill packed).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
