@@ -45,7 +45,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from cache import StreamingCache
+from cache import StreamingCache, can_fuse, fused_move
 from decode import take_fast_defaults
 from layout import Kind, check_text
 from model import causal_attention
@@ -241,7 +241,11 @@ class FixedStep:
         m = self.model
         x = m.model.embed_tokens(self.token)                                            # (R, 1, hidden)
         cos, sin = mrope_cos_sin(self.pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
-        mask = (self.keys[None, :] <= self.index[:, None])[:, None, None]               # (R, 1, 1, slots)
+        # a speaking row sees its cache and itself; a silent one (writing the scratch slot, the last) only that slot,
+        # so the split-KV kernel reads none of its row's K/V
+        seen = (self.keys[None, :] <= self.index[:, None]) & ((self.index < self.keys[-1])[:, None] |
+                                                              (self.keys == self.keys[-1])[None, :])
+        mask = seen[:, None, None]                                                      # (R, 1, 1, slots)
         for layer in m.model.layers:
             x = layer(x, cos, sin, mask, self)
         x = m.model.norm(x)
@@ -292,37 +296,48 @@ def _compiled_fixed_step():
 # The batch
 
 
-def move_rows(k, v, raw_k, rows, caches, keeps):
+def move_rows(k, v, raw_k, rows, caches, keeps, fused=None):
     """StreamingCache.move_kv for many cache rows at once: cache row rows[i] of k, v, raw_k ((layers, R, Hkv, slots, D))
-    keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). One gather per tensor and layer
-    for all rows, where the rows one by one launch ~15 kernels a layer each: fewer launches, the same bytes (an H100
-    took ~150 ms a second for 16 rows of 7B at 720p, ~9 ms a row, about one stream's eviction alone, 10.7 ms: the
-    gathers and rotation temporaries are bandwidth-bound). Same values as move_kv. The cost: a layer's temporaries span
-    every evicting row ((rows, kept, Hkv, D), ~0.2 GB each at 16 streams of 7B 720p) where move_kv's span one."""
+    keeps its slots keeps[i], caches[i] holding the new positions (after evict_tokens). The reference (_move_rows) is
+    one gather per tensor and layer for all rows: fewer launches than row by row, the same bytes, bandwidth-bound in
+    its temporaries (an H100 took ~150 ms a second for 16 rows of 7B at 720p). fused (default: on a GPU with Triton)
+    runs cache.fused_move, one kernel that reads and writes each kept byte once. Same values as move_kv."""
+    fused = can_fuse(k) if fused is None else fused
     for rotate in (True, False):   # reindexing streams rotate their keys afresh; native RoPE keeps the old ones
         group = [(r, c, keep) for r, c, keep in zip(rows, caches, keeps) if c.reindex == rotate and len(keep)]
         if group:
-            _move_rows(k, v, raw_k, *zip(*group), rotate)
+            rows_, caches_, keeps_ = zip(*group)
+            cos, sin = _new_rotation(caches_, keeps_, k.device, k.dtype) if rotate else (None, None)
+            if fused:
+                fused_move(k, v, raw_k, list(rows_), list(keeps_), cos, sin)
+            else:
+                _move_rows(k, v, raw_k, rows_, keeps_, cos, sin)
+
+
+def _new_rotation(caches, keeps, dev, dtype):
+    """cos, sin (E, n, D) of each cache's kept tokens at their new positions, rows padded to the longest keep."""
+    n = max(len(keep) for keep in keeps)
+    pos = torch.stack([torch.nn.functional.pad(c.pos[:, :len(keep)], (0, n - len(keep)))
+                       for c, keep in zip(caches, keeps)], 1)                                            # (3, E, n)
+    c = caches[0]
+    cos, sin = mrope_cos_sin(pos.to(dev), c.inv_freq, c.cfg.mrope_section, dtype)                      # (E, 1, n, D)
+    return cos[:, 0], sin[:, 0]
 
 
 @torch.no_grad()
-def _move_rows(k, v, raw_k, rows, caches, keeps, rotate):
+def _move_rows(k, v, raw_k, rows, keeps, cos, sin):
     # rows padded to the longest keep by repeating their last kept slot: the copies land past the row's new length,
     # where nothing is read
     dev, n = k.device, max(len(keep) for keep in keeps)
     idx = torch.stack([torch.cat([keep, keep[-1:].expand(n - len(keep))]) for keep in keeps]).to(dev)  # (E, n)
     row, to = torch.as_tensor(rows, device=dev)[:, None], torch.arange(n, device=dev)[None, :]          # (E, 1), (1, n)
-    if rotate:
-        pos = torch.stack([torch.nn.functional.pad(c.pos[:, :len(keep)], (0, n - len(keep)))
-                           for c, keep in zip(caches, keeps)], 1)                                        # (3, E, n)
-        c = caches[0]
-        cos, sin = mrope_cos_sin(pos.to(dev), c.inv_freq, c.cfg.mrope_section, k.dtype)                # (E, 1, n, D)
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)                                              # (E, n, 1, D)
+    if cos is not None:
+        cos, sin = cos[:, :, None], sin[:, :, None]                                                      # (E, n, 1, D)
     for layer in range(k.shape[0]):   # indexed (E, n, Hkv, D): the advanced indices' dims come first
         v[layer][row, :, to] = v[layer][row, :, idx]
         raw = raw_k[layer][row, :, idx]
         raw_k[layer][row, :, to] = raw
-        k[layer][row, :, to] = apply_rope(raw, cos, sin) if rotate else k[layer][row, :, idx]
+        k[layer][row, :, to] = apply_rope(raw, cos, sin) if cos is not None else k[layer][row, :, idx]
 
 
 def adopt_row(cache, k, v, raw_k):

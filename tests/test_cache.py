@@ -260,3 +260,43 @@ def test_seconds_of_several_temporal_patches_keep_contiguous_positions(tok):
                           video_grid_thw=grid, second_per_grid_ts=secs)[:, -1]
         assert (fresh - s.last_logits[:, -1]).abs().max() <= 1e-4
     assert kept == [4, 5]  # rounds left, so positions were re-laid
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("rotate", [True, False])
+def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
+    """cache.fused_move (one Triton kernel) leaves every row as the reference gathers leave it (serve._move_rows),
+    bit for bit in bf16: a kept prefix, long and short shifts, a row that keeps everything, a row that does not evict;
+    and StreamingCache.move_kv fused equals move_kv unfused on a strided row view (a batch's row)."""
+    from cache import StreamingCache, fused_move
+    from serve import _move_rows, adopt_row
+    from model import PRESETS
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L, R, H, S, D = 3, 4, 4, 3000, 128
+    k, v, raw_k = (torch.randn(L, R, H, S, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
+    rows = [2, 0, 3]
+    keeps = [torch.cat([torch.arange(600), torch.arange(1400, 2900)]),          # sink kept, a long shift
+             torch.cat([torch.arange(10), torch.arange(11, 2999, 2)]),           # short shifts, every other slot
+             torch.arange(2500)]                                                 # keeps all it has
+    n = max(len(x) for x in keeps)
+    angle = torch.rand(len(rows), n, D // 2, generator=g, device="cuda") * 3000
+    cos, sin = (f(torch.cat([angle, angle], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    ref = [x.clone() for x in (k, v, raw_k)]
+    _move_rows(*ref, rows, keeps, *((cos[:, :, None], sin[:, :, None]) if rotate else (None, None)))
+    fused_move(k, v, raw_k, rows, keeps, *((cos, sin) if rotate else ()))
+    for row, keep in zip(rows, keeps):
+        for got, want in zip((k, v, raw_k), ref):
+            assert torch.equal(got[:, row, :, :len(keep)], want[:, row, :, :len(keep)])
+    assert all(torch.equal(got[:, 1], want[:, 1]) for got, want in zip((k, v, raw_k), ref))   # row 1 did not evict
+    cfg = PRESETS["7B"]()
+    cfg.num_hidden_layers = L
+    caches = []
+    for fused in (True, False):
+        c = StreamingCache(cfg, reindex=rotate, capacity=0)
+        adopt_row(c, *(x.clone()[:, 1:2, :, :S - 1] for x in (k, v, raw_k)))   # a row of a batch: strided views
+        c.pos[:, :S - 1] = torch.randint(0, 4000, (3, S - 1), generator=torch.Generator().manual_seed(1))
+        c.move_kv(keeps[0], fused=fused)
+        caches.append(c)
+    for name in ("k", "v", "raw_k"):
+        fused, unfused = (getattr(c, name)[..., :len(keeps[0]), :] for c in caches)
+        assert torch.equal(fused, unfused), name
