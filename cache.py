@@ -141,6 +141,8 @@ class StreamingCache(KVCache):
         T, n = len(ids), self.length + self.added  # several segments may be recorded before one forward
         if n + T > self.capacity:
             self._allocate(max(2 * self.capacity, n + T))
+        if T == 1 and int(ids[0]) not in (self.cfg.image_token_id, self.cfg.video_token_id):
+            return self._add_text_token(n, ids, kind, round_)
         pos, nxt = mrope_positions(ids[None], self.cfg, video_grid_thw=video_grid_thw,
                                    second_per_grid_ts=second_per_grid_ts, start=self.next_pos)
         pos = pos[:, 0]
@@ -155,6 +157,15 @@ class StreamingCache(KVCache):
         self.next_pos = nxt
         self.added += T
         return pos[:, None]
+
+    def _add_text_token(self, n, ids, kind, round_):
+        """add_tokens for one text token (each decode step's, for every stream of a batch: kept cheap on the host):
+        a unit of its own at the next position on all three axes, which is what mrope_positions and units give it."""
+        self.ids[n], self.kind[n], self.round[n], self.unit[n] = ids[0], kind, round_, self.next_unit
+        self.rel[:, n], self.pos[:, n] = 0, self.next_pos
+        pos = self.pos[:, n:n + 1].clone()
+        self.next_unit, self.next_pos, self.added = self.next_unit + 1, self.next_pos + 1, self.added + 1
+        return pos[:, None]                                                           # (3, 1, 1)
 
     def drop_last(self):
         """Forget the last committed token, a reply token (a decode step queued ahead whose token went unused)."""

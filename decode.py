@@ -294,3 +294,114 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
         if forced is None:
             cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
         last = last[-2:]
+
+
+# -----------------------------------------------------------------------------
+# The same for a batch of streams (serve.StreamBatch): one fixed-shape step over every cache row
+
+
+class FixedStep:
+    """One decode step for every row of a batch's shared cache (serve.StreamBatch) at a fixed shape, captured in a
+    CUDA graph and replayed (GraphDecoder's idea, for R rows; decode="graphs"), compiled first with decode="compiled".
+    A row that does not speak this step writes its K/V into its scratch slot (the buffers' last, past any cache's
+    capacity) and sees only that slot; a speaking row writes at its cache's next slot and sees the slots up to it.
+    A row's token is the host's, or (feed) the previous step's argmax taken on the device, so the host can queue step
+    n + 1 before it reads step n's tokens back (read(), as GraphDecoder.read). Without a GPU the step runs eagerly."""
+
+    def __init__(self, model, k, v, raw_k, compile=False):
+        R, S, dev = k.shape[1], k.shape[3], model.device
+        take_fast_defaults(model)   # fused projections, split-KV decoding on a GPU (unless the caller chose)
+        # one view per layer, made here: indexing the whole buffer inside compiled code would make the compiler treat
+        # a layer's write as a mutation of all of it (the reason above)
+        self.model, self.k, self.v, self.raw_k = model, k.unbind(0), v.unbind(0), raw_k.unbind(0)  # (R, Hkv, S, D)
+        # the static inputs, one (4, R) buffer filled by one copy per step: token, position, slot, feed (1: take the
+        # row's token from the previous step's argmax)
+        self.inputs = torch.zeros(4, R, dtype=torch.long, device=dev)
+        self.inputs[2] = S - 1
+        self.index = self.inputs[2]                                      # (R,) the slot each row writes
+        self.top = torch.zeros(R, dtype=torch.long, device=dev)         # each row's argmax after the last step
+        self.rows, self.keys = torch.arange(R, device=dev), torch.arange(S, device=dev)
+        self.axis = mrope_axis(model.cfg.mrope_section, dev)
+        self.graphs = dev.type == "cuda"
+        self.compiled = compile and self.graphs
+        self.graph, self.logits = None, None
+        pinned = self.graphs   # the last two steps' argmax on the host, as GraphDecoder's
+        self.host = torch.zeros(2, R, dtype=torch.long, pin_memory=pinned)
+        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self.steps = 0
+
+    def update(self, layer, k, v, raw_k):  # the cache adapter: k (R, Hkv, 1, D) -> slot index[r] of row r
+        for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
+            buf[layer][self.rows, :, self.index] = new[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+    def _step(self):
+        m, (token, position, index, feed) = self.model, self.inputs
+        token = torch.where(feed != 0, self.top, token)[:, None]                        # (R, 1)
+        x = m.model.embed_tokens(token)                                                  # (R, 1, hidden)
+        pos = position[None, :, None].expand(3, -1, -1)                                  # text: three equal axes
+        cos, sin = mrope_cos_sin(pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
+        # a silent row (writing the scratch slot, the last) sees only that slot: split-KV reads none of its K/V
+        last = self.keys[-1]
+        seen = (self.keys[None, :] <= index[:, None]) & ((index < last)[:, None] | (self.keys == last)[None, :])
+        mask = seen[:, None, None]                                                       # (R, 1, 1, slots)
+        for layer in m.model.layers:
+            x = layer(x, cos, sin, mask, self)
+        x = m.model.norm(x)
+        return (m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T)[:, -1]
+
+    def step(self):
+        # the function, not a bound method, is compiled (GraphDecoder.step's reason)
+        return _compiled_fixed_step()(self) if self.compiled else FixedStep._step(self)
+
+    def _capture(self):
+        # warm up on a side stream (a compiled step compiles and autotunes in its first call), then record; the
+        # warm-up writes this step's K/V too, and replaying rewrites the same values
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step()
+            self.top.copy_(self.logits.argmax(-1))
+
+    @torch.no_grad()
+    def __call__(self, tokens, positions, slots, feed=None):
+        """tokens, positions, slots, feed: a value per row (a silent row: 0, 0, the scratch slot, 0; a fed row: its
+        token is ignored). Queues the step and returns its logits (R, vocab); read() gives its argmax."""
+        host = torch.tensor([tokens, positions, slots, feed or [0] * len(tokens)], dtype=torch.long)
+        if not self.graphs:
+            self.inputs.copy_(host)
+            logits = self.step()
+            self.top.copy_(logits.argmax(-1))
+        else:   # pinned, without waiting: the previous step may still be running
+            self.inputs.copy_(host.pin_memory(), non_blocking=True)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits.clone()   # the graph's output buffer is overwritten by the next replay
+        slot = self.steps % 2
+        self.host[slot].copy_(self.top, non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[slot].record(torch.cuda.current_stream(self.model.device))
+        self.steps += 1
+        return logits
+
+    def read(self, back=1):
+        """Every row's argmax of the step `back` steps ago (1 = the last) on the host, waiting for that step only."""
+        assert back in (1, 2) and self.steps >= back, "read() reaches the last two steps"
+        slot = (self.steps - back) % 2
+        if self.events is not None:
+            self.events[slot].synchronize()
+        return self.host[slot].tolist()
+
+
+@functools.cache
+def _compiled_fixed_step():
+    # static shapes: a batch's rows and capacity never change, and a batch of another size (bench_serve runs several)
+    # gets kernels of its own, not a dynamic-shape version of the first
+    return torch._dynamo.config.patch(recompile_limit=64)(torch.compile(FixedStep._step, fullgraph=True,
+                                                                        dynamic=False))

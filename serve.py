@@ -46,10 +46,10 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from cache import StreamingCache, can_fuse, fused_move
-from decode import take_fast_defaults
+from decode import FixedStep
 from layout import Kind, check_text
 from model import causal_attention
-from rope import apply_rope, mrope_axis, mrope_cos_sin
+from rope import apply_rope, mrope_cos_sin
 from stream import POLICIES, PhaseTimer, Streamer
 
 # the policies that batch: those of the plain Streamer loop that evict (the sliding windows change the loop itself;
@@ -209,89 +209,6 @@ def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
     x = model.model.norm(x)
     return model.lm_head(x) if model.lm_head is not None else x @ model.model.embed_tokens.weight.T
 
-class FixedStep:
-    """One decode step for every row of the batch at a fixed shape, so that it can be captured in a CUDA graph and
-    replayed (decode.py's idea, for R rows; decode="graphs"), compiled first with decode="compiled" (the ~20 small
-    kernels a layer fuse into a few, as decode.GraphDecoder's compile does). A row that does not speak this step
-    writes its K/V into its scratch slot (the buffers' last, past any cache's capacity); a speaking row writes at its
-    cache's next slot. Each row sees the slots up to the one it writes. The host fills the static token / position /
-    slot tensors before each step; without a GPU the same step runs eagerly."""
-
-    def __init__(self, model, k, v, raw_k, compile=False):
-        R, S, dev = k.shape[1], k.shape[3], model.device
-        take_fast_defaults(model)   # fused projections, split-KV decoding on a GPU (unless the caller chose)
-        # one view per layer, made here: indexing the whole buffer inside compiled code would make the compiler treat
-        # a layer's write as a mutation of all of it (decode.py's reason)
-        self.model, self.k, self.v, self.raw_k = model, k.unbind(0), v.unbind(0), raw_k.unbind(0)  # (R, Hkv, S, D)
-        self.token = torch.zeros(R, 1, dtype=torch.long, device=dev)     # static inputs, filled per step
-        self.pos = torch.zeros(3, R, 1, dtype=torch.long, device=dev)
-        self.index = torch.full((R,), S - 1, dtype=torch.long, device=dev)
-        self.rows, self.keys = torch.arange(R, device=dev), torch.arange(S, device=dev)
-        self.axis = mrope_axis(model.cfg.mrope_section, dev)
-        self.graphs = dev.type == "cuda"
-        self.compiled = compile and self.graphs
-        self.graph, self.logits = None, None
-
-    def update(self, layer, k, v, raw_k):  # the cache adapter: k (R, Hkv, 1, D) -> slot index[r] of row r
-        for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
-            buf[layer][self.rows, :, self.index] = new[:, :, 0]
-        return self.k[layer], self.v[layer]
-
-    def _step(self):
-        m = self.model
-        x = m.model.embed_tokens(self.token)                                            # (R, 1, hidden)
-        cos, sin = mrope_cos_sin(self.pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
-        # a speaking row sees its cache and itself; a silent one (writing the scratch slot, the last) only that slot,
-        # so the split-KV kernel reads none of its row's K/V
-        seen = (self.keys[None, :] <= self.index[:, None]) & ((self.index < self.keys[-1])[:, None] |
-                                                              (self.keys == self.keys[-1])[None, :])
-        mask = seen[:, None, None]                                                      # (R, 1, 1, slots)
-        for layer in m.model.layers:
-            x = layer(x, cos, sin, mask, self)
-        x = m.model.norm(x)
-        return (m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T)[:, -1]
-
-    def step(self):
-        # the function, not a bound method, is compiled (decode.GraphDecoder.step's reason)
-        return _compiled_fixed_step()(self) if self.compiled else FixedStep._step(self)
-
-    def _capture(self):
-        # warm up on a side stream (lazy initialisation must not happen during capture; a compiled step compiles
-        # and autotunes in its first call), then record; the warm-up writes this step's K/V too, and replaying
-        # rewrites the same values
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step()
-
-    @torch.no_grad()
-    def __call__(self, tokens, positions, slots):
-        """tokens, positions, slots: a value per row (a silent row: 0, 0 and the scratch slot). Returns (R, vocab)."""
-        dev = self.token.device
-        self.token.copy_(torch.tensor(tokens, device=dev)[:, None])
-        self.pos.copy_(torch.tensor(positions, device=dev)[None, :, None].expand(3, -1, -1))
-        self.index.copy_(torch.tensor(slots, device=dev))
-        if not self.graphs:
-            return self._step()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits.clone()   # the graph's output buffer is overwritten by the next replay
-
-
-@functools.cache
-def _compiled_fixed_step():
-    # static shapes: a batch's rows and capacity never change, and a batch of another size (bench_serve runs several)
-    # gets kernels of its own, not a dynamic-shape version of the first
-    return torch._dynamo.config.patch(recompile_limit=64)(torch.compile(FixedStep._step, fullgraph=True,
-                                                                        dynamic=False))
-
-
 # -----------------------------------------------------------------------------
 # The batch
 
@@ -450,7 +367,9 @@ class StreamBatch:
     def decode(self, names, ss, logits, forced):
         """The replies, decoded together: each stream picks its token (its own sampling state), the streams still
         speaking are fed theirs in one step. As Streamer.decode: every token but the last (the stop or the cap's
-        last) is fed."""
+        last) is fed. With a fixed-shape step and every reply greedy or forced, one step ahead (decode_ahead)."""
+        if self.fixed is not None and all(s.greedy or f is not None for s, f in zip(ss, forced)):
+            return self.decode_ahead([self.row_of[n] for n in names], ss, logits, forced)
         outs = [[] for _ in ss]
         live = list(range(len(ss)))
         last = {i: logits[i][None, None] for i in live}   # (1, 1, vocab), as Streamer.pick reads it
@@ -474,6 +393,56 @@ class StreamBatch:
         for i, s in enumerate(ss):   # as Streamer's: the logits after the last token fed (tests compare them)
             s.last_logits = last[i]
         return outs
+
+    def decode_ahead(self, rows, ss, logits, forced):
+        """decode()'s tokens one step ahead of the host (decode.decode_ahead's scheme, for every row at once): while
+        step k runs, step k + 1 is queued, each greedy row fed step k's argmax on the device; then step k's tokens are
+        read back, one copy for all rows. A reply that ended at step k drops the step queued ahead from its cache."""
+        cfg, read = self.model.cfg, self.readback or any(f is None for f in forced)
+        first = logits.argmax(-1).tolist() if read else None                      # the prefill's tokens
+        outs = [[f[0] if f is not None else first[i]] for i, f in enumerate(forced)]
+        caps = [len(f) if f is not None else s.max_new_tokens for s, f in zip(ss, forced)]
+        last = list(logits)   # each row's logits after its last fed token (Streamer.last_logits; tests compare them)
+        live = [i for i, s in enumerate(ss) if outs[i][0] not in s.stops and caps[i] > 1]
+        for i in live:
+            check_text(outs[i][0], cfg)
+        step, k = self._queue(rows, ss, {i: outs[i][0] for i in live}) if live else None, 1   # step 1: known tokens
+        while live:
+            # step k is queued (each live row fed its out[k - 1]); queue step k + 1 for the rows whose out[k] is fed
+            # unless it stops them: the forced token, or (None) step k's argmax on the device
+            ahead = {i: forced[i][k] if forced[i] is not None else None for i in live if k + 1 < caps[i]}
+            after = self._queue(rows, ss, ahead) if ahead else None
+            tops = self.fixed.read(2 if ahead else 1) if read else None               # step k's argmax, every row
+            for i in list(live):
+                s, out = ss[i], outs[i]
+                out.append(forced[i][k] if forced[i] is not None else tops[rows[i]])
+                last[i] = step[rows[i]]
+                if out[-1] in s.stops or len(out) == caps[i]:
+                    live.remove(i)
+                    if i in ahead:   # the step queued ahead fed a token that ends up unused
+                        s.cache.drop_last()
+                else:
+                    check_text(out[-1], cfg)   # it stays fed: it must be text
+                    if forced[i] is None:
+                        s.cache.ids[s.cache.length - 1] = out[-1]   # what step k + 1 was fed (placeholder 0)
+            step, k = after, k + 1
+        for s, x in zip(ss, last):
+            s.last_logits = x[None, None]
+        return outs
+
+    def _queue(self, rows, ss, feed):
+        """Queue one fixed-shape step: stream ss[i] (cache row rows[i]) is fed feed[i] (None: the previous step's argmax
+        on the device), every other row is silent. Returns the step's logits (R, vocab)."""
+        R = self.k.shape[1]
+        token, position, slot, take = [0] * R, [0] * R, [self.capacity] * R, [0] * R
+        for i, tok in feed.items():
+            s, r = ss[i], rows[i]
+            self._check_room(s, 1)
+            token[r], take[r] = (tok, 0) if tok is not None else (0, 1)
+            position[r], slot[r] = int(s.cache.add_tokens([token[r]], Kind.REPLY, s.t)[0, 0, 0]), s.cache.length
+            s.cache.commit(1)
+            s.forwards += 1
+        return self.fixed(token, position, slot, take)
 
     def decode_step(self, names, ss, tokens):
         """Feed each named stream its token in one step; returns their next logits (len(names), vocab). plain: a

@@ -262,6 +262,26 @@ def test_seconds_of_several_temporal_patches_keep_contiguous_positions(tok):
     assert kept == [4, 5]  # rounds left, so positions were re-laid
 
 
+def test_one_text_token_is_staged_as_the_general_path_stages_it(tok):
+    """A decode step's single text token takes add_tokens' cheap path (_add_text_token); its bookkeeping (ids, kinds,
+    rounds, units, relative and absolute positions, the next ones) is what staging it with its neighbours gives."""
+    from cache import StreamingCache
+    cfg = tiny_model(tok).cfg
+    text = [int(t) for t in tok.encode(" a goal") if t not in (cfg.image_token_id, cfg.video_token_id)][:3]
+    head = text + [cfg.video_token_id] * 4 + text       # a vision block of 1 x 4 x 4 patches (4 merged tokens)
+    grid, tail = torch.tensor([[1, 4, 4]]), text + text
+    one, many = StreamingCache(cfg, capacity=4), StreamingCache(cfg, capacity=4)
+    one.add_tokens(head, Kind.USER, 0, grid, torch.tensor([1.0]))
+    positions = [one.add_tokens([t], Kind.REPLY, 0) for t in tail]
+    many.add_tokens(head, Kind.USER, 0, grid, torch.tensor([1.0]))
+    want = many.add_tokens(tail, Kind.REPLY, 0)
+    assert torch.equal(torch.cat(positions, 2), want)
+    n = len(head) + len(tail)
+    for name in ("ids", "kind", "round", "unit", "rel", "pos"):
+        assert torch.equal(getattr(one, name)[..., :n], getattr(many, name)[..., :n]), name
+    assert (one.next_pos, one.next_unit, one.added) == (many.next_pos, many.next_unit, many.added)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("rotate", [True, False])
 def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
@@ -282,7 +302,7 @@ def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
     angle = torch.rand(len(rows), n, D // 2, generator=g, device="cuda") * 3000
     cos, sin = (f(torch.cat([angle, angle], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
     ref = [x.clone() for x in (k, v, raw_k)]
-    _move_rows(*ref, rows, keeps, *((cos[:, :, None], sin[:, :, None]) if rotate else (None, None)))
+    _move_rows(*ref, rows, keeps, *((cos, sin) if rotate else (None, None)))
     fused_move(k, v, raw_k, rows, keeps, *((cos, sin) if rotate else ()))
     for row, keep in zip(rows, keeps):
         for got, want in zip((k, v, raw_k), ref):
