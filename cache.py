@@ -272,7 +272,8 @@ if triton is not None:
     def _round(x, like):   # fp32 -> like's dtype -> fp32: one of apply_rope's bf16 ops (a product of two bf16 values
         return x.to(like.dtype).to(tl.float32)   # is exact in fp32, so rounding it once is what PyTorch computes)
 
-    @triton.jit
+    # the integer arguments are not specialised on (divisible by 16 or not): a new value would compile again
+    @triton.jit(do_not_specialize=["s_layer", "s_row", "s_head", "s_slot", "s_idx", "s_cos"])
     def _move_kernel(k_ptr, v_ptr, raw_ptr, rows_ptr, idx_ptr, count_ptr, cos_ptr, sin_ptr, s_layer, s_row, s_head,
                      s_slot, s_idx, s_cos, H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
                      ROTATE: tl.constexpr):
@@ -318,15 +319,20 @@ def fused_move(k, v, raw_k, rows, keeps, cos=None, sin=None, block=32):
     idx = torch.zeros(len(keeps), n, dtype=torch.int32)
     for i, keep in enumerate(keeps):
         idx[i, :len(keep)] = keep
-    dev = k.device
     counts = torch.tensor([len(keep) for keep in keeps], dtype=torch.int32)
-    rows, idx, counts = torch.tensor(rows, dtype=torch.int32).to(dev), idx.to(dev), counts.to(dev)
+    rows, idx, counts = (to_device(x, k.device) for x in (torch.tensor(rows, dtype=torch.int32), idx, counts))
     rotate = cos is not None
     if rotate:   # the first half of each (D-wide) row: rotate_half's two halves share their angles
         assert cos.shape[:2] == (len(keeps), n) and cos.is_contiguous() and sin.is_contiguous()
     _move_kernel[(len(keeps), L * H)](k, v, raw_k, rows, idx, counts, cos if rotate else k, sin if rotate else k,
                                       k.stride(0), k.stride(1), k.stride(2), k.stride(3), n, D,
-                                      H=H, HALF=D // 2, BLOCK=block, ROTATE=rotate)
+                                      H=H, HALF=D // 2, BLOCK=block, ROTATE=rotate, num_stages=1)
+
+
+def to_device(x, device):
+    """A host tensor copied to a GPU without waiting for the GPU's queued work (pinned, non-blocking), so that the
+    host can prepare the next kernels while the GPU runs earlier ones (serve.StreamBatch evicts during the tower)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def units(ids, pos, cfg):

@@ -6,9 +6,10 @@ turn and decodes the reply. Served one process a stream, N streams time-slice th
 weights for itself. StreamBatch keeps a Streamer per stream, with all its state (StreamingCache: sink, windows,
 contiguous RoPE, evict_every; pending tokens; sampling generator; its own second t), and runs their seconds together:
 
-  1. each stream evicts in its own cache (the bookkeeping its own, the K/V of every evicting row moved at once);
-  2. one vision-tower call for every stream's frames (the tower packs any number of videos into one sequence;
+  1. one vision-tower call for every stream's frames (the tower packs any number of videos into one sequence;
      attention never crosses one);
+  2. each stream evicts in its own cache (the bookkeeping its own, on the host while the GPU runs the tower; the K/V
+     of every evicting row moved at once, one kernel: cache.fused_move);
   3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
   4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch (or, with
      decode="graphs", one fixed-shape step over every row, silent rows writing to a scratch slot: FixedStep, which
@@ -45,7 +46,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from cache import StreamingCache, can_fuse, fused_move
+from cache import StreamingCache, can_fuse, fused_move, to_device
 from decode import FixedStep
 from layout import Kind, check_text
 from model import causal_attention
@@ -69,11 +70,12 @@ class RowSlots:
         self.k, self.v, self.raw_k = k, v, raw_k  # (layers, R, Hkv, capacity, D)
         dev = k.device
         # flat (row, slot, source position) triples of the real (unpadded) new tokens
-        self.row = torch.repeat_interleave(torch.as_tensor(rows), torch.as_tensor(lengths)).to(dev)
-        self.src = torch.cat([torch.arange(n) for n in lengths]).to(dev)
-        self.slot = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(dev)
-        self.batch = torch.repeat_interleave(torch.arange(len(rows)), torch.as_tensor(lengths)).to(dev)
-        self.rows = torch.as_tensor(rows, device=dev)
+        # (copied without waiting for the GPU: the host prepares the prefill while the GPU still runs the tower)
+        self.row = to_device(torch.repeat_interleave(torch.as_tensor(rows), torch.as_tensor(lengths)), dev)
+        self.src = to_device(torch.cat([torch.arange(n) for n in lengths]), dev)
+        self.slot = to_device(torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]), dev)
+        self.batch = to_device(torch.repeat_interleave(torch.arange(len(rows)), torch.as_tensor(lengths)), dev)
+        self.rows = to_device(torch.as_tensor(rows), dev)
         self.gather = gather and not (len(rows) == k.shape[1] and rows == list(range(len(rows))))
 
     def update(self, layer, k, v, raw_k):
@@ -166,8 +168,9 @@ class PackedRowAttention:
         Tq = -(-T // BLOCK) * BLOCK
         if self.mask is None:  # made at the first layer, shared by all (and the rows' index on the device with it)
             per_row = lambda x: torch.zeros(R, dtype=torch.long).index_put_((torch.tensor(self.rows),), torch.tensor(x))
-            self.mask = packed_block_mask(per_row(self.starts).to(dev), per_row(self.lengths).to(dev), Tq, S)
-            self.dev_rows = torch.as_tensor(self.rows, device=dev)
+            self.mask = packed_block_mask(to_device(per_row(self.starts), dev), to_device(per_row(self.lengths), dev),
+                                          Tq, S)
+            self.dev_rows = to_device(torch.as_tensor(self.rows), dev)
         packed = q.new_zeros(R, H, Tq, D)
         packed[self.dev_rows, :, :T] = q
         # padding queries see nothing: zeros, as RowAttention's
@@ -202,7 +205,7 @@ def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
     RowSlots, mask None (a prefill, under row_attention) or (B, 1, 1, capacity) (a decode step); returns the logits
     of each row's last real token, (B, vocab)."""
     x = model.embed(ids, video_embeds=video_embeds)
-    cos, sin = mrope_cos_sin(pos.to(x.device), model.model.inv_freq, model.cfg.mrope_section, x.dtype)
+    cos, sin = mrope_cos_sin(to_device(pos, x.device), model.model.inv_freq, model.cfg.mrope_section, x.dtype)
     for layer in model.model.layers:
         x = layer(x, cos, sin, mask, slots)
     x = x[torch.arange(len(lengths), device=x.device), torch.as_tensor(lengths, device=x.device) - 1]
@@ -237,7 +240,7 @@ def _new_rotation(caches, keeps, dev, dtype):
     pos = torch.stack([torch.nn.functional.pad(c.pos[:, :len(keep)], (0, n - len(keep)))
                        for c, keep in zip(caches, keeps)], 1)                                            # (3, E, n)
     c = caches[0]
-    cos, sin = mrope_cos_sin(pos.to(dev), c.inv_freq, c.cfg.mrope_section, dtype)                      # (E, 1, n, D)
+    cos, sin = mrope_cos_sin(to_device(pos, dev), c.inv_freq, c.cfg.mrope_section, dtype)              # (E, 1, n, D)
     return cos[:, 0], sin[:, 0]
 
 
@@ -326,16 +329,17 @@ class StreamBatch:
         ({name: text}) teacher-forces their replies. Returns {name: commentary ('' for silence)}."""
         names, timer = list(frames), self.timer
         ss = [self.streams[n] for n in names]
-        with timer("evict"):  # 1. evict, each in its own cache; the K/V of every evicting row move together
+        with timer("preprocess"):  # patches on the device (resized on the CPU, unless prepared ahead)
+            vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
+        with timer("vision"):  # 1. one tower call for every stream's frames
+            feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),
+                                      compiled=self.compile_vision)
+        with timer("evict"):  # 2. evict, each in its own cache (on the host while the GPU runs the tower, which needs
+            # no cache); the K/V of every evicting row move together
             moves = [(self.row_of[n], s.cache, s.cache.evict_tokens(s.t)) for n, s in zip(names, ss)]
             moves = [m for m in moves if m[2] is not None]
             if moves:
                 move_rows(self.k, self.v, self.raw_k, *zip(*moves))
-        with timer("preprocess"):  # patches on the device (resized on the CPU, unless prepared ahead)
-            vision = [s.vision_input(frames[n]) for n, s in zip(names, ss)]
-        with timer("vision"):  # 2. one tower call for every stream's frames
-            feats = self.model.visual(torch.cat([p for p, _, _ in vision]), torch.cat([g for _, g, _ in vision]),
-                                      compiled=self.compile_vision)
         with timer("prefill"):  # 3. one forward for every stream's new turn
             logits = self.prefill(names, ss, vision, feats)
         with timer("decode"):  # 4. the replies, batched over the streams still speaking

@@ -175,7 +175,7 @@ class Streamer:
         seconds place the vision blocks); returns ids (1, T) on the model's device and positions (3, 1, T)."""
         pos = torch.cat([self.cache.add_tokens(ids, kind, r, grid, secs) for ids, kind, r in segments if len(ids)], 2)
         ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
-        return ids.to(self.model.device), pos
+        return caches.to_device(ids, self.model.device), pos
 
     def prefill(self, segments, vision=()):
         """Stage [(ids, kind, round)] in the cache, then run them in one forward with the frames of `vision`
