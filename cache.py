@@ -269,8 +269,8 @@ class StreamingCache(KVCache):
 
 if triton is not None:
     @triton.jit
-    def _round(x, like):   # fp32 -> like's dtype -> fp32: one of apply_rope's bf16 ops (a product of two bf16 values
-        return x.to(like.dtype).to(tl.float32)   # is exact in fp32, so rounding it once is what PyTorch computes)
+    def _round(x, like):   # fp32 -> like's dtype (to nearest, ties to even) -> fp32: one of apply_rope's bf16 ops
+        return x.to(like.dtype, fp_downcast_rounding="rtne").to(tl.float32)
 
     # the integer arguments are not specialised on (divisible by 16 or not): a new value would compile again
     @triton.jit(do_not_specialize=["s_layer", "s_row", "s_head", "s_slot", "s_idx", "s_cos"])
@@ -290,8 +290,9 @@ if triton is not None:
             if ROTATE:  # apply_rope on the two halves: x * cos + rotate_half(x) * sin, rounded op by op
                 cs = e * s_idx * s_cos + j[:, None] * s_cos + d[None, :]
                 c, s = tl.load(cos_ptr + cs, mask=ok).to(tl.float32), tl.load(sin_ptr + cs, mask=ok).to(tl.float32)
-                k1 = (_round(x1.to(tl.float32) * c, x1) - _round(x2.to(tl.float32) * s, x1)).to(x1.dtype)
-                k2 = (_round(x2.to(tl.float32) * c, x1) + _round(x1.to(tl.float32) * s, x1)).to(x1.dtype)
+                # (a product of two bf16 values is exact in fp32: rounding it once is what PyTorch's bf16 op computes)
+                k1 = _round(_round(x1.to(tl.float32) * c, x1) - _round(x2.to(tl.float32) * s, x1), x1).to(x1.dtype)
+                k2 = _round(_round(x2.to(tl.float32) * c, x1) + _round(x1.to(tl.float32) * s, x1), x1).to(x1.dtype)
             else:
                 k1, k2 = tl.load(k_ptr + src, mask=ok), tl.load(k_ptr + src + HALF, mask=ok)
             tl.debug_barrier()   # every load of this block before any store
@@ -326,7 +327,8 @@ def fused_move(k, v, raw_k, rows, keeps, cos=None, sin=None, block=32):
         assert cos.shape[:2] == (len(keeps), n) and cos.is_contiguous() and sin.is_contiguous()
     _move_kernel[(len(keeps), L * H)](k, v, raw_k, rows, idx, counts, cos if rotate else k, sin if rotate else k,
                                       k.stride(0), k.stride(1), k.stride(2), k.stride(3), n, D,
-                                      H=H, HALF=D // 2, BLOCK=block, ROTATE=rotate, num_stages=1)
+                                      H=H, HALF=D // 2, BLOCK=block, ROTATE=rotate, num_stages=1,
+                                      enable_fp_fusion=False)   # no fused multiply-adds: apply_rope's roundings
 
 
 def to_device(x, device):
