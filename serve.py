@@ -276,15 +276,16 @@ class StreamBatch:
     streams that have a second ready; it returns {name: commentary}. Streams may join (add) and leave (remove)
     between seconds."""
 
-    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill="rows",
+    def __init__(self, model, tok, rows, capacity, readback=False, decode="plain", prefill=None,
                  compile_vision=False, timed=False):
         if decode not in ("plain", "graphs", "compiled"):
             raise ValueError(f"decode={decode!r}: expected plain, graphs or compiled")
-        if prefill not in ("packed", "rows"):
+        if prefill not in ("packed", "rows", None):
             raise ValueError(f"prefill={prefill!r}: expected packed or rows")
-        # packed: a prefill's attention in one call per layer (PackedRowAttention); rows: row by row (RowAttention,
-        # the default until packed is measured on a GPU: tools.bench_serve --prefill packed rows runs both)
-        self.packed = prefill == "packed"
+        # packed: a prefill's attention in one call per layer (PackedRowAttention; the default on a GPU, where an H100
+        # took 528 ms of prefill a second for 16 streams of 7B against 592 row by row); rows: row by row (RowAttention,
+        # the default on a CPU, where FlexAttention runs unfused)
+        self.packed = (prefill or ("packed" if model.device.type == "cuda" else "rows")) == "packed"
         # the vision tower compiled and replayed from a CUDA graph per set of grids (VisionTower's fast path, what
         # the single stream's decode="compiled" takes): the same key while the batch's streams stay the same
         self.compile_vision = compile_vision

@@ -18,7 +18,7 @@ def test_batches_beside_the_single_stream_path(tmp_path):
     assert all(p > 0 for p in phases) and sum(phases) <= rows[2]["mean_ms"] + 0.5
     assert [m["seconds"] for m in rows[2]["minutes"]] == [3] and rows[2]["peak_gib"] > 0
     logged = [json.loads(x) for x in open(tmp_path / "bench_serve.jsonl")]
-    assert [(x["streams"], x["prefill"], x["t"]) for x in logged] == [(n, "rows", t) for n in (1, 2)
+    assert [(x["streams"], x["prefill"], x["t"]) for x in logged] == [(n, "packed", t) for n in (1, 2)
                                                                        for t in range(4)]
     saved = json.load(open(tmp_path / "bench_serve.json"))
     assert saved["rows"] == json.loads(json.dumps(rows))

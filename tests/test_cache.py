@@ -285,9 +285,11 @@ def test_one_text_token_is_staged_as_the_general_path_stages_it(tok):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("rotate", [True, False])
 def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
-    """cache.fused_move (one Triton kernel) leaves every row as the reference gathers leave it (serve._move_rows),
-    bit for bit in bf16: a kept prefix, long and short shifts, a row that keeps everything, a row that does not evict;
-    and StreamingCache.move_kv fused equals move_kv unfused on a strided row view (a batch's row)."""
+    """cache.fused_move (one Triton kernel) leaves every row as the reference gathers leave it (serve._move_rows): V and
+    raw K bit for bit, K rotated to within a bf16 rounding (the kernel's rotation rounds in registers, not as PyTorch's
+    elementwise ops do: an H100 showed differences of one unit in the last place); a kept prefix, long and short
+    shifts, a row that keeps everything, a row that does not evict; and StreamingCache.move_kv fused against unfused on
+    a strided row view (a batch's row)."""
     from cache import StreamingCache, fused_move
     from serve import _move_rows, adopt_row
     from model import PRESETS
@@ -304,9 +306,12 @@ def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
     ref = [x.clone() for x in (k, v, raw_k)]
     _move_rows(*ref, rows, keeps, *((cos, sin) if rotate else (None, None)))
     fused_move(k, v, raw_k, rows, keeps, *((cos, sin) if rotate else ()))
+    def same(got, want, name):   # bit for bit, or (rotated keys) within a rounding of bf16 at the keys' scale
+        ulp = 2 ** -7 * want.abs().max() if name == "k" and rotate else 0
+        assert (got.float() - want.float()).abs().max() <= ulp, name
     for row, keep in zip(rows, keeps):
-        for got, want in zip((k, v, raw_k), ref):
-            assert torch.equal(got[:, row, :, :len(keep)], want[:, row, :, :len(keep)])
+        for name, got, want in zip(("k", "v", "raw_k"), (k, v, raw_k), ref):
+            same(got[:, row, :, :len(keep)], want[:, row, :, :len(keep)], name)
     assert all(torch.equal(got[:, 1], want[:, 1]) for got, want in zip((k, v, raw_k), ref))   # row 1 did not evict
     cfg = PRESETS["7B"]()
     cfg.num_hidden_layers = L
@@ -318,5 +323,4 @@ def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
         c.move_kv(keeps[0], fused=fused)
         caches.append(c)
     for name in ("k", "v", "raw_k"):
-        fused, unfused = (getattr(c, name)[..., :len(keeps[0]), :] for c in caches)
-        assert torch.equal(fused, unfused), name
+        same(*(getattr(c, name)[..., :len(keeps[0]), :] for c in caches), name)

@@ -20,8 +20,8 @@ The ideas:
 - The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
   default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep;
   compiled first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower
-  compiled and graph-replayed. The batch's prefill attention is a dense SDPA call per row (--prefill rows, the
-  default) or one FlexAttention call per layer over all rows (--prefill packed).
+  compiled and graph-replayed. The batch's prefill attention is one FlexAttention call per layer over all rows
+  (--prefill packed, the default) or a dense SDPA call per row (--prefill rows).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
@@ -123,9 +123,9 @@ def build_parser():
                     "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
     ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
                     "(default: --seconds; shorter saves GPU time on long runs)")
-    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["rows"], help="a batched "
-                    "prefill's attention: one FlexAttention call per layer (packed) or a dense SDPA call per row "
-                    "(rows, default); both: each N runs with each, one after another")
+    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["packed"], help="a batched "
+                    "prefill's attention: one FlexAttention call per layer (packed, default) or a dense SDPA call per "
+                    "row (rows); both: each N runs with each, one after another")
     ap.add_argument("--batch-decode", choices=["plain", "graphs", "compiled"], nargs="+", default=None,
                     help="the batch's decode step: a forward over the speaking rows (plain), one fixed-shape step over "
                     "every row replayed from a CUDA graph (graphs), compiled first (compiled); several: each N runs "
