@@ -34,8 +34,7 @@ Design choices:
   and also the *raw*, un-rotated keys. On eviction the survivors are rotated afresh from the raw keys at their
   new positions. Re-rotating rotated bf16 keys by -delta would be cheaper in memory, but each re-rotation
   rounds again and a text token is shifted once per second for minutes: the error would random-walk. From raw
-  keys the cached key is bit-identical to the one a fresh prefill at the new position computes (the GPU kernel's
-  to within one bf16 rounding, and that rounding never accumulates).
+  keys the cached key is bit-identical to the one a fresh prefill at the new position computes.
 - Per-token bookkeeping lives on the CPU: token id, segment kind (layout.Kind), round, and the position relative
   to its "unit" (a text token, or a whole vision block) from which contiguous positions are re-derived.
 - Two of the paper's baselines are settings of this cache: full attention (evict=False) and native RoPE (evict,
@@ -267,8 +266,8 @@ class StreamingCache(KVCache):
 # keep[j] and the block's cos/sin, then stores them at slots j, the keys rotated in registers. In place: keep is
 # ascending, so keep[j] >= j and a block's stores never land where a later block reads; a barrier between a block's
 # loads and its stores keeps the block's own reads ahead of its writes. The rotation rounds each product and the sum
-# as apply_rope's bf16 ops do; the keys still come from the raw ones, so no rounding accumulates over evictions
-# (tests/test_cache.py holds them to the reference within one bf16 rounding; V and raw K move bit for bit).
+# to nearest as apply_rope's bf16 ops do, with fused multiply-adds off (they would skip a rounding): the moved keys
+# are the reference's bit for bit (tests/test_cache.py, on an H100).
 
 
 if triton is not None:
