@@ -1,7 +1,8 @@
 """
 The fast path of the streaming loop, beside the plain one in stream.py: a decode step of fixed shape captured
 in a CUDA graph (GraphDecoder) and greedy decoding one step ahead of the host (decode_ahead).
-Streamer(decode="graphs" or "compiled") switches them on; the tokens are the plain loop's.
+Streamer(decode="graphs" or "compiled") switches them on; the tokens are the plain loop's. FixedStep is the same step
+for every row of a batch of streams (serve.StreamBatch, which decodes one step ahead with it too).
 
 Why: a 7B decode step reads ~15 GB of weights, about 5 ms on an H100, but the eager step launches ~600 small
 kernels from Python, one after the other, and that launch overhead, not the GPU, sets the pace (~40 ms per
@@ -172,12 +173,7 @@ class GraphDecoder:
         self.graph, self.key, self.logits, self.argmax, self.slot = None, None, None, None, None
         self.captures = 0
         self.compiled = compile
-        # the last steps' argmax on the host: a pinned copy and an event per step, alternating (read() of step n
-        # must not see step n+1's copy land in the same buffer)
-        pinned = dev.type == "cuda"
-        self.host = torch.zeros(2, dtype=torch.long, pin_memory=pinned)
-        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else None
-        self.steps = 0
+        self.tops = Readback((), dev)   # the last steps' argmax on the host
 
     def _step(self):
         """The static-shape step: reads token/pos/index, writes K/V into the cache, returns logits (1, vocab)."""
@@ -198,17 +194,8 @@ class GraphDecoder:
         return _compiled_step()(self) if self.compiled else GraphDecoder._step(self)
 
     def _capture(self):
-        # warm up on a side stream (lazy cuBLAS/SDPA initialisation must not happen during capture), then record
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # (the first call of a compiled step compiles and autotunes)
-                self.step()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step()
-            self.argmax = self.logits.argmax(-1)  # (1,): what greedy decoding feeds next
+        # (1,): the argmax, what greedy decoding feeds next, taken inside the graph
+        self.graph, (self.logits, self.argmax) = capture(self.step, lambda logits: (logits, logits.argmax(-1)))
         self.captures += 1
 
     @torch.no_grad()
@@ -240,21 +227,60 @@ class GraphDecoder:
                 self._capture()
             self.graph.replay()
             logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
-        slot = self.steps % 2
-        self.host[slot].copy_(self.argmax[0], non_blocking=self.events is not None)
-        if self.events is not None:
-            self.events[slot].record(torch.cuda.current_stream(self.model.device))
-        self.steps += 1
+        self.tops.push(self.argmax[0])
         c.commit(1)
         return logits
 
+    @property
+    def steps(self):
+        return self.tops.steps
+
     def read(self, back=1):
         """The argmax of the step `back` steps ago (1 = the last one) on the host, waiting for that step only."""
+        return int(self.tops.read(back))
+
+
+class Readback:
+    """The last two steps' argmax on the host: a pinned copy and an event per step, alternating (reading step n must
+    not see step n + 1's copy land in the same buffer), so the host waits for the step it reads and no later one."""
+
+    def __init__(self, shape, device):
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(2, *shape, dtype=torch.long, pin_memory=pinned)
+        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else None
+        self.steps = 0
+
+    def push(self, argmax):
+        """Queue the copy of this step's argmax (after the step, on the current stream)."""
+        slot = self.steps % 2
+        self.host[slot].copy_(argmax, non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[slot].record(torch.cuda.current_stream(argmax.device))
+        self.steps += 1
+
+    def read(self, back=1):
+        """The argmax of the step `back` steps ago (1 = the last), waiting for that step only."""
         assert back in (1, 2) and self.steps >= back, "read() reaches the last two steps"
         slot = (self.steps - back) % 2
         if self.events is not None:
             self.events[slot].synchronize()
-        return int(self.host[slot])
+        return self.host[slot]
+
+
+def capture(step, then):
+    """A CUDA graph of then(step()) and its output. step is warmed up first on a side stream (lazy cuBLAS/SDPA
+    initialisation must not happen during capture; a compiled step compiles and autotunes in its first call); `then`
+    (what the graph does with the logits: the argmax) runs only in the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = then(step())
+    return graph, out
 
 
 # One compiled step for all decoders of a process, made on first use: the first cache capacity it meets is
@@ -325,10 +351,7 @@ class FixedStep:
         self.graphs = dev.type == "cuda"
         self.compiled = compile and self.graphs
         self.graph, self.logits = None, None
-        pinned = self.graphs   # the last two steps' argmax on the host, as GraphDecoder's
-        self.host = torch.zeros(2, R, dtype=torch.long, pin_memory=pinned)
-        self.events = [torch.cuda.Event() for _ in range(2)] if pinned else None
-        self.steps = 0
+        self.tops = Readback((R,), dev)   # the last steps' argmax of every row on the host
 
     def update(self, layer, k, v, raw_k):  # the cache adapter: k (R, Hkv, 1, D) -> slot index[r] of row r
         for buf, new in ((self.k, k), (self.v, v), (self.raw_k, raw_k)):
@@ -355,18 +378,12 @@ class FixedStep:
         return _compiled_fixed_step()(self) if self.compiled else FixedStep._step(self)
 
     def _capture(self):
-        # warm up on a side stream (a compiled step compiles and autotunes in its first call), then record; the
-        # warm-up writes this step's K/V too, and replaying rewrites the same values
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step()
-            self.top.copy_(self.logits.argmax(-1))
+        # the warm-up writes this step's K/V too, and replaying rewrites the same values
+        self.graph, self.logits = capture(self.step, self._keep_argmax)
+
+    def _keep_argmax(self, logits):
+        self.top.copy_(logits.argmax(-1))   # each row's argmax: what a fed row takes in the next step
+        return logits
 
     @torch.no_grad()
     def __call__(self, tokens, positions, slots, feed=None):
@@ -375,28 +392,19 @@ class FixedStep:
         host = torch.tensor([tokens, positions, slots, feed or [0] * len(tokens)], dtype=torch.long)
         if not self.graphs:
             self.inputs.copy_(host)
-            logits = self.step()
-            self.top.copy_(logits.argmax(-1))
+            logits = self._keep_argmax(self.step())
         else:   # pinned, without waiting: the previous step may still be running
             self.inputs.copy_(host.pin_memory(), non_blocking=True)
             if self.graph is None:
                 self._capture()
             self.graph.replay()
             logits = self.logits.clone()   # the graph's output buffer is overwritten by the next replay
-        slot = self.steps % 2
-        self.host[slot].copy_(self.top, non_blocking=self.events is not None)
-        if self.events is not None:
-            self.events[slot].record(torch.cuda.current_stream(self.model.device))
-        self.steps += 1
+        self.tops.push(self.top)
         return logits
 
     def read(self, back=1):
         """Every row's argmax of the step `back` steps ago (1 = the last) on the host, waiting for that step only."""
-        assert back in (1, 2) and self.steps >= back, "read() reaches the last two steps"
-        slot = (self.steps - back) % 2
-        if self.events is not None:
-            self.events[slot].synchronize()
-        return self.host[slot].tolist()
+        return self.tops.read(back).tolist()
 
 
 @functools.cache
