@@ -93,6 +93,28 @@ def test_batched_cache_rows_hold_the_lone_caches(shipped, decode, prefill):
             assert not torch.equal(batch.k[:, i], batch.k[:, (i + 1) % 3])  # rows are not shared by mistake
 
 
+def test_one_step_ahead_with_forced_greedy_and_short_replies(shipped):
+    """decode_ahead (a fixed-shape step, each step queued before the last one's tokens are read back) mixes rows: one
+    teacher-forced (a reply one second in two), one greedy with replies cut at 3 tokens, one greedy: each says what it
+    says alone, and holds the same tokens, length and last logits (the step queued past a reply's end is dropped)."""
+    model, tok, kw = shipped
+    caps, ws = [20, 3, 20], worlds()
+    batch = StreamBatch(model, tok, rows=3, capacity=1024, decode="graphs")
+    alone = [stream.make_streamer(model, tok, **dict(kw, max_new_tokens=c), capacity=1024) for c in caps]
+    for i, c in enumerate(caps):
+        batch.add(i, **dict(kw, max_new_tokens=c))
+    heard = []
+    for t in range(9):
+        force = {0: "Red scores, Red 1, Blue 0." if t % 2 else ""}
+        said = batch.step({i: w.second(t).frames for i, w in enumerate(ws)}, force)
+        assert said == {i: s.step(w.second(t).frames, force.get(i)) for i, (s, w) in enumerate(zip(alone, ws))}
+        for i, s in enumerate(alone):
+            a, b = s.cache, batch.streams[i].cache
+            assert a.length == b.length and torch.equal(a.ids[:a.length], b.ids[:b.length]), (t, i)
+            assert torch.allclose(s.last_logits, batch.streams[i].last_logits, atol=1e-4), (t, i)
+        heard += [(i, text) for i, text in said.items() if text]
+    assert {i for i, _ in heard} == {0, 1, 2}, heard   # every kind of row spoke at least once
+
 def test_moving_many_rows_at_once_is_moving_each(shipped):
     """move_rows (the batch's eviction: every evicting row's K/V moved in one gather a layer) leaves each row as its
     cache's own move_kv leaves a copy of it: ragged keeps, rows out of order, contiguous RoPE and native RoPE mixed."""
