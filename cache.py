@@ -260,12 +260,15 @@ class StreamingCache(KVCache):
 # Eviction's fast path: one kernel moves (and rotates) every layer's kept K/V
 #
 # Why: the reference (move_kv) gathers into temporaries and rotates with ~5 elementwise ops, each a pass over the
-# kept keys in memory; an H100 took ~10 ms for one 7B stream's 13k kept tokens (~9 ms a row for 16 rows at once), 3-4x
+# kept keys in memory; an H100 took ~9 ms for one 7B stream's 13k kept tokens (~8 ms a row for 16 rows at once), ~10x
 # what reading and writing the bytes once costs. Here a program per (row, layer, KV head) walks the kept slots in
 # order, a block of BLOCK at a time: it loads the block's V, raw K (and K, without reindex) from their old slots
-# keep[j] and the block's cos/sin, then stores them at slots j, the keys rotated in registers. In place: keep is
-# ascending, so keep[j] >= j and a block's stores never land where a later block reads; a barrier between a block's
-# loads and its stores keeps the block's own reads ahead of its writes. The rotation rounds each product and the sum
+# keep[j] and the block's cos/sin, then stores them at slots j, the keys rotated in registers. In place: a slot that
+# moves left or stays (keep[j] >= j) is read before any store reaches it (a later block reads only slots past every
+# earlier block's stores; a barrier between a block's loads and its stores orders the block itself). A slot that moves
+# right (keep[j] < j: while the previous text grows, its two closing tokens land behind the replies that joined it)
+# could be overwritten first: those few are copied out before the kernel, which skips them, and written after it.
+# The rotation rounds each product and the sum
 # to nearest as apply_rope's bf16 ops do, with fused multiply-adds off (they would skip a rounding): the moved keys
 # are the reference's bit for bit (tests/test_cache.py, on an H100).
 
@@ -285,8 +288,9 @@ if triton is not None:
         n, d = tl.load(count_ptr + e), tl.arange(0, HALF)
         for start in range(0, n, BLOCK):
             j = start + tl.arange(0, BLOCK)
-            ok = (j < n)[:, None]
-            src = base + tl.load(idx_ptr + e * s_idx + j, mask=j < n, other=0)[:, None] * s_slot + d[None, :]
+            old = tl.load(idx_ptr + e * s_idx + j, mask=j < n, other=-1)   # -1: a slot moving right, skipped here
+            ok = ((j < n) & (old >= 0))[:, None]
+            src = base + tl.maximum(old, 0)[:, None] * s_slot + d[None, :]
             dst = base + j[:, None] * s_slot + d[None, :]
             v1, v2 = tl.load(v_ptr + src, mask=ok), tl.load(v_ptr + src + HALF, mask=ok)
             x1, x2 = tl.load(raw_ptr + src, mask=ok), tl.load(raw_ptr + src + HALF, mask=ok)
@@ -314,9 +318,9 @@ def can_fuse(k):
 
 def fused_move(k, v, raw_k, rows, keeps, cos=None, sin=None, block=32):
     """move_kv's result for cache rows rows[i] of k, v, raw_k ((layers, R, Hkv, slots, D), the same strides, unit
-    stride along D): row rows[i] keeps its slots keeps[i] (ascending) at the front; with cos, sin ((E, n, D), E =
-    len(rows), n >= every keep's length: mrope_cos_sin at the new positions) the keys are rotated afresh from the raw
-    ones, else K moves as V does. One kernel for every row, layer and KV head."""
+    stride along D): row rows[i] keeps its slots keeps[i] (in order, each once) at the front; with cos, sin ((E, n, D),
+    E = len(rows), n >= every keep's length: mrope_cos_sin at the new positions) the keys are rotated afresh from the
+    raw ones, else K moves as V does. One kernel for every row, layer and KV head, and the slots moving right aside."""
     L, _, H, _, D = k.shape
     assert k.stride() == v.stride() == raw_k.stride() and k.stride(-1) == 1, "K, V, raw K: one layout, unit D stride"
     n = max(len(keep) for keep in keeps)
@@ -324,14 +328,24 @@ def fused_move(k, v, raw_k, rows, keeps, cos=None, sin=None, block=32):
     for i, keep in enumerate(keeps):
         idx[i, :len(keep)] = keep
     counts = torch.tensor([len(keep) for keep in keeps], dtype=torch.int32)
-    rows, idx, counts = (to_device(x, k.device) for x in (torch.tensor(rows, dtype=torch.int32), idx, counts))
+    right = (idx < torch.arange(n)) & (torch.arange(n) < counts[:, None])   # (E, n) the slots that move right
+    e, j = right.nonzero(as_tuple=True)
+    if len(e):   # copied out now, before the kernel can overwrite them, and written back after it
+        row, src, to, e = (to_device(x, k.device) for x in (torch.tensor(rows)[e], idx[e, j].long(), j, e))
+        aside = [x[:, row, :, src] for x in (k, v, raw_k)]                      # (m, layers, Hkv, D) each
+        idx[right] = -1
+    dev_rows, idx, counts = (to_device(x, k.device) for x in (torch.tensor(rows, dtype=torch.int32), idx, counts))
     rotate = cos is not None
     if rotate:   # the first half of each (D-wide) row: rotate_half's two halves share their angles
         assert cos.shape[:2] == (len(keeps), n) and cos.is_contiguous() and sin.is_contiguous()
-    _move_kernel[(len(keeps), L * H)](k, v, raw_k, rows, idx, counts, cos if rotate else k, sin if rotate else k,
+    _move_kernel[(len(keeps), L * H)](k, v, raw_k, dev_rows, idx, counts, cos if rotate else k, sin if rotate else k,
                                       k.stride(0), k.stride(1), k.stride(2), k.stride(3), n, D,
                                       H=H, HALF=D // 2, BLOCK=block, ROTATE=rotate, num_stages=1,
                                       enable_fp_fusion=False)   # no fused multiply-adds: apply_rope's roundings
+    if len(e):
+        v[:, row, :, to], raw_k[:, row, :, to] = aside[1], aside[2]
+        k[:, row, :, to] = (apply_rope(aside[2], cos[e, to][:, None, None], sin[e, to][:, None, None]) if rotate
+                            else aside[0])
 
 
 def to_device(x, device):

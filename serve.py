@@ -12,12 +12,13 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
      of every evicting row moved at once, one kernel: cache.fused_move);
   3. one prefill for every stream's new turn: rows padded to the longest turn, each row attending to its own cache;
   4. decode steps batched over the streams still speaking: a stream whose reply ended leaves the batch (or, with
-     decode="graphs", one fixed-shape step over every row, silent rows writing to a scratch slot: FixedStep, which
-     a CUDA graph captures once and replays; decode="compiled" compiles that step first).
+     decode="graphs", one fixed-shape step over every row, silent rows writing to a scratch slot: decode.FixedStep,
+     which a CUDA graph captures once and replays, decode="compiled" compiling it first; greedy and forced replies
+     then decode one step ahead of the host: decode_ahead).
 
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping is the plain cache's, unchanged, and its eviction too: the
-same gather inside the row, made for all rows in one call a layer (move_rows). RowSlots is the adapter an attention
+same move inside the row, made for all rows at once (move_rows). RowSlots is the adapter an attention
 layer writes through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries
 attend to that row's cache up to themselves: the reference, RowAttention, runs the model's own prompt attention (dense
 SDPA, or FlexPrefill) row by row, so each stream's attention is the one it would run alone; PackedRowAttention (opt-in:

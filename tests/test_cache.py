@@ -282,23 +282,41 @@ def test_one_text_token_is_staged_as_the_general_path_stages_it(tok):
     assert (one.next_pos, one.next_unit, one.added) == (many.next_pos, many.next_unit, many.added)
 
 
+def test_eviction_moves_slots_right_while_the_previous_text_grows():
+    """Why fused_move sets slots aside: while the previous text is shorter than text_sink + text_window, the replies
+    that join it push its closing tokens (PREV_END) right, behind them (keep[j] < j); once it is full, nothing moves
+    right. The kernel's in-place order holds only for slots moving left or staying."""
+    from cache import kept_after_eviction
+    # head 0-3, previous text 4-9, its end 10-11; rounds 0-3 of 10 slots each from 12 (user turn 5, reply 5)
+    kind = torch.tensor([Kind.SYS] * 2 + [Kind.PREV_HEAD] * 2 + [Kind.PREV_BODY] * 6 + [Kind.PREV_END] * 2 +
+                        ([Kind.USER] * 5 + [Kind.REPLY] * 5) * 4)
+    rnd = torch.tensor([0] * 12 + [r for r in range(4) for _ in range(10)])
+    grows, _ = kept_after_eviction(kind, rnd, current_round=2, vision_window=1, text_sink=2, text_window=20)
+    full, _ = kept_after_eviction(kind, rnd, current_round=2, vision_window=1, text_sink=2, text_window=4)
+    moves_right = lambda keep: bool((keep < torch.arange(len(keep))).any())
+    assert moves_right(grows) and not moves_right(full)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("rotate", [True, False])
 def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
     """cache.fused_move (one Triton kernel) leaves every row as the reference gathers leave it (serve._move_rows), bit
     for bit in bf16 (the kernel rounds each product and sum to nearest, without fused multiply-adds, as apply_rope's
-    ops do): a kept prefix, long and short shifts, a row that keeps everything, a row that does not evict; and
-    StreamingCache.move_kv fused equals move_kv unfused on a strided row view (a batch's row)."""
+    ops do): a kept prefix, long and short shifts, a row that keeps everything, slots that move right (set aside
+    around the kernel), a row that does not evict; and StreamingCache.move_kv fused equals move_kv unfused on a strided
+    row view (a batch's row), there with the keep of a growing previous text."""
     from cache import StreamingCache, fused_move
     from serve import _move_rows, adopt_row
     from model import PRESETS
     g = torch.Generator(device="cuda").manual_seed(0)
-    L, R, H, S, D = 3, 4, 4, 3000, 128
+    L, R, H, S, D = 3, 5, 4, 3000, 128
     k, v, raw_k = (torch.randn(L, R, H, S, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
-    rows = [2, 0, 3]
+    rows = [2, 0, 3, 4]
     keeps = [torch.cat([torch.arange(600), torch.arange(1400, 2900)]),          # sink kept, a long shift
              torch.cat([torch.arange(10), torch.arange(11, 2999, 2)]),           # short shifts, every other slot
-             torch.arange(2500)]                                                 # keeps all it has
+             torch.arange(2500),                                                 # keeps all it has
+             # a growing previous text: replies 700-759 join it, its closing slots 600-601 move right (to 660-661)
+             torch.cat([torch.arange(600), torch.arange(700, 760), torch.tensor([600, 601]), torch.arange(760, 2999)])]
     n = max(len(x) for x in keeps)
     angle = torch.rand(len(rows), n, D // 2, generator=g, device="cuda") * 3000
     cos, sin = (f(torch.cat([angle, angle], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
@@ -318,7 +336,7 @@ def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
         c = StreamingCache(cfg, reindex=rotate, capacity=0, device="cuda", dtype=torch.bfloat16)
         adopt_row(c, *(x.clone()[:, 1:2, :, :S - 1] for x in (k, v, raw_k)))   # a row of a batch: strided views
         c.pos[:, :S - 1] = torch.randint(0, 4000, (3, S - 1), generator=torch.Generator().manual_seed(1))
-        c.move_kv(keeps[0], fused=fused)
+        c.move_kv(keeps[3], fused=fused)
         caches.append(c)
     for name in ("k", "v", "raw_k"):
-        same(*(getattr(c, name)[..., :len(keeps[0]), :] for c in caches), name)
+        same(*(getattr(c, name)[..., :len(keeps[3]), :] for c in caches), name)

@@ -18,7 +18,7 @@ The ideas:
 - As a live source decodes ahead, a thread resizes every stream's next second while the batch runs this one
   (--no-prefetch: inside the step), as the single-stream path does; a second's latency includes any wait for them.
 - The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
-  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (serve.FixedStep;
+  default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (decode.FixedStep;
   compiled first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower
   compiled and graph-replayed. The batch's prefill attention is one FlexAttention call per layer over all rows
   (--prefill packed, the default) or a dense SDPA call per row (--prefill rows).
