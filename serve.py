@@ -416,7 +416,10 @@ class StreamBatch:
         while live:
             # step k is queued (each live row fed its out[k - 1]); queue step k + 1 for the rows whose out[k] is fed
             # unless it stops them: the forced token, or (None) step k's argmax on the device
-            ahead = {i: forced[i][k] if forced[i] is not None else None for i in live if k + 1 < caps[i]}
+            # (a cache with no slot left queues nothing ahead: its token is fed, and the batch is found too small,
+            # only if it does not stop, as in the step-by-step loop)
+            ahead = {i: forced[i][k] if forced[i] is not None else None for i in live
+                     if k + 1 < caps[i] and ss[i].cache.length < self.capacity}
             after = self._queue(rows, ss, ahead) if ahead else None
             tops = self.fixed.read(2 if ahead else 1) if read else None               # step k's argmax, every row
             for i in list(live):
@@ -429,6 +432,8 @@ class StreamBatch:
                         s.cache.drop_last()
                 else:
                     check_text(out[-1], cfg)   # it stays fed: it must be text
+                    if i not in ahead:
+                        self._check_room(s, 1)   # no slot for it: the step-by-step loop stops here too
                     if forced[i] is None:
                         s.cache.ids[s.cache.length - 1] = out[-1]   # what step k + 1 was fed (placeholder 0)
             step, k = after, k + 1
