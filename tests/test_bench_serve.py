@@ -59,3 +59,13 @@ def test_minutes_and_seconds_together_is_one_line(capsys):
     with pytest.raises(SystemExit):
         get_args(TINY + ["--minutes", "1", "--seconds", "30"])
     assert "--minutes sets --seconds" in capsys.readouterr().err
+
+
+def test_gc_freeze_after_the_warm_up(tmp_path, monkeypatch):
+    """--gc-freeze freezes the garbage collector's objects once a batch run's warm-up is over, and lets them go after."""
+    import gc
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    main(TINY + ["--streams", "1", "2", "--seconds", "3", "--warmup", "1", "--gc-freeze", "--out", str(tmp_path)])
+    assert calls == ["freeze", "unfreeze"] * 2
