@@ -84,7 +84,8 @@ def batch_run(args, model, tok, n, prefill, decode, frames_of, reply, kw, capaci
                 **{f"{k}_ms": ms(v) for k, v in phases[-1].items()})
     if pool:
         pool.shutdown()
-    gc.unfreeze()
+    if args.gc_freeze:
+        gc.unfreeze()
     peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else max(mem, default=0.0)
     return lat, mem, peak, phases
 
@@ -137,7 +138,8 @@ def build_parser():
                     "with each (default: --decode's)")
     ap.add_argument("--height", type=at_least(28), default=720, help="frame height in pixels (default 720)")
     ap.add_argument("--width", type=at_least(28), default=1280, help="frame width in pixels (default 1280)")
-    ap.add_argument("--gc-freeze", action="store_true", help="after the warm-up, gc.freeze() the objects made so far "
+    ap.add_argument("--gc-freeze", action="store_true", help="batch runs: after the warm-up, gc.freeze() the objects "
+                    "made so far "
                     "(~0.4M after torch.compile: a full collection of them took ~180 ms on a 2-core CPU, 0.6 ms "
                     "frozen), in case the garbage collector's pauses make the p99")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
