@@ -18,14 +18,14 @@ contiguous RoPE, evict_every; pending tokens; sampling generator; its own second
 
 The caches share storage: one (layers, rows, kv heads, capacity, head dim) buffer per tensor, and each stream's
 StreamingCache holds views of its row, so its bookkeeping is the plain cache's, unchanged, and its eviction too: the
-same move inside the row, made for all rows at once (move_rows). RowSlots is the adapter an attention
-layer writes through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries
-attend to that row's cache up to themselves: the reference, RowAttention, runs the model's own prompt attention (dense
-SDPA, or FlexPrefill) row by row, so each stream's attention is the one it would run alone; PackedRowAttention (opt-in:
-StreamBatch(prefill="packed")) computes the same in one FlexAttention call per layer over every row, a BlockMask
-skipping what no query sees (one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above
-PackedRowAttention). A decode step reads its rows with a mask that shows each query its own row's keys. A new stream's
-Streamer allocates no cache of its own: its cache works in its row from the start (adopt_row).
+same move inside the row, made for all rows at once (move_rows). RowSlots is the adapter an attention layer writes
+through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries attend to
+that row's cache up to themselves: the reference, RowAttention, runs the model's own prompt attention (dense SDPA, or
+FlexPrefill) row by row, so each stream's attention is the one it would run alone; PackedRowAttention (the default on
+a GPU) computes the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees
+(one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above PackedRowAttention). A
+decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no
+cache of its own: its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .
@@ -444,16 +444,26 @@ class StreamBatch:
     def _queue(self, rows, ss, feed):
         """Queue one fixed-shape step: stream ss[i] (cache row rows[i]) is fed feed[i] (None: the previous step's argmax
         on the device), every other row is silent. Returns the step's logits (R, vocab)."""
-        R = self.k.shape[1]
-        token, position, slot, take = [0] * R, [0] * R, [self.capacity] * R, [0] * R
+        fed = []   # (row, token, position, slot, take) of each fed row
         for i, tok in feed.items():
-            s, r = ss[i], rows[i]
+            s = ss[i]
             self._check_room(s, 1)
-            token[r], take[r] = (tok, 0) if tok is not None else (0, 1)
-            position[r], slot[r] = int(s.cache.add_tokens([token[r]], Kind.REPLY, s.t)[0, 0, 0]), s.cache.length
+            token = tok if tok is not None else 0
+            fed.append((rows[i], token, int(s.cache.add_tokens([token], Kind.REPLY, s.t)[0, 0, 0]), s.cache.length,
+                        int(tok is None)))
             s.cache.commit(1)
             s.forwards += 1
-        return self.fixed(token, position, slot, take)
+        return self._fixed(fed)
+
+    def _fixed(self, fed):
+        """The fixed-shape step over every row: the rows of fed [(row, token, position, slot, take)] speak, the others
+        are silent (token 0 at position 0, written to the scratch slot). Returns its logits (R, vocab)."""
+        R = self.k.shape[1]
+        columns = [0] * R, [0] * R, [self.capacity] * R, [0] * R   # token, position, slot, take
+        for r, *values in fed:
+            for column, value in zip(columns, values):
+                column[r] = value
+        return self.fixed(*columns)
 
     def decode_step(self, names, ss, tokens):
         """Feed each named stream its token in one step; returns their next logits (len(names), vocab). plain: a
@@ -464,11 +474,8 @@ class StreamBatch:
         staged = [s.cache.add_tokens([tok], Kind.REPLY, s.t) for s, tok in zip(ss, tokens)]   # (3, 1, 1) each
         starts, rows = [s.cache.length for s in ss], [self.row_of[n] for n in names]
         if self.fixed is not None:
-            R = self.k.shape[1]
-            token, position, slot = [0] * R, [0] * R, [self.capacity] * R   # silent rows: the scratch slot
-            for row, tok, p, start in zip(rows, tokens, staged, starts):
-                token[row], position[row], slot[row] = tok, int(p[0, 0, 0]), start
-            return self.fixed(token, position, slot)[torch.as_tensor(rows, device=self.model.device)]
+            fed = [(r, tok, int(p[0, 0, 0]), start, 0) for r, tok, p, start in zip(rows, tokens, staged, starts)]
+            return self._fixed(fed)[torch.as_tensor(rows, device=self.model.device)]
         ids = torch.tensor([[tok] for tok in tokens], device=self.model.device)
         slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, [1] * len(rows), gather=True)
         mask = row_mask(starts, 1, self.k.shape[3], self.model.device)

@@ -115,6 +115,23 @@ def test_one_step_ahead_with_forced_greedy_and_short_replies(shipped):
         heard += [(i, text) for i, text in said.items() if text]
     assert {i for i, _ in heard} == {0, 1, 2}, heard   # every kind of row spoke at least once
 
+def test_a_sampling_stream_takes_the_fixed_step_one_step_at_a_time(shipped):
+    """A stream that samples (its own generator) keeps a batch with a fixed-shape step to the step-by-step loop (the host
+    picks each token before the next step): the sampling stream and a greedy one beside it say what each says alone."""
+    model, tok, kw = shipped
+    kws = [dict(kw, temperature=0.8, seed=3), kw]
+    batch, ws = StreamBatch(model, tok, rows=2, capacity=1024, decode="graphs"), worlds()
+    alone = [stream.make_streamer(model, tok, **k, capacity=1024) for k in kws]
+    for i, k in enumerate(kws):
+        batch.add(i, **k)
+    heard = []
+    for t in range(6):
+        said = batch.step({i: w.second(t).frames for i, w in enumerate(ws[:2])})
+        assert said == {i: s.step(w.second(t).frames) for i, (s, w) in enumerate(zip(alone, ws))}
+        heard += [i for i, text in said.items() if text]
+    assert 0 in heard   # the sampling stream spoke
+
+
 def test_moving_many_rows_at_once_is_moving_each(shipped):
     """move_rows (the batch's eviction: every evicting row's K/V moved in one gather a layer) leaves each row as its
     cache's own move_kv leaves a copy of it: ragged keeps, rows out of order, contiguous RoPE and native RoPE mixed."""
