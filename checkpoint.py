@@ -182,8 +182,9 @@ def stream_layout(cfg):
                         evict_every=cfg.segment_seconds or 1)
 
 
-def save_run(model, opt, step, history, args, run, tok_json):
-    """A run's checkpoint after `step`, swapped into args.out whole (save). Under FSDP every rank takes part in
+def save_run(model, opt, step, history, args, run, tok_json, phase=None):
+    """A run's checkpoint after `step`, swapped into args.out whole (save), its stream.json the layout of the
+    settings `phase` the step trained with (default args.cfg; data.phase_at). Under FSDP every rank takes part in
     gathering the full tensors; only the master writes."""
     model_state = {k: full(v) for k, v in model.state_dict().items()}
     optimizer = optimizer_state(opt)
@@ -192,7 +193,7 @@ def save_run(model, opt, step, history, args, run, tok_json):
                      init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
         notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
                      train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
-        save(args.out, model, model_state, optimizer, tok_json, stream_layout(args.cfg), notes, state)
+        save(args.out, model, model_state, optimizer, tok_json, stream_layout(phase or args.cfg), notes, state)
 
 
 def out_unfit(args):

@@ -23,7 +23,7 @@ Real data (--data): records.py reads the authors' JSONL (and ours) into the same
 import math
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -213,6 +213,21 @@ class DataError(ValueError):
 # -----------------------------------------------------------------------------
 # batches
 
+def phase_at(step, cfg):
+    """(the first step of its phase, the settings it trains with) for optimizer step `step` of a run with
+    cfg.segment_steps: the steps before the last segment_steps train on plain chunks, the rest on segments
+    (reuse.py) of cfg.segment_chunk_seconds chunks, each phase its own run as if the second were a fine-tune of the
+    first, its step counted from 0. Without segment_steps the run is one phase, cfg itself."""
+    if not getattr(cfg, "segment_steps", 0):
+        return 0, cfg
+    first = cfg.steps - cfg.segment_steps
+    if step < first:
+        return 0, replace(cfg, steps=first, segment_steps=0, segment_seconds=0, preroll=0)
+    return first, replace(cfg, steps=cfg.segment_steps, segment_steps=0, chunk_seconds=cfg.segment_chunk_seconds,
+                          overlap=cfg.segment_chunk_seconds // 2, batch_size=cfg.segment_batch_size,
+                          lr=cfg.segment_lr, curriculum=0, time_curriculum=0)
+
+
 def chunk_schedule(step, cfg):
     """(chunk_seconds, overlap, stream_seconds) of the synthetic training chunks at optimizer step `step`
     (None: no curriculum, as for validation). Over the first cfg.curriculum steps the chunk grows linearly from
@@ -299,11 +314,13 @@ class MicroBatches(torch.utils.data.Dataset):
         return (self.cfg.steps - self.first) * self.cfg.grad_accum
 
     def __getitem__(self, i):
-        c = self.cfg
-        step, micro = self.first + i // c.grad_accum, i % c.grad_accum
-        first = (step * c.grad_accum + micro) * c.batch_size * self.world + self.rank * c.batch_size
+        step, micro = self.first + i // self.cfg.grad_accum, i % self.cfg.grad_accum
+        start, c = phase_at(step, self.cfg)  # a second phase's chunks are numbered on from the first's
+        first = ((step - start) * c.grad_accum + micro) * c.batch_size * self.world + self.rank * c.batch_size
+        first += start * self.cfg.grad_accum * self.cfg.batch_size * self.world
         try:
-            batch = make_batch(self.tok, "train", range(first, first + c.batch_size), c, step, jsonl=self.jsonl)
+            batch = make_batch(self.tok, "train", range(first, first + c.batch_size), c, step - start,
+                               jsonl=self.jsonl)
         except DataError as e:  # the DataLoader would wrap it in the worker's traceback: carry the one line out
             return {"error": str(e)}
         return with_positions(batch, self.model_cfg)

@@ -71,18 +71,19 @@ def segment_cuts(seconds, segment_seconds):
 
 def evicted_prefixes(batch, model_cfg):
     """For a batch cut into segments (data.collate_chunks: each segment's batch under its predecessor's "then"),
-    the first with its positions: for each later segment, which tokens of the earlier ones each row keeps, "keep"
-    (B, P), as indices into the earlier segments' padded tokens laid end to end, at which contiguous positions,
-    "keep_pos" (3, B, P), and the segment's own positions after them; its attention_mask grows to (B, P + T),
-    0 on padding. Each row carries its kept tokens forward, as StreamingCache.evict does (evicted replies become
-    previous text), so a segment costs what it keeps, not all the segments before it."""
+    the first with its positions: for each later segment, which tokens each row keeps, "keep" (B, P), as indices
+    into what the segment before read and wrote, laid end to end (its kept tokens, padded to its P, then its own
+    padded tokens), at which contiguous positions, "keep_pos" (3, B, P), and the segment's own positions after
+    them; its attention_mask grows to (B, P + T), 0 on padding. Each row carries its kept tokens forward, as
+    StreamingCache.evict does (evicted replies become previous text), so a segment costs what it keeps, not all
+    the segments before it, in the forward and in the backward."""
     window, text_sink, text_window = batch.pop("evict").tolist()
     B = len(batch["input_ids"])
     empty = dict(ids=torch.zeros(0, dtype=torch.long), pos=torch.zeros(3, 0, dtype=torch.long),
                  kind=torch.zeros(0, dtype=torch.long), round=torch.zeros(0, dtype=torch.long),
                  index=torch.zeros(0, dtype=torch.long))
-    kept = [empty] * B  # each row's kept tokens: ids, positions, kinds, rounds, index into the segments end to end
-    seg, offset = batch, 0
+    kept = [empty] * B  # each row's kept tokens: ids, positions, kinds, rounds, index into [kept | new] of a segment
+    seg, read = batch, 0  # read: how many kept slots (padded) the segment in hand attends to before its own tokens
     while "then" in seg:
         T, nxt = seg["input_ids"].shape[1], seg["then"]
         starts = []
@@ -90,22 +91,22 @@ def evicted_prefixes(batch, model_cfg):
             n = int(seg["attention_mask"][b, -T:].sum())
             ids, pos, kind, rnd, index = (torch.cat([h[k], new], -1) for k, new in (
                 ("ids", seg["input_ids"][b, :n]), ("pos", seg["position_ids"][:, b, :n]), ("kind", seg["kind"][b, :n]),
-                ("round", seg["round"][b, :n]), ("index", offset + torch.arange(n))))
+                ("round", seg["round"][b, :n]), ("index", read + torch.arange(n))))
             keep, body = kept_after_eviction(kind, rnd, int(nxt["round"][b, 0]), window, text_sink, text_window)
             kind[body] = Kind.PREV_BODY  # the evicted replies are previous text from now on
             unit, rel = units(ids, pos, model_cfg)
             p, start = contiguous_positions(unit[keep], rel[:, keep])
             kept[b] = dict(ids=ids[keep], pos=p, kind=kind[keep], round=rnd[keep], index=index[keep])
             starts.append(int(start))
-        offset += T
         del seg["kind"], seg["round"]
         seg = nxt
-        P = max(len(h["index"]) for h in kept)
+        P = read = max(len(h["index"]) for h in kept)
         seg["keep"], seg["keep_pos"] = torch.zeros(B, P, dtype=torch.long), torch.zeros(3, B, P, dtype=torch.long)
         valid = torch.zeros(B, P, dtype=torch.long)
         for b, h in enumerate(kept):
             n = len(h["index"])
             seg["keep"][b, :n], seg["keep_pos"][:, b, :n], valid[b, :n] = h["index"], h["pos"], 1
+            h["index"] = torch.arange(n)  # where the next segment finds them: this one's first n slots
         seg["position_ids"], _ = mrope_positions(seg["input_ids"], model_cfg, video_grid_thw=seg["video_grid_thw"],
                                                  attention_mask=seg["attention_mask"], start=starts)
         seg["attention_mask"] = torch.cat([valid, seg["attention_mask"]], 1)
@@ -164,17 +165,19 @@ def forward_segments(model, batch):
 
 
 class ReusedKV:
-    """The streaming cache of a chunk forwarded segment by segment: every layer's raw keys and values (B, Hkv, T, D)
-    of each segment, still attached to the graph. segment(i, keep, pos) is the cache segment i's forward writes
-    into and reads: the tokens `keep` (B, P) of the earlier segments laid end to end (data.py pads short rows;
-    forward's attention_mask hides the padding), keys rotated afresh at their contiguous positions `pos`
-    (3, B, P). The reused K/V are the ones each token got with its own round in view, as StreamingCache.evict
-    keeps them. One object a segment, so that activation checkpointing, which runs a layer again in backward,
-    reads and writes what the first run did."""
+    """The streaming cache of a chunk forwarded segment by segment, still attached to the graph: per layer, the raw
+    keys and the values (B, Hkv, T, D) each segment wrote, and the ones it read, kept from the segment before.
+    segment(i, keep, pos) is the cache segment i's forward writes into and reads: the tokens `keep` (B, P) of
+    what segment i - 1 read and wrote, laid end to end (data.py pads short rows; forward's attention_mask hides
+    the padding), keys rotated afresh at their contiguous positions `pos` (3, B, P). The reused K/V are the ones
+    each token got with its own round in view, as StreamingCache.evict keeps them; a token's K/V pass from segment
+    to segment through one gather each, so the backward's work grows with the segments, not with their square.
+    One object a segment, so that activation checkpointing, which runs a layer again in backward, reads and
+    writes what the first run did."""
 
     def __init__(self, cfg):
-        self.cfg, self.raw_k, self.v = cfg, {}, {}  # layer -> {segment: its tensor}
-        self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
+        self.cfg, self.inv_freq = cfg, inv_freq(cfg.head_dim, cfg.rope_theta)
+        self.written, self.read = {}, {}  # (layer, segment) -> (raw keys, values) it wrote / it read (unrotated)
 
     def segment(self, i, keep=None, pos=None):
         return SegmentKV(self, i, keep, pos)
@@ -189,17 +192,18 @@ class SegmentKV:
             self.cos, self.sin = mrope_cos_sin(pos, store.inv_freq.to(pos.device), cfg.mrope_section, torch.float32)
 
     def update(self, layer, k, v, raw_k=None):
-        raw, vs = self.store.raw_k.setdefault(layer, {}), self.store.v.setdefault(layer, {})
+        store = self.store
         if self.length:  # the kept tokens' keys and values (B, Hkv, P, D), then the new ones (B, Hkv, T, D)
-            earlier = range(self.i)  # by index: a checkpointed layer's second run may come in any order
-            old_k = apply_rope(torch.cat([raw[j] for j in earlier], 2).gather(2, self.index).float(), self.cos,
-                               self.sin)
-            old_v = torch.cat([vs[j] for j in earlier], 2).gather(2, self.index)
+            before = [kv for kv in (store.read.get((layer, self.i - 1)), store.written[layer, self.i - 1]) if kv]
+            old_raw = torch.cat([k_ for k_, _ in before], 2).gather(2, self.index)
+            old_v = torch.cat([v_ for _, v_ in before], 2).gather(2, self.index)
+            store.read[layer, self.i] = old_raw, old_v
+            old_k = apply_rope(old_raw.float(), self.cos, self.sin)
             # under autocast the rotated keys are fp32 and the values bf16; the causal kernels want one dtype
             k, v_all = torch.cat([old_k.to(k.dtype), k], 2), torch.cat([old_v, v], 2).to(k.dtype)
         else:
             v_all = v
-        raw[self.i], vs[self.i] = raw_k, v
+        store.written[layer, self.i] = raw_k, v
         return k, v_all
 
     def commit(self, T):

@@ -8,7 +8,8 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # 2-core CPU: ~9 min, names the events at the right second (no score)
-  python train.py --preset gpu             # one H200: 6,000 steps (~6.5 a second measured, ~16 min projected)
+  python train.py --preset gpu             # one GPU: 1,500 steps of 24 s chunks, then 150 of 192 s chunks in
+                                           # 8 s segments on the cache streaming leaves (reuse.py); ~9 min
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -34,14 +35,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
 from cli import Parser, adam_betas, at_least, between, checked, device_name, rate_or_range, stop_on_ctrl_c
-from data import DataError, make_tokenizer, micro_batches
+from data import DataError, make_tokenizer, micro_batches, phase_at
 from layout import FRAME_PIXELS, LIMITS
-from model import VLM, pick_device_dtype, tiny_config
+from model import VLM, tiny_config
+from parallel import all_sum, distribute, finish, setup
 from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from records import JsonlSamples
 from reuse import new_tokens, segment_cuts, supervised_tokens
@@ -95,6 +96,13 @@ class TrainConfig:
                         "that its previous text ends in replies with the K/V of their own rounds, as at inference "
                         "(needs --segment-seconds; best a multiple of it; a stream's first N seconds are then never "
                         "supervised)", between(0, 3600))
+    segment_steps: int = knob(0, "train the last N of --steps on the cache streaming leaves, after the chunks: in "
+                              "--segment-seconds segments of --segment-chunk-seconds chunks (overlap half), "
+                              "--segment-batch-size of them, at --segment-lr with a warm-up and cosine of their own "
+                              "(0: every step as --segment-seconds says)", at_least(0))
+    segment_chunk_seconds: int = knob(192, "chunk length in the --segment-steps", between(2, 3600))
+    segment_batch_size: int = knob(64, "chunks per micro-batch per process in the --segment-steps", between(1, 4096))
+    segment_lr: float = knob(1e-4, "peak learning rate of the --segment-steps", POSITIVE)
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", between(1, 10**7))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -131,10 +139,12 @@ PRESETS = {
                        text_sink=0, text_window=0, event_rate=0.5, goal_rate=0.05, question_rate=0.0,
                        eval_every=400, eval_chunks=32),
     # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
-    # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s)
-    "gpu": TrainConfig(steps=6000, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+    # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s); then a
+    # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py). Batches of
+    # 64: a step of this 4.5M-parameter model is bound by kernel launches, so a bigger batch costs little time
+    "gpu": TrainConfig(steps=1650, batch_size=64, lr=1.4e-3, text_window=512, eval_every=300, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
-                       question_rate=0.5),
+                       question_rate=0.5, segment_steps=150, segment_seconds=8, segment_lr=2e-4),
 }
 
 INIT_SOURCE = "--init recipe (StreamingVLM SFT)"
@@ -224,17 +234,23 @@ def check_combinations(ap, args):
     c = args.cfg
     if c.overlap >= c.chunk_seconds:
         ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
-    cuts = segment_cuts([c.chunk_seconds], c.segment_seconds) if c.segment_seconds else []
+    if c.segment_steps and not c.segment_seconds:
+        ap.error(f"--segment-steps {c.segment_steps} trains in segments: it needs --segment-seconds")
+    if c.segment_steps >= c.steps:
+        ap.error(f"--segment-steps ({c.segment_steps}) must leave some of --steps ({c.steps}) to the plain chunks")
+    # the chunks that are cut into segments: every chunk, or with --segment-steps those of its own phase
+    chunk, flag = ((c.segment_chunk_seconds, "--segment-chunk-seconds") if c.segment_steps else
+                   (c.chunk_seconds, "--chunk-seconds"))
+    cuts = segment_cuts([chunk], c.segment_seconds) if c.segment_seconds else []
     last = cuts[-1] if cuts else 0  # the last segment's first second: nothing has left the window before it
     if c.segment_seconds and last < c.vision_window:
-        ap.error(f"--segment-seconds {c.segment_seconds} with --chunk-seconds {c.chunk_seconds} evicts nothing: "
-                 f"the last segment starts at second {last}, before any round leaves the --vision-window "
-                 f"({c.vision_window})")
+        ap.error(f"--segment-seconds {c.segment_seconds} with {flag} {chunk} evicts nothing: the last segment "
+                 f"starts at second {last}, before any round leaves the --vision-window ({c.vision_window})")
     if c.preroll and not c.segment_seconds:
         ap.error("--preroll streams seconds before each chunk in segments: it needs --segment-seconds")
-    if c.stream_seconds < c.chunk_seconds + c.preroll:
-        ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least --chunk-seconds ({c.chunk_seconds})"
-                 + (f" + --preroll ({c.preroll})" if c.preroll else ""))
+    for n, what in ((c.chunk_seconds, "--chunk-seconds"), (chunk + c.preroll, flag + " + --preroll" * bool(c.preroll))):
+        if c.stream_seconds < n:
+            ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least {what} ({n})")
     if c.width % 64:
         ap.error(f"--width must be a multiple of 64 (heads of 64 dims), got {c.width}")
     if c.frame_size % 28:
@@ -281,7 +297,10 @@ def print_config(args):
 
 
 def lr_at(step, cfg):
-    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak."""
+    """Linear warm-up over cfg.warmup of the steps of the phase (data.phase_at), then cosine down to cfg.min_lr of
+    its peak."""
+    start, cfg = phase_at(step, cfg)
+    step -= start
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -291,44 +310,6 @@ def lr_at(step, cfg):
 
 # -----------------------------------------------------------------------------
 # setup and build
-
-
-@dataclass
-class Run:
-    """This process's place in the job and where it computes."""
-    rank: int
-    world: int
-    device: torch.device
-    amp: bool  # bf16 autocast; the weights, gradients and optimizer state stay fp32 either way
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def ddp(self):
-        return self.world > 1
-
-
-def setup(args):
-    """Join the process group under torchrun and pick the device (printed with the reason). Training keeps fp32
-    master weights everywhere and computes in bf16 autocast on a GPU: bf16 weights would lose small updates (a
-    1e-5 step vanishes against a weight of 1 in bf16's 8-bit mantissa)."""
-    rank, world, device = 0, int(os.environ.get("WORLD_SIZE", "1")), args.device
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-    device, _ = pick_device_dtype(device, torch.float32, quiet=rank != 0)
-    run = Run(rank, world, device, device.type == "cuda")
-    if run.master:
-        print("training: fp32 master weights and optimizer state, " + (
-            "bf16 autocast compute (fast on the GPU; fp32 weights keep small updates)" if run.amp else
-            "fp32 compute (CPUs are slow and inexact in bf16)") + f"; {world} process{'es' * (world > 1)}")
-    torch.manual_seed(args.cfg.seed)
-    return run
 
 
 def load_model(args, run):
@@ -360,22 +341,6 @@ def load_model(args, run):
     return model, tok, tok_json
 
 
-def distribute(raw, args, run):
-    """DDP (or FSDP2 with --fsdp) across processes; torch.compile of the language model with --compile."""
-    model = raw
-    if run.ddp and args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in raw.model.layers:
-            fully_shard(layer)
-        fully_shard(raw)
-    elif run.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(raw)
-    if args.compile:  # each decoder layer (VLM.forward runs them one by one, so compiling TextModel would not)
-        for layer in raw.model.layers:
-            layer.compile()
-    return model
-
-
 def make_optimizer(raw, cfg):
     return torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                              weight_decay=cfg.weight_decay)
@@ -396,9 +361,7 @@ def train_step(step, model, raw, opt, batches, args, run):
     cfg = args.cfg
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    count = torch.tensor(sum(supervised_tokens(b) for b in batches), device=run.device)
-    if run.ddp:
-        dist.all_reduce(count)
+    count = all_sum(torch.tensor(sum(supervised_tokens(b) for b in batches), device=run.device), run)
     total, tokens = 0.0, 0
     for m, b in enumerate(batches):
         quiet = run.ddp and not args.fsdp and m < len(batches) - 1  # DDP: all-reduce after the last micro-batch
@@ -409,10 +372,7 @@ def train_step(step, model, raw, opt, batches, args, run):
         total += s.item()
         tokens += new_tokens(b)
     norm = float(ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)))
-    loss = torch.tensor(total, device=run.device)
-    if run.ddp:
-        dist.all_reduce(loss)
-    loss = loss.item() / count.item()
+    loss = all_sum(torch.tensor(total, device=run.device), run).item() / count.item()
     if not (math.isfinite(loss) and math.isfinite(norm)):
         opt.zero_grad(set_to_none=True)
         raise NonFinite(f"loss {loss}, gradient norm {norm}")
@@ -424,8 +384,7 @@ def train_step(step, model, raw, opt, batches, args, run):
 def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     """Steps from `step` to --stop-at (or --steps), with validation and a checkpoint every --eval-every steps and
     at the end. Returns the loss history."""
-    cfg, saved = args.cfg, step
-    validate = Validator(tok, cfg, jsonl, raw.cfg) if run.master else None
+    cfg, saved, validators = args.cfg, step, {}  # a phase's Validator (data.phase_at), made when first due
     end = min(cfg.steps, args.stop_at or cfg.steps)
     loader = micro_batches(tok, cfg, raw.cfg, jsonl, step, run.rank, run.world, pin_memory=run.amp)
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
@@ -434,23 +393,28 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     with stop_on_ctrl_c(not run.ddp and threading.current_thread() is threading.main_thread()) as stop:
         for step in bar:
             t0 = time.perf_counter()
+            batches = [next(loader) for _ in range(cfg.grad_accum)]
+            waited = time.perf_counter() - t0  # for the DataLoader workers: the synthetic chunks are made on the CPU
             try:
-                loss, norm, tokens = train_step(step, model, raw, opt, [next(loader) for _ in range(cfg.grad_accum)],
-                                                args, run)
+                loss, norm, tokens = train_step(step, model, raw, opt, batches, args, run)
             except NonFinite as e:
                 kept = f"the checkpoint of step {saved} in {args.out} is kept" if saved else "no checkpoint was written"
                 raise SystemExit(f"step {step + 1}: non-finite {e}; stopped before the update; {kept}")
             history.append(loss)
-            tps = tokens * run.world / (time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            tps = tokens * run.world / took
             mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
-            bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f}")
-            due = (step + 1) % cfg.eval_every == 0 or step + 1 == end
+            bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f} "
+                                f"data wait {100 * waited / took:.0f}%")
+            start, phase = phase_at(step, cfg)
+            due = (step + 1) % cfg.eval_every == 0 or step + 1 in (end, start + phase.steps)  # and a phase's last
             if due and run.master:
+                validate = validators.get(start) or validators.setdefault(start, Validator(tok, phase, jsonl, raw.cfg))
                 tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
             if stop:
                 tqdm.write(f"Ctrl-C: saving step {step + 1} (Ctrl-C again stops at once, without saving)")
             if due or stop:
-                ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json)
+                ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json, phase)
                 saved = step + 1
             if stop and step + 1 < end:
                 raise SystemExit(f"stopped by Ctrl-C after step {saved}: the checkpoint is in {args.out}; "
@@ -465,14 +429,15 @@ def main(argv=None):
 
 
 def train(args):
-    run = setup(args)
+    run = setup(args.device)
+    torch.manual_seed(args.cfg.seed)
     if run.master:
         print_config(args)
     state = ckpt.prepare(args, run)
     if state:
         ckpt.check_resume(state, asdict(args.cfg), BOOKKEEPING, args, run.world, show, asdict(TrainConfig()))
     raw, tok, tok_json = load_model(args, run)
-    model = distribute(raw, args, run)
+    model = distribute(raw, run, args.fsdp, args.compile)
     opt = make_optimizer(raw, args.cfg)
     step, history = 0, []
     if state:
@@ -490,9 +455,7 @@ def train(args):
         raise SystemExit(str(e))
     if run.master:
         print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}")
-    if run.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    finish(run)
     return history
 
 

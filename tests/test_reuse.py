@@ -125,7 +125,7 @@ def test_segments_keep_what_eviction_by_hand_keeps(tok):
     patches = s.grid_thw.prod(-1).cumsum(0).tolist()
     pixels = lambda r: s.pixel_values[(patches[r - 1] if r else 0):patches[r]]
     cache = StreamingCache(model.cfg, text_sink=sink, text_window=text_window, vision_window=window)
-    kept = []
+    kept, frame = [], []  # frame: the chunk's tokens that the segment before read and wrote, in order
     for k, a in enumerate((0, 3, 6)):
         b = a + 3
         if a:
@@ -134,8 +134,8 @@ def test_segments_keep_what_eviction_by_hand_keeps(tok):
         seg = list(range(int((s.round < a).sum()) if a else 0, int((s.round < b).sum())))  # the prefix goes first
         ids = [int(s.ids[i]) for i, _, _ in kept] + [int(s.ids[i]) for i in seg]
         pos = torch.tensor(positions_by_hand(ids, tok.video_pad_id, h, w)).T  # (3, kept + segment)
-        if a:
-            assert parts[k]["keep"][0].tolist() == [i for i, _, _ in kept]
+        if a:  # "keep" indexes [what the segment before kept | its own tokens]
+            assert [frame[j] for j in parts[k]["keep"][0].tolist()] == [i for i, _, _ in kept]
             assert torch.equal(parts[k]["keep_pos"][:, 0], pos[:, :len(kept)])
         assert parts[k]["input_ids"][0].tolist() == ids[len(kept):]
         assert torch.equal(parts[k]["position_ids"][:, 0], pos[:, len(kept):])
@@ -149,6 +149,7 @@ def test_segments_keep_what_eviction_by_hand_keeps(tok):
             want = model(torch.tensor([ids]), pixel_values_videos=torch.cat([pixels(r) for r in shown]),
                          video_grid_thw=s.grid_thw[shown], position_ids=pos[:, None])[:, len(kept):]
         assert torch.allclose(got[k], want, atol=1e-4), (k, (got[k] - want).abs().max())
+        frame = [i for i, _, _ in kept] + seg
         kept += [(i, int(s.kind[i]), int(s.round[i])) for i in seg]
     # the hand-kept previous text holds replies evicted from the chunk, and was cut back to head + tail
     body = [i for i, kind, _ in kept if kind == Kind.PREV_BODY]
@@ -227,7 +228,9 @@ def test_streaming_that_evicts_every_segment_keeps_what_training_segments_keep(t
     parts = segments(batch)
     with torch.no_grad():
         trained = torch.cat([logits[0] for logits, _, _ in outputs(model, batch, "cpu")])  # (tokens, vocab)
-    earlier = torch.cat([p["input_ids"][0] for p in parts])  # every segment's ids, end to end
+    read = [torch.zeros(0, dtype=torch.long)]  # the ids each segment reads before its own: "keep" of [read | own]
+    for before, p in zip(parts, parts[1:]):
+        read.append(torch.cat([read[-1], before["input_ids"][0]])[p["keep"][0]])
     round_end = [int((sample.round == t).nonzero().max()) for t in range(9)]  # its reply's closing tokens
     for every in (3, 1):
         s = Streamer(model, tok, text_sink=8, text_window=16, vision_window=2, evict_every=every)
@@ -241,7 +244,7 @@ def test_streaming_that_evicts_every_segment_keeps_what_training_segments_keep(t
                 seg = parts[t // 3]
                 n = fed + 1 - int((sample.round < t - t % 3).sum())
                 ids, _, _ = s.cache.tokens()
-                want_ids = torch.cat([earlier[seg["keep"][0]], seg["input_ids"][0, :n]])
+                want_ids = torch.cat([read[t // 3], seg["input_ids"][0, :n]])
                 want_pos = torch.cat([seg["keep_pos"][:, 0], seg["position_ids"][:, 0, :n]], 1)
                 same.append(torch.equal(ids, want_ids) and torch.equal(s.cache.pos[:, :s.cache.length], want_pos))
         assert same == ([True] * 6 if every == 3 else [True, False, False] * 2)  # once a second: only at 3 and 6

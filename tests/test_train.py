@@ -110,7 +110,7 @@ def test_training_lowers_the_loss_and_checkpoint_loads(tmp_path):
     from train import PRESETS
     assert stream_layout(PRESETS["gpu"]).vision_window == 16
     # served evicting as it trained: every second without segments, every N s on N s segments
-    assert stream_layout(PRESETS["gpu"]).evict_every == 1
+    assert stream_layout(replace(PRESETS["gpu"], segment_seconds=0, segment_steps=0)).evict_every == 1
     assert stream_layout(replace(PRESETS["gpu"], segment_seconds=8)).evict_every == 8
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, torch_dtype=torch.float32)
@@ -128,6 +128,40 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert len(resumed) == 6
     assert resumed[:4] == first
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
+PHASES = ["--steps", "5", "--segment-steps", "2", "--segment-seconds", "2", "--segment-chunk-seconds", "6",
+          "--segment-batch-size", "1", "--segment-lr", "1e-3", "--vision-window", "2"]
+
+
+def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them(tok, tmp_path):
+    """--segment-steps 2 of 5: steps 0-2 on plain chunks (batch 2), steps 3-4 on segments of their own chunks
+    (batch 1), the learning rate warming up again to --segment-lr; a checkpoint of the first phase is served
+    evicting every second, of the second every 2 s (its segments); a run stopped at the boundary and resumed ends
+    where the uninterrupted one does."""
+    from data import MicroBatches, phase_at
+    from reuse import segments
+    from train import get_args, lr_at
+    cfg = get_args(["--out", str(tmp_path / "x"), *FAST, *PHASES]).cfg
+    assert [phase_at(s, cfg)[0] for s in range(5)] == [0, 0, 0, 3, 3]
+    assert [phase_at(s, cfg)[1].segment_seconds for s in (2, 3)] == [0, 2]
+    assert lr_at(2, cfg) == pytest.approx(3e-3 * 0.55)  # halfway down the first phase's cosine, then afresh:
+    assert lr_at(3, cfg) == lr_at(4, cfg) == pytest.approx(1e-3)  # a 1-step warm-up, the cosine's first point
+    ds = MicroBatches(tok, cfg, tiny_model_cfg(tok), None, 0, 0, 1)
+    first, second = ds[2], ds[3]
+    assert "then" not in first and first["input_ids"].shape[0] == 2
+    assert len(segments(second)) == 3 and second["input_ids"].shape[0] == 1
+    full, out = run_train(tmp_path, "full", *PHASES)
+    assert json.load(open(out / "stream.json"))["evict_every"] == 2
+    run_train(tmp_path, "part", *PHASES, "--stop-at", "3")
+    assert json.load(open(tmp_path / "part" / "stream.json"))["evict_every"] == 1
+    resumed, _ = run_train(tmp_path, "part", *PHASES, "--resume")
+    assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
+def tiny_model_cfg(tok):
+    from model import tiny_config
+    return tiny_config(tok, 4, 256)
 
 
 @pytest.mark.parametrize("signals", [1, 2])
