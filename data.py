@@ -217,7 +217,8 @@ def phase_at(step, cfg):
     """(the first step of its phase, the settings it trains with) for optimizer step `step` of a run with
     cfg.segment_steps: the steps before the last segment_steps train on plain chunks, the rest on segments
     (reuse.py) of cfg.segment_chunk_seconds chunks, each phase its own run as if the second were a fine-tune of the
-    first, its step counted from 0. Without segment_steps the run is one phase, cfg itself."""
+    first (its step counted from 0, fresh optimizer moments, the vision tower frozen as StreamingVLM's SFT freezes
+    it: the segments teach reading the reused K/V, not seeing). Without segment_steps the run is one phase, cfg."""
     if not getattr(cfg, "segment_steps", 0):
         return 0, cfg
     first = cfg.steps - cfg.segment_steps
@@ -225,7 +226,7 @@ def phase_at(step, cfg):
         return 0, replace(cfg, steps=first, segment_steps=0, segment_seconds=0, preroll=0)
     return first, replace(cfg, steps=cfg.segment_steps, segment_steps=0, chunk_seconds=cfg.segment_chunk_seconds,
                           overlap=cfg.segment_chunk_seconds // 2, batch_size=cfg.segment_batch_size,
-                          lr=cfg.segment_lr, curriculum=0, time_curriculum=0)
+                          lr=cfg.segment_lr, curriculum=0, time_curriculum=0, freeze_vision=True)
 
 
 def chunk_schedule(step, cfg):

@@ -8,8 +8,8 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # 2-core CPU: ~9 min, names the events at the right second (no score)
-  python train.py --preset gpu             # one GPU: 1,500 steps of 24 s chunks, then 150 of 192 s chunks in
-                                           # 8 s segments on the cache streaming leaves (reuse.py); ~9 min
+  python train.py --preset gpu             # one GPU: 2,400 steps of 24 s chunks, then 250 of 192 s chunks in
+                                           # 8 s segments on the cache streaming leaves (reuse.py)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -140,11 +140,11 @@ PRESETS = {
                        eval_every=400, eval_chunks=32),
     # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
     # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s); then a
-    # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py). Batches of
-    # 64: a step of this 4.5M-parameter model is bound by kernel launches, so a bigger batch costs little time
-    "gpu": TrainConfig(steps=1650, batch_size=64, lr=1.4e-3, text_window=512, eval_every=300, curriculum=300,
+    # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py): 2,400
+    # steps of chunks, 250 of segments (192 s chunks of 24 segments, 64 a step)
+    "gpu": TrainConfig(steps=2650, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
-                       question_rate=0.5, segment_steps=150, segment_seconds=8, segment_lr=2e-4),
+                       question_rate=0.5, segment_steps=250, segment_seconds=8, segment_lr=2e-4),
 }
 
 INIT_SOURCE = "--init recipe (StreamingVLM SFT)"
@@ -359,6 +359,9 @@ def train_step(step, model, raw, opt, batches, args, run):
     the mean over all supervised tokens of the step, on every rank and micro-batch. A non-finite loss or norm
     raises NonFinite before the update, so no NaN reaches the weights (or a checkpoint)."""
     cfg = args.cfg
+    start, phase = phase_at(step, cfg)
+    if step == start and start:
+        opt.state.clear()  # a second phase starts as a fine-tune does: fresh AdamW moments (made at its first step)
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     count = all_sum(torch.tensor(sum(supervised_tokens(b) for b in batches), device=run.device), run)
@@ -371,6 +374,9 @@ def train_step(step, model, raw, opt, batches, args, run):
             (s * run.world / count).backward()  # DDP averages gradients over ranks: * world undoes that
         total += s.item()
         tokens += new_tokens(b)
+    if phase.freeze_vision:  # the segment phase keeps the vision tower as the chunks left it; its gradients,
+        for p in raw.visual.parameters():  # made all the same (DDP expects every parameter's), are dropped
+            p.grad = None
     norm = float(ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)))
     loss = all_sum(torch.tensor(total, device=run.device), run).item() / count.item()
     if not (math.isfinite(loss) and math.isfinite(norm)):

@@ -136,7 +136,7 @@ PHASES = ["--steps", "5", "--segment-steps", "2", "--segment-seconds", "2", "--s
 
 def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them(tok, tmp_path):
     """--segment-steps 2 of 5: steps 0-2 on plain chunks (batch 2), steps 3-4 on segments of their own chunks
-    (batch 1), the learning rate warming up again to --segment-lr; a checkpoint of the first phase is served
+    (batch 1), the learning rate warming up again to --segment-lr, the vision tower frozen; a checkpoint of the first phase is served
     evicting every second, of the second every 2 s (its segments); a run stopped at the boundary and resumed ends
     where the uninterrupted one does."""
     from data import MicroBatches, phase_at
@@ -155,6 +155,11 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     assert json.load(open(out / "stream.json"))["evict_every"] == 2
     run_train(tmp_path, "part", *PHASES, "--stop-at", "3")
     assert json.load(open(tmp_path / "part" / "stream.json"))["evict_every"] == 1
+    from safetensors.torch import load_file
+    after, before = (load_file(d / "model.safetensors") for d in (out, tmp_path / "part"))
+    vision = [k for k in after if k.startswith("visual.")]
+    assert vision and all(torch.equal(after[k], before[k]) for k in vision)  # the segment phase froze the tower
+    assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # the decoder trained on
     resumed, _ = run_train(tmp_path, "part", *PHASES, "--resume")
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
 
