@@ -154,7 +154,8 @@ INIT_RECIPE = dict(  # mit-han-lab/streaming-vlm scripts/sft_stage_*.sh and trai
     freeze_vision=True,                             # train.py: model.visual.requires_grad_(False)
     chunk_seconds=24, overlap=12,                   # their SFT windows: 24 s chunks overlapping by 12 s
     text_sink=512, text_window=512,                 # text_sink=512, TEXT_SLIDING_WINDOW=512 (at 2 fps: layout.FPS)
-    min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)  # Qwen2.5-VL's video frame limits (processor.py)
+    min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,  # Qwen2.5-VL's video frame limits (processor.py)
+    segment_seconds=0, segment_steps=0)             # plain chunks, as theirs (the gpu preset's segment phase: off)
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16, for the MFU readout
 
@@ -237,7 +238,15 @@ def check_combinations(ap, args):
     if c.segment_steps and not c.segment_seconds:
         ap.error(f"--segment-steps {c.segment_steps} trains in segments: it needs --segment-seconds")
     if c.segment_steps >= c.steps:
-        ap.error(f"--segment-steps ({c.segment_steps}) must leave some of --steps ({c.steps}) to the plain chunks")
+        ap.error(f"--segment-steps ({c.segment_steps}, {args.sources['segment_steps']}) must leave some of --steps "
+                 f"({c.steps}) to the plain chunks (--segment-steps 0: none in segments)")
+    lone = [f"--{k.replace('_', '-')}" for k in ("segment_chunk_seconds", "segment_batch_size", "segment_lr")
+            if args.sources[k] == "flag"]
+    if lone and not c.segment_steps:
+        ap.error(f"{', '.join(lone)} set(s) the segment phase: it needs --segment-steps")
+    if args.data and c.segment_steps:
+        ap.error("--segment-steps: the segment phase's chunks are synthetic; with --data, --segment-seconds N "
+                 "trains the whole run in segments (--segment-steps 0)")
     # the chunks that are cut into segments: every chunk, or with --segment-steps those of its own phase
     chunk, flag = ((c.segment_chunk_seconds, "--segment-chunk-seconds") if c.segment_steps else
                    (c.chunk_seconds, "--chunk-seconds"))
@@ -390,7 +399,9 @@ def train_step(step, model, raw, opt, batches, args, run):
 def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     """Steps from `step` to --stop-at (or --steps), with validation and a checkpoint every --eval-every steps and
     at the end. Returns the loss history."""
-    cfg, saved, validators = args.cfg, step, {}  # a phase's Validator (data.phase_at), made when first due
+    cfg, saved = args.cfg, step
+    start, phase = phase_at(step, cfg)  # a phase's Validator (data.phase_at): this one's now (a bad record fails now)
+    validators = {start: Validator(tok, phase, jsonl, raw.cfg)} if run.master else {}
     end = min(cfg.steps, args.stop_at or cfg.steps)
     loader = micro_batches(tok, cfg, raw.cfg, jsonl, step, run.rank, run.world, pin_memory=run.amp)
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd

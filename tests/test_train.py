@@ -136,9 +136,9 @@ PHASES = ["--steps", "5", "--segment-steps", "2", "--segment-seconds", "2", "--s
 
 def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them(tok, tmp_path):
     """--segment-steps 2 of 5: steps 0-2 on plain chunks (batch 2), steps 3-4 on segments of their own chunks
-    (batch 1), the learning rate warming up again to --segment-lr, the vision tower frozen; a checkpoint of the first phase is served
-    evicting every second, of the second every 2 s (its segments); a run stopped at the boundary and resumed ends
-    where the uninterrupted one does."""
+    (batch 1), the learning rate warming up again to --segment-lr, the vision tower frozen; a checkpoint of the
+    first phase is served evicting every second, of the second every 2 s (its segments); a run stopped at the
+    boundary and resumed ends where the uninterrupted one does."""
     from data import MicroBatches, phase_at
     from reuse import segments
     from train import get_args, lr_at

@@ -218,7 +218,11 @@ def test_settings_that_need_context_get_a_one_line_error(tmp_path, capsys):
     cases = [(["--resume"], "no train_state.json"),
              (["--data", str(tmp_path / "x.jsonl"), "--event-rate", "0.2"], "only apply to the synthetic world"),
              (["--data", str(tmp_path / "x.jsonl"), "--segment-seconds", "8", "--chunk-seconds", "24", "--preroll",
-               "8"], "--preroll only apply")]
+               "8"], "--preroll only apply"),
+             (["--data", str(tmp_path / "x.jsonl"), "--steps", "9", "--segment-steps", "3", "--segment-seconds", "8"],
+              "the segment phase's chunks are synthetic"),
+             (["--preset", "gpu", "--steps", "200"], "--segment-steps (250, preset gpu) must leave some of --steps"),
+             (["--segment-lr", "1e-4"], "--segment-lr set(s) the segment phase: it needs --segment-steps")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "CUDA is not available"))
     for argv, words in cases:
@@ -226,6 +230,13 @@ def test_settings_that_need_context_get_a_one_line_error(tmp_path, capsys):
             train.get_args(["--out", str(tmp_path / "ck"), *argv])
         err = capsys.readouterr().err
         assert words in err and len(err.strip().splitlines()) == 1, err
+    # a fine-tune from a checkpoint follows StreamingVLM's recipe: plain chunks, no segment phase from the gpu preset
+    init = tmp_path / "init"
+    init.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (init / name).write_text("{}")
+    cfg = train.get_args(["--out", str(tmp_path / "ck"), "--preset", "gpu", "--init", str(init)]).cfg
+    assert (cfg.segment_steps, cfg.segment_seconds) == (0, 0)
 
 
 @pytest.mark.parametrize("change", [["--grad-clip", "0.5"], ["--weight-decay", "0.1"], ["--betas", "0.9,0.99"],
