@@ -191,8 +191,8 @@ def save_run(model, opt, step, history, args, run, tok_json, phase=None):
     if run.master:
         state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
                      init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
-        notes = dict(frame_size=args.cfg.frame_size, train_event_rate=args.cfg.event_rate,
-                     train_goal_rate=args.cfg.goal_rate)  # how the synthetic world looked in training
+        world = phase or args.cfg  # how the synthetic world looked in training (in the phase of this step)
+        notes = dict(frame_size=world.frame_size, train_event_rate=world.event_rate, train_goal_rate=world.goal_rate)
         save(args.out, model, model_state, optimizer, tok_json, stream_layout(phase or args.cfg), notes, state)
 
 

@@ -103,6 +103,8 @@ class TrainConfig:
     segment_chunk_seconds: int = knob(192, "chunk length in the --segment-steps", between(2, 3600))
     segment_batch_size: int = knob(64, "chunks per micro-batch per process in the --segment-steps", between(1, 4096))
     segment_lr: float = knob(1e-4, "peak learning rate of the --segment-steps", POSITIVE)
+    segment_goal_rate: float = knob(None, "synthetic world's goal rate (or LO:HI) in the --segment-steps (none: "
+                                    "--goal-rate's); sparser goals leave the last score further back", rate_or_range)
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", between(1, 10**7))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
@@ -164,7 +166,7 @@ def show(value, name=""):
     if value is None:
         return "none"
     if isinstance(value, (tuple, list)):
-        return (":" if name == "goal_rate" else ",").join(f"{v:g}" for v in value)
+        return (":" if name.endswith("goal_rate") else ",").join(f"{v:g}" for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -240,8 +242,8 @@ def check_combinations(ap, args):
     if c.segment_steps >= c.steps:
         ap.error(f"--segment-steps ({c.segment_steps}, {args.sources['segment_steps']}) must leave some of --steps "
                  f"({c.steps}) to the plain chunks (--segment-steps 0: none in segments)")
-    lone = [f"--{k.replace('_', '-')}" for k in ("segment_chunk_seconds", "segment_batch_size", "segment_lr")
-            if args.sources[k] == "flag"]
+    lone = [f"--{k.replace('_', '-')}" for k in ("segment_chunk_seconds", "segment_batch_size", "segment_lr",
+                                                 "segment_goal_rate") if args.sources[k] == "flag"]
     if lone and not c.segment_steps:
         ap.error(f"{', '.join(lone)} set(s) the segment phase: it needs --segment-steps")
     if args.data and c.segment_steps:
@@ -266,10 +268,11 @@ def check_combinations(ap, args):
         ap.error(f"--frame-size must be a multiple of 28, got {c.frame_size}")
     if c.min_pixels > c.max_pixels:
         ap.error(f"--min-pixels ({c.min_pixels}) must not exceed --max-pixels ({c.max_pixels})")
-    goal_hi = max(c.goal_rate) if isinstance(c.goal_rate, tuple) else (c.goal_rate or WorldConfig.goal_rate)
     event = WorldConfig.event_rate if c.event_rate is None else c.event_rate
-    if event + goal_hi > 1:
-        ap.error(f"--event-rate ({event:g}) plus the highest --goal-rate ({goal_hi:g}) must not exceed 1")
+    for flag, rate in (("--goal-rate", c.goal_rate), ("--segment-goal-rate", c.segment_goal_rate)):
+        goal_hi = max(rate) if isinstance(rate, tuple) else (rate or WorldConfig.goal_rate)
+        if event + goal_hi > 1:
+            ap.error(f"--event-rate ({event:g}) plus the highest {flag} ({goal_hi:g}) must not exceed 1")
     if args.stop_at is not None and args.stop_at > c.steps:
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
@@ -282,7 +285,8 @@ def check_combinations(ap, args):
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
-                 "time_curriculum", "stream_seconds", "frame_size", "preroll") if args.sources[k] == "flag"]
+                 "time_curriculum", "stream_seconds", "frame_size", "preroll", "segment_goal_rate")
+                 if args.sources[k] == "flag"]
     if args.data and synthetic:
         ap.error(f"{', '.join(synthetic)} only apply to the synthetic world, not to --data")
     for name in ("config.json", "tokenizer.json"):
