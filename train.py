@@ -232,11 +232,9 @@ def get_args(argv=None):
     return args
 
 
-def check_combinations(ap, args):
-    """Settings that are each in range but make no sense together."""
+def check_segments(ap, args):
+    """The segment flags (--segment-seconds, --segment-steps, --preroll, ...) against each other and the chunks."""
     c = args.cfg
-    if c.overlap >= c.chunk_seconds:
-        ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
     if c.segment_steps and not c.segment_seconds:
         ap.error(f"--segment-steps {c.segment_steps} trains in segments: it needs --segment-seconds")
     if c.segment_steps >= c.steps:
@@ -262,6 +260,14 @@ def check_combinations(ap, args):
     for n, what in ((c.chunk_seconds, "--chunk-seconds"), (chunk + c.preroll, flag + " + --preroll" * bool(c.preroll))):
         if c.stream_seconds < n:
             ap.error(f"--stream-seconds ({c.stream_seconds}) must be at least {what} ({n})")
+
+
+def check_combinations(ap, args):
+    """Settings that are each in range but make no sense together."""
+    c = args.cfg
+    if c.overlap >= c.chunk_seconds:
+        ap.error(f"--overlap ({c.overlap}) must be smaller than --chunk-seconds ({c.chunk_seconds})")
+    check_segments(ap, args)
     if c.width % 64:
         ap.error(f"--width must be a multiple of 64 (heads of 64 dims), got {c.width}")
     if c.frame_size % 28:
