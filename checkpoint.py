@@ -191,9 +191,10 @@ def save_run(model, opt, step, history, args, run, tok_json, phase=None):
     if run.master:
         state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
                      init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
-        world = phase or args.cfg  # how the synthetic world looked in training (in the phase of this step)
-        notes = dict(frame_size=world.frame_size, train_event_rate=world.event_rate, train_goal_rate=world.goal_rate)
-        save(args.out, model, model_state, optimizer, tok_json, stream_layout(phase or args.cfg), notes, state)
+        trained = phase or args.cfg  # the settings of this step's phase: its layout, its synthetic world
+        notes = dict(frame_size=trained.frame_size, train_event_rate=trained.event_rate,
+                     train_goal_rate=trained.goal_rate)
+        save(args.out, model, model_state, optimizer, tok_json, stream_layout(trained), notes, state)
 
 
 def out_unfit(args):

@@ -436,8 +436,9 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
             start, phase = phase_at(step, cfg)
             due = (step + 1) % cfg.eval_every == 0 or step + 1 in (end, start + phase.steps)  # and a phase's last
             if due and run.master:
-                validate = validators.get(start) or validators.setdefault(start, Validator(tok, phase, jsonl, raw.cfg))
-                tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validate(model, raw, run)}")
+                if start not in validators:
+                    validators[start] = Validator(tok, phase, jsonl, raw.cfg)
+                tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validators[start](model, raw, run)}")
             if stop:
                 tqdm.write(f"Ctrl-C: saving step {step + 1} (Ctrl-C again stops at once, without saving)")
             if due or stop:
