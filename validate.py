@@ -34,13 +34,14 @@ def outputs(model, batch, device):
 
 
 def loss_sum(model, batch, device):
-    """Sum of token cross-entropies over the supervised tokens, and their count."""
-    loss, count = 0.0, 0
+    """Sum of token cross-entropies over the supervised tokens, and their count, both 0-d tensors on the device
+    (no host sync per segment: a training step reads neither until all its segments are queued)."""
+    loss = count = 0
     for logits, labels, _ in outputs(model, batch, device):
         targets = labels[:, 1:]  # position i predicts token i + 1
         loss = loss + F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                                       reduction="sum")
-        count += int((targets != IGNORE).sum())
+        count = count + (targets != IGNORE).sum()
     return loss, count
 
 
@@ -101,7 +102,7 @@ class Validator:
             answers = [answer_right(raw, b, run.device, self.im_start_id) for b in self.val_q]
         model.train()
         asked = sum(a is not None for a in answers)
-        return (f"val loss {sum(l.item() for l, _ in tot) / sum(n for _, n in tot):.4f}, first reply token right "
+        return (f"val loss {sum(l.item() for l, _ in tot) / sum(int(n) for _, n in tot):.4f}, first reply token right "
                 f"on {hits[0]}/{hits[1]} event and {hits[2]}/{hits[3]} quiet seconds, score numbers right "
                 f"{hits[4]}/{hits[5]}"
                 + (f", questions answered {sum(a or 0 for a in answers)}/{asked}" if asked else ""))
