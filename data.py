@@ -173,14 +173,10 @@ def build_sample(tok, frames, texts, t0, previous, text_sink=512, text_window=51
                   torch.tensor(rounds))
 
 
-def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
-                     text_window=512, world=None, question_rate=0.0, frame_pixels=FRAME_PIXELS, preroll=0):
-    """Sample number `index` of a split, deterministic: a random stream of the split and a random chunk start
-    on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream overlap. With probability
-    question_rate the chunk ends with a question about the whole stream (chunk_question). With `preroll` the
-    chunk is that many seconds longer at the front, and those seconds are not supervised (reuse.py: they put
-    replies made in their own rounds into the previous text of the seconds that are); a stream's first `preroll`
-    seconds are then never supervised."""
+def chunk_at(split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, world=None, preroll=0):
+    """(the stream, its first second t0) of sample number `index` of a split, deterministic: a random stream of the
+    split and a random start on the stride (chunk_seconds - overlap) grid, so consecutive chunks of a stream
+    overlap; the chunk is chunk_seconds + preroll long. A `world` goal rate (LO, HI) is drawn per sample."""
     rng = random.Random(f"{split}-{index}")
     world = dict(world or {})
     if isinstance(world.get("goal_rate"), (tuple, list)):
@@ -189,11 +185,21 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
         lo, hi = world["goal_rate"]
         world["goal_rate"] = math.exp(random.Random(f"{split}-{index}-rate").uniform(math.log(lo), math.log(hi)))
     cfg = WorldConfig(**{**world, "seed": split_seed(split, rng.randrange(10_000))})
-    stream = SportsStream(cfg)
     chunk_seconds += preroll
     stream_seconds = min(stream_seconds, max(chunk_seconds, int(GOALS_PER_STREAM / max(cfg.goal_rate, 1e-9))))
     stride = chunk_seconds - preroll - overlap
-    t0 = stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))
+    return SportsStream(cfg), stride * rng.randrange(max(1, (stream_seconds - chunk_seconds) // stride + 1))
+
+
+def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_seconds=3600, text_sink=512,
+                     text_window=512, world=None, question_rate=0.0, frame_pixels=FRAME_PIXELS, preroll=0):
+    """Sample number `index` of a split (chunk_at: which stream, where). With probability question_rate the chunk
+    ends with a question about the whole stream (chunk_question). With `preroll` the chunk is that many seconds
+    longer at the front, and those seconds are not supervised (reuse.py: they put replies made in their own rounds
+    into the previous text of the seconds that are); a stream's first `preroll` seconds are then never
+    supervised."""
+    stream, t0 = chunk_at(split, index, chunk_seconds, overlap, stream_seconds, world, preroll)
+    chunk_seconds += preroll
     secs = [stream.second(t) for t in range(t0, t0 + chunk_seconds)]
     events = stream.transcript(0, t0)
     qrng = random.Random(f"{split}-{index}-question")

@@ -298,6 +298,23 @@ def test_goal_rate_range_draws_a_rate_per_stream(tok):
     assert goals[0] < goals[1]  # the knob really changes the world
 
 
+@pytest.mark.parametrize("preroll", [0, 8])
+def test_goal_gaps_counts_the_goals_a_chunk_supervises(tok, preroll, capsys):
+    from tools.goal_gaps import goals_of, main
+    world, total = dict(event_rate=0.3, goal_rate=(0.05, 0.2)), 0
+    for i in range(6):
+        s = synthetic_sample(tok, "train", i, 16, 8, 600, 16, 16, world, preroll=preroll)
+        supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
+        goals = goals_of("train", i, 16, 8, 600, world, preroll)
+        assert supervised.count(" scores!") == len(goals)
+        assert all(gap > 0 for where, gap in goals if where != "none")
+        total += len(goals)
+    assert total >= 6
+    main(["--preset", "gpu", "--step", "2500", "--chunks", "40"])
+    out = capsys.readouterr().out
+    assert "192 s chunks" in out and "(reused K/V)" in out
+
+
 def test_questions_are_asked_only_when_the_chunk_can_answer(tok):
     """survives_cut agrees with the cut previous_ids really makes (each token tagged with its sentence, cut the same
     way, and the tags compared with previous_ids' output), and chunk_question asks exactly when the sentence its
