@@ -173,6 +173,14 @@ def tiny_config(tok, layers=4, width=256):
 # Language model
 
 
+def right_padded(attention_mask, past):
+    """Whether a batch's padding, if any, all comes after its real tokens (a training batch, data.collate), with no
+    cache before it: then causal attention alone keeps every real query off the padding (the fused kernels, and
+    no (T, T) mask, which at 64k tokens would not fit); padded queries read more, and nothing reads them."""
+    m = attention_mask.bool()
+    return past == 0 and bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def causal_attention(q, k, v):
     """Dense causal SDPA: the model's default attention, and the reference that FlexPrefill (flexprefill.py) is
     tested against. q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D). When Nq < Nk the queries are the last Nq positions
@@ -399,7 +407,7 @@ class VLM(nn.Module):
                        video_embeds)
         cos, sin = mrope_cos_sin(position_ids.to(x.device), self.model.inv_freq, self.cfg.mrope_section, x.dtype)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not bool(attention_mask.all()) and not right_padded(attention_mask, past):
             # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
             keys = attention_mask.bool().to(x.device)
             qi = torch.arange(T, device=x.device)[:, None] + past  # absolute index of each query

@@ -110,6 +110,31 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
     }[question]
 
 
+# Questions whose answer lies anywhere in a long stretch of stream (tools.bench_flexprefill --long-prefill, and
+# train.py --long-seconds, which teaches them): each needs a sentence found by its time or its order, not the last
+# one, so a model must attend far back; the kind of retrieval FlexPrefill's query-aware heads are for.
+LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {t}s?",
+                  "goals_before": "How many goals before {t}s?", "scorer_at": "Who scored at {t}s?"}
+
+
+def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
+    """(question, answer) of LONG_QUESTIONS[kind] about seconds [0, t1) of a stream, its second t drawn with `rng`
+    (a random.Random): any second for the score and the count, a goal's second for its scorer (the first
+    scorer's question when there is no goal yet)."""
+    goals = [(t, team) for t, e, team in stream.events(0, t1) if e == "goal"]
+    if kind == "scorer_at" and not goals:
+        kind = "first"
+    if kind == "first":
+        return LONG_QUESTIONS[kind], f"{goals[0][1]}." if goals else "Nobody yet."
+    if kind == "scorer_at":
+        t, team = rng.choice(goals)
+        return LONG_QUESTIONS[kind].format(t=t), f"{team}."
+    t = rng.randrange(t1)
+    if kind == "score_at":  # the score after second t (its goal counted), as the commentary at t says it
+        return LONG_QUESTIONS[kind].format(t=t), answer("score", stream.score(t), None)
+    return LONG_QUESTIONS[kind].format(t=t), answer("goals", stream.score(t - 1) if t else (0, 0), None)
+
+
 # commentary's sentences read back (eval.py scores a model's output with these)
 SENTENCES = [("goal", re.compile(r"^(Red|Blue) scores! Red (\d+), Blue (\d+)\.$")),
              ("shot", re.compile(r"^(Red|Blue) shoots!$")), ("save", re.compile(r"^(Red|Blue) keeper saves\.$")),

@@ -1,5 +1,6 @@
 """tools/bench_flexprefill.py on the CPU: the kernel table at a smoke size, and the long-prefill check end to end."""
 import json
+import re
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from tools.bench_flexprefill import MeasuredFlexPrefill, main
 from flexprefill import FlexPrefill, FlexPrefillConfig
 from test_eval import ckpt, refused  # noqa: F401  (ckpt: a fixture, a 2-step checkpoint)
-from world import SportsStream, WorldConfig, answer, split_seed
+from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 
 def test_kernel_table_smoke(tmp_path):
@@ -58,19 +59,29 @@ def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
     res = main(["--long-prefill", "--model", str(ckpt), "--device", "cpu", "--seconds", "12", "--min-budget", "128",
                 "--streams", "2", "--seed", "3", "--out", str(tmp_path)])
     summary, rows = res["summary"], res["rows"]
-    assert summary["questions"] == len(rows) == 6  # 2 streams x the three whole-video questions
-    assert {r["question"] for r in rows} == {"score", "goals", "first"}
+    assert summary["questions"] == len(rows) == 12  # 2 streams x the three whole-video and three timed questions
+    assert [r["question"] for r in rows[:6]] == ["score", "goals", "first", "score_at", "goals_before", "scorer_at"]
     assert {r["seed"] for r in rows} == {split_seed("eval", 3), split_seed("eval", 4)}
     for r in rows:  # the truth is the world's answer after the prefilled seconds, and right means equal to it
         w = SportsStream(WorldConfig(seed=r["seed"]))
         first = w.first_goal(11)
-        assert r["truth"] == answer(r["question"], w.score(11), first[1] if first else None)
+        if r["question"] in QUESTIONS:
+            assert r["truth"] == answer(r["question"], w.score(11), first[1] if first else None)
+        elif r["asked"] == QUESTIONS["first"]:  # who scored at a goal's second, with no goal yet
+            assert r["question"] == "scorer_at" and r["truth"] == (f"{first[1]}." if first else "Nobody yet.")
+        else:  # the second asked about is in the question, one of the 12 prefilled
+            t = int(re.search(r" (\d+)s\?$", r["asked"]).group(1))
+            assert 0 <= t < 12
+            teams = {g: team for g, e, team in w.events(0, 12) if e == "goal"}
+            assert r["truth"] == {"score_at": answer("score", w.score(t), None),
+                                  "goals_before": f"{len([g for g in teams if g < t])} goals.",
+                                  "scorer_at": f"{teams.get(t)}."}[r["question"]]
         assert r["dense_right"] == (r["dense"] == r["truth"]) and r["same"] == (r["dense"] == r["flexprefill"])
         assert r["streaming_right"] == (r["streaming"] == r["truth"])
-    assert summary["dense_right"] == pytest.approx(sum(r["dense_right"] for r in rows) / 6, abs=1e-3)
+    assert summary["dense_right"] == pytest.approx(sum(r["dense_right"] for r in rows) / 12, abs=1e-3)
     assert 0 < summary["density"] <= 1 and summary["attn_rel_err"] >= 0 and summary["dense_ms"] > 0
     assert json.load(open(tmp_path / "long_prefill.json"))["summary"]["tokens"] == summary["tokens"]
-    assert len(open(tmp_path / "long_prefill.jsonl").readlines()) == 6
+    assert len(open(tmp_path / "long_prefill.jsonl").readlines()) == 12
 
 
 def test_long_prefill_without_a_checkpoint_is_one_line(tmp_path, capsys):

@@ -124,6 +124,22 @@ def test_batch_left_padding(tmp_path):
             image_grid_thw=grid)
 
 
+def test_batch_right_padding(tmp_path):
+    """A training batch (data.collate pads on the right): causal attention without a (T, T) mask, as transformers
+    with its padding mask on every real token."""
+    hf = make_hf(tmp_path, seed=4)
+    a = [4] + vision_run(6) + [5, 6, 7]
+    b = [8, 9, 10, 11, 12] + vision_run(6) + [13, 14, 15, 16]
+    pad = len(b) - len(a)
+    ids = torch.tensor([a + [0] * pad, b])
+    mask = torch.tensor([[1] * len(a) + [0] * pad, [1] * len(b)])
+    from model import right_padded
+    assert right_padded(mask, 0) and not right_padded(mask.flip(1), 0) and not right_padded(mask, 3)
+    grid = torch.tensor([[1, 4, 6], [1, 4, 6]])
+    compare(hf, ours(tmp_path), input_ids=ids, attention_mask=mask, pixel_values=torch.randn(48, 1176),
+            image_grid_thw=grid)
+
+
 def test_greedy_generate_matches(tmp_path):
     hf = make_hf(tmp_path, seed=5)
     m = ours(tmp_path)

@@ -224,3 +224,29 @@ def test_save_gif(tmp_path):
     save_gif(s, str(path), 3)
     with Image.open(path) as im:
         assert im.n_frames == 3 * s.cfg.fps
+
+
+def test_long_questions_answer_from_the_commentary():
+    """Each timed question's answer, read back from the commentary as a model would have to: the last goal sentence
+    at or before the second for the score, the goal sentences before it for the count, the sentence at it."""
+    import random
+    from world import LONG_QUESTIONS, long_question, parse_event
+    w = SportsStream(WorldConfig(seed=3))
+    said = {t: parse_event(text) for t, text in w.transcript(0, 1200)}
+    goals = {t: p for t, p in said.items() if p and p[0] == "goal"}
+    assert len(goals) >= 4
+    rng = random.Random(0)
+    for _ in range(40):
+        for kind in LONG_QUESTIONS:
+            q, a = long_question(kind, w, 1200, rng)
+            if kind == "first":
+                assert a == f"{goals[min(goals)][1]}."
+                continue
+            t = int(q.split(" ")[-1][:-2])  # "... at 788s?" -> 788
+            before = [g for g in goals if g <= t]
+            if kind == "score_at":
+                assert a == ("Red {}, Blue {}.".format(*goals[max(before)][2]) if before else "Red 0, Blue 0.")
+            elif kind == "goals_before":
+                assert a == f"{len([g for g in goals if g < t])} goals."
+            else:
+                assert t in goals and a == f"{goals[t][1]}."

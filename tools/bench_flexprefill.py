@@ -21,7 +21,8 @@ time and density, the share of blocks where it and ours differ, its error, x_aut
     python -m tools.bench_flexprefill --long-prefill   # dense vs FlexPrefill answers of the shipped model
 
 --long-prefill asks a trained checkpoint questions whose answers need the whole video (world.QUESTIONS: the
-score, the number of goals, the first scorer) after prefilling --seconds of a held-out stream in one forward,
+score, the number of goals, the first scorer; world.LONG_QUESTIONS: the score at a second, the goals before it, who
+scored at a goal's second) after prefilling --seconds of a held-out stream in one forward,
 with the true commentary as the context, laid out as in training: dense attention and FlexPrefill side by side
 (the answers, the prefill time, the density FlexPrefill kept and its attention-output error against dense).
 For contrast the same questions go to the StreamingVLM cache after streaming the same seconds (Streamer.ask):
@@ -31,6 +32,7 @@ import argparse
 import importlib.util
 import math
 import os
+import random
 import statistics
 import time
 
@@ -49,7 +51,7 @@ from layout import question_segments
 from layout import layout_of
 from checkpoint import load_checkpoint
 from stream import make_streamer, streamer_kwargs
-from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
+from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, long_question, split_seed
 
 
 def timeit(fn, device, warmup, iters):
@@ -288,6 +290,16 @@ def reply(model, tok, ids, vision):
     return tok.decode([i for i in out if i != tok.im_end_id]).strip()
 
 
+def stream_questions(world, seconds):
+    """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
+    the score and the count, the first one the first scorer) and the timed world.LONG_QUESTIONS (a sentence found
+    by its second), their seconds drawn from the world's seed."""
+    first = world.first_goal(seconds - 1)
+    out = [(k, q, answer(k, world.score(seconds - 1), first[1] if first else None)) for k, q in QUESTIONS.items()]
+    rng = random.Random(world.cfg.seed)
+    return out + [(k, *long_question(k, world, seconds, rng)) for k in LONG_QUESTIONS if k not in QUESTIONS]
+
+
 @torch.no_grad()
 def ask_stream(args, model, tok, st, world, res):
     """The three questions after --seconds of one held-out world: dense, FlexPrefill, and the streaming cache.
@@ -302,10 +314,8 @@ def ask_stream(args, model, tok, st, world, res):
     streamer = make_streamer(model, tok, "streaming", **kw)
     for s in secs:  # the same context as the prefill: the true commentary, teacher-forced
         streamer.step(s.frames, force_text=s.text)
-    first = world.first_goal(args.seconds - 1)
     rows, times = [], None
-    for kind, question in QUESTIONS.items():
-        truth = answer(kind, world.score(args.seconds - 1), first[1] if first else None)
+    for kind, question, truth in stream_questions(world, args.seconds):
         ids = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None].to(model.device)
         if times is None:
             times = (timed_prefill(model.use_attention(None), ids, vision),
@@ -315,7 +325,7 @@ def ask_stream(args, model, tok, st, world, res):
         sparse = reply(model.use_attention(fast), tok, ids, vision)
         model.use_attention(None)
         streaming = streamer.ask(question)
-        rows.append(dict(seed=world.cfg.seed, question=kind, tokens=ids.shape[1], truth=truth, dense=dense,
+        rows.append(dict(seed=world.cfg.seed, question=kind, asked=question, tokens=ids.shape[1], truth=truth, dense=dense,
                          flexprefill=sparse, same=dense == sparse, dense_right=dense == truth,
                          flexprefill_right=sparse == truth, streaming=streaming, streaming_right=streaming == truth))
         res.log(**rows[-1])
@@ -339,13 +349,13 @@ def long_prefill(args):
                    dense_ms=round(1000 * sum(d for d, _ in times) / len(times), 1),
                    flexprefill_ms=round(1000 * sum(f for _, f in times) / len(times), 1),
                    density=round(sum(density) / len(density), 3), attn_rel_err=round(max(err), 4))
-    print(table(rows[:12], [c for c in rows[0] if c != "tokens"]))
+    print(table(rows[:12], [c for c in rows[0] if c not in ("tokens", "question")]))
     if k > 12:
         print(f"... {k - 12} more rows in {res.path}.jsonl")
     print(table([summary]))
     per_kind = {q: {m: sum(r[f"{m}_right"] for r in rows if r["question"] == q)
                     for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
-                for q in QUESTIONS}
+                for q in dict.fromkeys(r["question"] for r in rows)}
     print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
         f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in per_kind.items()))
     result = dict(summary=summary, per_question=per_kind, rows=rows)
