@@ -325,8 +325,8 @@ def ask_stream(args, model, tok, st, world, res):
         sparse = reply(model.use_attention(fast), tok, ids, vision)
         model.use_attention(None)
         streaming = streamer.ask(question)
-        rows.append(dict(seed=world.cfg.seed, question=kind, asked=question, tokens=ids.shape[1], truth=truth, dense=dense,
-                         flexprefill=sparse, same=dense == sparse, dense_right=dense == truth,
+        rows.append(dict(seed=world.cfg.seed, question=kind, asked=question, tokens=ids.shape[1], truth=truth,
+                         dense=dense, flexprefill=sparse, same=dense == sparse, dense_right=dense == truth,
                          flexprefill_right=sparse == truth, streaming=streaming, streaming_right=streaming == truth))
         res.log(**rows[-1])
     return rows, times, measured
