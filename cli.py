@@ -164,6 +164,18 @@ def rate_or_range(text):
     return rates if colon else rates[0]
 
 
+def seconds_range(text):
+    """'1800' -> (1800, 1800); '600:2200' -> (600, 2200): whole seconds, LO <= HI."""
+    lo, colon, hi = text.partition(":")
+    try:
+        span = (int(lo), int(hi if colon else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or LO:HI, got {text!r}")
+    if not 2 <= span[0] <= span[1] <= 100_000:
+        raise argparse.ArgumentTypeError(f"seconds must be in [2, 100000] with LO <= HI, got {text!r}")
+    return span
+
+
 def adam_betas(text):
     """'0.9,0.999' -> (0.9, 0.999)"""
     try:

@@ -32,7 +32,7 @@ from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, pre
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
 from reuse import evicted_prefixes, segment_cuts, split_chunk
 from rope import mrope_positions
-from world import QUESTIONS, SportsStream, WorldConfig, answer, commentary, split_seed
+from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed
 
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
                         # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
@@ -212,6 +212,18 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
                         text_sink, text_window, frame_pixels, question, preroll=preroll)
 
 
+def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
+    """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
+    then `questions` world.LONG_QUESTIONS whose answers lie anywhere in it, each a supervised answer: the layout
+    tools.bench_flexprefill --long-prefill asks in, to teach a model to retrieve from far back."""
+    stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
+    rng = random.Random(f"{split}-{index}-long")
+    asked = [long_question(rng.choice(list(LONG_QUESTIONS)), stream, seconds, rng) for _ in range(questions)]
+    secs = [stream.second(t) for t in range(seconds)]
+    return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
+                        asked={seconds - 1: asked})
+
+
 class DataError(ValueError):
     """A bad --data file or record: "<file>:<line>: <why>" (records.py raises it, the DataLoader carries it)."""
 
@@ -267,6 +279,10 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
     if jsonl is not None:
         return collate_chunks([jsonl[i % len(jsonl)] for i in indices], tok.pad_id, cfg)
     train = split == "train"
+    if getattr(cfg, "long_seconds", None):  # one length a micro-batch, drawn from its first index: little padding
+        seconds = random.Random(f"{split}-{indices[0]}-seconds").randint(*cfg.long_seconds)
+        return collate([long_sample(tok, split, i, seconds, cfg.long_questions, world_config(split, cfg),
+                                    (cfg.min_pixels, cfg.max_pixels)) for i in indices], tok.pad_id)
     chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
     rate = cfg.question_rate if train else question_rate
     preroll = getattr(cfg, "preroll", 0) if train else 0

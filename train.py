@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import Parser, adam_betas, at_least, between, checked, device_name, rate_or_range, stop_on_ctrl_c
+from cli import (Parser, adam_betas, at_least, between, checked, device_name, rate_or_range, seconds_range,
+                 stop_on_ctrl_c)
 from data import DataError, make_tokenizer, micro_batches, phase_at
 from layout import FRAME_PIXELS, LIMITS
 from model import VLM, tiny_config
@@ -117,6 +118,10 @@ class TrainConfig:
                             f"(none: world.py's {WorldConfig.goal_rate:.4f})", rate_or_range)
     question_rate: float = knob(0.25, "fraction of training chunks that end with a question about the whole "
                                 "stream (world.QUESTIONS)", FRACTION)
+    long_seconds: tuple = knob(None, "LO:HI: train on whole streams from their first second instead, LO-HI seconds "
+                               "(~29 tokens a second) in one forward, each ending in --long-questions questions "
+                               "answered anywhere in it (world.LONG_QUESTIONS) (none: chunks)", seconds_range)
+    long_questions: int = knob(4, "questions ending each --long-seconds stream", between(1, 64))
     text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", between(0, 32768))
     text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", between(0, 32768))
     frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", between(56, 4096))
@@ -166,7 +171,7 @@ def show(value, name=""):
     if value is None:
         return "none"
     if isinstance(value, (tuple, list)):
-        return (":" if name.endswith("goal_rate") else ",").join(f"{v:g}" for v in value)
+        return (":" if name.endswith(("goal_rate", "long_seconds")) else ",").join(f"{v:g}" for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -255,6 +260,8 @@ def check_segments(ap, args):
     if c.segment_seconds and last < c.vision_window:
         ap.error(f"--segment-seconds {c.segment_seconds} with {flag} {chunk} evicts nothing: the last segment "
                  f"starts at second {last}, before any round leaves the --vision-window ({c.vision_window})")
+    if c.long_seconds and (c.segment_seconds or c.preroll):
+        ap.error("--long-seconds trains whole streams in one forward: not with --segment-seconds or --preroll")
     if c.preroll and not c.segment_seconds:
         ap.error("--preroll streams seconds before each chunk in segments: it needs --segment-seconds")
     for n, what in ((c.chunk_seconds, "--chunk-seconds"), (chunk + c.preroll, flag + " + --preroll" * bool(c.preroll))):
@@ -291,7 +298,7 @@ def check_combinations(ap, args):
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
-                 "time_curriculum", "stream_seconds", "frame_size", "preroll", "segment_goal_rate")
+                 "time_curriculum", "stream_seconds", "frame_size", "preroll", "segment_goal_rate", "long_seconds")
                  if args.sources[k] == "flag"]
     if args.data and synthetic:
         ap.error(f"{', '.join(synthetic)} only apply to the synthetic world, not to --data")

@@ -440,3 +440,27 @@ def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(t
     assert len(first.pixel_values) == int(m.grid_thw[0].prod())
 
 
+def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
+    """train.py --long-seconds: every round from second 0 (no previous text), then the questions, each answer
+    supervised and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
+    import random
+    from data import chunk_at, long_sample, make_batch
+    from train import get_args
+    from world import LONG_QUESTIONS, long_question
+    world = dict(event_rate=0.3, goal_rate=0.05)
+    s = long_sample(tok, "train", 5, 40, 3, world)
+    prefix = sum(len(seg) for seg, _ in prefix_segments(tok, [], 512, 512))  # the system prompt, no previous text
+    assert len(s.grid_thw) == 40 and int((s.round == -1).sum()) == prefix
+    stream, t0 = chunk_at("train", 5, 40, 0, 40, world)
+    rng = random.Random("train-5-long")
+    asked = [long_question(rng.choice(list(LONG_QUESTIONS)), stream, 40, rng) for _ in range(3)]
+    supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
+    assert t0 == 0 and supervised.endswith("".join(f" {a}<|im_end|>" for _, a in asked))
+    text = tok.decode(s.ids.tolist())
+    assert text.count("Time=") == 40 and all(q in text for q, _ in asked)
+    assert text.index(asked[0][0]) > text.rindex("Time=")  # asked after the last second
+    cfg = get_args(["--preset", "cpu", "--long-seconds", "20:30", "--long-questions", "2", "--out", "/nonexistent/x"]).cfg
+    b = make_batch(tok, "train", [0, 1, 2], cfg)
+    assert len(b["video_grid_thw"]) % 3 == 0 and 60 <= len(b["video_grid_thw"]) <= 90  # one length, 20-30 s, for all
+    m = b["attention_mask"].bool()
+    assert bool((m[:, 1:] <= m[:, :-1]).all())  # right-padded: causal attention needs no mask (model.right_padded)

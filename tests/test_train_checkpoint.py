@@ -201,6 +201,8 @@ BAD = [
     (["--event-rate", "0.9", "--goal-rate", "0.2"], "--event-rate"), (["--goal-rate", "0.2:0.1"], "--goal-rate"),
     (["--resume", "--overwrite"], "--overwrite"), (["--device", "nonsense"], "--device"),
     (["--fsdp"], "--fsdp"), (["--data", "missing.jsonl"], "--data"), (["--init", "."], "--init"),
+    (["--long-seconds", "90:60"], "--long-seconds"), (["--long-seconds", "1"], "--long-seconds"),
+    (["--long-seconds", "60", "--chunk-seconds", "24", "--segment-seconds", "8"], "--long-seconds"),
 ]
 
 
