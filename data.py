@@ -217,6 +217,8 @@ def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixel
     then `questions` world.LONG_QUESTIONS whose answers lie anywhere in it, each a supervised answer: the layout
     tools.bench_flexprefill --long-prefill asks in, to teach a model to retrieve from far back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
+    if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
+        stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))
     rng = random.Random(f"{split}-{index}-long")
     asked = [long_question(rng.choice(list(LONG_QUESTIONS)), stream, seconds, rng) for _ in range(questions)]
     secs = [stream.second(t) for t in range(seconds)]
@@ -281,7 +283,8 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
     train = split == "train"
     if getattr(cfg, "long_seconds", None):  # one length a micro-batch, drawn from its first index: little padding
         seconds = random.Random(f"{split}-{indices[0]}-seconds").randint(*cfg.long_seconds)
-        return collate([long_sample(tok, split, i, seconds, cfg.long_questions, world_config(split, cfg),
+        asked = cfg.long_questions if train or question_rate else 0  # validation: questions apart (validate.py)
+        return collate([long_sample(tok, split, i, seconds, asked, world_config(split, cfg),
                                     (cfg.min_pixels, cfg.max_pixels)) for i in indices], tok.pad_id)
     chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
     rate = cfg.question_rate if train else question_rate

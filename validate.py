@@ -87,7 +87,8 @@ class Validator:
         batch = lambda i, rate: with_positions(make_batch(tok, "eval", [i], cfg, question_rate=rate, jsonl=jsonl),
                                                model_cfg)
         self.val = [batch(i, 0.0) for i in range(cfg.eval_chunks)]
-        self.val_q = [batch(i, 1.0) for i in range(cfg.eval_chunks)] if jsonl is None and cfg.question_rate else []
+        asks = cfg.question_rate or getattr(cfg, "long_seconds", None)  # --long-seconds: streams end in questions
+        self.val_q = [batch(i, 1.0) for i in range(cfg.eval_chunks)] if jsonl is None and asks else []
         self.silence_id, self.im_start_id = tok.encode(SILENCE)[0], tok.im_start_id
         self.number_ids = {ids[0] for n in range(100) if len(ids := tok.encode(f" {n}")) == 1}  # one-token scores
         if not self.number_ids:

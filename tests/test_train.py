@@ -305,14 +305,15 @@ def test_goal_gaps_counts_the_goals_a_chunk_supervises(tok, preroll, capsys):
     for i in range(6):
         s = synthetic_sample(tok, "train", i, 16, 8, 600, 16, 16, world, preroll=preroll)
         supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
-        goals = goals_of("train", i, 16, 8, 600, world, preroll)
+        goals = goals_of("train", i, 16, 8, 600, world, preroll, segment_seconds=4)
         assert supervised.count(" scores!") == len(goals)
         assert all(gap > 0 for where, gap in goals if where != "none")
+        assert all(gap < 4 for where, gap in goals if where == "same")  # one forward: a segment of 4 s
         total += len(goals)
     assert total >= 6
     main(["--preset", "gpu", "--step", "2500", "--chunks", "40"])
     out = capsys.readouterr().out
-    assert "192 s chunks" in out and "(reused K/V)" in out
+    assert "192 s chunks" in out and "earlier segment (reused K/V" in out and "own forward (fresh K/V)" in out
 
 
 def test_questions_are_asked_only_when_the_chunk_can_answer(tok):
@@ -459,8 +460,13 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     text = tok.decode(s.ids.tolist())
     assert text.count("Time=") == 40 and all(q in text for q, _ in asked)
     assert text.index(asked[0][0]) > text.rindex("Time=")  # asked after the last second
-    cfg = get_args(["--preset", "cpu", "--long-seconds", "20:30", "--long-questions", "2", "--out", "/nonexistent/x"]).cfg
+    cfg = get_args(["--preset", "cpu", "--long-seconds", "20:30", "--long-questions", "2", "--out", "/none/x"]).cfg
     b = make_batch(tok, "train", [0, 1, 2], cfg)
     assert len(b["video_grid_thw"]) % 3 == 0 and 60 <= len(b["video_grid_thw"]) <= 90  # one length, 20-30 s, for all
+    assert b["labels"].shape[0] == 3
+    v = make_batch(tok, "eval", [0], cfg)  # validation's plain streams ask nothing (its question ones are apart)
+    assert "What" not in tok.decode(v["input_ids"][0].tolist())
+    dense = long_sample(tok, "train", 0, 300, 1, dict(goal_rate=0.9, event_rate=0.05))  # ~270 goals at this rate
+    assert max(int(n) for n in re.findall(r"(?:Red|Blue) (\d+)", tok.decode(dense.ids.tolist()))) < 100
     m = b["attention_mask"].bool()
     assert bool((m[:, 1:] <= m[:, :-1]).all())  # right-padded: causal attention needs no mask (model.right_padded)

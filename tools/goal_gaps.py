@@ -3,12 +3,12 @@ What a training recipe teaches about the score: where the last score sentence is
 
 A goal's sentence ("Red scores! Red 3, Blue 2.") copies the score from the last one. While streaming, that sentence
 is always reused K/V (cache.py): it was written in its own round, seconds or many minutes ago. In a training chunk
-it is either written inside the chunk (reused K/V when the chunk is cut into segments, reuse.py, unless it is in
-the first segment) or part of the previous text the chunk starts with, computed fresh. On held-out streams (the
-default world, a goal every 150 s on average) one goal in seven comes more than 300 s after the one before, and
-those are where models trained from scratch misread the score (docs/RESULTS.md). This counts, for the chunks a
-recipe trains on, how often each case occurs and how long ago the copied sentence was written: the flags are
-train.py's, so any recipe can be checked on the CPU before a GPU trains it.
+it is written in an earlier segment (reused K/V, when the chunk is cut into segments: reuse.py), in the goal's
+own forward, or is part of the previous text the chunk starts with; the last two are computed fresh. On held-out
+streams (the default world, a goal every 150 s on average) one goal in seven comes more than 300 s after the one
+before, and those are where models trained from scratch misread the score (docs/RESULTS.md). This counts, for the
+chunks a recipe trains on, how often each case occurs and how long ago the copied sentence was written: the flags
+are train.py's, so any recipe can be checked on the CPU before a GPU trains it.
 
   python -m tools.goal_gaps --preset gpu --step 2500          # the gpu preset's segment phase
   python -m tools.goal_gaps --preset gpu --step 2500 --preroll 192 --goal-rate 0.003:0.03
@@ -16,27 +16,34 @@ train.py's, so any recipe can be checked on the CPU before a GPU trains it.
 No frames are drawn: the world's event schedule alone says where the goals are (world.event_table).
 """
 import argparse
+import bisect
 import math
 
 from cli import at_least
 
 from data import chunk_at, chunk_schedule, phase_at, world_config
+from reuse import segment_cuts
 from world import WorldConfig, event_table
 
 EDGES = (100, 300, 600)  # seconds: the gap bins printed
 HELD_OUT = WorldConfig().goal_rate
 
 
-def goals_of(split, index, chunk, overlap, stream_seconds, world, preroll):
-    """[(where, gap)] for each goal in the supervised part of one chunk: where the copied sentence is ("chunk":
-    written inside it, "prefix": in the previous text it starts with, "none": the stream's first goal) and how
-    many seconds before the goal it was written."""
+def goals_of(split, index, chunk, overlap, stream_seconds, world, preroll, segment_seconds=0):
+    """[(where, gap)] for each goal in the supervised part of one chunk: where the copied sentence is ("reused":
+    written in an earlier segment, "same": in the same forward as the goal, "prefix": in the previous text the
+    chunk starts with, "none": the stream's first goal) and how many seconds before the goal it was written."""
     stream, t0 = chunk_at(split, index, chunk, overlap, stream_seconds, world, preroll)
+    cuts = segment_cuts([chunk + preroll], segment_seconds) if segment_seconds else []
+    segment = lambda t: bisect.bisect_right(cuts, t - t0)  # which forward second t is in
     goals = [t for t, e, _ in event_table(stream.cfg, 0, t0 + chunk + preroll) if e == "goal"]
     out = []
     for i, g in enumerate(goals):
-        if g >= t0 + preroll:
-            out.append(("none", 0) if i == 0 else ("chunk" if goals[i - 1] >= t0 else "prefix", g - goals[i - 1]))
+        if g < t0 + preroll:
+            continue
+        p = goals[i - 1] if i else None
+        where = ("none" if p is None else "prefix" if p < t0 else "same" if segment(p) == segment(g) else "reused")
+        out.append((where, g - p if p is not None else 0))
     return out
 
 
@@ -52,12 +59,15 @@ def report(cfg, step, chunks):
     chunk, overlap, stream_seconds = chunk_schedule(step - start, phase)
     preroll = getattr(phase, "preroll", 0)
     world = world_config("train", phase)
-    seen = [x for i in range(chunks) for x in goals_of("train", i, chunk, overlap, stream_seconds, world, preroll)]
+    seen = [x for i in range(chunks) for x in goals_of("train", i, chunk, overlap, stream_seconds, world, preroll,
+                                                      phase.segment_seconds)]
     print(f"step {step}: {chunk} s chunks, overlap {overlap}, pre-roll {preroll}, segments "
           f"{phase.segment_seconds or 'none'}, goal rate {world.get('goal_rate', HELD_OUT)}, events "
           f"{world.get('event_rate', WorldConfig().event_rate)}; {chunks} chunks, {len(seen)} supervised goals")
-    for where, what in (("chunk", "written inside the chunk" + (" (reused K/V)" if phase.segment_seconds else "")),
-                        ("prefix", "in the fresh previous text"), ("none", "the stream's first goal")):
+    for where, what in (("reused", "written in an earlier segment (reused K/V, as streaming reads it)"),
+                        ("same", "written in the goal's own forward (fresh K/V)"),
+                        ("prefix", "in the previous text the chunk starts with (fresh K/V)"),
+                        ("none", "the stream's first goal")):
         gaps = [g for w, g in seen if w == where]
         print(f"  {what}: {len(gaps)} ({100 * len(gaps) / max(1, len(seen)):.0f}%)"
               + (f"; gap {binned(gaps)}" if where != "none" else ""))
@@ -76,6 +86,8 @@ def main(argv=None):
               + "every other flag is train.py's (python train.py --help)")
         return
     cfg = train.get_args(rest).cfg
+    if cfg.long_seconds:
+        raise SystemExit("goal_gaps counts the goals of chunks; --long-seconds trains whole streams in one forward")
     if ours.step >= cfg.steps:
         raise SystemExit(f"goal_gaps: --step {ours.step} is past the recipe's --steps {cfg.steps}")
     report(cfg, ours.step, ours.chunks)
