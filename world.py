@@ -118,9 +118,11 @@ LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score 
 
 
 def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
-    """(question, answer) of LONG_QUESTIONS[kind] about seconds [0, t1) of a stream, its second t drawn with `rng`
-    (a random.Random): any second for the score and the count, a goal's second for its scorer (the first
-    scorer's question when there is no goal yet)."""
+    """(question, answer) of LONG_QUESTIONS[kind] (or QUESTIONS[kind]) about seconds [0, t1) of a stream, its
+    second t drawn with `rng` (a random.Random): any second for the score and the count, a goal's second for its
+    scorer (the first scorer's question when there is no goal yet)."""
+    if kind in ("score", "goals"):
+        return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), None)
     goals = [(t, team) for t, e, team in stream.events(0, t1) if e == "goal"]
     if kind == "scorer_at" and not goals:
         kind = "first"

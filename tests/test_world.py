@@ -237,8 +237,12 @@ def test_long_questions_answer_from_the_commentary():
     assert len(goals) >= 4
     rng = random.Random(0)
     for _ in range(40):
-        for kind in LONG_QUESTIONS:
+        for kind in ["score", "goals", *LONG_QUESTIONS]:
             q, a = long_question(kind, w, 1200, rng)
+            if kind in ("score", "goals"):  # world.QUESTIONS: the last goal sentence
+                last = goals[max(goals)][2]
+                assert a == ("Red {}, Blue {}.".format(*last) if kind == "score" else f"{sum(last)} goals.")
+                continue
             if kind == "first":
                 assert a == f"{goals[min(goals)][1]}."
                 continue
