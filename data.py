@@ -32,7 +32,7 @@ from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, pre
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
 from reuse import evicted_prefixes, segment_cuts, split_chunk
 from rope import mrope_positions
-from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed
+from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed
 
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
                         # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
@@ -221,8 +221,7 @@ def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixel
     if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
         stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))
     rng = random.Random(f"{split}-{index}-long")
-    kinds = list({**QUESTIONS, **LONG_QUESTIONS})
-    asked = [long_question(rng.choice(kinds), stream, seconds, rng) for _ in range(questions)]
+    asked = [long_question(rng.choice(list(ALL_QUESTIONS)), stream, seconds, rng) for _ in range(questions)]
     secs = [stream.second(t) for t in range(seconds)]
     return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
                         asked={seconds - 1: asked})

@@ -317,7 +317,6 @@ class VLM(nn.Module):
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
         self.decode_kernel = None  # decode attention: None until use_decode_attention decides (likewise)
-        self.prefill_attention = None  # use_attention's attn_fn (None: dense causal SDPA)
 
     def fuse(self, enabled=True):
         """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
@@ -334,7 +333,6 @@ class VLM(nn.Module):
         explicitly masked (padded) batches stay dense."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = attn_fn or causal_attention
-        self.prefill_attention = attn_fn
         return self
 
     def use_decode_attention(self, decode_fn=None):
@@ -412,7 +410,8 @@ class VLM(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         # right padding needs no mask under dense causal attention (right_padded); a sparse attn_fn would read the
         # padded queries too (FlexPrefill's pattern estimate), so it keeps the mask
-        if padded and not (self.prefill_attention is None and right_padded(attention_mask, past)):
+        dense = self.model.layers[0].self_attn.attn_fn is causal_attention  # use_attention sets every layer's
+        if padded and not (dense and right_padded(attention_mask, past)):
             # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
             keys = attention_mask.bool().to(x.device)
             qi = torch.arange(T, device=x.device)[:, None] + past  # absolute index of each query

@@ -115,19 +115,18 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
 # one, so a model must attend far back; the kind of retrieval FlexPrefill's query-aware heads are for.
 LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {t}s?",
                   "goals_before": "How many goals before {t}s?", "scorer_at": "Who scored at {t}s?"}
+ALL_QUESTIONS = {**QUESTIONS, **LONG_QUESTIONS}  # every kind long_question asks
 
 
 def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
-    """(question, answer) of LONG_QUESTIONS[kind] (or QUESTIONS[kind]) about seconds [0, t1) of a stream, its
-    second t drawn with `rng` (a random.Random): any second for the score and the count, a goal's second for its
-    scorer (the first scorer's question when there is no goal yet)."""
-    if kind in ("score", "goals"):
-        return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), None)
+    """(question, answer) of ALL_QUESTIONS[kind] about seconds [0, t1) of a stream, its second t drawn with `rng`
+    (a random.Random): any second for the score and the count, a goal's second for its scorer (the first
+    scorer's question when there is no goal yet)."""
     goals = [(t, team) for t, e, team in stream.events(0, t1) if e == "goal"]
     if kind == "scorer_at" and not goals:
         kind = "first"
-    if kind == "first":
-        return LONG_QUESTIONS[kind], f"{goals[0][1]}." if goals else "Nobody yet."
+    if kind in QUESTIONS:  # about the whole stretch: the last goal sentence, or the first
+        return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
     if kind == "scorer_at":
         t, team = rng.choice(goals)
         return LONG_QUESTIONS[kind].format(t=t), f"{team}."

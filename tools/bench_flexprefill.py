@@ -51,7 +51,7 @@ from layout import question_segments
 from layout import layout_of
 from checkpoint import load_checkpoint
 from stream import make_streamer, streamer_kwargs
-from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, long_question, split_seed
+from world import ALL_QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
 
 
 def timeit(fn, device, warmup, iters):
@@ -294,10 +294,8 @@ def stream_questions(world, seconds):
     """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
     the score and the count, the first one the first scorer) and the timed world.LONG_QUESTIONS (a sentence found
     by its second), their seconds drawn from the world's seed."""
-    first = world.first_goal(seconds - 1)
-    out = [(k, q, answer(k, world.score(seconds - 1), first[1] if first else None)) for k, q in QUESTIONS.items()]
     rng = random.Random(world.cfg.seed)
-    return out + [(k, *long_question(k, world, seconds, rng)) for k in LONG_QUESTIONS if k not in QUESTIONS]
+    return [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS]
 
 
 @torch.no_grad()
