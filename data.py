@@ -215,16 +215,20 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
 def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
     then `questions` world.LONG_QUESTIONS whose answers lie anywhere in it (and world.QUESTIONS, not to forget
-    them), each a supervised answer: the layout tools.bench_flexprefill --long-prefill asks in, to teach a model to
-    retrieve from far back."""
+    them), their answers the only supervised tokens: the layout tools.bench_flexprefill --long-prefill asks in,
+    to teach a model to retrieve from far back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
     if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
         stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))
     rng = random.Random(f"{split}-{index}-long")
     asked = [long_question(rng.choice(list(ALL_QUESTIONS)), stream, seconds, rng) for _ in range(questions)]
     secs = [stream.second(t) for t in range(seconds)]
-    return build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
-                        asked={seconds - 1: asked})
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
+                          asked={seconds - 1: asked})
+    # only the answers are supervised: the commentary is context here (thousands of tokens a model trained on
+    # chunks already says right would drown the answers' few tokens in the step's mean loss)
+    sample.labels[sample.kind != Kind.USER] = IGNORE  # a question turn is USER to the cache, its answer too
+    return sample
 
 
 class DataError(ValueError):

@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from tools.bench_flexprefill import MeasuredFlexPrefill, main
+from tools.bench_flexprefill import main
+from tools.long_prefill import MeasuredFlexPrefill
 from flexprefill import FlexPrefill, FlexPrefillConfig
 from test_eval import ckpt, refused  # noqa: F401  (ckpt: a fixture, a 2-step checkpoint)
 from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
@@ -58,7 +59,7 @@ def test_measured_flexprefill_is_flexprefill_plus_a_record():
 def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
     res = main(["--long-prefill", "--model", str(ckpt), "--device", "cpu", "--seconds", "12", "--min-budget", "128",
                 "--streams", "2", "--seed", "3", "--out", str(tmp_path)])
-    summary, rows = res["summary"], res["rows"]
+    (summary,), rows = res["summary"], res["rows"]  # one line a length
     assert summary["questions"] == len(rows) == 12  # 2 streams x the three whole-video and three timed questions
     assert [r["question"] for r in rows[:6]] == ["score", "goals", "first", "score_at", "goals_before", "scorer_at"]
     assert {r["seed"] for r in rows} == {split_seed("eval", 3), split_seed("eval", 4)}
@@ -80,8 +81,30 @@ def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
         assert r["streaming_right"] == (r["streaming"] == r["truth"])
     assert summary["dense_right"] == pytest.approx(sum(r["dense_right"] for r in rows) / 12, abs=1e-3)
     assert 0 < summary["density"] <= 1 and summary["attn_rel_err"] >= 0 and summary["dense_ms"] > 0
-    assert json.load(open(tmp_path / "long_prefill.json"))["summary"]["tokens"] == summary["tokens"]
+    assert 0 <= summary["query_aware"] <= 1 and summary["speedup"] == round(
+        summary["dense_ms"] / summary["flexprefill_ms"], 2)
+    assert json.load(open(tmp_path / "long_prefill.json"))["summary"][0]["tokens"] == summary["tokens"]
     assert len(open(tmp_path / "long_prefill.jsonl").readlines()) == 12
+
+
+def test_answer_on_a_prefilled_cache_is_generate_on_the_whole_prompt():
+    """The fast path (the video prefilled once, each question a chunk on the cache, cut back after) answers as the
+    obvious one: model.generate on the video and the question as one prompt, question after question."""
+    from checkpoint import load_checkpoint
+    from data import build_sample
+    from layout import question_segments
+    from tools.long_prefill import answer, prefill, stream_questions
+    model, tok, _ = load_checkpoint("checkpoints/tiny", "cpu")
+    world = SportsStream(WorldConfig(seed=split_seed("eval", 7)))
+    secs = [world.second(t) for t in range(40)]
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [])
+    vision = dict(pixel_values_videos=sample.pixel_values, video_grid_thw=sample.grid_thw)
+    cache = prefill(model, None, sample.ids[None], vision)
+    for _, question, _ in stream_questions(world, 40):
+        whole = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None]
+        out = model.generate(whole, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, whole.shape[1]:]
+        assert answer(model, tok, cache, question) == tok.decode([i for i in out.tolist() if i != tok.im_end_id]).strip()
+        assert cache.length == sample.ids.numel()  # cut back to the video
 
 
 def test_long_prefill_without_a_checkpoint_is_one_line(tmp_path, capsys):

@@ -442,8 +442,8 @@ def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(t
 
 
 def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
-    """train.py --long-seconds: every round from second 0 (no previous text), then the questions, each answer
-    supervised and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
+    """train.py --long-seconds: every round from second 0 (no previous text), then the questions, their answers
+    the only supervised tokens and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
     import random
     from data import chunk_at, long_sample, make_batch
     from train import get_args
@@ -456,7 +456,7 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     rng = random.Random("train-5-long")
     asked = [long_question(rng.choice(list({**QUESTIONS, **LONG_QUESTIONS})), stream, 40, rng) for _ in range(3)]
     supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
-    assert t0 == 0 and supervised.endswith("".join(f" {a}<|im_end|>" for _, a in asked))
+    assert t0 == 0 and supervised == "".join(f" {a}<|im_end|>" for _, a in asked)  # the commentary is context
     text = tok.decode(s.ids.tolist())
     assert text.count("Time=") == 40 and all(q in text for q, _ in asked)
     assert text.index(asked[0][0]) > text.rindex("Time=")  # asked after the last second

@@ -20,19 +20,14 @@ time and density, the share of blocks where it and ours differ, its error, x_aut
     python -m tools.bench_flexprefill --device cpu --lengths 1024 --heads 4 1   # CPU smoke test
     python -m tools.bench_flexprefill --long-prefill   # dense vs FlexPrefill answers of the shipped model
 
---long-prefill asks a trained checkpoint questions whose answers need the whole video (world.QUESTIONS: the
-score, the number of goals, the first scorer; world.LONG_QUESTIONS: the score at a second, the goals before it, who
-scored at a goal's second) after prefilling --seconds of a held-out stream in one forward,
-with the true commentary as the context, laid out as in training: dense attention and FlexPrefill side by side
-(the answers, the prefill time, the density FlexPrefill kept and its attention-output error against dense).
-For contrast the same questions go to the StreamingVLM cache after streaming the same seconds (Streamer.ask):
-its memory is the sink, the text window and the vision window, which is what the model was trained on.
+--long-prefill asks a trained checkpoint questions whose answers need the whole video after prefilling --seconds
+of held-out streams, dense and FlexPrefill side by side, and the StreamingVLM cache after streaming the same
+seconds (tools/long_prefill.py says how).
 """
 import argparse
 import importlib.util
 import math
 import os
-import random
 import statistics
 import time
 
@@ -40,18 +35,11 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
-from cli import Parser, Results, at_least, checked, default_model, hardware, table
-from data import build_sample
-from flexprefill import (FlexPrefill, FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
+from cli import Parser, Results, at_least, checked, default_model, table
+from flexprefill import (FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
                          estimate_density, select_blocks, select_blocks_fast, sparse_attention)
 from model import causal_attention
-from layout import question_segments
-from layout import layout_of
-from checkpoint import load_checkpoint
-from stream import make_streamer, streamer_kwargs
-from world import ALL_QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
 
 
 def timeit(fn, device, warmup, iters):
@@ -258,109 +246,6 @@ def print_row(row):
 
 
 # -----------------------------------------------------------------------------
-# The long-prefill check: the answers of a trained model, dense and sparse
-
-
-class MeasuredFlexPrefill(FlexPrefill):
-    """FlexPrefill that also records, for each chunk it makes sparse, the kept density (1.0 where it fell back to
-    dense) and the relative error of its output against dense causal attention (computed beside it: slower)."""
-
-    def __init__(self, cfg=FlexPrefillConfig()):
-        super().__init__(cfg)
-        self.density, self.rel_err = [], []
-
-    def __call__(self, q, k, v):
-        if q.shape[2] < self.cfg.min_len:
-            return causal_attention(q, k, v)
-        out, info = flexprefill_attention(q, k, v, self.cfg, return_info=True)
-        dense = causal_attention(q, k, v)
-        self.density.append(1.0 if info["dense_fallback"] else float(info["density"].float().mean()))
-        self.rel_err.append(float((out - dense).float().norm() / dense.float().norm()))
-        return out
-
-
-def timed_prefill(model, ids, vision):
-    """Seconds of one prefill forward, after a warm-up forward (allocation; compilation of the flex kernel)."""
-    model(ids, **vision, logits_to_keep=1)
-    return timeit(lambda: model(ids, **vision, logits_to_keep=1), model.device, 0, 1) / 1e3
-
-
-def reply(model, tok, ids, vision):
-    out = model.generate(ids, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, ids.shape[1]:].tolist()
-    return tok.decode([i for i in out if i != tok.im_end_id]).strip()
-
-
-def stream_questions(world, seconds):
-    """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
-    the score and the count, the first one the first scorer) and the timed world.LONG_QUESTIONS (a sentence found
-    by its second), their seconds drawn from the world's seed."""
-    rng = random.Random(world.cfg.seed)
-    return [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS]
-
-
-@torch.no_grad()
-def ask_stream(args, model, tok, st, world, res):
-    """The three questions after --seconds of one held-out world: dense, FlexPrefill, and the streaming cache.
-    Returns the rows and (dense, FlexPrefill) prefill seconds of the first question (they share all but a few
-    tokens)."""
-    cfg = FlexPrefillConfig(gamma=args.gamma, min_budget=args.min_budget, min_len=1)
-    fast, measured = FlexPrefill(cfg), MeasuredFlexPrefill(cfg)
-    secs = [world.second(t) for t in range(args.seconds)]
-    kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
-    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
-    vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
-    streamer = make_streamer(model, tok, "streaming", **kw)
-    for s in secs:  # the same context as the prefill: the true commentary, teacher-forced
-        streamer.step(s.frames, force_text=s.text)
-    rows, times = [], None
-    for kind, question, truth in stream_questions(world, args.seconds):
-        ids = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None].to(model.device)
-        if times is None:
-            times = (timed_prefill(model.use_attention(None), ids, vision),
-                     timed_prefill(model.use_attention(fast), ids, vision))
-            model.use_attention(measured)(ids, **vision, logits_to_keep=1)
-        dense = reply(model.use_attention(None), tok, ids, vision)
-        sparse = reply(model.use_attention(fast), tok, ids, vision)
-        model.use_attention(None)
-        streaming = streamer.ask(question)
-        rows.append(dict(seed=world.cfg.seed, question=kind, asked=question, tokens=ids.shape[1], truth=truth,
-                         dense=dense, flexprefill=sparse, same=dense == sparse, dense_right=dense == truth,
-                         flexprefill_right=sparse == truth, streaming=streaming, streaming_right=streaming == truth))
-        res.log(**rows[-1])
-    return rows, times, measured
-
-
-def long_prefill(args):
-    """Dense vs FlexPrefill vs the streaming cache on whole-video questions after a long prefill (see the top)."""
-    model, tok, st = load_checkpoint(args.model, args.device)
-    print(f"whole-video questions after a {args.seconds} s prefill on {args.model} ({hardware()}; gamma "
-          f"{args.gamma}, min_budget {args.min_budget}; prefill times include the vision tower)", flush=True)
-    res, rows, times, density, err = Results(args.out, "long_prefill"), [], [], [], []
-    for i in tqdm(range(args.streams), desc="streams", disable=args.streams < 2):
-        world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56)))
-        r, t, measured = ask_stream(args, model, tok, st, world, res)
-        rows, times, density, err = rows + r, times + [t], density + measured.density, err + measured.rel_err
-    k, share = len(rows), lambda key: round(sum(r[key] for r in rows) / len(rows), 3)
-    summary = dict(seconds=args.seconds, tokens=max(r["tokens"] for r in rows), streams=args.streams, questions=k,
-                   dense_right=share("dense_right"), flexprefill_right=share("flexprefill_right"),
-                   same_answer=share("same"), streaming_right=share("streaming_right"),
-                   dense_ms=round(1000 * sum(d for d, _ in times) / len(times), 1),
-                   flexprefill_ms=round(1000 * sum(f for _, f in times) / len(times), 1),
-                   density=round(sum(density) / len(density), 3), attn_rel_err=round(max(err), 4))
-    print(table(rows[:12], [c for c in rows[0] if c not in ("tokens", "question")]))
-    if k > 12:
-        print(f"... {k - 12} more rows in {res.path}.jsonl")
-    print(table([summary]))
-    per_kind = {q: {m: sum(r[f"{m}_right"] for r in rows if r["question"] == q)
-                    for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
-                for q in dict.fromkeys(r["question"] for r in rows)}
-    print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
-        f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in per_kind.items()))
-    result = dict(summary=summary, per_question=per_kind, rows=rows)
-    res.save(result)
-    return result
-
-# -----------------------------------------------------------------------------
 
 
 def kernel_bench(args):
@@ -449,10 +334,12 @@ def build_parser():
                    "to --model after a long prefill, dense vs FlexPrefill (see above)")
     p.add_argument("--model", default=default_model(), help=f"--long-prefill: checkpoint folder (default "
                    f"{default_model()})")
-    p.add_argument("--seconds", type=at_least(1), default=None, help="--long-prefill: seconds prefilled (1800 on "
-                   "a GPU, 120 on a CPU)")
+    p.add_argument("--seconds", type=at_least(1), nargs="+", default=None, help="--long-prefill: seconds "
+                   "prefilled, one or more lengths (~29 tokens a second; default 1800 on a GPU, 120 on a CPU)")
     p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
                    "the three questions")
+    p.add_argument("--streaming-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="--long-prefill: also ask the StreamingVLM cache after streaming the same seconds")
     p.add_argument("--out", default="out/bench", help="--long-prefill: folder for long_prefill.json(l)")
     return p
 
@@ -471,7 +358,8 @@ def main(argv=None):
         return kernel_bench(args)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model}: no checkpoint there; make one with `python train.py` or pass --model DIR")
-    args.seconds = args.seconds or (1800 if args.device.startswith("cuda") else 120)
+    args.seconds = args.seconds or [1800 if args.device.startswith("cuda") else 120]
+    from tools.long_prefill import long_prefill  # the VLM-level check lives in its own file
     return long_prefill(args)
 
 

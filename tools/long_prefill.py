@@ -1,0 +1,197 @@
+"""
+Whole-video questions after a long prefill: does FlexPrefill pay inside our VLM? (`bench_flexprefill --long-prefill`)
+
+For each --seconds length and each held-out stream (world.split_seed("eval", SEED + i)), the stream's first SECONDS
+(its true commentary, laid out as training lays it out: data.build_sample, ~29 tokens a second) are prefilled
+once with dense causal attention and once with FlexPrefill, each into its own KVCache. Every question of
+world.ALL_QUESTIONS (the score, the goals, the first scorer, and the timed ones: the score at a second, the goals
+before it, who scored at it) is then a short chunk on that cache, answered greedily, and the cache is cut back
+to the video. That is how a user asks about a long video: prefill it once, ask many times. A chunk shorter than
+FlexPrefillConfig.min_len attends densely, as in the model, so FlexPrefill's answer differs from dense only
+through what its sparse prefill wrote into the cache (every layer's keys and values past the first).
+
+Reported per length: the answers (right = equal to the world's answer), the share where FlexPrefill's answer
+equals dense's, the prefill times (the whole forward: vision tower, decoder, and for FlexPrefill its block
+selection; CUDA events, median of 3 after a warm-up that compiles) of dense, FlexPrefill as the model runs it
+(flexprefill.GUARDED's rules: dense where sparse cannot win) and FlexPrefill always sparse, the density it kept,
+the share of query-aware heads (the rest are vertical-slash), and its attention error against dense. The answers
+come from the always-sparse run: the stricter test. With --streaming-cache (the default) the same questions also
+go to the StreamingVLM cache after streaming the same seconds (Streamer.ask): sink, text window, vision window.
+
+Paper: Lai et al., FlexPrefill, arXiv 2502.20766 (RULER: 89.18 vs 88.70 dense, ~2.4x faster prefill at 128k).
+"""
+import random
+import statistics
+
+import torch
+from tqdm import tqdm
+
+from cache import KVCache
+from checkpoint import load_checkpoint
+from cli import Results, hardware, table
+from data import build_sample
+from flexprefill import FlexPrefill, FlexPrefillConfig, flexprefill_attention
+from layout import layout_of, question_segments
+from model import causal_attention
+from stream import make_streamer, streamer_kwargs
+from world import ALL_QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
+
+
+class MeasuredFlexPrefill(FlexPrefill):
+    """FlexPrefill that also records, for each chunk it makes sparse, the kept density (1.0 where it fell back to
+    dense), the share of query-aware heads, and the relative error of its output against dense causal attention
+    (computed beside it: slower)."""
+
+    def __init__(self, cfg=FlexPrefillConfig()):
+        super().__init__(cfg)
+        self.density, self.query_aware, self.rel_err = [], [], []
+
+    def __call__(self, q, k, v):
+        if q.shape[2] < self.cfg.min_len:
+            return causal_attention(q, k, v)
+        out, info = flexprefill_attention(q, k, v, self.cfg, return_info=True)
+        dense = causal_attention(q, k, v)
+        self.density.append(1.0 if info["dense_fallback"] else float(info["density"].float().mean()))
+        if "query_aware" in info:
+            self.query_aware.append(float(info["query_aware"].float().mean()))
+        self.rel_err.append(float((out - dense).float().norm() / dense.float().norm()))
+        return out
+
+
+def stream_questions(world, seconds):
+    """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
+    the score and the count, the first one the first scorer) and the timed world.LONG_QUESTIONS (a sentence found
+    by its second), their seconds drawn from the world's seed."""
+    rng = random.Random(world.cfg.seed)
+    return [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS]
+
+
+@torch.no_grad()
+def prefill(model, attn_fn, ids, vision, room=64):
+    """A KVCache holding the prompt `ids` (1, T), prefilled under attn_fn, with `room` tokens to spare."""
+    cache = KVCache(model.cfg, 1, ids.shape[1] + room, model.device, model.dtype)
+    model.use_attention(attn_fn)(ids, cache=cache, logits_to_keep=1, **vision)
+    model.use_attention(None)
+    return cache
+
+
+@torch.no_grad()
+def answer(model, tok, cache, question, max_new_tokens=12):
+    """The greedy answer to `question` asked on top of the prefilled cache, which is then cut back to the prompt."""
+    length, next_pos = cache.length, cache.next_pos.clone()
+    ids = torch.tensor([question_segments(tok, question)[0][0]], device=model.device)
+    logits, out = model(ids, cache=cache, logits_to_keep=1), []
+    while len(out) < max_new_tokens:
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] == tok.im_end_id:
+            break
+        logits = model(torch.tensor([out[-1:]], device=model.device), cache=cache)
+    cache.length, cache.next_pos = length, next_pos  # forget the question: the next one asks the video afresh
+    return tok.decode([i for i in out if i != tok.im_end_id]).strip()
+
+
+def prefill_ms(model, attn_fn, ids, vision):
+    """Median milliseconds of the whole prefill forward under attn_fn, after a warm-up (allocation, compilation)."""
+    from tools.bench_flexprefill import timeit  # here: that module imports this one for --long-prefill
+    model.use_attention(attn_fn)
+    try:
+        return timeit(lambda: model(ids, logits_to_keep=1, **vision), model.device, 1, 3)
+    finally:
+        model.use_attention(None)
+
+
+def streaming_answers(model, tok, st, secs, questions):
+    """The StreamingVLM cache's answers after streaming `secs` with their true commentary (teacher-forced)."""
+    streamer = make_streamer(model, tok, "streaming", **streamer_kwargs(layout_of(st)))
+    for s in secs:
+        streamer.step(s.frames, force_text=s.text)
+    return [streamer.ask(q) for _, q, _ in questions]
+
+
+def ask_stream(args, model, tok, st, world, seconds, res):
+    """One held-out world after `seconds`: its rows, one a question, each with the stream's measures."""
+    sparse = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1)
+    guarded = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1,
+                                dense_above=args.dense_above, dense_below=args.dense_below)
+    secs = [world.second(t) for t in range(seconds)]
+    kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
+    ids = sample.ids[None].to(model.device)
+    vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
+    measured = MeasuredFlexPrefill(sparse)
+    caches = dict(dense=prefill(model, None, ids, vision), flexprefill=prefill(model, measured, ids, vision))
+    times = dict(dense_ms=prefill_ms(model, None, ids, vision), flexprefill_ms=prefill_ms(model, FlexPrefill(guarded),
+                 ids, vision), sparse_ms=prefill_ms(model, FlexPrefill(sparse), ids, vision))
+    questions = stream_questions(world, seconds)
+    streaming = streaming_answers(model, tok, st, secs, questions) if args.streaming_cache else [None] * len(questions)
+    # this stream's measures ride on each of its rows: an interrupted run keeps them with its answers
+    measures = dict(times, density=round(statistics.mean(measured.density), 4),
+                    query_aware=round(statistics.mean(measured.query_aware or [0.0]), 4),
+                    attn_rel_err=round(max(measured.rel_err), 4))
+    rows = []
+    for (kind, question, truth), streamed in zip(questions, streaming):
+        got = {mode: answer(model, tok, cache, question) for mode, cache in caches.items()}
+        rows.append(dict(seconds=seconds, seed=world.cfg.seed, question=kind, asked=question, tokens=ids.shape[1],
+                         truth=truth, dense=got["dense"], flexprefill=got["flexprefill"],
+                         same=got["dense"] == got["flexprefill"], dense_right=got["dense"] == truth,
+                         flexprefill_right=got["flexprefill"] == truth, streaming=streamed,
+                         streaming_right=None if streamed is None else streamed == truth) | measures)
+        res.log(**rows[-1])
+    return rows
+
+
+def summarize(seconds, rows):
+    """One line of the table: a length's answers and speeds over its streams (each stream's measures once)."""
+    share = lambda key: None if rows[0][key] is None else round(sum(r[key] for r in rows) / len(rows), 3)  # noqa
+    streams = list({r["seed"]: r for r in rows}.values())
+    mean = lambda key, digits=1: round(statistics.mean(r[key] for r in streams), digits)  # noqa: E731
+    line = dict(seconds=seconds, tokens=round(statistics.mean(r["tokens"] for r in rows)), questions=len(rows),
+                dense_right=share("dense_right"), flexprefill_right=share("flexprefill_right"),
+                same_answer=share("same"), streaming_right=share("streaming_right"),
+                dense_ms=mean("dense_ms"), flexprefill_ms=mean("flexprefill_ms"), sparse_ms=mean("sparse_ms"))
+    line.update(speedup=round(line["dense_ms"] / line["flexprefill_ms"], 2),
+                speedup_sparse=round(line["dense_ms"] / line["sparse_ms"], 2),
+                density=mean("density", 3), query_aware=mean("query_aware", 3),
+                attn_rel_err=max(r["attn_rel_err"] for r in streams))
+    return line
+
+
+def per_question(rows):
+    """{kind: {dense, flexprefill, streaming: right answers, asked}} over all rows."""
+    kinds = dict.fromkeys(r["question"] for r in rows)
+    return {q: {m: sum(bool(r[f"{m}_right"]) for r in rows if r["question"] == q)
+                for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
+            for q in kinds}
+
+
+def long_prefill(args):
+    """Dense vs FlexPrefill vs the streaming cache on whole-video questions after long prefills (see the top)."""
+    from tools.bench_stream import plot
+    model, tok, st = load_checkpoint(args.model, args.device)
+    print(f"whole-video questions after {', '.join(map(str, args.seconds))} s prefills on {args.model} "
+          f"({hardware()}; gamma {args.gamma}, tau {args.tau}, min_budget {args.min_budget}; prefill times include "
+          "the vision tower)", flush=True)
+    res, rows, summary = Results(args.out, "long_prefill"), [], []
+    for seconds in args.seconds:
+        here = []
+        for i in tqdm(range(args.streams), desc=f"{seconds} s", disable=args.streams < 2):
+            world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56)))
+            here += ask_stream(args, model, tok, st, world, seconds, res)
+        rows += here
+        summary.append(summarize(seconds, here))
+        print(table([summary[-1]]), flush=True)
+    print(table(rows[:12], ["seed", "asked", "truth", "dense", "flexprefill", "streaming"]))
+    if len(rows) > 12:
+        print(f"... {len(rows) - 12} more rows in {res.path}.jsonl")
+    print(table(summary))
+    kinds = per_question(rows)
+    print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
+        f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in kinds.items()))
+    tokens = [s["tokens"] for s in summary]
+    plot(args.out, "long_prefill", {f"{name} ({hardware()})": (tokens, [s[f"{key}_ms"] for s in summary])
+                                    for name, key in (("dense", "dense"), ("FlexPrefill", "flexprefill"),
+                                                      ("FlexPrefill, always sparse", "sparse"))},
+         "prompt tokens", "prefill ms (vision tower included)")
+    result = dict(summary=summary, per_question=kinds, rows=rows)
+    res.save(result)
+    return result
