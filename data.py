@@ -226,8 +226,10 @@ def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixel
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
                           asked={seconds - 1: asked})
     # only the answers are supervised: the commentary is context here (thousands of tokens a model trained on
-    # chunks already says right would drown the answers' few tokens in the step's mean loss)
-    sample.labels[sample.kind != Kind.USER] = IGNORE  # a question turn is USER to the cache, its answer too
+    # chunks already says right would drown the answers' few tokens in the step's mean loss); without questions
+    # (validation's plain streams) the commentary is what is measured
+    if asked:
+        sample.labels[sample.kind != Kind.USER] = IGNORE  # a question turn is USER to the cache, its answer too
     return sample
 
 
@@ -269,6 +271,17 @@ def chunk_schedule(step, cfg):
     return chunk, overlap, stream_seconds
 
 
+def long_range(step, cfg):
+    """The --long-seconds range (LO, HI) at optimizer step `step` (None: validation, the whole range). Over the
+    first cfg.curriculum steps both ends grow linearly from a minute (or LO, if shorter): a model finds how to
+    retrieve on short streams, where the answer is one of a few thousand tokens, before it is stretched."""
+    lo, hi = cfg.long_seconds
+    if step is None or step >= cfg.curriculum:
+        return lo, hi
+    start = min(60, lo)
+    return start + (lo - start) * step // cfg.curriculum, start + (hi - start) * step // cfg.curriculum
+
+
 def world_config(split, cfg):
     """The synthetic world's settings for a split: training may use a busier world (cfg.event_rate,
     cfg.goal_rate; None = world.py's default); validation always uses the default one, as eval.py does."""
@@ -287,7 +300,7 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
         return collate_chunks([jsonl[i % len(jsonl)] for i in indices], tok.pad_id, cfg)
     train = split == "train"
     if getattr(cfg, "long_seconds", None):  # one length a micro-batch, drawn from its first index: little padding
-        seconds = random.Random(f"{split}-{indices[0]}-seconds").randint(*cfg.long_seconds)
+        seconds = random.Random(f"{split}-{indices[0]}-seconds").randint(*long_range(step if train else None, cfg))
         asked = cfg.long_questions if train or question_rate else 0  # validation: questions apart (validate.py)
         return collate([long_sample(tok, split, i, seconds, asked, world_config(split, cfg),
                                     (cfg.min_pixels, cfg.max_pixels)) for i in indices], tok.pad_id)

@@ -120,8 +120,9 @@ class TrainConfig:
                                 "stream (world.QUESTIONS)", FRACTION)
     long_seconds: tuple = knob(None, "LO:HI: train on whole streams from their first second instead, LO-HI seconds "
                                "(~29 tokens a second) in one forward, each ending in --long-questions questions "
-                               "answered anywhere in it (world.LONG_QUESTIONS); the chunk flags, curricula and "
-                               "--question-rate do not apply (none: chunks)", seconds_range)
+                               "answered anywhere in it (world.LONG_QUESTIONS); --curriculum grows both ends "
+                               "from 60 s; the chunk flags, --time-curriculum and --question-rate do not apply (none: "
+                               "chunks)", seconds_range)
     long_questions: int = knob(4, "questions ending each --long-seconds stream", between(1, 64))
     text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", between(0, 32768))
     text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", between(0, 32768))

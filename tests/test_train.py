@@ -445,7 +445,8 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     """train.py --long-seconds: every round from second 0 (no previous text), then the questions, their answers
     the only supervised tokens and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
     import random
-    from data import chunk_at, long_sample, make_batch
+    from dataclasses import replace
+    from data import chunk_at, long_range, long_sample, make_batch
     from train import get_args
     from world import LONG_QUESTIONS, QUESTIONS, long_question
     world = dict(event_rate=0.3, goal_rate=0.05)
@@ -464,6 +465,9 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     b = make_batch(tok, "train", [0, 1, 2], cfg)
     assert len(b["video_grid_thw"]) % 3 == 0 and 60 <= len(b["video_grid_thw"]) <= 90  # one length, 20-30 s, for all
     assert b["labels"].shape[0] == 3
+    ramp = replace(cfg, long_seconds=(300, 2200), curriculum=100)  # --curriculum: lengths grow from a minute
+    assert [long_range(s, ramp) for s in (0, 50, 100, None)] == [(60, 60), (180, 1130), (300, 2200), (300, 2200)]
+    assert len(make_batch(tok, "train", [0], replace(ramp, long_seconds=(30, 40)), step=0)["video_grid_thw"]) == 30
     v = make_batch(tok, "eval", [0], cfg)  # validation's plain streams ask nothing (its question ones are apart)
     assert "What" not in tok.decode(v["input_ids"][0].tolist())
     dense = long_sample(tok, "train", 0, 300, 1, dict(goal_rate=0.9, event_rate=0.05))  # ~270 goals at this rate

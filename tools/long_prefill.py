@@ -108,6 +108,7 @@ def streaming_answers(model, tok, st, secs, questions):
     return [streamer.ask(q) for _, q, _ in questions]
 
 
+@torch.no_grad()
 def ask_stream(args, model, tok, st, world, seconds, res):
     """One held-out world after `seconds`: its rows, one a question, each with the stream's measures."""
     sparse = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1)
