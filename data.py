@@ -37,6 +37,7 @@ from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, c
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
                         # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
                         # in a question's answer can pass 99 and take two tokens)
+LONG_SUPERVISED_SECONDS = 60  # a --long-seconds stream supervises its answers and this many last seconds' replies
 
 
 @dataclass
@@ -215,7 +216,7 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
 def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
     then `questions` world.LONG_QUESTIONS whose answers lie anywhere in it (and world.QUESTIONS, not to forget
-    them), their answers the only supervised tokens: the layout tools.bench_flexprefill --long-prefill asks in,
+    them), their answers and the last minute's commentary supervised: the layout tools.bench_flexprefill --long-prefill asks in,
     to teach a model to retrieve from far back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
     if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
@@ -225,11 +226,13 @@ def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixel
     secs = [stream.second(t) for t in range(seconds)]
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
                           asked={seconds - 1: asked})
-    # only the answers are supervised: the commentary is context here (thousands of tokens a model trained on
-    # chunks already says right would drown the answers' few tokens in the step's mean loss); without questions
-    # (validation's plain streams) the commentary is what is measured
+    # the answers and the last minute's commentary are supervised, the rest is context: thousands of tokens of
+    # commentary a model trained on chunks already says right would drown the answers' few in the step's mean
+    # loss, and none at all lets it forget how to comment (a CPU check: events 54 of 112 after 100 steps).
+    # Without questions (validation's plain streams) the whole commentary is what is measured.
     if asked:
-        sample.labels[sample.kind != Kind.USER] = IGNORE  # a question turn is USER to the cache, its answer too
+        context = (sample.kind != Kind.USER) & (sample.round < seconds - LONG_SUPERVISED_SECONDS)
+        sample.labels[context] = IGNORE  # a question turn is USER to the cache, its answer too
     return sample
 
 

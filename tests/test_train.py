@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import IGNORE, build_sample, make_tokenizer, previous_ids, synthetic_sample
-from layout import end_ids, prefix_segments, reply_ids, user_ids
+from layout import Kind, end_ids, prefix_segments, reply_ids, user_ids
 from world import SportsStream, WorldConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,7 +367,6 @@ def test_question_turn_ends_the_chunk_and_only_its_answer_is_supervised(tok):
     assert tail == prompt + answer and labels == [IGNORE] * len(prompt) + answer
     # to the cache the whole question turn is USER: evicted with its second, it never joins the previous text
     from cache import kept_after_eviction
-    from layout import Kind
     from test_reuse import evict_by_hand
     mid = build_sample(tok, *args, asked={0: [("What is the score?", "Red 1, Blue 0.")]})
     start = int((plain.round < 1).sum())  # where second 1 begins without the question
@@ -446,7 +445,7 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     the only supervised tokens and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
     import random
     from dataclasses import replace
-    from data import chunk_at, long_range, long_sample, make_batch
+    from data import LONG_SUPERVISED_SECONDS, chunk_at, long_range, long_sample, make_batch
     from train import get_args
     from world import LONG_QUESTIONS, QUESTIONS, long_question
     world = dict(event_rate=0.3, goal_rate=0.05)
@@ -457,7 +456,11 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     rng = random.Random("train-5-long")
     asked = [long_question(rng.choice(list({**QUESTIONS, **LONG_QUESTIONS})), stream, 40, rng) for _ in range(3)]
     supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
-    assert t0 == 0 and supervised == "".join(f" {a}<|im_end|>" for _, a in asked)  # the commentary is context
+    assert t0 == 0 and supervised.endswith("".join(f" {a}<|im_end|>" for _, a in asked))
+    # the answers and the last minute's replies are supervised, earlier replies are context only
+    long = long_sample(tok, "train", 5, 100, 3, world)
+    early = long.round < 100 - LONG_SUPERVISED_SECONDS
+    assert (long.labels[early] == IGNORE).all() and (long.labels[~early & (long.kind != Kind.USER)] != IGNORE).any()
     text = tok.decode(s.ids.tolist())
     assert text.count("Time=") == 40 and all(q in text for q, _ in asked)
     assert text.index(asked[0][0]) > text.rindex("Time=")  # asked after the last second
