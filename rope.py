@@ -37,35 +37,7 @@ def _vision_block_positions(t, h, w, seconds, tokens_per_second):
     return torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
 
 
-@functools.lru_cache(maxsize=256)
-def _vision_block(t, h, w, seconds, tokens_per_second):
-    """(offsets (3, t*h*w), advance): a vision block's M-RoPE offsets and how far it moves the next position
-    (its largest id + 1; the largest ids sit at its last token)."""
-    offsets = _vision_block_positions(t, h, w, seconds, tokens_per_second)
-    return offsets, int(offsets[:, -1].max()) + 1
-
-
-def _assemble(pieces, length):
-    """(3, length) positions of consecutive pieces (n tokens, first position, vision offsets or None for text):
-    text advances all three axes by one a token, a vision block adds its offsets. Vectorised: a long prompt
-    holds thousands of pieces (a 2,200 s video: 4,400), and small tensor ops per piece cost ~70 ms of host time."""
-    n = torch.tensor([p[0] for p in pieces])
-    first = torch.repeat_interleave(torch.tensor([p[1] for p in pieces]), n)   # (length,) its piece's position
-    j = torch.arange(length) - torch.repeat_interleave(n.cumsum(0) - n, n)     # (length,) index inside its piece
-    out = (first + j).expand(3, -1).clone()                                    # text: t = h = w
-    groups = {}  # the vision pieces by their offsets (one tensor per block shape: lru_cache hands out the same)
-    for i, (_, _, offsets) in enumerate(pieces):
-        if offsets is not None:
-            groups.setdefault(id(offsets), (offsets, []))[1].append(i)
-    for offsets, members in groups.values():
-        mask = torch.zeros(len(pieces), dtype=torch.bool)
-        mask[members] = True
-        tokens = torch.repeat_interleave(mask, n)
-        out[:, tokens] = first[tokens] + offsets[:, j[tokens]]
-    return out
-
-
-def mrope_positions(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+def mrope_positions_reference(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
                     attention_mask=None, start=0):
     """3-D M-RoPE position ids (3, B, L) for a batch of prompts, and the next free position per row (B,).
 
@@ -73,19 +45,17 @@ def mrope_positions(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, se
     run of (T, H, W) merged tokens gets t = cur + floor(k * seconds_per_grid * tokens_per_second),
     h = cur + row, w = cur + col, and the text after it starts at max(all ids) + 1. Images use seconds 0.
     Padded slots (attention_mask 0) get 0 and must be masked. `start` offsets a chunk appended to a cache.
+    This is the algorithm, run by run; mrope_positions below is the same, vectorised (tests check they agree).
     """
     B, L = input_ids.shape
-    m, tps = cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second
+    m = cfg.vision.spatial_merge_size
     pos = torch.zeros(3, B, L, dtype=torch.long)
     next_pos = torch.zeros(B, dtype=torch.long)
-    secs = (second_per_grid_ts.tolist() if second_per_grid_ts is not None
-            else [1.0] * (len(video_grid_thw) if video_grid_thw is not None else 0))
-    blocks = {  # each image's / video's (offsets, advance), in order
-        cfg.image_token_id: [_vision_block(t, h // m, w // m, 0.0, tps)
-                             for t, h, w in (image_grid_thw.tolist() if image_grid_thw is not None else [])],
-        cfg.video_token_id: [_vision_block(t, h // m, w // m, sec, tps)
-                             for (t, h, w), sec in zip(video_grid_thw.tolist() if video_grid_thw is not None
-                                                       else [], secs)]}
+    grids = {cfg.image_token_id: list(image_grid_thw.tolist()) if image_grid_thw is not None else [],
+             cfg.video_token_id: list(video_grid_thw.tolist()) if video_grid_thw is not None else []}
+    secs = {cfg.image_token_id: [0.0] * len(grids[cfg.image_token_id]),
+            cfg.video_token_id: (second_per_grid_ts.tolist() if second_per_grid_ts is not None
+                                 else [1.0] * len(grids[cfg.video_token_id]))}
     used = {cfg.image_token_id: 0, cfg.video_token_id: 0}
     starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
     for b in range(B):
@@ -94,28 +64,120 @@ def mrope_positions(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, se
         # runs of equal kind (text, image pads, video pads), found at once; a loop over runs, not tokens
         kind = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.video_token_id, 2, 0))
         run_kind, run_len = torch.unique_consecutive(kind, return_counts=True)
-        pieces, cur = [], starts[b]  # (tokens, first position, vision offsets or None), in plain numbers
+        chunks, cur = [], starts[b]
         for k, n in zip(run_kind.tolist(), run_len.tolist()):
             if k == 0:
-                pieces.append((n, cur, None))
+                chunks.append(torch.arange(cur, cur + n).expand(3, -1))
                 cur += n
                 continue
             tok = cfg.image_token_id if k == 1 else cfg.video_token_id
             while n > 0:  # a vision run: consume the next grids of its kind (adjacent blocks share a run)
-                if used[tok] >= len(blocks[tok]):
+                if used[tok] >= len(grids[tok]):
                     raise ValueError(f"more {'image' if tok == cfg.image_token_id else 'video'} runs in input_ids "
                                      "than grids given")
-                offsets, advance = blocks[tok][used[tok]]
+                t, h, w = grids[tok][used[tok]]
+                block = _vision_block_positions(t, h // m, w // m, secs[tok][used[tok]], cfg.vision.tokens_per_second)
                 used[tok] += 1
-                if offsets.shape[1] > n:
+                if block.shape[1] > n:
                     raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
                                      "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video")
-                pieces.append((offsets.shape[1], cur, offsets))
-                cur += advance
-                n -= offsets.shape[1]
-        if pieces:
-            pos[:, b, keep] = _assemble(pieces, len(ids))
+                chunks.append(block + cur)  # (3, t*h*w)
+                cur = int(chunks[-1][:, -1].max()) + 1  # the block's largest ids sit at its last token
+                n -= block.shape[1]
+        p = torch.cat(chunks, 1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+        pos[:, b, keep] = p
         next_pos[b] = cur
+    return pos.to(input_ids.device), next_pos
+
+
+def _kind_grids(grid_thw, secs, m, tps):
+    """One kind's grids (images or videos) as tensors: tokens (G,), advance (G,) (how far each block moves the
+    next position: its largest id + 1) and shape (G,), an index into `offsets`, the distinct blocks' (3, n)
+    offsets (_vision_block_positions), and C, the running token count at each grid's end."""
+    if grid_thw is None or not len(grid_thw):
+        empty = torch.zeros(0, dtype=torch.long)
+        return dict(tokens=empty, advance=empty, shape=empty, offsets=[], C=empty)
+    rows = torch.cat([grid_thw.cpu().double(), torch.as_tensor(secs, dtype=torch.float64)[:, None]], 1)  # (G, 4)
+    distinct, shape = torch.unique(rows, dim=0, return_inverse=True)  # a stream's seconds share a few shapes
+    offsets = [_vision_block_positions(int(t), int(h) // m, int(w) // m, float(sec), tps)
+               for t, h, w, sec in distinct.tolist()]
+    tokens = torch.tensor([o.shape[1] for o in offsets], dtype=torch.long)[shape]
+    advance = torch.tensor([int(o[:, -1].max()) + 1 for o in offsets], dtype=torch.long)[shape]
+    return dict(tokens=tokens, advance=advance, shape=shape, offsets=offsets, C=tokens.cumsum(0))
+
+
+def _row_positions(kind, grids, start, pointer):
+    """(3, L) positions and the next position of one row; kind (L,) 0 text / 1 image / 2 video pads, grids {1: ...,
+    2: ...} from _kind_grids, pointer {1: n, 2: n} the tokens of each kind earlier rows used (updated)."""
+    L = len(kind)
+    text = kind == 0
+    first_of_run = torch.ones(L, dtype=torch.bool)
+    first_of_run[1:] = kind[1:] != kind[:-1]
+    last_of_run = torch.ones(L, dtype=torch.bool)
+    last_of_run[:-1] = first_of_run[1:]
+    is_start, within = text & first_of_run, torch.zeros(L, dtype=torch.long)  # a piece: a text run or one block
+    grid_of, bad = torch.zeros(L, dtype=torch.long), []
+    for k, g in grids.items():
+        mine = (kind == k).nonzero().flatten()
+        if not len(mine):
+            continue
+        ends = last_of_run[mine]                                 # a run must end where a grid ends
+        if not len(g["C"]):                                      # pads, and no grid of their kind at all
+            bad.append((int(mine[ends][0]), k, False))
+            continue
+        z = pointer[k] + torch.arange(len(mine))                 # index in this kind's stream of pad tokens
+        gi = torch.searchsorted(g["C"], z, right=True)           # its grid (G: past the last one)
+        ok, gc = gi < len(g["C"]), gi.clamp(max=len(g["C"]) - 1)
+        w = z - (g["C"][gc] - g["tokens"][gc])                   # index inside its grid
+        fail = (ends & (~ok | (w != g["tokens"][gc] - 1))).nonzero().flatten()
+        if len(fail):
+            bad.append((int(mine[fail[0]]), k, bool(ok[fail[0]])))
+        within[mine], grid_of[mine], is_start[mine] = w, gi, w == 0
+        pointer[k] = int(z[-1]) + 1
+    if bad:
+        _, k, inside = min(bad)
+        raise ValueError("a vision placeholder run is shorter than its grid: the number of <|image_pad|>/"
+                         "<|video_pad|> tokens must equal grid_t*grid_h*grid_w/4 per image/video" if inside else
+                         f"more {'image' if k == 1 else 'video'} runs in input_ids than grids given")
+    first_tok = is_start.nonzero().flatten()                     # (P,) each piece's first token
+    pid = is_start.cumsum(0) - 1                                 # (L,) the piece of each token
+    advance = torch.diff(first_tok, append=torch.tensor([L]))    # text: its length; a block: its own advance
+    for k, g in grids.items():
+        block = kind[first_tok] == k
+        advance[block] = g["advance"][grid_of[first_tok[block]]]
+    first = start + advance.cumsum(0) - advance                  # (P,) each piece's first position
+    out = (first[pid] + torch.arange(L) - first_tok[pid]).expand(3, -1).clone()  # text: t = h = w
+    for k, g in grids.items():  # a block: its first position + its offsets, one gather per block shape
+        mine = (kind == k).nonzero().flatten()
+        shape = g["shape"][grid_of[mine]] if len(mine) else mine
+        for s, offsets in enumerate(g["offsets"]):
+            t = mine[shape == s]
+            out[:, t] = first[pid[t]] + offsets[:, within[t]]
+    return out, start + int(advance.sum())
+
+
+def mrope_positions(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+                    attention_mask=None, start=0):
+    """mrope_positions_reference, vectorised over the runs: the same (3, B, L) ids and next positions (B,), the
+    same errors. A long video is thousands of runs (2,200 s: 4,400), and a few small tensor ops per run cost
+    ~70 ms of host time there, more than the prefill's attention on a GPU; here it is ~20 ops over the tokens."""
+    B, L = input_ids.shape
+    m, tps = cfg.vision.spatial_merge_size, cfg.vision.tokens_per_second
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    next_pos = torch.zeros(B, dtype=torch.long)
+    n_images, n_videos = (len(g) if g is not None else 0 for g in (image_grid_thw, video_grid_thw))
+    secs = second_per_grid_ts.cpu() if second_per_grid_ts is not None else [1.0] * n_videos
+    grids = {1: _kind_grids(image_grid_thw, [0.0] * n_images, m, tps), 2: _kind_grids(video_grid_thw, secs, m, tps)}
+    pointer = {1: 0, 2: 0}
+    starts = [start] * B if isinstance(start, int) else [int(s) for s in start]
+    for b in range(B):
+        keep = torch.ones(L, dtype=torch.bool) if attention_mask is None else attention_mask[b].bool().cpu()
+        ids = input_ids[b].cpu()[keep]
+        kind = torch.where(ids == cfg.image_token_id, 1, torch.where(ids == cfg.video_token_id, 2, 0))
+        if len(ids):
+            pos[:, b, keep], next_pos[b] = _row_positions(kind, grids, starts[b], pointer)
+        else:
+            next_pos[b] = starts[b]
     return pos.to(input_ids.device), next_pos
 
 

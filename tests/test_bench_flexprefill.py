@@ -103,7 +103,8 @@ def test_answer_on_a_prefilled_cache_is_generate_on_the_whole_prompt():
     for _, question, _ in stream_questions(world, 40):
         whole = torch.cat([sample.ids, torch.tensor(question_segments(tok, question)[0][0])])[None]
         out = model.generate(whole, max_new_tokens=12, stop_ids=[tok.im_end_id], **vision)[0, whole.shape[1]:]
-        assert answer(model, tok, cache, question) == tok.decode([i for i in out.tolist() if i != tok.im_end_id]).strip()
+        whole_answer = tok.decode([i for i in out.tolist() if i != tok.im_end_id]).strip()
+        assert answer(model, tok, cache, question) == whole_answer
         assert cache.length == sample.ids.numel()  # cut back to the video
 
 

@@ -7,6 +7,7 @@ model could still pass).
 import json
 import os
 
+import re
 import pytest
 import torch
 
@@ -237,6 +238,48 @@ def test_index_functions_match_spec_examples():
     pos, _ = mrope_positions(ids, cfg, video_grid_thw=torch.tensor([[4, 4, 4]]),
                              second_per_grid_ts=torch.tensor([1.0]))
     assert pos[0, 0].tolist() == [0, 1] + [2] * 4 + [4] * 4 + [6] * 4 + [8] * 4 + [9, 10]
+
+
+def test_vectorised_positions_are_the_reference_walk():
+    """rope.mrope_positions (vectorised) against mrope_positions_reference (run by run) on random batches: text,
+    images and videos of several shapes, adjacent blocks, left padding, a start per row, fractional seconds a grid,
+    and broken inputs (a pad run that is not whole grids, too few grids), where both must raise the same error."""
+    import random
+    from rope import mrope_positions_reference
+    cfg = VLMConfig.from_hf_dict(hf_config().to_dict())
+    rng, raised = random.Random(0), 0
+    for _ in range(400):
+        rows, grids = [], {cfg.image_token_id: [], cfg.video_token_id: []}
+        for _ in range(rng.randint(1, 3)):
+            row = []
+            for _ in range(rng.randint(0, 6)):
+                if rng.random() < 0.35:
+                    row += [rng.randint(0, 600)] * rng.randint(1, 4)
+                    continue
+                pad = rng.choice(list(grids))
+                t = 1 if pad == cfg.image_token_id else rng.randint(1, 3)
+                h, w = 2 * rng.randint(1, 3), 2 * rng.randint(1, 3)
+                grids[pad].append([t, h, w])
+                row += [pad] * (t * h * w // 4 + (rng.random() < 0.05) * rng.choice([-1, 1, 3]))  # sometimes broken
+            rows.append(row)
+        if rng.random() < 0.05 and grids[cfg.video_token_id]:
+            grids[cfg.video_token_id].pop()  # one grid too few
+        L = max(len(r) for r in rows)
+        ids = torch.tensor([[5] * (L - len(r)) + r for r in rows]).reshape(len(rows), L)
+        mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows]).reshape(len(rows), L)
+        image, video = (torch.tensor(grids[k]) if grids[k] else None for k in grids)
+        kw = dict(image_grid_thw=image, video_grid_thw=video, attention_mask=mask, start=rng.choice([0, 7]),
+                  second_per_grid_ts=torch.rand(len(video)) * 2 if video is not None and rng.random() < 0.5 else None)
+        try:
+            want = mrope_positions_reference(ids, cfg, **kw)
+        except ValueError as e:
+            raised += 1
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                mrope_positions(ids, cfg, **kw)
+            continue
+        got = mrope_positions(ids, cfg, **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 20 < raised < 200  # both kinds of error were reached, and most batches were valid
 
 
 def test_text_after_a_video_starts_after_its_largest_position():

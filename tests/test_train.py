@@ -442,7 +442,8 @@ def test_batches_carry_uint8_frames_and_fall_back_to_patches_when_sizes_differ(t
 
 def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     """train.py --long-seconds: every round from second 0 (no previous text), then the questions, their answers
-    the only supervised tokens and equal to the world's; a micro-batch shares one length, so its padding is short and on the right."""
+    supervised and equal to the world's (and the last minute's replies, the rest context); a micro-batch shares
+    one length, so its padding is short and on the right; --curriculum grows the lengths."""
     import random
     from dataclasses import replace
     from data import LONG_SUPERVISED_SECONDS, chunk_at, long_range, long_sample, make_batch
