@@ -32,7 +32,8 @@ from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, pre
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
 from reuse import evicted_prefixes, segment_cuts, split_chunk
 from rope import mrope_positions
-from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed
+from world import (ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed,
+                   time_label)
 
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
                         # under 100 (one token) even in the goal-dense streams of --goal-rate LO:HI (a goal count
@@ -68,7 +69,7 @@ def make_tokenizer(vocab_size=640, seed=0):
     texts = [" " + t for t in said] + [SILENCE] * 400
     # the text between the special tokens of every prompt (layout.py), so that "assistant" or "Time" is one token
     texts += [f"user\n{q}" for q in QUESTIONS.values()] * 20
-    texts += [f"user\nTime={t:.1f}-{t + 1:.1f}s" for t in range(0, 20000, 7)]
+    texts += [f"user\n{time_label(t)}" for t in range(0, 20000, 7)]
     texts += ["assistant\n", "previous text\n", f"system\n{SYSTEM_PROMPT}"] * 400
     return Tokenizer(build_tokenizer(texts * 3, vocab_size))
 

@@ -37,6 +37,7 @@ import torch
 
 from cli import Parser, between, checked
 from safeio import write_atomic
+from world import time_label
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 SILENCE = " ..."       # what a quiet second says before <|im_end|>
@@ -200,7 +201,7 @@ def _encode(tok, text):
 
 def user_ids(tok, t, n_vision, query=""):
     """The user turn of second t with n_vision video tokens (and a query after them), and the assistant header."""
-    return (list(_encode(tok, f"<|im_start|>user\nTime={t:.1f}-{t + 1:.1f}s<|vision_start|>"))
+    return (list(_encode(tok, f"<|im_start|>user\n{time_label(t)}<|vision_start|>"))
             + [tok.video_pad_id] * n_vision
             + list(_encode(tok, f"<|vision_end|>{query}<|im_end|>\n<|im_start|>assistant\n")))
 

@@ -113,9 +113,17 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
 # Questions whose answer lies anywhere in a long stretch of stream (tools.bench_flexprefill --long-prefill, and
 # train.py --long-seconds, which teaches them): each needs a sentence found by its time or its order, not the last
 # one, so a model must attend far back; the kind of retrieval FlexPrefill's query-aware heads are for.
-LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {t}s?",
-                  "goals_before": "How many goals before {t}s?", "scorer_at": "Who scored at {t}s?"}
+# A timed question names its second as the prompt does (time_label), so that its digits are the prompt's tokens: a
+# byte-level BPE splits " 358" and "=358" differently (" 3"+"58" against "35"+"8"), and a small model then has to
+# learn that they are the same number before it can look the second up.
+LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {time}?",
+                  "goals_before": "How many goals before {time}?", "scorer_at": "Who scored at {time}?"}
 ALL_QUESTIONS = {**QUESTIONS, **LONG_QUESTIONS}  # every kind long_question asks
+
+
+def time_label(t: int) -> str:
+    """How a prompt names second t, in its user turn (layout.user_ids) and in the questions about it."""
+    return f"Time={t:.1f}-{t + 1:.1f}s"
 
 
 def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
@@ -129,11 +137,11 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str,
         return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
     if kind == "scorer_at":
         t, team = rng.choice(goals)
-        return LONG_QUESTIONS[kind].format(t=t), f"{team}."
+        return LONG_QUESTIONS[kind].format(time=time_label(t)), f"{team}."
     t = rng.randrange(t1)
     if kind == "score_at":  # the score after second t (its goal counted), as the commentary at t says it
-        return LONG_QUESTIONS[kind].format(t=t), answer("score", stream.score(t), None)
-    return LONG_QUESTIONS[kind].format(t=t), answer("goals", stream.score(t - 1) if t else (0, 0), None)
+        return LONG_QUESTIONS[kind].format(time=time_label(t)), answer("score", stream.score(t), None)
+    return LONG_QUESTIONS[kind].format(time=time_label(t)), answer("goals", stream.score(t - 1) if t else (0, 0), None)
 
 
 # commentary's sentences read back (eval.py scores a model's output with these)

@@ -71,7 +71,7 @@ def test_long_prefill_end_to_end(ckpt, tmp_path):  # noqa: F811
         elif r["asked"] == QUESTIONS["first"]:  # who scored at a goal's second, with no goal yet
             assert r["question"] == "scorer_at" and r["truth"] == (f"{first[1]}." if first else "Nobody yet.")
         else:  # the second asked about is in the question, one of the 12 prefilled
-            t = int(re.search(r" (\d+)s\?$", r["asked"]).group(1))
+            t = int(re.search(r" Time=(\d+)\.0-\d+\.0s\?$", r["asked"]).group(1))
             assert 0 <= t < 12
             teams = {g: team for g, e, team in w.events(0, 12) if e == "goal"}
             assert r["truth"] == {"score_at": answer("score", w.score(t), None),

@@ -463,8 +463,8 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     early = long.round < 100 - LONG_SUPERVISED_SECONDS
     assert (long.labels[early] == IGNORE).all() and (long.labels[~early & (long.kind != Kind.USER)] != IGNORE).any()
     text = tok.decode(s.ids.tolist())
-    assert text.count("Time=") == 40 and all(q in text for q, _ in asked)
-    assert text.index(asked[0][0]) > text.rindex("Time=")  # asked after the last second
+    assert text.count("<|im_start|>user\nTime=") == 40 and all(q in text for q, _ in asked)
+    assert text.index(asked[0][0]) > text.rindex("<|im_start|>user\nTime=")  # asked after the last second
     cfg = get_args(["--preset", "cpu", "--long-seconds", "20:30", "--long-questions", "2", "--out", "/none/x"]).cfg
     b = make_batch(tok, "train", [0, 1, 2], cfg)
     assert len(b["video_grid_thw"]) % 3 == 0 and 60 <= len(b["video_grid_thw"]) <= 90  # one length, 20-30 s, for all

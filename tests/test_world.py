@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from world import (COLOUR, EVENTS, FLASH, TEAMS, YELLOW, SportsStream, WorldConfig,
-                   commentary, event_table, parse_event, save_gif, split_seed)
+                   commentary, event_table, parse_event, save_gif, split_seed, time_label)
 
 LONG = 20_000  # seconds scanned by the rate / score tests (metadata only, no rendering)
 SENTENCE = re.compile(r"^((Red|Blue) scores! Red \d+, Blue \d+\.|(Red|Blue) shoots!|"
@@ -246,7 +246,8 @@ def test_long_questions_answer_from_the_commentary():
             if kind == "first":
                 assert a == f"{goals[min(goals)][1]}."
                 continue
-            t = int(q.split(" ")[-1][:-2])  # "... at 788s?" -> 788
+            t = int(q.split("=")[-1].split(".")[0])  # "... at Time=788.0-789.0s?" -> 788
+            assert q.endswith(f" {time_label(t)}?")
             before = [g for g in goals if g <= t]
             if kind == "score_at":
                 assert a == ("Red {}, Blue {}.".format(*goals[max(before)][2]) if before else "Red 0, Blue 0.")
