@@ -92,18 +92,23 @@ def mrope_positions_reference(input_ids, cfg, image_grid_thw=None, video_grid_th
 
 def _kind_grids(grid_thw, secs, m, tps):
     """One kind's grids (images or videos) as tensors: tokens (G,), advance (G,) (how far each block moves the
-    next position: its largest id + 1) and shape (G,), an index into `offsets`, the distinct blocks' (3, n)
-    offsets (_vision_block_positions), and C, the running token count at each grid's end."""
+    next position: its largest id + 1), shape (G,) (which distinct block it is), the distinct blocks' offsets
+    (_vision_block_positions) side by side in table (3, n) from base[shape], and C, the running token count."""
+    empty = torch.zeros(0, dtype=torch.long)
     if grid_thw is None or not len(grid_thw):
-        empty = torch.zeros(0, dtype=torch.long)
-        return dict(tokens=empty, advance=empty, shape=empty, offsets=[], C=empty)
-    rows = torch.cat([grid_thw.cpu().double(), torch.as_tensor(secs, dtype=torch.float64)[:, None]], 1)  # (G, 4)
-    distinct, shape = torch.unique(rows, dim=0, return_inverse=True)  # a stream's seconds share a few shapes
+        return dict(tokens=empty, advance=empty, shape=empty, table=empty.view(3, 0), base=empty, C=empty)
+    grid_thw = grid_thw.cpu()
+    secs = torch.as_tensor(secs, dtype=torch.float64)[:len(grid_thw)]
+    secs = torch.where(grid_thw[:len(secs), 0] > 1, secs, 0.0)  # one temporal patch: its seconds change nothing
+    rows = torch.cat([grid_thw[:len(secs)].double(), secs[:, None]], 1)  # (G, 4); more grids than seconds: an
+    distinct, shape = torch.unique(rows, dim=0, return_inverse=True)      # error if used, as the reference's
     offsets = [_vision_block_positions(int(t), int(h) // m, int(w) // m, float(sec), tps)
                for t, h, w, sec in distinct.tolist()]
-    tokens = torch.tensor([o.shape[1] for o in offsets], dtype=torch.long)[shape]
-    advance = torch.tensor([int(o[:, -1].max()) + 1 for o in offsets], dtype=torch.long)[shape]
-    return dict(tokens=tokens, advance=advance, shape=shape, offsets=offsets, C=tokens.cumsum(0))
+    n = torch.tensor([o.shape[1] for o in offsets], dtype=torch.long)
+    advance = torch.tensor([int(o[:, -1].max()) + 1 if o.shape[1] else 0 for o in offsets], dtype=torch.long)
+    # all shapes' offsets side by side, each from base[shape]: a block's token k takes table[:, base + k]
+    table, base = torch.cat(offsets, 1), n.cumsum(0) - n
+    return dict(tokens=n[shape], advance=advance[shape], shape=shape, table=table, base=base, C=n[shape].cumsum(0))
 
 
 def _row_positions(kind, grids, start, pointer):
@@ -147,12 +152,10 @@ def _row_positions(kind, grids, start, pointer):
         advance[block] = g["advance"][grid_of[first_tok[block]]]
     first = start + advance.cumsum(0) - advance                  # (P,) each piece's first position
     out = (first[pid] + torch.arange(L) - first_tok[pid]).expand(3, -1).clone()  # text: t = h = w
-    for k, g in grids.items():  # a block: its first position + its offsets, one gather per block shape
+    for k, g in grids.items():  # a block: its first position + its offsets, one gather from all shapes' offsets
         mine = (kind == k).nonzero().flatten()
-        shape = g["shape"][grid_of[mine]] if len(mine) else mine
-        for s, offsets in enumerate(g["offsets"]):
-            t = mine[shape == s]
-            out[:, t] = first[pid[t]] + offsets[:, within[t]]
+        if len(mine):
+            out[:, mine] = first[pid[mine]] + g["table"][:, g["base"][g["shape"][grid_of[mine]]] + within[mine]]
     return out, start + int(advance.sum())
 
 

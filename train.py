@@ -108,7 +108,8 @@ class TrainConfig:
                                     "--goal-rate's); sparser goals leave the last score further back", rate_or_range)
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", between(1, 10**7))
-    curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (0: none)",
+    curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (with "
+                           "--long-seconds: the lengths from 60 s; 0: none)",
                            at_least(0))
     time_curriculum: int = knob(0, "steps over which chunk starts widen from a stream's first minute to all of "
                                 "--stream-seconds (0: none)", at_least(0))

@@ -6,9 +6,10 @@ For each --seconds length and each held-out stream (world.split_seed("eval", SEE
 once with dense causal attention and once with FlexPrefill, each into its own KVCache. Every question of
 world.ALL_QUESTIONS (the score, the goals, the first scorer, and the timed ones: the score at a second, the goals
 before it, who scored at it) is then a short chunk on that cache, answered greedily, and the cache is cut back
-to the video. That is how a user asks about a long video: prefill it once, ask many times. A chunk shorter than
-FlexPrefillConfig.min_len attends densely, as in the model, so FlexPrefill's answer differs from dense only
-through what its sparse prefill wrote into the cache (every layer's keys and values past the first).
+to the video. That is how a user asks about a long video: prefill it once, ask many times. The question and its
+answer attend densely in both modes (as a chunk under FlexPrefillConfig.min_len does in the model), so
+FlexPrefill's answer differs from dense only through what its sparse prefill wrote into the cache (every layer's
+keys and values past the first).
 
 Reported per length: the answers (right = equal to the world's answer), the share where FlexPrefill's answer
 equals dense's, the prefill times (the whole forward: vision tower, decoder, and for FlexPrefill its block
@@ -67,11 +68,14 @@ def stream_questions(world, seconds):
 
 
 @torch.no_grad()
-def prefill(model, attn_fn, ids, vision, room=64):
-    """A KVCache holding the prompt `ids` (1, T), prefilled under attn_fn, with `room` tokens to spare."""
+def prefill(model, attn_fn, ids, vision, room=256):
+    """A KVCache holding the prompt `ids` (1, T), prefilled under attn_fn, with `room` tokens to spare (a question
+    and its answer). The model is left with dense attention."""
     cache = KVCache(model.cfg, 1, ids.shape[1] + room, model.device, model.dtype)
-    model.use_attention(attn_fn)(ids, cache=cache, logits_to_keep=1, **vision)
-    model.use_attention(None)
+    try:
+        model.use_attention(attn_fn)(ids, cache=cache, logits_to_keep=1, **vision)
+    finally:
+        model.use_attention(None)
     return cache
 
 
@@ -80,16 +84,19 @@ def answer(model, tok, cache, question, max_new_tokens=12):
     """The greedy answer to `question` asked on top of the prefilled cache, which is then cut back to the prompt."""
     length, next_pos = cache.length, cache.next_pos.clone()
     ids = torch.tensor([question_segments(tok, question)[0][0]], device=model.device)
-    logits, out = model(ids, cache=cache, logits_to_keep=1), []
-    while len(out) < max_new_tokens:
-        out.append(int(logits[0, -1].argmax()))
-        if out[-1] == tok.im_end_id:
-            break
-        logits = model(torch.tensor([out[-1:]], device=model.device), cache=cache)
-    cache.length, cache.next_pos = length, next_pos  # forget the question: the next one asks the video afresh
+    try:
+        logits, out = model(ids, cache=cache, logits_to_keep=1), []
+        while len(out) < max_new_tokens:
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] == tok.im_end_id:
+                break
+            logits = model(torch.tensor([out[-1:]], device=model.device), cache=cache)
+    finally:  # forget the question, whatever happened: the next one asks the video afresh
+        cache.length, cache.added, cache.next_pos = length, 0, next_pos
     return tok.decode([i for i in out if i != tok.im_end_id]).strip()
 
 
+@torch.no_grad()  # FlexAttention's BlockMask here is forward-only
 def prefill_ms(model, attn_fn, ids, vision):
     """Median milliseconds of the whole prefill forward under attn_fn, after a warm-up (allocation, compilation)."""
     from tools.bench_flexprefill import timeit  # here: that module imports this one for --long-prefill
@@ -160,9 +167,11 @@ def summarize(seconds, rows):
 def per_question(rows):
     """{kind: {dense, flexprefill, streaming: right answers, asked}} over all rows."""
     kinds = dict.fromkeys(r["question"] for r in rows)
-    return {q: {m: sum(bool(r[f"{m}_right"]) for r in rows if r["question"] == q)
-                for m in ("dense", "flexprefill", "streaming")} | dict(asked=sum(r["question"] == q for r in rows))
-            for q in kinds}
+    def right(q, mode):  # None: that mode was not asked (--no-streaming-cache)
+        got = [r[f"{mode}_right"] for r in rows if r["question"] == q]
+        return None if None in got else sum(got)
+    return {q: {m: right(q, m) for m in ("dense", "flexprefill", "streaming")}
+            | dict(asked=sum(r["question"] == q for r in rows)) for q in kinds}
 
 
 def long_prefill(args):
@@ -187,7 +196,8 @@ def long_prefill(args):
     print(table(summary))
     kinds = per_question(rows)
     print("right per question (dense / FlexPrefill / streaming cache): " + ", ".join(
-        f"{q} {v['dense']}/{v['flexprefill']}/{v['streaming']} of {v['asked']}" for q, v in kinds.items()))
+        f"{q} {v['dense']}/{v['flexprefill']}/{'-' if v['streaming'] is None else v['streaming']} of {v['asked']}"
+        for q, v in kinds.items()))
     tokens = [s["tokens"] for s in summary]
     plot(args.out, "long_prefill", {f"{name} ({hardware()})": (tokens, [s[f"{key}_ms"] for s in summary])
                                     for name, key in (("dense", "dense"), ("FlexPrefill", "flexprefill"),
