@@ -122,8 +122,9 @@ def _row_positions(kind, grids, start, pointer):
     last_of_run[:-1] = first_of_run[1:]
     is_start, within = text & first_of_run, torch.zeros(L, dtype=torch.long)  # a piece: a text run or one block
     grid_of, bad = torch.zeros(L, dtype=torch.long), []
+    pads = {k: (kind == k).nonzero().flatten() for k in grids}  # (n,) where each kind's pad tokens are
     for k, g in grids.items():
-        mine = (kind == k).nonzero().flatten()
+        mine = pads[k]
         if not len(mine):
             continue
         ends = last_of_run[mine]                                 # a run must end where a grid ends
@@ -153,7 +154,7 @@ def _row_positions(kind, grids, start, pointer):
     first = start + advance.cumsum(0) - advance                  # (P,) each piece's first position
     out = (first[pid] + torch.arange(L) - first_tok[pid]).expand(3, -1).clone()  # text: t = h = w
     for k, g in grids.items():  # a block: its first position + its offsets, one gather from all shapes' offsets
-        mine = (kind == k).nonzero().flatten()
+        mine = pads[k]
         if len(mine):
             out[:, mine] = first[pid[mine]] + g["table"][:, g["base"][g["shape"][grid_of[mine]]] + within[mine]]
     return out, start + int(advance.sum())

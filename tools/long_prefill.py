@@ -23,6 +23,7 @@ Paper: Lai et al., FlexPrefill, arXiv 2502.20766 (RULER: 89.18 vs 88.70 dense, ~
 """
 import random
 import statistics
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from flexprefill import FlexPrefill, FlexPrefillConfig, flexprefill_attention
 from layout import layout_of, question_segments
 from model import causal_attention
 from stream import make_streamer, streamer_kwargs
+from tools.bench_flexprefill import timeit
 from world import ALL_QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
 
 
@@ -99,7 +101,6 @@ def answer(model, tok, cache, question, max_new_tokens=12):
 @torch.no_grad()  # FlexAttention's BlockMask here is forward-only
 def prefill_ms(model, attn_fn, ids, vision):
     """Median milliseconds of the whole prefill forward under attn_fn, after a warm-up (allocation, compilation)."""
-    from tools.bench_flexprefill import timeit  # here: that module imports this one for --long-prefill
     model.use_attention(attn_fn)
     try:
         return timeit(lambda: model(ids, logits_to_keep=1, **vision), model.device, 1, 3)
@@ -119,8 +120,7 @@ def streaming_answers(model, tok, st, secs, questions):
 def ask_stream(args, model, tok, st, world, seconds, res):
     """One held-out world after `seconds`: its rows, one a question, each with the stream's measures."""
     sparse = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1)
-    guarded = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1,
-                                dense_above=args.dense_above, dense_below=args.dense_below)
+    guarded = replace(sparse, dense_above=args.dense_above, dense_below=args.dense_below)
     secs = [world.second(t) for t in range(seconds)]
     kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
