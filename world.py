@@ -127,21 +127,23 @@ def time_label(t: int) -> str:
 
 
 def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
-    """(question, answer) of ALL_QUESTIONS[kind] about seconds [0, t1) of a stream, its second t drawn with `rng`
-    (a random.Random): any second for the score and the count, a goal's second for its scorer (the first
-    scorer's question when there is no goal yet)."""
+    """(question, answer) of ALL_QUESTIONS[kind] about seconds [0, t1) of a stream. A timed question names a goal's
+    second drawn with `rng` (a random.Random): its answer is said at that second (the scorer, the score) or follows
+    from it (the goals before), so answering is a lookup by the second's label, not a search for the last goal
+    before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and the others
+    name any second (the answer is then 0-0)."""
     goals = [(t, team) for t, e, team in stream.events(0, t1) if e == "goal"]
     if kind == "scorer_at" and not goals:
         kind = "first"
     if kind in QUESTIONS:  # about the whole stretch: the last goal sentence, or the first
         return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
+    t, team = rng.choice(goals) if goals else (rng.randrange(t1), None)
+    question = LONG_QUESTIONS[kind].format(time=time_label(t))
     if kind == "scorer_at":
-        t, team = rng.choice(goals)
-        return LONG_QUESTIONS[kind].format(time=time_label(t)), f"{team}."
-    t = rng.randrange(t1)
-    if kind == "score_at":  # the score after second t (its goal counted), as the commentary at t says it
-        return LONG_QUESTIONS[kind].format(time=time_label(t)), answer("score", stream.score(t), None)
-    return LONG_QUESTIONS[kind].format(time=time_label(t)), answer("goals", stream.score(t - 1) if t else (0, 0), None)
+        return question, f"{team}."
+    if kind == "score_at":  # the score after second t, its goal counted, as the commentary at t says it
+        return question, answer("score", stream.score(t), None)
+    return question, answer("goals", stream.score(t - 1) if t else (0, 0), None)
 
 
 # commentary's sentences read back (eval.py scores a model's output with these)

@@ -248,6 +248,7 @@ def test_long_questions_answer_from_the_commentary():
                 continue
             t = int(q.split("=")[-1].split(".")[0])  # "... at Time=788.0-789.0s?" -> 788
             assert q.endswith(f" {time_label(t)}?")
+            assert t in goals  # a timed question names a goal's second: a lookup
             before = [g for g in goals if g <= t]
             if kind == "score_at":
                 assert a == ("Red {}, Blue {}.".format(*goals[max(before)][2]) if before else "Red 0, Blue 0.")
