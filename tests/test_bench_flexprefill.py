@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tools.bench_flexprefill import main
-from tools.long_prefill import MeasuredFlexPrefill
+from tools.long_prefill import MeasuredFlexPrefill, stream_questions
 from flexprefill import FlexPrefill, FlexPrefillConfig
 from test_eval import ckpt, refused  # noqa: F401  (ckpt: a fixture, a 2-step checkpoint)
-from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
+from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, split_seed
 
 
 def test_kernel_table_smoke(tmp_path):
@@ -167,3 +167,16 @@ def test_authors_that_fail_at_run_time_cost_their_columns_only(tmp_path, capsys)
                  "--min-budget", "128", "--inputs", "random", "--authors", str(tmp_path)])
     assert "failed on random N=512: RuntimeError: old triton" in capsys.readouterr().out
     assert "authors_ms" not in rows[0] and rows[0]["x_authors"] is None and rows[0]["sdpa_ms"] > 0
+
+
+def test_timed_questions_ask_about_different_goals():
+    w = SportsStream(WorldConfig(seed=split_seed("eval", 0), goal_rate=0.05))
+    goals = [t for t, e, _ in w.events(0, 600) if e == "goal"]
+    assert len(goals) >= 4
+    asked = stream_questions(w, 600, timed=4)
+    kinds = [k for k, _, _ in asked]
+    assert kinds[:3] == ["score", "goals", "first"] and len(asked) == len(set(asked))
+    for kind in ("score_at", "goals_before", "scorer_at"):
+        seconds = [int(re.search(r"Time=(\d+)\.0", q).group(1)) for k, q, _ in asked if k == kind]
+        assert 2 <= len(seconds) <= 4 and set(seconds) <= set(goals)  # distinct goals' seconds, repeats dropped
+    assert [k for k, _, _ in stream_questions(w, 600)] == list(ALL_QUESTIONS)  # one of each kind by default

@@ -338,6 +338,8 @@ def build_parser():
                    "prefilled, one or more lengths (~29 tokens a second; default 1800 on a GPU, 120 on a CPU)")
     p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
                    "every question of world.ALL_QUESTIONS")
+    p.add_argument("--timed", type=at_least(1), default=1, help="--long-prefill: questions of each timed kind "
+                   "(world.LONG_QUESTIONS but the first scorer's) a stream is asked, about different goals")
     p.add_argument("--streaming-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="--long-prefill: also ask the StreamingVLM cache after streaming the same seconds")
     p.add_argument("--out", default="out/bench", help="--long-prefill: folder for long_prefill.json(l)")

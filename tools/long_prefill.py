@@ -37,7 +37,7 @@ from layout import layout_of, question_segments
 from model import causal_attention
 from stream import make_streamer, streamer_kwargs
 from tools.bench_flexprefill import timeit
-from world import ALL_QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
+from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
 
 
 class MeasuredFlexPrefill(FlexPrefill):
@@ -61,12 +61,14 @@ class MeasuredFlexPrefill(FlexPrefill):
         return out
 
 
-def stream_questions(world, seconds):
+def stream_questions(world, seconds, timed=1):
     """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
-    the score and the count, the first one the first scorer) and the timed world.LONG_QUESTIONS (a sentence found
-    by its second), their seconds drawn from the world's seed."""
+    the score and the count, the first one the first scorer) and `timed` of each timed world.LONG_QUESTIONS (a
+    sentence found by its second), their seconds drawn from the world's seed, repeats dropped."""
     rng = random.Random(world.cfg.seed)
-    return [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS]
+    asked = [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS
+             for _ in range(1 if k in QUESTIONS or k == "first" else timed)]
+    return list(dict.fromkeys(asked))  # a stream with few goals asks about the same second again: once is enough
 
 
 @torch.no_grad()
@@ -130,7 +132,7 @@ def ask_stream(args, model, tok, st, world, seconds, res):
     caches = dict(dense=prefill(model, None, ids, vision), flexprefill=prefill(model, measured, ids, vision))
     times = dict(dense_ms=prefill_ms(model, None, ids, vision), flexprefill_ms=prefill_ms(model, FlexPrefill(guarded),
                  ids, vision), sparse_ms=prefill_ms(model, FlexPrefill(sparse), ids, vision))
-    questions = stream_questions(world, seconds)
+    questions = stream_questions(world, seconds, args.timed)
     streaming = streaming_answers(model, tok, st, secs, questions) if args.streaming_cache else [None] * len(questions)
     # this stream's measures ride on each of its rows: an interrupted run keeps them with its answers
     measures = dict(times, density=round(statistics.mean(measured.density), 4),
