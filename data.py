@@ -32,7 +32,7 @@ from layout import (FPS, FRAME_PIXELS, IGNORE, SILENCE, SYSTEM_PROMPT, Kind, pre
 from processor import Tokenizer, build_tokenizer, patchify_video, resize_video
 from reuse import evicted_prefixes, segment_cuts, split_chunk
 from rope import mrope_positions
-from world import (ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_question, split_seed,
+from world import (QUESTIONS, SportsStream, WorldConfig, answer, commentary, long_questions, split_seed,
                    time_label)
 
 GOALS_PER_STREAM = 100  # a stream with goal rate r is at most this / r seconds long, so each team's score stays
@@ -216,14 +216,14 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
 
 def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
-    then `questions` world.LONG_QUESTIONS whose answers lie anywhere in it (and world.QUESTIONS, not to forget
-    them), their answers and the last minute's commentary supervised: the layout tools.bench_flexprefill
+    then up to `questions` of world.long_questions (the whole-stretch ones, not to forget them, and one timed
+    question a goal, none answerable from another's answer), their answers and the last minute's commentary supervised: the layout tools.bench_flexprefill
     --long-prefill asks in, to teach a model to retrieve from far back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
     if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
         stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))
     rng = random.Random(f"{split}-{index}-long")
-    asked = [long_question(rng.choice(list(ALL_QUESTIONS)), stream, seconds, rng) for _ in range(questions)]
+    asked = long_questions(stream, seconds, questions, rng)
     secs = [stream.second(t) for t in range(seconds)]
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
                           asked={seconds - 1: asked})

@@ -124,7 +124,8 @@ class TrainConfig:
                                "answered anywhere in it (world.LONG_QUESTIONS); --curriculum grows both ends "
                                "from 60 s; the chunk flags, --time-curriculum and --question-rate do not apply (none: "
                                "chunks)", seconds_range)
-    long_questions: int = knob(4, "questions ending each --long-seconds stream", between(1, 64))
+    long_questions: int = knob(4, "questions ending each --long-seconds stream, at most (world.long_questions: "
+                               "the whole-stretch ones, one timed question a goal, no repeats)", between(1, 64))
     text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", between(0, 32768))
     text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", between(0, 32768))
     frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", between(56, 4096))

@@ -126,24 +126,41 @@ def time_label(t: int) -> str:
     return f"Time={t:.1f}-{t + 1:.1f}s"
 
 
-def long_question(kind: str, stream: "SportsStream", t1: int, rng) -> tuple[str, str]:
+def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None = None) -> tuple[str, str]:
     """(question, answer) of ALL_QUESTIONS[kind] about seconds [0, t1) of a stream. A timed question names a goal's
-    second drawn with `rng` (a random.Random): its answer is said at that second (the scorer, the score) or follows
-    from it (the goals before), so answering is a lookup by the second's label, not a search for the last goal
-    before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and the others
-    name any second (the answer is then 0-0)."""
-    goals = [(t, team) for t, e, team in stream.events(0, t1) if e == "goal"]
+    second (`t`, or drawn with `rng`, a random.Random): its answer is said at that second (the scorer, the score)
+    or follows from it (the goals before), so answering is a lookup by the second's label, not a search for the
+    last goal before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and
+    the others name any second (the answer is then 0-0)."""
+    goals = [(g, team) for g, e, team in stream.events(0, t1) if e == "goal"]
     if kind == "scorer_at" and not goals:
         kind = "first"
     if kind in QUESTIONS:  # about the whole stretch: the last goal sentence, or the first
         return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
-    t, team = rng.choice(goals) if goals else (rng.randrange(t1), None)
+    if t is None:
+        t, team = rng.choice(goals) if goals else (rng.randrange(t1), None)
+    else:
+        team = dict(goals).get(t)
     question = LONG_QUESTIONS[kind].format(time=time_label(t))
     if kind == "scorer_at":
         return question, f"{team}."
     if kind == "score_at":  # the score after second t, its goal counted, as the commentary at t says it
         return question, answer("score", stream.score(t), None)
     return question, answer("goals", stream.score(t - 1) if t else (0, 0), None)
+
+
+def long_questions(stream: "SportsStream", t1: int, n: int, rng) -> list[tuple[str, str]]:
+    """Up to n (question, answer) pairs about seconds [0, t1), shuffled with `rng`, none of them about what another
+    names: each whole-stretch question once, and each goal's second named by one timed question at most. Training
+    asks them one after another in one sequence, where a repeat is answered by copying the earlier answer, not by
+    finding it in the video (the long-prefill check asks each question alone)."""
+    goals = [t for t, e, _ in stream.events(0, t1) if e == "goal"]
+    timed = [k for k in LONG_QUESTIONS if k not in QUESTIONS]
+    pool = [(k, None) for k in QUESTIONS] + [(rng.choice(timed), t) for t in goals]
+    if not goals:  # a second of a goalless stretch: the score there and the goals before it are 0
+        pool += [("score_at", None), ("goals_before", None)]
+    rng.shuffle(pool)
+    return [long_question(kind, stream, t1, rng, t) for kind, t in pool[:n]]
 
 
 # commentary's sentences read back (eval.py scores a model's output with these)

@@ -448,14 +448,14 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     from dataclasses import replace
     from data import LONG_SUPERVISED_SECONDS, chunk_at, long_range, long_sample, make_batch
     from train import get_args
-    from world import LONG_QUESTIONS, QUESTIONS, long_question
+    from world import long_questions
     world = dict(event_rate=0.3, goal_rate=0.05)
     s = long_sample(tok, "train", 5, 40, 3, world)
     prefix = sum(len(seg) for seg, _ in prefix_segments(tok, [], 512, 512))  # the system prompt, no previous text
     assert len(s.grid_thw) == 40 and int((s.round == -1).sum()) == prefix
     stream, t0 = chunk_at("train", 5, 40, 0, 40, world)
     rng = random.Random("train-5-long")
-    asked = [long_question(rng.choice(list({**QUESTIONS, **LONG_QUESTIONS})), stream, 40, rng) for _ in range(3)]
+    asked = long_questions(stream, 40, 3, rng)
     supervised = tok.decode([t for t in s.labels.tolist() if t != IGNORE])
     assert t0 == 0 and supervised.endswith("".join(f" {a}<|im_end|>" for _, a in asked))
     # the answers and the last minute's replies are supervised, earlier replies are context only

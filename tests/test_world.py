@@ -256,3 +256,25 @@ def test_long_questions_answer_from_the_commentary():
                 assert a == f"{len([g for g in goals if g < t])} goals."
             else:
                 assert t in goals and a == f"{goals[t][1]}."
+
+
+def test_long_questions_never_name_a_goal_twice():
+    import random
+
+    from world import ALL_QUESTIONS, long_question, long_questions
+    w = SportsStream(WorldConfig(seed=7, goal_rate=0.05))
+    goals = {t for t, e, _ in w.events(0, 600) if e == "goal"}
+    rng = random.Random(0)
+    asked = long_questions(w, 600, 64, rng)
+    assert len(asked) == 3 + len(goals) and len(set(asked)) == len(asked)  # the whole-stretch three, a goal each
+    named = [int(q.split("=")[-1].split(".")[0]) for q, _ in asked if "Time=" in q]
+    assert sorted(named) == sorted(goals)
+    for q, a in asked:  # each answer is long_question's for its kind and second
+        kind = next(k for k, text in ALL_QUESTIONS.items() if text.split("{")[0] in q and "Time=" in q) \
+            if "Time=" in q else next(k for k, text in ALL_QUESTIONS.items() if text == q)
+        t = int(q.split("=")[-1].split(".")[0]) if "Time=" in q else None
+        assert long_question(kind, w, 600, rng, t) == (q, a)
+    assert len(long_questions(w, 600, 4, random.Random(1))) == 4
+    quiet = SportsStream(WorldConfig(seed=7, goal_rate=0.0))
+    assert sorted(a for _, a in long_questions(quiet, 100, 64, rng)) == sorted(
+        ["Red 0, Blue 0.", "0 goals.", "Nobody yet.", "Red 0, Blue 0.", "0 goals."])

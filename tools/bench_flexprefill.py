@@ -338,6 +338,8 @@ def build_parser():
                    "prefilled, one or more lengths (~29 tokens a second; default 1800 on a GPU, 120 on a CPU)")
     p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
                    "every question of world.ALL_QUESTIONS")
+    p.add_argument("--goal-rate", type=checked(float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"), default=None,
+                   help="--long-prefill: the held-out streams' goals a second (default: the world's, 1/150)")
     p.add_argument("--timed", type=at_least(1), default=1, help="--long-prefill: questions of each timed kind "
                    "(world.LONG_QUESTIONS but the first scorer's) a stream is asked, about different goals")
     p.add_argument("--streaming-cache", action=argparse.BooleanOptionalAction, default=True,

@@ -119,15 +119,21 @@ def streaming_answers(model, tok, st, secs, questions):
 
 
 @torch.no_grad()
+def video_prompt(model, tok, st, world, seconds):
+    """(seconds, ids (1, T), vision inputs) of a world's first `seconds` with their true commentary, laid out as
+    training lays a stream out (data.build_sample) at the checkpoint's frame size (its stream.json)."""
+    secs = [world.second(t) for t in range(seconds)]
+    kw = streamer_kwargs(layout_of(st))
+    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
+    vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
+    return secs, sample.ids[None].to(model.device), vision
+
+
 def ask_stream(args, model, tok, st, world, seconds, res):
     """One held-out world after `seconds`: its rows, one a question, each with the stream's measures."""
     sparse = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1)
     guarded = replace(sparse, dense_above=args.dense_above, dense_below=args.dense_below)
-    secs = [world.second(t) for t in range(seconds)]
-    kw = streamer_kwargs(layout_of(st))  # the checkpoint's stream.json, for the prefill and the streamer alike
-    sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=kw["frame_pixels"])
-    ids = sample.ids[None].to(model.device)
-    vision = dict(pixel_values_videos=sample.pixel_values.to(model.device), video_grid_thw=sample.grid_thw)
+    secs, ids, vision = video_prompt(model, tok, st, world, seconds)
     measured = MeasuredFlexPrefill(sparse)
     caches = dict(dense=prefill(model, None, ids, vision), flexprefill=prefill(model, measured, ids, vision))
     times = dict(dense_ms=prefill_ms(model, None, ids, vision), flexprefill_ms=prefill_ms(model, FlexPrefill(guarded),
@@ -187,7 +193,9 @@ def long_prefill(args):
     for seconds in args.seconds:
         here = []
         for i in tqdm(range(args.streams), desc=f"{seconds} s", disable=args.streams < 2):
-            world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56)))
+            rate = {} if args.goal_rate is None else dict(goal_rate=args.goal_rate)
+            world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56),
+                                             **rate))
             here += ask_stream(args, model, tok, st, world, seconds, res)
         rows += here
         summary.append(summarize(seconds, here))
