@@ -216,9 +216,10 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
 
 def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
-    then up to `questions` of world.long_questions (the whole-stretch ones, not to forget them, and one timed
-    question a goal, none answerable from another's answer), their answers and the last minute's commentary supervised: the layout tools.bench_flexprefill
-    --long-prefill asks in, to teach a model to retrieve from far back."""
+    then up to `questions` of world.long_questions (the whole-stretch ones, not to forget them, and timed ones
+    about different goals, none answerable from another's answer), their answers and the last minute's commentary
+    supervised: the layout tools.bench_flexprefill --long-prefill asks in, to teach a model to retrieve from far
+    back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
     if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
         stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))

@@ -121,7 +121,7 @@ class TrainConfig:
                                 "stream (world.QUESTIONS)", FRACTION)
     long_seconds: tuple = knob(None, "LO:HI: train on whole streams from their first second instead, LO-HI seconds "
                                "(~29 tokens a second) in one forward, each ending in --long-questions questions "
-                               "answered anywhere in it (world.LONG_QUESTIONS); --curriculum grows both ends "
+                               "answered anywhere in it (world.long_questions); --curriculum grows both ends "
                                "from 60 s; the chunk flags, --time-curriculum and --question-rate do not apply (none: "
                                "chunks)", seconds_range)
     long_questions: int = knob(4, "questions ending each --long-seconds stream, at most (world.long_questions: "

@@ -131,7 +131,7 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
     second (`t`, or drawn with `rng`, a random.Random): its answer is said at that second (the scorer, the score)
     or follows from it (the goals before), so answering is a lookup by the second's label, not a search for the
     last goal before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and
-    the others name any second (the answer is then 0-0)."""
+    the others name any second (the answer is then 0)."""
     goals = [(g, team) for g, e, team in stream.events(0, t1) if e == "goal"]
     if kind == "scorer_at" and not goals:
         kind = "first"
@@ -139,6 +139,8 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
         return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
     if t is None:
         t, team = rng.choice(goals) if goals else (rng.randrange(t1), None)
+    elif not 0 <= t < t1 or (kind == "scorer_at" and t not in dict(goals)):
+        raise ValueError(f"{kind}: second {t} is not {'a goal' if kind == 'scorer_at' else 'a second'} of [0, {t1})")
     else:
         team = dict(goals).get(t)
     question = LONG_QUESTIONS[kind].format(time=time_label(t))
@@ -150,17 +152,20 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
 
 
 def long_questions(stream: "SportsStream", t1: int, n: int, rng) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs about seconds [0, t1), shuffled with `rng`, none of them about what another
-    names: each whole-stretch question once, and each goal's second named by one timed question at most. Training
-    asks them one after another in one sequence, where a repeat is answered by copying the earlier answer, not by
-    finding it in the video (the long-prefill check asks each question alone)."""
+    """Up to n (question, answer) pairs about seconds [0, t1), shuffled with `rng`: the whole-stretch questions
+    (world.QUESTIONS), then as many timed ones as fit, each naming a different goal's second. Training asks them one
+    after another in one sequence, where a repeat is answered by copying the earlier answer, not by finding it in
+    the video (the long-prefill check asks each question alone), so no answer is another's: the last goal's score
+    is the score's, the first goal's scorer the first scorer's."""
     goals = [t for t, e, _ in stream.events(0, t1) if e == "goal"]
-    timed = [k for k in LONG_QUESTIONS if k not in QUESTIONS]
-    pool = [(k, None) for k in QUESTIONS] + [(rng.choice(timed), t) for t in goals]
-    if not goals:  # a second of a goalless stretch: the score there and the goals before it are 0
-        pool += [("score_at", None), ("goals_before", None)]
+    timed = []
+    for t in rng.sample(goals, min(len(goals), max(0, n - len(QUESTIONS)))):
+        kinds = [k for k in LONG_QUESTIONS if k not in QUESTIONS and (k, t) not in
+                 {("score_at", goals[-1]), ("scorer_at", goals[0])}]
+        timed.append((rng.choice(kinds), t))
+    pool = [(k, None) for k in QUESTIONS][:n] + timed
     rng.shuffle(pool)
-    return [long_question(kind, stream, t1, rng, t) for kind, t in pool[:n]]
+    return [long_question(kind, stream, t1, rng, t) for kind, t in pool]
 
 
 # commentary's sentences read back (eval.py scores a model's output with these)

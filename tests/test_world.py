@@ -227,8 +227,8 @@ def test_save_gif(tmp_path):
 
 
 def test_long_questions_answer_from_the_commentary():
-    """Each timed question's answer, read back from the commentary as a model would have to: the last goal sentence
-    at or before the second for the score, the goal sentences before it for the count, the sentence at it."""
+    """Each timed question's answer, read back from the commentary as a model would have to: the goal sentence at
+    the second for the score, the goal sentences before it for the count, the sentence at it."""
     import random
     from world import LONG_QUESTIONS, long_question, parse_event
     w = SportsStream(WorldConfig(seed=3))
@@ -261,20 +261,29 @@ def test_long_questions_answer_from_the_commentary():
 def test_long_questions_never_name_a_goal_twice():
     import random
 
-    from world import ALL_QUESTIONS, long_question, long_questions
+    from world import LONG_QUESTIONS, QUESTIONS, long_question, long_questions
     w = SportsStream(WorldConfig(seed=7, goal_rate=0.05))
-    goals = {t for t, e, _ in w.events(0, 600) if e == "goal"}
-    rng = random.Random(0)
-    asked = long_questions(w, 600, 64, rng)
-    assert len(asked) == 3 + len(goals) and len(set(asked)) == len(asked)  # the whole-stretch three, a goal each
-    named = [int(q.split("=")[-1].split(".")[0]) for q, _ in asked if "Time=" in q]
-    assert sorted(named) == sorted(goals)
-    for q, a in asked:  # each answer is long_question's for its kind and second
-        kind = next(k for k, text in ALL_QUESTIONS.items() if text.split("{")[0] in q and "Time=" in q) \
-            if "Time=" in q else next(k for k, text in ALL_QUESTIONS.items() if text == q)
-        t = int(q.split("=")[-1].split(".")[0]) if "Time=" in q else None
-        assert long_question(kind, w, 600, rng, t) == (q, a)
-    assert len(long_questions(w, 600, 4, random.Random(1))) == 4
-    quiet = SportsStream(WorldConfig(seed=7, goal_rate=0.0))
-    assert sorted(a for _, a in long_questions(quiet, 100, 64, rng)) == sorted(
-        ["Red 0, Blue 0.", "0 goals.", "Nobody yet.", "Red 0, Blue 0.", "0 goals."])
+    goals = [t for t, e, _ in w.events(0, 600) if e == "goal"]
+    asked = long_questions(w, 600, 64, random.Random(0))
+    assert asked == long_questions(w, 600, 64, random.Random(0))  # a function of the rng's seed
+    assert len(asked) == 3 + len(goals) and len({a for _, a in asked}) < len(asked)  # answers may coincide ...
+    assert set(QUESTIONS.values()) <= {q for q, _ in asked}  # ... but the whole-stretch three are each asked once
+    kind_of = {text.split("{")[0]: k for k, text in LONG_QUESTIONS.items() if "{" in text}
+    named = []
+    for q, a in asked:
+        if "Time=" in q:  # each timed answer is long_question's for its kind and second
+            t = int(q.split("=")[-1].split(".")[0])
+            kind = kind_of[q.split("Time=")[0]]
+            assert long_question(kind, w, 600, None, t) == (q, a)
+            named.append((kind, t))
+    assert sorted(t for _, t in named) == goals  # every goal named, once
+    assert ("score_at", goals[-1]) not in named and ("scorer_at", goals[0]) not in named  # the score's, the first's
+    short = long_questions(w, 600, 5, random.Random(1))
+    assert len(short) == 5 and set(QUESTIONS.values()) <= {q for q, _ in short}
+    quiet = SportsStream(WorldConfig(seed=7, goal_rate=0.0))  # no goal: nothing to time, the three alone
+    assert sorted(q for q, _ in long_questions(quiet, 100, 64, random.Random(0))) == sorted(QUESTIONS.values())
+    quiet_second = next(t for t in range(600) if t not in goals)
+    with pytest.raises(ValueError, match=f"scorer_at: second {quiet_second} is not a goal"):
+        long_question("scorer_at", w, 600, None, quiet_second)
+    with pytest.raises(ValueError, match="score_at: second 600 is not a second"):
+        long_question("score_at", w, 600, None, 600)

@@ -337,11 +337,13 @@ def build_parser():
     p.add_argument("--seconds", type=at_least(1), nargs="+", default=None, help="--long-prefill: seconds "
                    "prefilled, one or more lengths (~29 tokens a second; default 1800 on a GPU, 120 on a CPU)")
     p.add_argument("--streams", type=at_least(1), default=1, help="--long-prefill: held-out streams, each asked "
-                   "every question of world.ALL_QUESTIONS")
-    p.add_argument("--goal-rate", type=checked(float, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"), default=None,
-                   help="--long-prefill: the held-out streams' goals a second (default: the world's, 1/150)")
+                   "the whole-stretch questions and --timed of each timed kind")
+    p.add_argument("--goal-rate", type=checked(float, lambda v: 0 < v <= 0.5, "in (0, 0.5]"), default=None,
+                   help="--long-prefill: the held-out streams' goals a second, capped as training caps it (default: "
+                   "the world's, 1/150)")
     p.add_argument("--timed", type=at_least(1), default=1, help="--long-prefill: questions of each timed kind "
-                   "(world.LONG_QUESTIONS but the first scorer's) a stream is asked, about different goals")
+                   "(world.LONG_QUESTIONS but the first scorer's) a stream is asked, about different goals (at most "
+                   "as many as it has)")
     p.add_argument("--streaming-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="--long-prefill: also ask the StreamingVLM cache after streaming the same seconds")
     p.add_argument("--out", default="out/bench", help="--long-prefill: folder for long_prefill.json(l)")

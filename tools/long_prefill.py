@@ -3,13 +3,13 @@ Whole-video questions after a long prefill: does FlexPrefill pay inside our VLM?
 
 For each --seconds length and each held-out stream (world.split_seed("eval", SEED + i)), the stream's first SECONDS
 (its true commentary, laid out as training lays it out: data.build_sample, ~29 tokens a second) are prefilled
-once with dense causal attention and once with FlexPrefill, each into its own KVCache. Every question of
-world.ALL_QUESTIONS (the score, the goals, the first scorer, and the timed ones: the score at a second, the goals
-before it, who scored at it) is then a short chunk on that cache, answered greedily, and the cache is cut back
-to the video. That is how a user asks about a long video: prefill it once, ask many times. The question and its
-answer attend densely in both modes (as a chunk under FlexPrefillConfig.min_len does in the model), so
-FlexPrefill's answer differs from dense only through what its sparse prefill wrote into the cache (every layer's
-keys and values past the first).
+once with dense causal attention and once with FlexPrefill, each into its own KVCache. Each question (the
+score, the goals, the first scorer, and --timed of each timed kind, naming different goals' seconds: the score
+at the second, the goals before it, who scored at it) is then a short chunk on that cache, answered greedily,
+and the cache is cut back to the video. That is how a user asks about a long video: prefill it once, ask many
+times. The question and its answer attend densely in both modes (as a chunk under FlexPrefillConfig.min_len does
+in the model), so FlexPrefill's answer differs from dense only through what its sparse prefill wrote into the
+cache (every layer's keys and values past the first).
 
 Reported per length: the answers (right = equal to the world's answer), the share where FlexPrefill's answer
 equals dense's, the prefill times (the whole forward: vision tower, decoder, and for FlexPrefill its block
@@ -31,13 +31,13 @@ from tqdm import tqdm
 from cache import KVCache
 from checkpoint import load_checkpoint
 from cli import Results, hardware, table
-from data import build_sample
+from data import GOALS_PER_STREAM, build_sample
 from flexprefill import FlexPrefill, FlexPrefillConfig, flexprefill_attention
 from layout import layout_of, question_segments
 from model import causal_attention
 from stream import make_streamer, streamer_kwargs
 from tools.bench_flexprefill import timeit
-from world import ALL_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
+from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
 
 
 class MeasuredFlexPrefill(FlexPrefill):
@@ -63,12 +63,16 @@ class MeasuredFlexPrefill(FlexPrefill):
 
 def stream_questions(world, seconds, timed=1):
     """[(kind, question, answer)] asked after `seconds` of a world: world.QUESTIONS (the last goal sentence answers
-    the score and the count, the first one the first scorer) and `timed` of each timed world.LONG_QUESTIONS (a
-    sentence found by its second), their seconds drawn from the world's seed, repeats dropped."""
+    the score and the count, the first one the first scorer), then of each timed world.LONG_QUESTIONS `timed`
+    questions about different goals (as many as there are; one about any second when there is none, the scorer's
+    then asking for the first scorer), drawn from the world's seed."""
     rng = random.Random(world.cfg.seed)
-    asked = [(k, *long_question(k, world, seconds, rng)) for k in ALL_QUESTIONS
-             for _ in range(1 if k in QUESTIONS or k == "first" else timed)]
-    return list(dict.fromkeys(asked))  # a stream with few goals asks about the same second again: once is enough
+    goals = [t for t, e, _ in world.events(0, seconds) if e == "goal"]
+    asked = [(k, *long_question(k, world, seconds, rng)) for k in QUESTIONS]
+    for kind in [k for k in LONG_QUESTIONS if k not in QUESTIONS]:
+        named = rng.sample(goals, min(timed, len(goals))) if goals else [None]
+        asked += [(kind, *long_question(kind, world, seconds, rng, t)) for t in named]
+    return asked
 
 
 @torch.no_grad()
@@ -118,7 +122,6 @@ def streaming_answers(model, tok, st, secs, questions):
     return [streamer.ask(q) for _, q, _ in questions]
 
 
-@torch.no_grad()
 def video_prompt(model, tok, st, world, seconds):
     """(seconds, ids (1, T), vision inputs) of a world's first `seconds` with their true commentary, laid out as
     training lays a stream out (data.build_sample) at the checkpoint's frame size (its stream.json)."""
@@ -129,6 +132,7 @@ def video_prompt(model, tok, st, world, seconds):
     return secs, sample.ids[None].to(model.device), vision
 
 
+@torch.no_grad()
 def ask_stream(args, model, tok, st, world, seconds, res):
     """One held-out world after `seconds`: its rows, one a question, each with the stream's measures."""
     sparse = FlexPrefillConfig(gamma=args.gamma, tau=args.tau, min_budget=args.min_budget, min_len=1)
@@ -193,7 +197,7 @@ def long_prefill(args):
     for seconds in args.seconds:
         here = []
         for i in tqdm(range(args.streams), desc=f"{seconds} s", disable=args.streams < 2):
-            rate = {} if args.goal_rate is None else dict(goal_rate=args.goal_rate)
+            rate = {} if args.goal_rate is None else dict(goal_rate=min(args.goal_rate, GOALS_PER_STREAM / seconds))
             world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56),
                                              **rate))
             here += ask_stream(args, model, tok, st, world, seconds, res)
