@@ -181,3 +181,30 @@ def test_timed_questions_ask_about_different_goals():
         assert len(set(seconds)) == 4 and set(seconds) <= set(goals)  # four different goals' seconds
     assert len(stream_questions(w, 600, timed=len(goals) + 5)) == 3 + 3 * len(goals)  # as many as there are
     assert [k for k, _, _ in stream_questions(w, 600)] == list(ALL_QUESTIONS)  # one of each kind by default
+
+
+def test_long_training_sample_is_the_layout_the_check_asks_in(ckpt):  # noqa: F811
+    """Training layout vs inference layout: a --long-seconds sample (data.long_sample) is the check's prompt (same
+    tokens, same pixels), and its first question, asked on the check's prefilled cache, gets the logits the
+    training forward gives it in place."""
+    import random
+    from checkpoint import load_checkpoint
+    from data import chunk_at, long_sample
+    from layout import layout_of, question_segments
+    from stream import streamer_kwargs
+    from tools.long_prefill import prefill, video_prompt
+    from world import long_questions
+    model, tok, st = load_checkpoint(ckpt, "cpu")
+    world = dict(event_rate=0.3, goal_rate=0.1)
+    s = long_sample(tok, "eval", 2, 20, 4, world, frame_pixels=streamer_kwargs(layout_of(st))["frame_pixels"])
+    stream, _ = chunk_at("eval", 2, 20, 0, 20, world)
+    _, ids, vision = video_prompt(model, tok, st, stream, 20)
+    T = ids.shape[1]
+    assert s.ids[:T].tolist() == ids[0].tolist() and torch.equal(s.pixel_values, vision["pixel_values_videos"])
+    question, _ = long_questions(stream, 20, 4, random.Random("eval-2-long"))[0]
+    q = torch.tensor([question_segments(tok, question)[0][0]])
+    assert s.ids[T:T + q.shape[1]].tolist() == q[0].tolist()  # the first question right after the video
+    with torch.no_grad():
+        trained = model(s.ids[None], pixel_values_videos=s.pixel_values, video_grid_thw=s.grid_thw)[0, T:T + q.shape[1]]
+        asked = model(q, cache=prefill(model, None, ids, vision))[0]
+    torch.testing.assert_close(asked, trained, atol=1e-4, rtol=1e-4)
