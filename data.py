@@ -121,8 +121,8 @@ def chunk_question(tok, stream, t0, t1, events, rng, text_sink, text_window):
     if kind == "first":
         needed = first[0] if first else None
     else:
-        goals = [t for t, e, _ in stream.events(0, t1) if e == "goal"]
-        needed = goals[-1] if goals else None
+        goals = stream.goals(t1)
+        needed = goals[-1][0] if goals else None
     if needed is not None and needed < t0:
         k = next(i for i, (t, _) in enumerate(events) if t == needed)
         if not survives_cut(tok, [text for _, text in events], k, text_sink, text_window):
@@ -214,6 +214,11 @@ def synthetic_sample(tok, split, index, chunk_seconds=24, overlap=12, stream_sec
                         text_sink, text_window, frame_pixels, question, preroll=preroll)
 
 
+def long_goal_rate(rate, seconds):
+    """A goal rate capped so that a whole stream of `seconds` has at most GOALS_PER_STREAM goals."""
+    return min(rate, GOALS_PER_STREAM / seconds)
+
+
 def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
     then up to `questions` of world.long_questions (the whole-stretch ones, not to forget them, and timed ones
@@ -221,8 +226,8 @@ def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixel
     supervised: the layout tools.bench_flexprefill --long-prefill asks in, to teach a model to retrieve from far
     back."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
-    if stream.cfg.goal_rate * seconds > GOALS_PER_STREAM:  # a long stream of a goal-dense world: fewer goals
-        stream = SportsStream(replace(stream.cfg, goal_rate=GOALS_PER_STREAM / seconds))
+    if long_goal_rate(stream.cfg.goal_rate, seconds) < stream.cfg.goal_rate:  # a goal-dense world: fewer goals
+        stream = SportsStream(replace(stream.cfg, goal_rate=long_goal_rate(stream.cfg.goal_rate, seconds)))
     rng = random.Random(f"{split}-{index}-long")
     asked = long_questions(stream, seconds, questions, rng)
     secs = [stream.second(t) for t in range(seconds)]

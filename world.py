@@ -119,6 +119,7 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
 LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {time}?",
                   "goals_before": "How many goals before {time}?", "scorer_at": "Who scored at {time}?"}
 ALL_QUESTIONS = {**QUESTIONS, **LONG_QUESTIONS}  # every kind long_question asks
+TIMED = [k for k in LONG_QUESTIONS if k not in QUESTIONS]  # the kinds that name a second
 
 
 def time_label(t: int) -> str:
@@ -132,17 +133,18 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
     or follows from it (the goals before), so answering is a lookup by the second's label, not a search for the
     last goal before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and
     the others name any second (the answer is then 0)."""
-    goals = [(g, team) for g, e, team in stream.events(0, t1) if e == "goal"]
+    goals = stream.goals(t1)
     if kind == "scorer_at" and not goals:
         kind = "first"
     if kind in QUESTIONS:  # about the whole stretch: the last goal sentence, or the first
         return QUESTIONS[kind], answer(kind, stream.score(t1 - 1), goals[0][1] if goals else None)
     if t is None:
         t, team = rng.choice(goals) if goals else (rng.randrange(t1), None)
-    elif not 0 <= t < t1 or (kind == "scorer_at" and t not in dict(goals)):
-        raise ValueError(f"{kind}: second {t} is not {'a goal' if kind == 'scorer_at' else 'a second'} of [0, {t1})")
     else:
         team = dict(goals).get(t)
+        if not 0 <= t < t1 or (kind == "scorer_at" and team is None):
+            raise ValueError(f"{kind}: second {t} is not {'a goal' if kind == 'scorer_at' else 'a second'} of "
+                             f"[0, {t1})")
     question = LONG_QUESTIONS[kind].format(time=time_label(t))
     if kind == "scorer_at":
         return question, f"{team}."
@@ -157,12 +159,11 @@ def long_questions(stream: "SportsStream", t1: int, n: int, rng) -> list[tuple[s
     after another in one sequence, where a repeat is answered by copying the earlier answer, not by finding it in
     the video (the long-prefill check asks each question alone), so no answer is another's: the last goal's score
     is the score's, the first goal's scorer the first scorer's."""
-    goals = [t for t, e, _ in stream.events(0, t1) if e == "goal"]
+    goals = [t for t, _ in stream.goals(t1)]
+    copies = {("score_at", goals[-1]), ("scorer_at", goals[0])} if goals else set()  # the score's, the first's
     timed = []
     for t in rng.sample(goals, min(len(goals), max(0, n - len(QUESTIONS)))):
-        kinds = [k for k in LONG_QUESTIONS if k not in QUESTIONS and (k, t) not in
-                 {("score_at", goals[-1]), ("scorer_at", goals[0])}]
-        timed.append((rng.choice(kinds), t))
+        timed.append((rng.choice([k for k in TIMED if (k, t) not in copies]), t))
     pool = [(k, None) for k in QUESTIONS][:n] + timed
     rng.shuffle(pool)
     return [long_question(kind, stream, t1, rng, t) for kind, t in pool]
@@ -325,6 +326,10 @@ class SportsStream:
         i = bisect.bisect_right(self._goal_t, t)
         red = self._red_cum[i - 1] if i else 0
         return red, i - red
+
+    def goals(self, t1: int) -> list[tuple[int, str]]:
+        """(time, scorer) of every goal at a second < t1."""
+        return [(t, team) for t, e, team in self.events(0, t1) if e == "goal"]
 
     def first_goal(self, t: int) -> tuple[int, str] | None:
         """(time, scorer) of the first goal at a second <= t, or None."""

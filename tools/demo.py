@@ -25,7 +25,7 @@ GREEN, RED, WHITE, GREY = (120, 230, 120), (255, 120, 120), (255, 255, 255), (17
 def window(world, seconds, before=12):
     """[start, end) of a `seconds`-long window that shows the second goal of the match (a goal whose score
     needs memory), or the first events when there are no goals early on."""
-    goals = [t for t, e, _ in world.events(0, 3600) if e == "goal"]
+    goals = [t for t, _ in world.goals(3600)]
     start = max(0, goals[min(1, len(goals) - 1)] - before) if goals else 0
     return start, start + seconds
 

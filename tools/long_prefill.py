@@ -31,13 +31,13 @@ from tqdm import tqdm
 from cache import KVCache
 from checkpoint import load_checkpoint
 from cli import Results, hardware, table
-from data import GOALS_PER_STREAM, build_sample
+from data import build_sample, long_goal_rate
 from flexprefill import FlexPrefill, FlexPrefillConfig, flexprefill_attention
 from layout import layout_of, question_segments
 from model import causal_attention
 from stream import make_streamer, streamer_kwargs
 from tools.bench_flexprefill import timeit
-from world import LONG_QUESTIONS, QUESTIONS, SportsStream, WorldConfig, long_question, split_seed
+from world import QUESTIONS, TIMED, SportsStream, WorldConfig, long_question, split_seed
 
 
 class MeasuredFlexPrefill(FlexPrefill):
@@ -67,9 +67,9 @@ def stream_questions(world, seconds, timed=1):
     questions about different goals (as many as there are; one about any second when there is none, the scorer's
     then asking for the first scorer), drawn from the world's seed."""
     rng = random.Random(world.cfg.seed)
-    goals = [t for t, e, _ in world.events(0, seconds) if e == "goal"]
+    goals = [t for t, _ in world.goals(seconds)]
     asked = [(k, *long_question(k, world, seconds, rng)) for k in QUESTIONS]
-    for kind in [k for k in LONG_QUESTIONS if k not in QUESTIONS]:
+    for kind in TIMED:
         named = rng.sample(goals, min(timed, len(goals))) if goals else [None]
         asked += [(kind, *long_question(kind, world, seconds, rng, t)) for t in named]
     return asked
@@ -197,7 +197,7 @@ def long_prefill(args):
     for seconds in args.seconds:
         here = []
         for i in tqdm(range(args.streams), desc=f"{seconds} s", disable=args.streams < 2):
-            rate = {} if args.goal_rate is None else dict(goal_rate=min(args.goal_rate, GOALS_PER_STREAM / seconds))
+            rate = {} if args.goal_rate is None else dict(goal_rate=long_goal_rate(args.goal_rate, seconds))
             world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed + i), size=st.get("frame_size", 56),
                                              **rate))
             here += ask_stream(args, model, tok, st, world, seconds, res)
