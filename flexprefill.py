@@ -293,18 +293,19 @@ def probe_lines(q, k, cfg=FlexPrefillConfig(), fused=False):
 
 @torch.no_grad()
 def estimate_density(q, k, cfg=FlexPrefillConfig(), n=16):
-    """A cheap look before the selection: the share of keys it takes to cover gamma of the last n queries' mean
-    attention, averaged over heads. Flat attention (it needs most keys) is kept about as densely by either kind of
-    head, since a query-aware head's pooled estimate matches it; select_blocks' density is the exact figure. n
-    queries instead of the probe's block_size: ~30x fewer scores, so a dense-looking input pays ~0.1 ms, not ~2."""
+    """A cheap look before the selection: the share of key blocks it takes to cover gamma of the last n queries'
+    mean attention, averaged over heads. Flat attention (it needs most blocks) is kept about as densely by either
+    kind of head, since a query-aware head's pooled estimate matches it; select_blocks' density is the exact figure.
+    n queries instead of the probe's block_size: ~30x fewer scores; and the blocks are sorted, not the keys (nb values
+    a head, not Nk: 256 instead of 32,768 at 32k), so a dense-looking input pays little before dense SDPA runs."""
     (B, Hq, Nq, D), (_, Hkv, Nk, _) = q.shape, k.shape
     n = min(n, Nq)
     s = (q[:, :, -n:].reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)).view(B, Hq, n, Nk) * D**-0.5
     i = torch.arange(n, device=q.device)[:, None]
     j = torch.arange(Nk - n, Nk, device=q.device)[None, :]
     s[..., Nk - n:].masked_fill_(j > Nk - n + i, float("-inf"))   # the causal corner of the last n queries
-    mass = s.softmax(-1, dtype=torch.float32).mean(2)                  # (B, Hq, Nk)
-    return (_cover_count(mass, cfg.gamma).float() / Nk).mean()
+    mass = _block_sum(s.softmax(-1, dtype=torch.float32).mean(2), cfg.block_size)   # (B, Hq, nb)
+    return (_cover_count(mass, cfg.gamma).float() / mass.shape[-1]).mean()
 
 
 @torch.no_grad()
