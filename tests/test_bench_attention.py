@@ -1,0 +1,59 @@
+"""tools/bench_attention.py on the CPU: the table at a smoke size, and the log-sum-exp merges its cuDNN rows rely on,
+checked against causal attention with a plain math kernel standing in for cuDNN's."""
+import json
+
+import pytest
+import torch
+
+import tools.bench_attention as ba
+from model import causal_attention
+
+
+def math_attention(q, k, v, causal, bias=None):
+    """Attention and its log-sum-exp (B, H, N), written out: what cuDNN's kernel returns."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if bias is not None:
+        s = s + bias
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v, s.logsumexp(-1)
+
+
+@pytest.fixture
+def math_cudnn(monkeypatch):  # the test's stand-in for cuDNN, which a CPU lacks
+    monkeypatch.setattr(ba, "cudnn", lambda q, k, v, causal: math_attention(q, k, v, causal))
+    monkeypatch.setattr(ba, "cudnn_biased", lambda q, k, v, bias: math_attention(q, k, v, False, bias))
+
+
+@pytest.mark.parametrize("nq, cached, bucket", [(5, 37, 64), (16, 100, 128), (3, 0, 8)])
+def test_merged_parts_are_causal_attention(math_cudnn, nq, cached, bucket):
+    g = torch.Generator().manual_seed(nq)
+    q = torch.randn(1, 4, nq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, cached + nq, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = causal_attention(q, k, v)
+    if cached:   # (two calls need a cache; the bucket below has empty slots even without one)
+        assert torch.allclose(ba.cudnn_two_call(q, k, v, cached), ref, atol=1e-12)
+    pad = lambda x: torch.cat([x[:, :, :cached], torch.full((1, 2, bucket - cached, 16), 7.0, dtype=x.dtype),
+                               x[:, :, cached:]], 2)   # the empty slots hold junk: the bias must hide it
+    assert torch.allclose(ba.cudnn_bucket(q, pad(k), pad(v), cached, bucket), ref, atol=1e-12)
+
+
+def test_smoke_table(tmp_path):
+    rows = ba.main(["--device", "cpu", "--prefill", "32:200", "--decode", "300", "--heads", "4", "2", "--iters", "1",
+                    "--warmup", "0", "--json", str(tmp_path / "a.json")])
+    kernels = [(r["shape"], r["kernel"]) for r in rows]
+    assert kernels[0] == ("prefill 32:200", "model: causal_attention") and rows[0]["ms"] > 0
+    assert ("decode 300", "model: decode_attention") in kernels
+    # the GPU kernels are rows that say they cannot run here, not errors
+    assert all(r["note"].startswith("missing") for r in rows if "note" in r) and len(rows) == 7
+    assert json.load(open(tmp_path / "a.json"))["rows"] == rows
+
+
+def test_bad_flags_are_one_line(capsys):
+    for argv, says in [(["--prefill", "12"], "expected NQ:L"), (["--heads", "5", "2"], "multiple of the KV heads")]:
+        with pytest.raises(SystemExit):
+            ba.main(["--device", "cpu"] + argv)
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
