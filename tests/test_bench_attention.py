@@ -26,6 +26,13 @@ def math_cudnn(monkeypatch):  # the test's stand-in for cuDNN, which a CPU lacks
     monkeypatch.setattr(ba, "cudnn", lambda q, k, v, causal: math_attention(q, k, v, causal))
     monkeypatch.setattr(ba, "cudnn_biased", lambda q, k, v, bias: math_attention(q, k, v, False, bias))
 
+    def flash_lse(q, k, v):  # causal from the bottom right: query i sees the keys up to Nk - Nq + i
+        nq, nk = q.shape[2], k.shape[2]
+        bias = torch.zeros(nq, nk, dtype=q.dtype).masked_fill(
+            torch.arange(nk) > torch.arange(nq)[:, None] + nk - nq, float("-inf"))
+        return math_attention(q, k, v, False, bias)
+    monkeypatch.setattr(ba, "flash_lse", flash_lse)
+
 
 @pytest.mark.parametrize("nq, cached, bucket", [(5, 37, 64), (16, 100, 128), (3, 0, 8)])
 def test_merged_parts_are_causal_attention(math_cudnn, nq, cached, bucket):
@@ -38,6 +45,8 @@ def test_merged_parts_are_causal_attention(math_cudnn, nq, cached, bucket):
     pad = lambda x: torch.cat([x[:, :, :cached], torch.full((1, 2, bucket - cached, 16), 7.0, dtype=x.dtype),
                                x[:, :, cached:]], 2)   # the empty slots hold junk: the bias must hide it
     assert torch.allclose(ba.cudnn_bucket(q, pad(k), pad(v), cached, bucket), ref, atol=1e-12)
+    for step in (1, 8, 32, 1000):   # the head: all of the cache, some of it, none of it
+        assert torch.allclose(ba.cudnn_head_flash_tail(q, k, v, cached, step), ref, atol=1e-12)
 
 
 def test_smoke_table(tmp_path):
@@ -47,7 +56,7 @@ def test_smoke_table(tmp_path):
     assert kernels[0] == ("prefill 32:200", "model: causal_attention") and rows[0]["ms"] > 0
     assert ("decode 300", "model: decode_attention") in kernels
     # the GPU kernels are rows that say they cannot run here, not errors
-    assert all(r["note"].startswith("missing") for r in rows if "note" in r) and len(rows) == 7
+    assert all(r["note"].startswith("missing") for r in rows if "note" in r) and len(rows) == 8
     assert json.load(open(tmp_path / "a.json"))["rows"] == rows
 
 

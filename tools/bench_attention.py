@@ -17,7 +17,9 @@ FlashAttention-2 on an H100). Beside it:
   execution plan per shape, and a stream's cache length changes every second);
 - cudnn bucket B: the same, with the cache's part over a fixed B key slots (the cache's length rounded up to
   --bucket), the empty ones hidden by a -inf bias: one shape, one plan, at the price of reading the bias and the
-  empty slots. "new shape" here is a new cache length in the same bucket.
+  empty slots. "new shape" here is a new cache length in the same bucket;
+- cudnn head / flash tail S: cuDNN over the cache rounded down to a multiple of S (--step: few shapes, each planned
+  once), FlashAttention-2 over the rest and the new tokens (no plans, causal from the bottom right), merged.
 Decode, L: one token over L cached keys in a buffer of the next power of two (the decode graph reads a fixed-size
 buffer with a mask): model.decode_attention (two matmuls) and decode.split_kv_attention, 28 layers' worth in one
 CUDA graph (a CPU times them eagerly). Each row: ms, TFLOP/s or TB/s (K/V read once), the largest difference from
@@ -93,6 +95,25 @@ def cudnn_bucket(q, k, v, cached, bucket):
     return merge(o1, l1, o2, l2)
 
 
+def flash_lse(q, k, v):
+    """FlashAttention-2, causal from the bottom right (its rule when Nq < Nk), and its log-sum-exp (B, H, Nq)."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], 0.0, True,
+                                                  False, scale=q.shape[-1] ** -0.5)
+    return out[0].transpose(1, 2), out[1]
+
+
+def cudnn_head_flash_tail(q, k, v, cached, step):
+    """The cache's first cached // step * step keys through cuDNN (a handful of shapes over a stream, each planned
+    once), the rest of the cache and the new tokens through FlashAttention-2 (no plans), merged."""
+    head = cached // step * step
+    o2, l2 = flash_lse(q, k[:, :, head:], v[:, :, head:])
+    if not head:
+        return o2
+    o1, l1 = cudnn(q, k[:, :, :head], v[:, :, :head], False)
+    return merge(o1, l1, o2, l2)
+
+
 def cudnn_biased(q, k, v, bias):
     """cudnn with an additive bias (B or 1, 1, Nq, Nk) on the scores."""
     out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False,
@@ -151,6 +172,12 @@ def prefill_rows(args, nq, cached, gen):
                          args, flops, "TFLOP/s"))
     if "ms" in rows[-1]:   # a new cache length in the same bucket: the same plan
         rows[-1]["new_shape_ms"] = first_call_ms(lambda: cudnn_bucket(q, kb, vb, cached - 1, bucket), args.device)
+    rows.append(measured(f"cudnn head / flash tail {args.step}", lambda: cudnn_head_flash_tail(q, k, v, cached,
+                         args.step), ref, base, args, flops, "TFLOP/s"))
+    if "ms" in rows[-1]:   # a new cache length, one more key in the tail (the head's shape again, unless it grew)
+        more = torch.cat([k[:, :, :1], k], 2), torch.cat([v[:, :, :1], v], 2)
+        rows[-1]["new_shape_ms"] = first_call_ms(lambda: cudnn_head_flash_tail(q, *more, cached + 1, args.step),
+                                                 args.device)
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
 
 
@@ -200,6 +227,8 @@ def build_parser():
                    "try (PyTorch 2.11's kernel does not take it: those rows say missing)")
     p.add_argument("--bucket", type=at_least(1), default=1024, help="cudnn bucket: the cache's key slots are "
                    "rounded up to a multiple of this")
+    p.add_argument("--step", type=at_least(1), default=512, help="cudnn head / flash tail: the head is the cache "
+                   "rounded down to a multiple of this")
     p.add_argument("--heads", type=at_least(1), nargs=2, default=[28, 4], metavar=("HQ", "HKV"))
     p.add_argument("--head-dim", type=at_least(1), default=128)
     p.add_argument("--warmup", type=at_least(0), default=2)
