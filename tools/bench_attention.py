@@ -62,17 +62,18 @@ def merge(o1, lse1, o2, lse2):
     return ((o1.float().nan_to_num() * w1 + o2.float().nan_to_num() * w2) / (w1 + w2)).to(o1.dtype)
 
 
-def flash_splits(q, k, v, splits):
-    """FlashAttention-2 with num_splits, causal from the bottom right; q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D)."""
+def flash(q, k, v, **kw):
+    """FlashAttention-2, causal from the bottom right (its rule when Nq < Nk), and its log-sum-exp (B, H, Nq);
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D); kw: the kernel's keywords (num_splits)."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))   # the kernel's (B, N, H, D) layout
     out = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], 0.0, True,
-                                                  False, scale=q.shape[-1] ** -0.5, num_splits=splits)
-    return out[0].transpose(1, 2)
+                                                  False, scale=q.shape[-1] ** -0.5, **kw)
+    return out[0].transpose(1, 2), out[1]
 
 
-def cudnn(q, k, v, causal):
-    """cuDNN's fused attention and its log-sum-exp (B, H, N)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+def cudnn(q, k, v, causal, bias=None):
+    """cuDNN's fused attention and its log-sum-exp (B, H, N); bias: added to the scores, (B or 1, 1, Nq, Nk)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
                                                              scale=q.shape[-1] ** -0.5)
     return out[0], out[1].view(q.shape[:3])
 
@@ -90,35 +91,20 @@ def cudnn_bucket(q, k, v, cached, bucket):
     Nq, D), the new tokens' keys last."""
     bias = torch.zeros(1, 1, 1, bucket, device=q.device, dtype=q.dtype)
     bias[..., cached:] = float("-inf")
-    o1, l1 = cudnn_biased(q, k[:, :, :bucket], v[:, :, :bucket], bias.expand(1, 1, q.shape[2], bucket))
+    o1, l1 = cudnn(q, k[:, :, :bucket], v[:, :, :bucket], False, bias.expand(1, 1, q.shape[2], bucket))
     o2, l2 = cudnn(q, k[:, :, bucket:], v[:, :, bucket:], True)
     return merge(o1, l1, o2, l2)
-
-
-def flash_lse(q, k, v):
-    """FlashAttention-2, causal from the bottom right (its rule when Nq < Nk), and its log-sum-exp (B, H, Nq)."""
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    out = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], 0.0, True,
-                                                  False, scale=q.shape[-1] ** -0.5)
-    return out[0].transpose(1, 2), out[1]
 
 
 def cudnn_head_flash_tail(q, k, v, cached, step):
     """The cache's first cached // step * step keys through cuDNN (a handful of shapes over a stream, each planned
     once), the rest of the cache and the new tokens through FlashAttention-2 (no plans), merged."""
     head = cached // step * step
-    o2, l2 = flash_lse(q, k[:, :, head:], v[:, :, head:])
+    o2, l2 = flash(q, k[:, :, head:], v[:, :, head:])
     if not head:
         return o2
     o1, l1 = cudnn(q, k[:, :, :head], v[:, :, :head], False)
     return merge(o1, l1, o2, l2)
-
-
-def cudnn_biased(q, k, v, bias):
-    """cudnn with an additive bias (B or 1, 1, Nq, Nk) on the scores."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False,
-                                                             scale=q.shape[-1] ** -0.5)
-    return out[0], out[1].view(q.shape[:3])
 
 
 def first_call_ms(fn, device):
@@ -156,7 +142,7 @@ def prefill_rows(args, nq, cached, gen):
     rows = [dict(kernel="model: causal_attention", ms=round(base, 3), rate=f"{flops / base / 1e9:.3g} TFLOP/s",
                  max_err="0", x_model=1.0)]
     for s in args.splits:
-        rows.append(measured(f"flash splits {s}", lambda: flash_splits(q, k, v, s), ref, base, args, flops,
+        rows.append(measured(f"flash splits {s}", lambda: flash(q, k, v, num_splits=s)[0], ref, base, args, flops,
                              "TFLOP/s"))
     if not cached:   # the cuDNN rows split the keys at the cache's end
         return [dict(shape=f"prefill {nq}:0", **r) for r in rows]
