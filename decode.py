@@ -28,8 +28,9 @@ treat the K/V write as a mutation of the whole buffer and copy all of it on ever
 
 The fast path also fuses the model's projections (VLM.fuse: one q/k/v and one gate/up matmul per layer, 84
 fewer launches a step at 7B and larger matrix-vector products) and, on a GPU, runs the decode attention through
-the split-KV kernel below (VLM.use_decode_attention), unless the caller decided otherwise before
-(model.fuse(False), model.use_decode_attention(None) keep the references; the benchmarks run both ways).
+the split-KV kernel below (VLM.use_decode_attention), and each second's prefill over the cache through cuDNN and
+FlashAttention-2 (prefill.py, VLM.use_attention), unless the caller decided otherwise before (model.fuse(False),
+model.use_decode_attention(None), model.use_attention(None) keep the references; the benchmarks run both ways).
 
 The step reuses the model's own layers (Attention, MLP, norms), so it computes exactly what the eager path
 does; only the cache adapter (cache.DecodeSlots) and the mask differ. tests/test_decode.py runs the same step eagerly on
@@ -43,6 +44,7 @@ import torch
 
 from cache import DecodeSlots
 from layout import Kind, check_text
+from prefill import prefill_kernel_for
 from rope import mrope_axis, mrope_cos_sin
 
 try:  # the split-KV decode kernel needs Triton (it comes with CUDA builds of PyTorch)
@@ -149,12 +151,15 @@ def decode_kernel_for(device):
 
 
 def take_fast_defaults(model):
-    """Where nobody chose (model.fuse / use_decode_attention not called), the fast path takes the fused
-    projections and, on a GPU, split-KV decoding (decode graphs here, and serve.FixedStep's)."""
+    """Where nobody chose (model.fuse / use_decode_attention / use_attention not called), the fast path takes the
+    fused projections and, on a GPU, split-KV decoding (decode graphs here, and serve.FixedStep's) and the prefill
+    over the cache through cuDNN and FlashAttention-2 (prefill.py)."""
     if model.fusion is None:
         model.fuse()
     if model.decode_kernel is None and decode_kernel_for(model.device) is not None:
         model.use_decode_attention(decode_kernel_for(model.device))
+    if model.prompt_kernel is None:
+        model.use_attention(prefill_kernel_for(model.device, model.dtype, model.cfg.head_dim))
 
 
 class GraphDecoder:

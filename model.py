@@ -193,6 +193,12 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Nq, Nk), enable_gqa=gqa)
 
 
+def exact_causal(attn_fn):
+    """Whether attn_fn computes causal_attention exactly (a faster kernel for it, say prefill.CachedPrefill), as
+    opposed to an approximation of it (FlexPrefill) or a wrapper."""
+    return attn_fn is causal_attention or getattr(attn_fn, "exact_causal", False)
+
+
 def decode_attention(q, k, v, mask=None):
     """One decoded token's attention, the reference: q (B, Hkv, G, D) holds the G query heads that share each KV
     head, k and v (B, Hkv, Nk, D), mask (B, 1, 1, Nk) bool (True = visible) or None -> (B, Hkv, G, D). Two plain
@@ -317,6 +323,7 @@ class VLM(nn.Module):
         self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
         self.decode_kernel = None  # decode attention: None until use_decode_attention decides (likewise)
+        self.prompt_kernel = None  # prompt / prefill attention: None until use_attention decides (likewise)
 
     def fuse(self, enabled=True):
         """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
@@ -333,6 +340,7 @@ class VLM(nn.Module):
         explicitly masked (padded) batches stay dense."""
         for layer in self.model.layers:
             layer.self_attn.attn_fn = attn_fn or causal_attention
+        self.prompt_kernel = attn_fn or causal_attention
         return self
 
     def use_decode_attention(self, decode_fn=None):
@@ -410,7 +418,7 @@ class VLM(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         # right padding needs no mask under dense causal attention (right_padded); a sparse attn_fn would read the
         # padded queries too (FlexPrefill's pattern estimate), so it keeps the mask
-        dense = self.model.layers[0].self_attn.attn_fn is causal_attention  # use_attention sets every layer's
+        dense = exact_causal(self.model.layers[0].self_attn.attn_fn)  # use_attention sets every layer's
         if padded and not (dense and right_padded(attention_mask, past)):
             # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
             keys = attention_mask.bool().to(x.device)

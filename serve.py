@@ -50,7 +50,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from cache import StreamingCache, can_fuse, fused_move, to_device
 from decode import FixedStep
 from layout import Kind, check_text
-from model import causal_attention
+from model import exact_causal
 from rope import apply_rope, mrope_cos_sin
 from stream import POLICIES, PhaseTimer, Streamer
 
@@ -183,14 +183,14 @@ def row_attention(model, rows, starts, lengths, packed=False):
     """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after:
     PackedRowAttention when it is the dense causal attention and `packed`, else RowAttention (FlexPrefill picks its
     blocks from each row's own queries and keys, so it runs row by row)."""
-    inner = model.model.layers[0].self_attn.attn_fn
-    fast = packed and inner is causal_attention
+    inner, chosen = model.model.layers[0].self_attn.attn_fn, model.prompt_kernel
+    fast = packed and exact_causal(inner)
     model.use_attention(PackedRowAttention(rows, starts, lengths) if fast else
                         RowAttention(inner, rows, starts, lengths))
     try:
         yield
     finally:
-        model.use_attention(inner)
+        model.use_attention(inner).prompt_kernel = chosen   # as it was, "nobody chose" included
 
 
 def row_mask(starts, T, capacity, device):

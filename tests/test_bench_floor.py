@@ -36,4 +36,4 @@ def test_set_variant_picks_layout_and_decode_attention(tok):
 
 
 def test_bad_variants_are_one_line_errors(capsys):
-    assert "--variants: expected reference, fused, fast" in refused(main, ["--variants", "turbo"], capsys)
+    assert "--variants: expected reference, fused, split-kv, fast" in refused(main, ["--variants", "turbo"], capsys)

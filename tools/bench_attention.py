@@ -9,9 +9,6 @@ the cache and the decode step's attention, each against the path the model runs 
 Prefill over the cache, NQ:L (NQ new tokens after L cached ones: the queries are the last NQ of NQ + L positions,
 causal from the bottom right). The model's path is model.causal_attention (SDPA with a lower-right causal mask;
 FlashAttention-2 on an H100). Beside it:
-- flash splits S: FlashAttention-2 with the key axis cut into S slices inside the kernel (num_splits), merged by their
-  log-sum-exp. Why: 775 queries x 28 heads are 196 tiles of 128 queries, 1.5 waves on an H100's 132 multiprocessors,
-  so a third of the second wave idles; more, smaller pieces of work fill it;
 - cudnn two-call: cuDNN's fused kernel twice, over the cache (no mask) and over the new tokens (square, causal),
   merged by their log-sum-exp; "new shape" is its first call at a cache length it has not seen (cuDNN builds an
   execution plan per shape, and a stream's cache length changes every second);
@@ -19,7 +16,9 @@ FlashAttention-2 on an H100). Beside it:
   --bucket), the empty ones hidden by a -inf bias: one shape, one plan, at the price of reading the bias and the
   empty slots. "new shape" here is a new cache length in the same bucket;
 - cudnn head / flash tail S: cuDNN over the cache rounded down to a multiple of S (--step: few shapes, each planned
-  once), FlashAttention-2 over the rest and the new tokens (no plans, causal from the bottom right), merged.
+  once), FlashAttention-2 over the rest and the new tokens (no plans, causal from the bottom right), merged: the
+  fast streaming path's prefill.CachedPrefill;
+- cudnn causal (a prompt, L = 0): cuDNN's causal kernel in one call.
 Decode, L: one token over L cached keys in a buffer of the next power of two (the decode graph reads a fixed-size
 buffer with a mask): model.decode_attention (two matmuls) and decode.split_kv_attention, 28 layers' worth in one
 CUDA graph (a CPU times them eagerly). Each row: ms, TFLOP/s or TB/s (K/V read once), the largest difference from
@@ -35,12 +34,8 @@ import torch
 from cli import Parser, Results, at_least, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
+from prefill import MISSING, CachedPrefill, cudnn, merge
 from tools.bench_flexprefill import timeit
-
-
-# how PyTorch says that a kernel is not in this build, or not for this device or these arguments
-MISSING = ("Could not run", "Unknown keyword argument", "failed to match any schema", "No available kernel",
-           "not supported")
 
 
 def shape(text):
@@ -54,56 +49,22 @@ def shape(text):
     return nq, cached
 
 
-def merge(o1, lse1, o2, lse2):
-    """Two attention outputs over disjoint keys, (B, H, N, D) with their log-sum-exps (B, H, N): the output over all.
-    A part that saw no key (log-sum-exp -inf; its output may be NaN) weighs nothing."""
-    m = torch.maximum(lse1, lse2)
-    w1, w2 = (lse1 - m).exp()[..., None], (lse2 - m).exp()[..., None]
-    return ((o1.float().nan_to_num() * w1 + o2.float().nan_to_num() * w2) / (w1 + w2)).to(o1.dtype)
-
-
-def flash(q, k, v, **kw):
-    """FlashAttention-2, causal from the bottom right (its rule when Nq < Nk), and its log-sum-exp (B, H, Nq);
-    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D); kw: the kernel's keywords (num_splits)."""
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))   # the kernel's (B, N, H, D) layout
-    out = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], 0.0, True,
-                                                  False, scale=q.shape[-1] ** -0.5, **kw)
-    return out[0].transpose(1, 2), out[1]
-
-
-def cudnn(q, k, v, causal, bias=None):
-    """cuDNN's fused attention and its log-sum-exp (B, H, N); bias: added to the scores, (B or 1, 1, Nq, Nk)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
-                                                             scale=q.shape[-1] ** -0.5)
-    return out[0], out[1].view(q.shape[:3])
-
-
-def cudnn_two_call(q, k, v, cached):
-    """The cache's keys without a mask, the new tokens' square causal, merged: causal_attention's result."""
-    o1, l1 = cudnn(q, k[:, :, :cached], v[:, :, :cached], False)
-    o2, l2 = cudnn(q, k[:, :, cached:], v[:, :, cached:], True)
+def cudnn_two_call(q, k, v, cached, kernel=cudnn):
+    """The cache's keys without a mask, the new tokens' square causal, merged: causal_attention's result (kernel:
+    cuDNN's, or a stand-in of the same signature)."""
+    o1, l1 = kernel(q, k[:, :, :cached], v[:, :, :cached], False)
+    o2, l2 = kernel(q, k[:, :, cached:], v[:, :, cached:], True)
     return merge(o1, l1, o2, l2)
 
 
-def cudnn_bucket(q, k, v, cached, bucket):
+def cudnn_bucket(q, k, v, cached, bucket, kernel=cudnn):
     """cudnn_two_call with the cache's part over a fixed `bucket` of key slots, the ones past `cached` hidden by a
     -inf bias: the same shape at every cache length, so one execution plan serves them all. k, v: (B, Hkv, bucket +
     Nq, D), the new tokens' keys last."""
     bias = torch.zeros(1, 1, 1, bucket, device=q.device, dtype=q.dtype)
     bias[..., cached:] = float("-inf")
-    o1, l1 = cudnn(q, k[:, :, :bucket], v[:, :, :bucket], False, bias.expand(1, 1, q.shape[2], bucket))
-    o2, l2 = cudnn(q, k[:, :, bucket:], v[:, :, bucket:], True)
-    return merge(o1, l1, o2, l2)
-
-
-def cudnn_head_flash_tail(q, k, v, cached, step):
-    """The cache's first cached // step * step keys through cuDNN (a handful of shapes over a stream, each planned
-    once), the rest of the cache and the new tokens through FlashAttention-2 (no plans), merged."""
-    head = cached // step * step
-    o2, l2 = flash(q, k[:, :, head:], v[:, :, head:])
-    if not head:
-        return o2
-    o1, l1 = cudnn(q, k[:, :, :head], v[:, :, :head], False)
+    o1, l1 = kernel(q, k[:, :, :bucket], v[:, :, :bucket], False, bias.expand(1, 1, q.shape[2], bucket))
+    o2, l2 = kernel(q, k[:, :, bucket:], v[:, :, bucket:], True)
     return merge(o1, l1, o2, l2)
 
 
@@ -141,10 +102,8 @@ def prefill_rows(args, nq, cached, gen):
     base = timeit(lambda: causal_attention(q, k, v), args.device, args.warmup, args.iters)
     rows = [dict(kernel="model: causal_attention", ms=round(base, 3), rate=f"{flops / base / 1e9:.3g} TFLOP/s",
                  max_err="0", x_model=1.0)]
-    for s in args.splits:
-        rows.append(measured(f"flash splits {s}", lambda: flash(q, k, v, num_splits=s)[0], ref, base, args, flops,
-                             "TFLOP/s"))
-    if not cached:   # the cuDNN rows split the keys at the cache's end
+    if not cached:   # a prompt: cuDNN's causal kernel in one call (the rows below split the keys at the cache's end)
+        rows.append(measured("cudnn causal", lambda: cudnn(q, k, v, True)[0], ref, base, args, flops, "TFLOP/s"))
         return [dict(shape=f"prefill {nq}:0", **r) for r in rows]
     rows.append(measured("cudnn two-call", lambda: cudnn_two_call(q, k, v, cached), ref, base, args, flops, "TFLOP/s"))
     if "ms" in rows[-1]:   # a cache length not seen yet: its plan is built now
@@ -158,12 +117,12 @@ def prefill_rows(args, nq, cached, gen):
                          args, flops, "TFLOP/s"))
     if "ms" in rows[-1]:   # a new cache length in the same bucket: the same plan
         rows[-1]["new_shape_ms"] = first_call_ms(lambda: cudnn_bucket(q, kb, vb, cached - 1, bucket), args.device)
-    rows.append(measured(f"cudnn head / flash tail {args.step}", lambda: cudnn_head_flash_tail(q, k, v, cached,
-                         args.step), ref, base, args, flops, "TFLOP/s"))
+    head_tail = CachedPrefill(step=args.step, patience=0)   # what the fast streaming path runs (prefill.py)
+    rows.append(measured(f"cudnn head / flash tail {args.step}", lambda: head_tail(q, k, v), ref, base, args, flops,
+                         "TFLOP/s"))
     if "ms" in rows[-1]:   # a new cache length, one more key in the tail (the head's shape again, unless it grew)
         more = torch.cat([k[:, :, :1], k], 2), torch.cat([v[:, :, :1], v], 2)
-        rows[-1]["new_shape_ms"] = first_call_ms(lambda: cudnn_head_flash_tail(q, *more, cached + 1, args.step),
-                                                 args.device)
+        rows[-1]["new_shape_ms"] = first_call_ms(lambda: head_tail(q, *more), args.device)
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
 
 
@@ -209,8 +168,6 @@ def build_parser():
                    help="prefill shapes: new tokens:cached tokens (default: a 2-fps and an 8-fps 720p second at 7B)")
     p.add_argument("--decode", type=at_least(1), nargs="*", default=[13277, 47800], metavar="L",
                    help="decode over L cached tokens (default: the 2-fps and 8-fps caches)")
-    p.add_argument("--splits", type=at_least(1), nargs="*", default=[2, 4], help="FlashAttention-2's num_splits to "
-                   "try (PyTorch 2.11's kernel does not take it: those rows say missing)")
     p.add_argument("--bucket", type=at_least(1), default=1024, help="cudnn bucket: the cache's key slots are "
                    "rounded up to a multiple of this")
     p.add_argument("--step", type=at_least(1), default=512, help="cudnn head / flash tail: the head is the cache "

@@ -47,18 +47,24 @@ from eval import (add_run_flags, check_run_flags, fresh_peak, ms, percentile, ru
 from flexprefill import enable_flexprefill
 from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
 from model import PRESETS, VLM, pick_device_dtype
+from prefill import prefill_kernel_for
 from processor import Tokenizer, build_tokenizer, patchify_video, preprocess_video
 from safeio import write_atomic
 from stream import streamer_kwargs
 
 
-VARIANTS = {"reference": (False, False), "fused": (True, False), "fast": (True, True)}  # (fuse, split-KV kernel)
+# (fuse, split-KV decode kernel, cuDNN + FlashAttention-2 prefill over the cache)
+VARIANTS = {"reference": (False, False, False), "fused": (True, False, False), "split-kv": (True, True, False),
+            "fast": (True, True, True)}
 
 
-def set_variant(model, variant):
-    fuse, kernel = VARIANTS[variant]
+def set_variant(model, variant, flexprefill=False):
+    """The model's layout and kernels for `variant`; under --flexprefill the prompt attention stays FlexPrefill."""
+    fuse, kernel, prefill = VARIANTS[variant]
     model.fuse(fuse)
     model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
+    if not flexprefill:
+        model.use_attention(prefill_kernel_for(model.device, model.dtype, model.cfg.head_dim) if prefill else None)
 
 
 def build_models(args):
@@ -300,7 +306,8 @@ def build_parser():
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
                     help="comma-separated, each policy and decode path runs once per variant: reference (separate "
-                    "Linears, two-matmul decode attention), fused (VLM.fuse), fast (fused + split-KV decode kernel)")
+                    "Linears, two-matmul decode attention, SDPA prefill), fused (VLM.fuse), split-kv (fused + "
+                    "split-KV decode kernel), fast (split-kv + cuDNN / FlashAttention-2 prefill over the cache)")
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
@@ -376,7 +383,7 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
             r, w = hf_loop(hf, tok, seconds, frames_of, args, after=log), min(warmup, seconds // 2)
             hf_window = (w, len(r["latency"]))  # the seconds the ratio compares, ours and theirs
         else:
-            set_variant(model, variant)
+            set_variant(model, variant, args.flexprefill)
             try:
                 r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
                                   **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,

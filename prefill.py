@@ -1,0 +1,112 @@
+"""
+A streaming second's prefill over its KV cache, fast on a GPU: the second's new tokens (775 for a 720p second at
+2 fps, 2,980 at 8 fps) attend to everything the cache keeps (~13k tokens at 2 fps, ~48k at 8 fps) and to each
+other, causally. That is most of the attention work of a stream: at 8 fps ~57 TFLOP a second at 7B.
+
+The model's reference (model.causal_attention) runs it as one SDPA call with a lower-right causal mask, which
+PyTorch sends to FlashAttention-2: ~220 TFLOP/s on an H100. cuDNN's fused attention, written for Hopper, runs the
+same work 1.4-1.6x faster (tools/bench_attention.py measures both), but it builds an execution plan for every new
+shape (40-80 ms), and a stream's cache length changes every second. So the keys are cut in two:
+
+    keys:  [ ------------ head ------------ | --- tail --- | ---- new tokens ---- ]
+            cache length rounded down to      the rest of     the second's own
+            a multiple of `step` (512)        the cache
+            -> cuDNN, no mask                 -> FlashAttention-2, causal from the bottom right
+
+Every new token sees the whole head, so the head needs no mask, and over a stream it takes only a handful of
+lengths, each planned once; the tail and the new tokens go to FlashAttention-2, which needs no plans. Softmax over
+two disjoint sets of keys is their softmaxes mixed by their log-sum-exps (the combine step of FlashAttention's
+split-KV and of ring attention):
+
+    out = (e^lse1 * out1 + e^lse2 * out2) / (e^lse1 + e^lse2) = lerp(out1, out2, sigmoid(lse2 - lse1))
+
+The model takes it through VLM.use_attention; the fast streaming path (decode.take_fast_defaults) picks it on a GPU
+where both kernels run. tests/test_prefill.py checks it against causal_attention with plain math standing in for
+the two kernels (CPU), and with the real kernels on a GPU.
+
+References: FlashAttention-2 (Dao, 2023); cuDNN's fused flash attention (NVIDIA cuDNN frontend, SDPA);
+log-sum-exp merging as in FlashAttention's split-KV decoding and Ring Attention (Liu et al., 2023).
+"""
+import torch
+import torch.nn.functional as F
+
+from model import causal_attention
+
+
+# how PyTorch says that a kernel is not in this build, or not for this device or these arguments
+MISSING = ("Could not run", "Unknown keyword argument", "failed to match any schema", "No available kernel",
+           "not supported")
+
+
+def merge(o1, lse1, o2, lse2):
+    """Two attention outputs over disjoint keys, (B, H, N, D), with their log-sum-exps (B, H, N): the output over
+    all the keys. Each part must have seen at least one key (a finite log-sum-exp)."""
+    acc = torch.promote_types(o1.dtype, torch.float32)              # fp32 or better
+    w2 = torch.sigmoid(lse2.to(acc) - lse1.to(acc))[..., None]     # part 2's share of the softmax mass
+    return torch.lerp(o1.to(acc), o2.to(acc), w2).to(o1.dtype)
+
+
+def flash(q, k, v):
+    """FlashAttention-2, causal from the bottom right (its rule when Nq < Nk), and its log-sum-exp (B, H, Nq);
+    q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) (grouped-query attention as is, no copies)."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))   # the kernel's (B, N, H, D) layout
+    out, lse = torch.ops.aten._flash_attention_forward(qt, kt, vt, None, None, qt.shape[1], kt.shape[1], 0.0, True,
+                                                       False, scale=q.shape[-1] ** -0.5)[:2]
+    return out.transpose(1, 2), lse
+
+
+def cudnn(q, k, v, causal=False, bias=None):
+    """cuDNN's fused attention and its log-sum-exp (B, H, Nq); bias: added to the scores, (B or 1, 1, Nq, Nk)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False,
+                                                             scale=q.shape[-1] ** -0.5)
+    return out[0], out[1].view(q.shape[:3])
+
+
+class CachedPrefill:
+    """causal_attention(q, k, v) with the cache's head through `head_kernel` (cuDNN) and the rest through
+    `tail_kernel` (FlashAttention-2), merged. The head's queries are padded to a multiple of `qstep` (their rows are
+    dropped; the head has no mask, so they change nothing), so that a second whose text is a few tokens longer
+    reuses a plan. A head shape goes to cuDNN only once it has come back in more than `patience` calls: while the
+    cache fills, each length passes by once or twice, and planning it (40-80 ms) would cost more than it saves.
+    Until then, and for a prompt without a cache, it is one tail call. The kernels are arguments so that a CPU test
+    can put plain math in their place."""
+    exact_causal = True   # computes causal attention, no approximation (serve.py and VLM.forward ask)
+
+    def __init__(self, step=512, qstep=64, patience=64, head_kernel=cudnn, tail_kernel=flash):
+        self.step, self.qstep, self.patience = step, qstep, patience
+        self.head_kernel, self.tail_kernel = head_kernel, tail_kernel
+        self.seen = {}   # (padded queries, head length, key strides) -> calls so far
+
+    def __call__(self, q, k, v):
+        nq = q.shape[2]
+        head = (k.shape[2] - nq) // self.step * self.step    # the cache's length, rounded down
+        shape = (q.shape[:2] + (nq + -nq % self.qstep, head), k.stride())
+        self.seen[shape] = self.seen.get(shape, 0) + 1
+        if not head or self.seen[shape] <= self.patience:
+            return self.tail_kernel(q, k, v)[0]
+        qh = F.pad(q, (0, 0, 0, -nq % self.qstep))               # (B, H, padded queries, D)
+        o1, lse1 = self.head_kernel(qh, k[:, :, :head], v[:, :, :head])
+        o2, lse2 = self.tail_kernel(q, k[:, :, head:], v[:, :, head:])
+        return merge(o1[:, :, :nq], lse1[:, :, :nq], o2, lse2)
+
+    def __repr__(self):
+        return f"CachedPrefill(step={self.step}, qstep={self.qstep}, patience={self.patience})"
+
+
+def prefill_kernel_for(device, dtype=torch.bfloat16, head_dim=128):
+    """CachedPrefill where this GPU and this PyTorch run both kernels (tried once on a tiny input and checked
+    against causal_attention), else None: a CPU, an older GPU, a build without cuDNN attention."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    g = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, 2, 16, head_dim, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(1, 1, 48, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+    fn = CachedPrefill(step=16, patience=0)
+    try:
+        err = (fn(q, k, v).float() - causal_attention(q, k, v).float()).abs().max().item()
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        if not any(m in str(e) for m in MISSING):
+            raise   # a bug, not a kernel this build lacks
+        return None
+    return CachedPrefill() if err < 0.05 else None

@@ -1,0 +1,103 @@
+"""prefill.py: the prefill over a cache cut into a cuDNN head and a FlashAttention-2 tail equals causal attention.
+On the CPU plain math stands in for the two kernels (the cut, the query padding and the log-sum-exp merge are ours);
+on a GPU the real kernels run against SDPA, inside the 7B-shaped attention and inside the streaming loop."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from model import causal_attention, exact_causal
+from prefill import CachedPrefill, merge, prefill_kernel_for
+
+
+def math_attention(q, k, v, causal=False):
+    """Attention and its log-sum-exp (B, H, Nq), written out, causal from the bottom right when asked: what the
+    kernels return."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        nq, nk = s.shape[-2:]
+        s = s.masked_fill(torch.arange(nk) > torch.arange(nq)[:, None] + nk - nq, float("-inf"))
+    return s.softmax(-1) @ v, s.logsumexp(-1)
+
+
+def math_prefill(**kw):
+    return CachedPrefill(head_kernel=math_attention, tail_kernel=lambda q, k, v: math_attention(q, k, v, True), **kw)
+
+
+def inputs(nq, cached, seed=0, hq=4, hkv=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, nq, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, hkv, cached + nq, d, generator=g, dtype=torch.float64) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("nq, cached", [(5, 37), (16, 100), (3, 0), (64, 7), (1, 300)])
+@pytest.mark.parametrize("step", [1, 8, 32, 1000])   # the head: all of the cache, some of it, none of it
+def test_head_and_tail_are_causal_attention(nq, cached, step):
+    q, k, v = inputs(nq, cached, seed=nq + cached)
+    fn = math_prefill(step=step, qstep=8, patience=0)
+    assert torch.allclose(fn(q, k, v), causal_attention(q, k, v), atol=1e-12)
+
+
+def test_a_shape_goes_to_the_head_kernel_only_once_it_recurs():
+    calls = []
+    fn = CachedPrefill(step=8, qstep=8, patience=2, tail_kernel=lambda q, k, v: math_attention(q, k, v, True),
+                       head_kernel=lambda q, k, v: calls.append(q.shape) or math_attention(q, k, v))
+    q, k, v = inputs(5, 30)
+    for _ in range(4):
+        assert torch.allclose(fn(q, k, v), causal_attention(q, k, v), atol=1e-12)
+    assert calls == [(1, 4, 8, 16)] * 2   # calls 3 and 4, queries padded 5 -> 8
+    fn(*inputs(6, 29))                    # 6 queries pad to 8 as well, the head is 24 again: the same shape
+    assert len(calls) == 3
+
+
+def test_merge_weighs_parts_by_their_mass():
+    o1, o2 = torch.zeros(1, 1, 2, 3), torch.ones(1, 1, 2, 3)
+    lse = torch.tensor([[[0.0, 1.0]]])
+    out = merge(o1, lse, o2, torch.zeros(1, 1, 2))   # equal mass in row 0, e times more for part 1 in row 1
+    assert torch.allclose(out[0, 0, :, 0], torch.tensor([0.5, 1 / (1 + torch.e)]))
+
+
+def test_the_fast_path_takes_it_only_where_it_runs(tok):
+    from decode import take_fast_defaults
+    assert prefill_kernel_for("cpu") is None and exact_causal(math_prefill()) and exact_causal(causal_attention)
+    model = tiny_model(tok)
+    take_fast_defaults(model)   # on a CPU: the reference stays, and the choice is made
+    assert model.prompt_kernel is causal_attention and model.model.layers[0].self_attn.attn_fn is causal_attention
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
+@pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (300, 0)])
+def test_real_kernels_match_sdpa(nq, cached):
+    fn = prefill_kernel_for("cuda")
+    assert fn is not None, "this GPU runs SDPA's flash kernel; cuDNN attention should be there too"
+    fn.patience = 0
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(1, 28, nq, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, cached + nq, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref = causal_attention(q.double(), k.double(), v.double())
+    ours, sdpa = fn(q, k, v).double(), causal_attention(q, k, v).double()
+    # within what bf16 SDPA itself is off by (x2 plus one bf16 step of the output scale)
+    assert (ours - ref).abs().max() <= 2 * (sdpa - ref).abs().max() + 2 ** -8 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
+def test_streaming_with_it_equals_the_reference(tok):
+    # bf16 on the GPU, a tiny model streaming (the cache past the head's step from the second round on), replies
+    # teacher-forced so both runs see the same tokens: logits within bf16 tolerance of the SDPA run
+    from conftest import frames
+    from stream import make_streamer
+    model = tiny_model(tok, layers=2, seed=2).to("cuda", torch.bfloat16)
+    logits = []
+    for attn in (None, CachedPrefill(step=32, patience=0)):
+        model.use_attention(attn)
+        s = make_streamer(model, tok, max_new_tokens=6, text_sink=4, text_window=8, vision_window=3, capacity=64)
+        per_round = []
+        for t in range(6):
+            s.step(frames(t), force_text="Red scores!")
+            per_round.append(s.last_logits[:, -1].float().cpu())
+        logits.append(torch.cat(per_round))
+    assert any(shape[3] > 0 for shape, _ in attn.seen)   # the head kernel ran
+    scale = logits[0].abs().max()
+    torch.testing.assert_close(logits[1] / scale, logits[0] / scale, atol=2e-2, rtol=0)
