@@ -68,26 +68,40 @@ class CachedPrefill:
     dropped; the head has no mask, so they change nothing), so that a second whose text is a few tokens longer
     reuses a plan. A head shape goes to cuDNN only once it has come back in more than `patience` calls: while the
     cache fills, each length passes by once or twice, and planning it (40-80 ms) would cost more than it saves.
-    Until then, and for a prompt without a cache, it is one tail call. The kernels are arguments so that a CPU test
+    Until then it is one tail call. A prompt without a cache goes whole to cuDNN's causal kernel (prompt()). The kernels are arguments so that a CPU test
     can put plain math in their place."""
     exact_causal = True   # computes causal attention, no approximation (serve.py and VLM.forward ask)
 
     def __init__(self, step=512, qstep=64, patience=64, head_kernel=cudnn, tail_kernel=flash):
         self.step, self.qstep, self.patience = step, qstep, patience
         self.head_kernel, self.tail_kernel = head_kernel, tail_kernel
-        self.seen = {}   # (padded queries, head length, key strides) -> calls so far
+        self.seen = {}   # (batch and heads, padded queries, head length, key layout) -> calls so far
+
+    def recurs(self, *shape):
+        """Count a call of this shape; True once it has come back often enough to earn a plan."""
+        self.seen[shape] = self.seen.get(shape, 0) + 1
+        return self.seen[shape] > self.patience
 
     def __call__(self, q, k, v):
         nq = q.shape[2]
+        if nq == k.shape[2]:
+            return self.prompt(q, k, v)
         head = (k.shape[2] - nq) // self.step * self.step    # the cache's length, rounded down
-        shape = (q.shape[:2] + (nq + -nq % self.qstep, head), k.stride())
-        self.seen[shape] = self.seen.get(shape, 0) + 1
-        if not head or self.seen[shape] <= self.patience:
+        if not head or not self.recurs(q.shape[:2], nq + -nq % self.qstep, head, k.stride()):
             return self.tail_kernel(q, k, v)[0]
         qh = F.pad(q, (0, 0, 0, -nq % self.qstep))               # (B, H, padded queries, D)
         o1, lse1 = self.head_kernel(qh, k[:, :, :head], v[:, :, :head])
         o2, lse2 = self.tail_kernel(q, k[:, :, head:], v[:, :, head:])
         return merge(o1[:, :, :nq], lse1[:, :, :nq], o2, lse2)
+
+    def prompt(self, q, k, v):
+        """A prompt without a cache: causal from the top left, so keys padded at the end are seen by no real query;
+        padded to a multiple of `step`, a prompt's length takes few shapes too (cuDNN's causal kernel)."""
+        n = q.shape[2]
+        if n < self.step or not self.recurs(q.shape[:2], n + -n % self.step, 0, k.shape[1]):
+            return self.tail_kernel(q, k, v)[0]
+        pad = lambda x: F.pad(x, (0, 0, 0, -n % self.step))      # (B, H, padded length, D)
+        return self.head_kernel(pad(q), pad(k), pad(v), True)[0][:, :, :n]
 
     def __repr__(self):
         return f"CachedPrefill(step={self.step}, qstep={self.qstep}, patience={self.patience})"
@@ -103,8 +117,9 @@ def prefill_kernel_for(device, dtype=torch.bfloat16, head_dim=128):
     q = torch.randn(1, 2, 16, head_dim, generator=g, device=device, dtype=dtype)
     k, v = (torch.randn(1, 1, 48, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
     fn = CachedPrefill(step=16, patience=0)
-    try:
-        err = (fn(q, k, v).float() - causal_attention(q, k, v).float()).abs().max().item()
+    off = lambda *x: (fn(*x).float() - causal_attention(*x).float()).abs().max().item()
+    try:   # over a cache (head and tail); a prompt of one step; a prompt padded to two
+        err = max(off(q, k, v), off(q, k[:, :, :16], v[:, :, :16]), off(k[:, :, :20], k[:, :, :20], v[:, :, :20]))
     except (RuntimeError, TypeError, NotImplementedError) as e:
         if not any(m in str(e) for m in MISSING):
             raise   # a bug, not a kernel this build lacks

@@ -32,7 +32,7 @@ def inputs(nq, cached, seed=0, hq=4, hkv=2, d=16):
     return q, k, v
 
 
-@pytest.mark.parametrize("nq, cached", [(5, 37), (16, 100), (3, 0), (64, 7), (1, 300)])
+@pytest.mark.parametrize("nq, cached", [(5, 37), (16, 100), (3, 0), (64, 7), (1, 300), (40, 0), (32, 0)])
 @pytest.mark.parametrize("step", [1, 8, 32, 1000])   # the head: all of the cache, some of it, none of it
 def test_head_and_tail_are_causal_attention(nq, cached, step):
     q, k, v = inputs(nq, cached, seed=nq + cached)
@@ -68,7 +68,7 @@ def test_the_fast_path_takes_it_only_where_it_runs(tok):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
-@pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (300, 0)])
+@pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (300, 0), (1000, 0)])
 def test_real_kernels_match_sdpa(nq, cached):
     fn = prefill_kernel_for("cuda")
     assert fn is not None, "this GPU runs SDPA's flash kernel; cuDNN attention should be there too"
