@@ -24,10 +24,11 @@ The ideas:
 - The floor, in the same run (on a GPU): a CUDA graph of matrix-vector products over every weight matrix a decode
   step reads (measure_floor), plus the live cache's K/V bytes at the bandwidth those products reach. Each run's
   row says its ms per token (in the loop: launch, readback and all) and its decode graph's replay alone as
-  multiples of it (x_floor, graph_x_floor). --variants reference,fused,fast runs the model's reference layers
-  (separate q/k/v and gate/up Linears, two-matmul decode attention), the fused projections (VLM.fuse) and those
-  plus the split-KV decode kernel (decode.py) side by side; --profile prints the kernels of one more steady second
-  (and its host and GPU time per phase) and of a replay of the decode graph.
+  multiples of it (x_floor, graph_x_floor). --variants reference,fused,split-kv,fast runs the model's reference
+  layers (separate q/k/v and gate/up Linears, two-matmul decode attention, SDPA prefill), the fused projections
+  (VLM.fuse), those plus the split-KV decode kernel (decode.py), and those plus the prefill over the cache through
+  cuDNN and FlashAttention-2 (prefill.py; the GPU default) side by side; --profile prints the kernels of one more
+  steady second (and its host and GPU time per phase) and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary, with
 each run's mean and p99 per minute of stream and its memory (per_minute: is it flat?).
 """
