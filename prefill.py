@@ -99,8 +99,8 @@ class CachedPrefill:
 
     def __call__(self, q, k, v):
         nq, head = q.shape[2], self.head_for(q, k)
-        if not head:
-            return self.tail_kernel(q, k, v)[0]
+        if not head:   # a prompt, a short cache, or none planned yet: the model's reference (SDPA's flash kernel)
+            return causal_attention(q, k, v)
         qh = F.pad(q, (0, 0, 0, -nq % self.qstep))               # (B, H, padded queries, D)
         o1, lse1 = self.head_kernel(qh, k[:, :, :head], v[:, :, :head])
         o2, lse2 = self.tail_kernel(q, k[:, :, head:], v[:, :, head:])

@@ -72,7 +72,7 @@ def test_the_fast_path_takes_it_only_where_it_runs(tok):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
-@pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (300, 0)])
+@pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (100, 5000)])
 def test_real_kernels_match_sdpa(nq, cached):
     fn = prefill_kernel_for("cuda")
     assert fn is not None, "this GPU runs SDPA's flash kernel; cuDNN attention should be there too"
