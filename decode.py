@@ -158,8 +158,9 @@ def take_fast_defaults(model):
         model.fuse()
     if model.decode_kernel is None and decode_kernel_for(model.device) is not None:
         model.use_decode_attention(decode_kernel_for(model.device))
-    if model.prompt_kernel is None:
-        model.use_attention(prefill_kernel_for(model.device, model.dtype, model.cfg.head_dim))
+    if model.prompt_kernel is None and (kernel := prefill_kernel_for(model.device, model.dtype,
+                                                                     model.cfg.head_dim)) is not None:
+        model.use_attention(kernel)
 
 
 class GraphDecoder:

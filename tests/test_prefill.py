@@ -21,8 +21,13 @@ def math_attention(q, k, v, causal=False):
     return s.softmax(-1) @ v, s.logsumexp(-1)
 
 
-def math_prefill(**kw):
-    return CachedPrefill(head_kernel=math_attention, tail_kernel=lambda q, k, v: math_attention(q, k, v, True), **kw)
+def math_prefill(heads=None, **kw):
+    """CachedPrefill on the CPU with plain math for both kernels; the head's key counts go to the list `heads`."""
+    def head(q, k, v):
+        heads is None or heads.append(k.shape[2])
+        return math_attention(q, k, v)
+    return CachedPrefill(head_kernel=head, tail_kernel=lambda q, k, v: math_attention(q, k, v, True),
+                         device_type="cpu", **kw)
 
 
 def inputs(nq, cached, seed=0, hq=4, hkv=2, d=16, capacity=512):
@@ -38,15 +43,15 @@ def inputs(nq, cached, seed=0, hq=4, hkv=2, d=16, capacity=512):
 @pytest.mark.parametrize("step", [1, 8, 32, 1000])   # the head: all of the cache, some of it, none of it
 def test_head_and_tail_are_causal_attention(nq, cached, step):
     q, k, v = inputs(nq, cached, seed=nq + cached)
-    fn = math_prefill(step=step, slack=1, qstep=8, patience=0)
+    heads = []
+    fn = math_prefill(heads, step=step, slack=1, qstep=8, patience=0)
     assert torch.allclose(fn(q, k, v), causal_attention(q, k, v), atol=1e-12)
+    assert heads == ([cached // step * step] if cached >= step else [])   # the cut happened where it should
 
 
 def test_heads_are_planned_when_they_recur_and_reused_within_the_slack():
     calls = []
-    fn = CachedPrefill(step=8, slack=12, qstep=8, patience=2,
-                       tail_kernel=lambda q, k, v: math_attention(q, k, v, True),
-                       head_kernel=lambda q, k, v: calls.append(k.shape[2]) or math_attention(q, k, v))
+    fn = math_prefill(calls, step=8, slack=12, qstep=8, patience=2)
     for nq, cached in [(5, 30), (5, 30), (5, 30), (5, 31), (6, 25), (5, 19), (5, 50), (5, 48), (5, 49), (5, 51)]:
         q, k, v = inputs(nq, cached, seed=cached)
         assert torch.allclose(fn(q, k, v), causal_attention(q, k, v), atol=1e-12)
@@ -54,6 +59,22 @@ def test_heads_are_planned_when_they_recur_and_reused_within_the_slack():
     # below it, and 16 would not recur: tail only; 50 and 48 are past the slack: they want 48 and use 24 meanwhile;
     # 49 wants 48 the third time: planned; 51 uses it
     assert calls == [24, 24, 24, 24, 24, 48, 48] and fn.plans[(1, 4), 8, k.stride()] == [24, 48]
+
+
+def test_training_takes_the_reference():
+    # the kernels' log-sum-exps carry no gradient: with grad on, the plain causal attention runs, and its gradient
+    heads = []
+    fn = math_prefill(heads, step=8, slack=1, patience=0)
+    q, k, v = (x.detach().requires_grad_() for x in inputs(5, 30))
+    fn(q, k, v).square().sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    causal_attention(q, k, v).square().sum().backward()
+    assert heads == [] and all(torch.equal(a, x.grad) for a, x in zip(grads, (q, k, v)))
+    with torch.no_grad():   # inference on the same tensors cuts them
+        fn(q, k, v)
+    assert heads == [24]
 
 
 def test_merge_weighs_parts_by_their_mass():
@@ -67,8 +88,8 @@ def test_the_fast_path_takes_it_only_where_it_runs(tok):
     from decode import take_fast_defaults
     assert prefill_kernel_for("cpu") is None and exact_causal(math_prefill()) and exact_causal(causal_attention)
     model = tiny_model(tok)
-    take_fast_defaults(model)   # on a CPU: the reference stays, and the choice is made
-    assert model.prompt_kernel is causal_attention and model.model.layers[0].self_attn.attn_fn is causal_attention
+    take_fast_defaults(model)   # on a CPU: the reference stays, still open to a choice made on a GPU later
+    assert model.prompt_kernel is None and model.model.layers[0].self_attn.attn_fn is causal_attention
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
@@ -79,7 +100,8 @@ def test_real_kernels_match_sdpa(nq, cached):
     fn.slack, fn.patience = 1, 0
     g = torch.Generator("cuda").manual_seed(0)
     q = torch.randn(1, 28, nq, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 4, cached + nq, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, 4, cached + nq + 300, 128, generator=g, device="cuda", dtype=torch.bfloat16)[:, :, :-300]
+            for _ in range(2))   # views of a longer buffer, as a streaming cache's are
     ref = causal_attention(q.double(), k.double(), v.double())
     ours, sdpa = fn(q, k, v).double(), causal_attention(q, k, v).double()
     # within what bf16 SDPA itself is off by (x2 plus one bf16 step of the output scale)
@@ -102,6 +124,6 @@ def test_streaming_with_it_equals_the_reference(tok):
             s.step(frames(t), force_text="Red scores!")
             per_round.append(s.last_logits[:, -1].float().cpu())
         logits.append(torch.cat(per_round))
-    assert any(attn.plans.values())   # the head kernel ran
+    assert any(h for heads in attn.plans.values() for h in heads)   # a head was planned, so the head kernel ran
     scale = logits[0].abs().max()
     torch.testing.assert_close(logits[1] / scale, logits[0] / scale, atol=2e-2, rtol=0)

@@ -34,8 +34,13 @@ import torch
 from cli import Parser, Results, at_least, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
-from prefill import MISSING, CachedPrefill, cudnn, merge
+from prefill import CachedPrefill, cudnn, merge
 from tools.bench_flexprefill import timeit
+
+
+# how PyTorch says that a kernel is not in this build, or not for this device or these arguments
+MISSING = ("Could not run", "Unknown keyword argument", "failed to match any schema", "No available kernel",
+           "not supported")
 
 
 def shape(text):
@@ -117,7 +122,7 @@ def prefill_rows(args, nq, cached, gen):
                          args, flops, "TFLOP/s"))
     if "ms" in rows[-1]:   # a new cache length in the same bucket: the same plan
         rows[-1]["new_shape_ms"] = first_call_ms(lambda: cudnn_bucket(q, kb, vb, cached - 1, bucket), args.device)
-    head_tail = CachedPrefill(step=args.step, patience=0)   # what the fast streaming path runs (prefill.py)
+    head_tail = CachedPrefill(step=args.step, slack=1, patience=0, device_type=args.device.type)   # prefill.py's
     rows.append(measured(f"cudnn head / flash tail {args.step}", lambda: head_tail(q, k, v), ref, base, args, flops,
                          "TFLOP/s"))
     if "ms" in rows[-1]:   # a new cache length, one more key in the tail (the head's shape again, unless it grew)
