@@ -40,8 +40,8 @@ from model import causal_attention
 
 
 def merge(o1, lse1, o2, lse2):
-    """Two attention outputs over disjoint keys, (B, H, N, D), with their log-sum-exps (B, H, N): the output over
-    all the keys. Each part must have seen at least one key (a finite log-sum-exp)."""
+    """Two attention outputs over disjoint keys, (..., D) (say (B, H, N, D)), with their log-sum-exps (...): the
+    output over all the keys. Each part must have seen at least one key (a finite log-sum-exp)."""
     acc = torch.promote_types(o1.dtype, torch.float32)              # fp32 or better
     w2 = torch.sigmoid(lse2.to(acc) - lse1.to(acc))[..., None]     # part 2's share of the softmax mass
     return torch.lerp(o1.to(acc), o2.to(acc), w2).to(o1.dtype)
@@ -63,6 +63,15 @@ def cudnn(q, k, v, causal=False, bias=None):
     return out[0], out[1].view(q.shape[:3])
 
 
+def flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """FlashAttention-2 over sequences packed end to end (its variable-length mode), each causal from its own bottom
+    right: q (total_q, Hq, D), k/v (total_k, Hkv, D), cu_q / cu_k (n + 1,) int32 offsets of each sequence, max_q /
+    max_k the longest's lengths. Returns out (total_q, Hq, D) and the log-sum-exp (total_q, Hq)."""
+    out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                       scale=q.shape[-1] ** -0.5)[:2]
+    return out, lse.transpose(0, 1)   # the kernel's is (Hq, total_q)
+
+
 class CachedPrefill:
     """causal_attention(q, k, v) with the cache's head through `head_kernel` (cuDNN) and the rest through
     `tail_kernel` (FlashAttention-2), merged. Any head no longer than the cache is exact, so the head is one
@@ -76,16 +85,20 @@ class CachedPrefill:
     exact_causal = True   # computes causal attention, no approximation (serve.py and VLM.forward ask)
 
     def __init__(self, step=512, slack=2048, qstep=64, patience=64, head_kernel=cudnn, tail_kernel=flash,
-                 device_type="cuda"):
+                 varlen_kernel=flash_varlen, device_type="cuda"):
         self.step, self.slack, self.qstep, self.patience = step, slack, qstep, patience
         self.head_kernel, self.tail_kernel, self.device_type = head_kernel, tail_kernel, device_type
+        self.varlen_kernel = varlen_kernel   # RaggedPrefill's tails
         self.plans = {}   # (batch, heads, padded queries, key layout) -> the head lengths planned for it
         self.seen = {}    # (the same, a head length) -> calls that wanted it so far
 
     def head_for(self, q, k):
         """The head's length for this call: 0 (no head), a planned one, or a new one that has earned its plan."""
-        nq, cached = q.shape[2], k.shape[2] - q.shape[2]
-        key = (tuple(q.shape[:2]), nq + -nq % self.qstep, k.stride())
+        nq = q.shape[2]
+        return self.plan((tuple(q.shape[:2]), nq + -nq % self.qstep, k.stride()), k.shape[2] - nq)
+
+    def plan(self, key, cached):
+        """head_for's choice for a call of this shape (key: what a cuDNN plan depends on) over `cached` keys."""
         planned = self.plans.setdefault(key, [])
         best = max((h for h in planned if h <= cached), default=0)
         if cached - best < self.slack:
@@ -112,8 +125,72 @@ class CachedPrefill:
         o2, lse2 = self.tail_kernel(q, k[:, :, head:], v[:, :, head:])
         return merge(o1[:, :, :nq], lse1[:, :, :nq], o2, lse2)
 
+    def takes_batches(self, device, dtype, head_dim):
+        """Whether RaggedPrefill runs on these kernels: the real ones where they take a batch here (tried once);
+        plain math standing in for them (the CPU tests) always."""
+        if self.varlen_kernel is not flash_varlen:
+            return True
+        return torch.device(device).type == self.device_type == "cuda" and ragged_kernels_run(device, dtype, head_dim)
+
     def __repr__(self):
         return f"CachedPrefill(step={self.step}, slack={self.slack}, qstep={self.qstep}, patience={self.patience})"
+
+
+class RaggedPrefill:
+    """CachedPrefill for many streams in one call (serve.py): each stream's cache is a row of one buffer, k, v (R, Hkv,
+    S, D); batch row i's lengths[i] new queries (q (B, Hq, T, D), padded to the longest) attend to cache row rows[i]'s
+    slots [0, starts[i] + lengths[i]), causally. The rows' caches differ in length, so:
+
+        head   one length for every row, no longer than the shortest cache (so exact for all): one cuDNN call over
+               the batch, the cache rows read in place
+        tails  each row's slots from the head on, its own length: FlashAttention-2's variable-length mode over the
+               rows' tails and queries packed end to end (no padding; each causal from its own bottom right)
+
+    `planner` is the model's CachedPrefill: its head plans and kernels outlive the second. With no head (a cache
+    still filling, or none planned yet), `fallback` runs (serve.PackedRowAttention). Built for one batched forward:
+    the packing's index tensors, made at the first layer, serve every layer."""
+
+    def __init__(self, planner, rows, starts, lengths, fallback):
+        self.planner, self.rows, self.starts, self.lengths = planner, rows, starts, lengths
+        self.fallback, self.packing, self.dev_rows = fallback, {}, None
+
+    def pack(self, head, dev):
+        """For this head length: the packed queries' (batch row, position), the packed tail keys' (cache row, slot),
+        and the varlen offsets and longest lengths (host lists to the device once, shared by the layers)."""
+        if head not in self.packing:
+            keys = [s + n - head for s, n in zip(self.starts, self.lengths)]
+            b = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(self.lengths))
+            t = torch.cat([torch.arange(n) for n in self.lengths])
+            row = torch.repeat_interleave(torch.tensor(self.rows), torch.tensor(keys))
+            slot = torch.cat([torch.arange(head, head + n) for n in keys])
+            offsets = lambda ns: F.pad(torch.tensor(ns).cumsum(0), (1, 0)).to(torch.int32)
+            index = [x.to(dev) for x in (b, t, row, slot, offsets(self.lengths), offsets(keys))]
+            self.packing[head] = index + [max(self.lengths), max(keys)]
+        return self.packing[head]
+
+    def __call__(self, q, k, v):
+        # q (B, Hq, T, D) padded; k, v (R, Hkv, S, D): every cache row (and its scratch slot)
+        p, (B, H, T, D) = self.planner, q.shape
+        if q.device.type != p.device_type:
+            return self.fallback(q, k, v)
+        Tq = T + -T % p.qstep
+        head = p.plan(("rows", B, H, Tq, k.stride()), min(self.starts))
+        if not head:
+            return self.fallback(q, k, v)
+        b, t, row, slot, cu_q, cu_k, max_q, max_k = self.pack(head, q.device)
+        if self.dev_rows is None:   # the batch's cache rows: a view when they are the first B in order, else a copy
+            self.dev_rows = (slice(0, B) if self.rows == list(range(B)) else
+                             torch.tensor(self.rows, device=q.device))
+        mine = lambda x: x[self.dev_rows]
+        qh = F.pad(q, (0, 0, 0, Tq - T)).contiguous()                          # (B, H, Tq, D): one plan per Tq
+        o1, lse1 = p.head_kernel(qh, mine(k)[:, :, :head], mine(v)[:, :, :head])  # (B, H, Tq, D), (B, H, Tq)
+        # packed: (total_q, H, D) queries, (total_k, Hkv, D) tail keys and values
+        o2, lse2 = p.varlen_kernel(q.transpose(1, 2)[b, t], k[row, :, slot], v[row, :, slot], cu_q, cu_k,
+                                    max_q, max_k)
+        o = merge(o1.transpose(1, 2)[b, t], lse1.transpose(1, 2)[b, t], o2, lse2)   # (total_q, H, D)
+        out = q.new_zeros(B, T, H, D)   # padding queries: zeros, as serve.RowAttention's
+        out[b, t] = o
+        return out.transpose(1, 2)
 
 
 def prefill_kernel_for(device, dtype=torch.bfloat16, head_dim=128):
@@ -138,4 +215,25 @@ def kernels_run(device, dtype, head_dim):
         err = (fn(q, k, v).float() - causal_attention(q, k, v).float()).abs().max().item()
     except (RuntimeError, TypeError, NotImplementedError):
         return False   # a kernel this build or card lacks (or whose plan fails): the reference stays
+    return err < 0.05
+
+
+@functools.cache
+def ragged_kernels_run(device, dtype, head_dim):
+    """RaggedPrefill's kernels (cuDNN over a batch, FlashAttention-2's variable-length mode), tried once on a tiny
+    batch of three ragged rows against row-by-row causal_attention; False where either fails or is off."""
+    if torch.device(device).type != "cuda" or not kernels_run(device, dtype, head_dim):
+        return False
+    g = torch.Generator(device).manual_seed(0)
+    rows, starts, lengths = [2, 0, 1], [40, 33, 50], [16, 3, 9]
+    q = torch.randn(3, 2, 16, head_dim, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(3, 1, 80, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+    fn = RaggedPrefill(CachedPrefill(step=16, slack=1, patience=0), rows, starts, lengths, fallback=None)
+    try:   # a head of 32 slots for every row; tails of 24, 4 and 27 keys
+        out = fn(q, k, v)
+        err = max((out[i, :, :n].float() - causal_attention(q[i:i + 1, :, :n], k[r:r + 1, :, :s + n],
+                                                             v[r:r + 1, :, :s + n])[0].float()).abs().max().item()
+                  for i, (r, s, n) in enumerate(zip(rows, starts, lengths)))
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        return False
     return err < 0.05

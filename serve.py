@@ -21,9 +21,10 @@ StreamingCache holds views of its row, so its bookkeeping is the plain cache's, 
 same move inside the row, made for all rows at once (move_rows). RowSlots is the adapter an attention layer writes
 through: each row's new keys and values go to that row's next free slots. In a prefill, each row's queries attend to
 that row's cache up to themselves: the reference, RowAttention, runs the model's own prompt attention (dense SDPA, or
-FlexPrefill) row by row, so each stream's attention is the one it would run alone; PackedRowAttention (the default on
-a GPU) computes the same in one FlexAttention call per layer over every row, a BlockMask skipping what no query sees
-(one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers above PackedRowAttention). A
+FlexPrefill) row by row, so each stream's attention is the one it would run alone; on a GPU one call per layer over
+every row computes the same (one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers
+above PackedRowAttention): prefill.RaggedPrefill (cuDNN over a head every row's cache holds, FlashAttention-2 over the
+ragged rest) or, before a head is planned, PackedRowAttention (FlexAttention, a BlockMask skipping what no query sees). A
 decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no
 cache of its own: its cache works in its row from the start (adopt_row).
 
@@ -51,6 +52,7 @@ from cache import StreamingCache, can_fuse, fused_move, to_device
 from decode import FixedStep
 from layout import Kind, check_text
 from model import exact_causal
+from prefill import CachedPrefill, RaggedPrefill
 from rope import apply_rope, mrope_cos_sin
 from stream import POLICIES, PhaseTimer, Streamer
 
@@ -179,14 +181,21 @@ class PackedRowAttention:
 
 
 @contextlib.contextmanager
-def row_attention(model, rows, starts, lengths, packed=False):
-    """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after:
-    PackedRowAttention when it is the dense causal attention and `packed`, else RowAttention (FlexPrefill picks its
-    blocks from each row's own queries and keys, so it runs row by row)."""
+def row_attention(model, rows, starts, lengths, packed=False, flex_only=False):
+    """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after. Where it
+    is the dense causal attention and `packed`, one call per layer: prefill.RaggedPrefill (a cuDNN head for every row,
+    FlashAttention-2 over the ragged tails) where the model prefills through a CachedPrefill whose kernels take a
+    batch, else (or `flex_only`) PackedRowAttention. Otherwise RowAttention (FlexPrefill picks its blocks from each
+    row's own queries and keys, so it runs row by row)."""
     inner, chosen = model.model.layers[0].self_attn.attn_fn, model.prompt_kernel
-    fast = packed and exact_causal(inner)
-    model.use_attention(PackedRowAttention(rows, starts, lengths) if fast else
-                        RowAttention(inner, rows, starts, lengths))
+    if packed and exact_causal(inner):
+        attn = PackedRowAttention(rows, starts, lengths)
+        if (isinstance(inner, CachedPrefill) and not flex_only
+                and inner.takes_batches(model.device, model.dtype, model.cfg.head_dim)):
+            attn = RaggedPrefill(inner, rows, starts, lengths, fallback=attn)
+    else:
+        attn = RowAttention(inner, rows, starts, lengths)
+    model.use_attention(attn)
     try:
         yield
     finally:
@@ -281,12 +290,13 @@ class StreamBatch:
                  compile_vision=False, timed=False):
         if decode not in ("plain", "graphs", "compiled"):
             raise ValueError(f"decode={decode!r}: expected plain, graphs or compiled")
-        if prefill not in ("packed", "rows", None):
-            raise ValueError(f"prefill={prefill!r}: expected packed or rows")
-        # packed: a prefill's attention in one call per layer (PackedRowAttention; the default on a GPU, where an H100
-        # took 528 ms of prefill a second for 16 streams of 7B against 592 row by row); rows: row by row (RowAttention,
-        # the default on a CPU, where FlexAttention runs unfused)
-        self.packed = (prefill or ("packed" if model.device.type == "cuda" else "rows")) == "packed"
+        if prefill not in ("packed", "flex", "rows", None):
+            raise ValueError(f"prefill={prefill!r}: expected packed, flex or rows")
+        # packed: a prefill's attention in one call per layer (the default on a GPU: RaggedPrefill where the kernels
+        # run, else PackedRowAttention's FlexAttention, which an H100 ran in 528 ms of prefill a second for 16 streams
+        # of 7B against 592 row by row); flex: always FlexAttention; rows: row by row (RowAttention, the default on a
+        # CPU, where FlexAttention runs unfused)
+        self.prefill_mode = prefill or ("packed" if model.device.type == "cuda" else "rows")
         # the vision tower compiled and replayed from a CUDA graph per set of grids (VisionTower's fast path, what
         # the single stream's decode="compiled" takes): the same key while the batch's streams stay the same
         self.compile_vision = compile_vision
@@ -364,7 +374,8 @@ class StreamBatch:
         pos = torch.cat([pad(p, 0) for _, p in staged], 1)                               # (3, B, T)
         rows = [self.row_of[n] for n in names]
         slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, lengths)
-        with row_attention(self.model, rows, starts, lengths, self.packed):
+        with row_attention(self.model, rows, starts, lengths, self.prefill_mode != "rows",
+                           flex_only=self.prefill_mode == "flex"):
             logits = batched_forward(self.model, ids, pos, slots, None, lengths, video_embeds=feats)
         for s, n in zip(ss, lengths):
             s.cache.commit(n)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from model import causal_attention, exact_causal
-from prefill import CachedPrefill, merge, prefill_kernel_for
+from prefill import CachedPrefill, RaggedPrefill, merge, prefill_kernel_for, ragged_kernels_run
 
 
 def math_attention(q, k, v, causal=False):
@@ -21,13 +21,26 @@ def math_attention(q, k, v, causal=False):
     return s.softmax(-1) @ v, s.logsumexp(-1)
 
 
+def math_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """FlashAttention-2's variable-length mode written out: each packed sequence on its own, causal from its bottom
+    right; out (total_q, H, D), log-sum-exp (total_q, H)."""
+    outs, lses = [], []
+    for i in range(len(cu_q) - 1):
+        part = lambda x, cu: x[cu[i]:cu[i + 1]].transpose(0, 1)[None]   # (1, H, n, D)
+        o, lse = math_attention(part(q, cu_q), part(k, cu_k), part(v, cu_k), True)
+        assert o.shape[2] <= max_q and part(k, cu_k).shape[2] <= max_k
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
 def math_prefill(heads=None, **kw):
     """CachedPrefill on the CPU with plain math for both kernels; the head's key counts go to the list `heads`."""
     def head(q, k, v):
         heads is None or heads.append(k.shape[2])
         return math_attention(q, k, v)
     return CachedPrefill(head_kernel=head, tail_kernel=lambda q, k, v: math_attention(q, k, v, True),
-                         device_type="cpu", **kw)
+                         varlen_kernel=math_varlen, device_type="cpu", **kw)
 
 
 def inputs(nq, cached, seed=0, hq=4, hkv=2, d=16, capacity=512):
@@ -75,6 +88,35 @@ def test_training_takes_the_reference():
     with torch.no_grad():   # inference on the same tensors cuts them
         fn(q, k, v)
     assert heads == [24]
+
+
+def ragged_inputs(rows, starts, lengths, R=4, hq=6, hkv=2, S=400, d=16):
+    g = torch.Generator().manual_seed(sum(starts))
+    q = torch.randn(len(rows), hq, max(lengths), d, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, R, hkv, S, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("rows, starts, lengths, head", [
+    ([0, 1, 2], [300, 117, 64], [13, 5, 26], 64),   # ragged turns over ragged caches, rows in order (views)
+    ([2, 0], [129, 256], [1, 40], 128),             # rows out of order (the cache rows gathered)
+    ([3, 1], [30, 200], [7, 9], 0),                 # a cache shorter than the step: FlexAttention's fallback
+])
+def test_ragged_prefill_is_row_by_row_causal_attention(rows, starts, lengths, head):
+    """RaggedPrefill (a head for every row in one call, the tails packed end to end) gives what each row's causal
+    attention gives alone (serve.RowAttention, the reference), zeros for padding; plain math for the kernels."""
+    from serve import PackedRowAttention, RowAttention
+    q, k, v = ragged_inputs(rows, starts, lengths)
+    heads = []
+    planner = math_prefill(heads, step=64, slack=1, qstep=8, patience=0)
+    fn = RaggedPrefill(planner, rows, starts, lengths, PackedRowAttention(rows, starts, lengths))
+    want = RowAttention(causal_attention, rows, starts, lengths)(q, k, v)
+    got = fn(q, k, v)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-6
+    assert all(not got[i, :, n:].any() for i, n in enumerate(lengths))
+    assert heads == ([head] if head else [])   # the head every row's cache holds, one call
+    shifted = RowAttention(causal_attention, rows, [s + 1 for s in starts], lengths)(q, k, v)
+    assert (shifted - want).abs().max() > 1e-3   # a query seeing one key more would differ: the test can fail
 
 
 def test_merge_weighs_parts_by_their_mass():
@@ -127,3 +169,21 @@ def test_streaming_with_it_equals_the_reference(tok):
     assert any(h for heads in attn.plans.values() for h in heads)   # a head was planned, so the head kernel ran
     scale = logits[0].abs().max()
     torch.testing.assert_close(logits[1] / scale, logits[0] / scale, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
+@pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0, 1]])
+def test_real_ragged_kernels_match_sdpa_row_by_row(rows):
+    from serve import RowAttention
+    assert ragged_kernels_run(torch.device("cuda"), torch.bfloat16, 128)
+    planner = prefill_kernel_for("cuda")
+    planner.slack, planner.patience = 1, 0
+    starts, lengths = [13277, 12900, 12001], [775, 770, 790]
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(3, 28, 790, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(3, 4, 14400, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ours = RaggedPrefill(planner, rows, starts, lengths, fallback=None)(q, k, v).double()
+    ref = RowAttention(causal_attention, rows, starts, lengths)(q.double(), k.double(), v.double())
+    sdpa = RowAttention(causal_attention, rows, starts, lengths)(q, k, v).double()
+    assert planner.plans and all(not ours[i, :, n:].any() for i, n in enumerate(lengths))
+    assert (ours - ref).abs().max() <= 2 * (sdpa - ref).abs().max() + 2 ** -8 * ref.abs().max()

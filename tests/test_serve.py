@@ -403,8 +403,19 @@ def test_a_random_batch_beside_alone_on_the_cpu(prefill):
     random_batch_beside_alone(*random_model("tiny", "cpu", torch.float32), tol=1e-4, side=56, prefill=prefill)
 
 
+def test_a_random_batch_through_the_ragged_prefill_beside_alone():
+    """As above with the model's prompt attention a CachedPrefill (plain math for its kernels): the batch's prefill
+    is then RaggedPrefill (a head for every row in one call, the tails packed), each stream alone CachedPrefill."""
+    from test_prefill import math_prefill
+    model, tok = random_model("tiny", "cpu", torch.float32)
+    planner = math_prefill(step=16, slack=1, qstep=8, patience=0)
+    model.use_attention(planner)
+    random_batch_beside_alone(model, tok, tol=1e-4, side=56, prefill="packed")
+    assert any(key[0] == "rows" and heads for key, heads in planner.plans.items())   # RaggedPrefill ran with a head
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("prefill, decode", [("rows", "graphs"), ("packed", "compiled")])
+@pytest.mark.parametrize("prefill, decode", [("rows", "graphs"), ("packed", "compiled"), ("flex", "graphs")])
 def test_the_7b_batch_matches_each_stream_alone_on_a_gpu(prefill, decode):
     """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
     ~1 min on an H100 each (the 7B init, the graph capture; packed: one flex compile per padded prefill length;

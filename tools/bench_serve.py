@@ -6,7 +6,7 @@ fast path (stream.Streamer, compiled decode), as tools/bench_stream.py runs it.
   python -m tools.bench_serve --streams 1 4 8 16 --seconds 300 --warmup 30          # every stream speaks every second
   python -m tools.bench_serve --streams 8 16 32 --speak-every 4 --seconds 300        # ... one second in four
   python -m tools.bench_serve --streams 16 --minutes 5 --warmup 60 --single-seconds 90   # the target: 5 steady minutes
-  python -m tools.bench_serve --streams 16 --seconds 90 --warmup 60 --prefill packed rows   # the prefill both ways
+  python -m tools.bench_serve --streams 16 --seconds 90 --warmup 60 --prefill packed flex rows   # the prefill 3 ways
   python -m tools.bench_serve --preset tiny --height 56 --width 84 --streams 1 3 --seconds 6 --warmup 2   # CPU smoke
 
 The ideas:
@@ -20,8 +20,9 @@ The ideas:
 - The batch decodes as the single-stream path does (--decode; --batch-decode: another, or several): compiled (the GPU
   default) and graphs are one fixed-shape step over all its rows, replayed from a CUDA graph (decode.FixedStep;
   compiled first, or not), plain a forward over the speaking rows. With --decode compiled both run the vision tower
-  compiled and graph-replayed. The batch's prefill attention is one FlexAttention call per layer over all rows
-  (--prefill packed, the default) or a dense SDPA call per row (--prefill rows).
+  compiled and graph-replayed. The batch's prefill attention is one call per layer over all rows (--prefill packed,
+  the default: a cuDNN head for every row and FlashAttention-2 over the ragged tails, prefill.RaggedPrefill, once
+  the head is planned, FlexAttention before), FlexAttention alone (flex) or the single stream's per row (rows).
 - Per N: the latency of a batch second (mean and p99 over the steady seconds, those after --warmup), that per
   stream, its ratio to the single-stream path's second in the same run (x_single), memory held in the first / last
   10% and at its peak, whether the batch is real time (p99 of a second <= 1.0 s; the target asks it over >= 300
@@ -130,9 +131,10 @@ def build_parser():
                     "--warmup + 60 x this (the target: p99 <= 1 s over 5 minutes)")
     ap.add_argument("--single-seconds", type=at_least(2), default=None, help="seconds of the single-stream run "
                     "(default: --seconds; shorter saves GPU time on long runs)")
-    ap.add_argument("--prefill", choices=["packed", "rows"], nargs="+", default=["packed"], help="a batched "
-                    "prefill's attention: one FlexAttention call per layer (packed, default) or a dense SDPA call per "
-                    "row (rows); both: each N runs with each, one after another")
+    ap.add_argument("--prefill", choices=["packed", "flex", "rows"], nargs="+", default=["packed"], help="a "
+                    "batched prefill's attention: one call per layer, cuDNN and FlashAttention-2 where they run "
+                    "(packed, default), one FlexAttention call per layer (flex), or row by row (rows); several: each "
+                    "N runs with each, one after another")
     ap.add_argument("--batch-decode", choices=["plain", "graphs", "compiled"], nargs="+", default=None,
                     help="the batch's decode step: a forward over the speaking rows (plain), one fixed-shape step over "
                     "every row replayed from a CUDA graph (graphs), compiled first (compiled); several: each N runs "
