@@ -80,6 +80,13 @@ def device_name(text):
     return text
 
 
+def check_device(ap, device):
+    """A --device that asks for CUDA where there is none: one line that says why (a CPU-only build, or no GPU)."""
+    if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {device}: CUDA is not available (torch {torch.__version__}, "
+                 f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'})")
+
+
 def shown(path):
     """A path as a user would type it: relative to the working directory when it is under it."""
     rel = os.path.relpath(path)

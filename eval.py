@@ -45,8 +45,8 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from processor import resize_video
-from cli import (HELD_OUT_SEED, Parser, Results, at_least, default_model, device_name, file_problem, hardware,
-                 inputs_of, output_problem, table)
+from cli import (HELD_OUT_SEED, Parser, Results, at_least, check_device, default_model, device_name, file_problem,
+                 hardware, inputs_of, output_problem, table)
 from safeio import Busy, RunLock
 from checkpoint import checkpoint_settings, load_checkpoint
 from stream import DECODERS, POLICIES, make_streamer, streamer_kwargs
@@ -403,8 +403,7 @@ def add_run_flags(ap, warmup, out):
 def check_run_flags(ap, args, default_seconds=None):
     """Defaults that depend on the device and --seconds, and flags that make no sense together."""
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available")
+    check_device(ap, args.device)
     # before anything loads, a bad --out costs one line: it and the files a run writes there (Results) must be
     # writable and none of the inputs (the video, the model, the data), nor inside one
     inputs = inputs_of(args, "video", "model", "data")

@@ -24,9 +24,9 @@ that row's cache up to themselves: the reference, RowAttention, runs the model's
 FlexPrefill) row by row, so each stream's attention is the one it would run alone; on a GPU one call per layer over
 every row computes the same (one call fills the GPU where a row alone leaves a quarter of it idle: see the numbers
 above PackedRowAttention): prefill.RaggedPrefill (cuDNN over a head every row's cache holds, FlashAttention-2 over the
-ragged rest) or, before a head is planned, PackedRowAttention (FlexAttention, a BlockMask skipping what no query sees). A
-decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer allocates no
-cache of its own: its cache works in its row from the start (adopt_row).
+ragged rest) or, before a head is planned, PackedRowAttention (FlexAttention, a BlockMask skipping what no query
+sees). A decode step reads its rows with a mask that shows each query its own row's keys. A new stream's Streamer
+allocates no cache of its own: its cache works in its row from the start (adopt_row).
 
     row 0: [sys prev ... kept tokens 0 ......... | new turn 0 ]  . . . . . . .
     row 1: [sys prev ... kept tokens 1 ... | new turn 1 ......... ] . . . . .

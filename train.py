@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from cli import (Parser, adam_betas, at_least, between, checked, device_name, rate_or_range, seconds_range,
-                 stop_on_ctrl_c)
+from cli import (Parser, adam_betas, at_least, between, check_device, checked, device_name, rate_or_range,
+                 seconds_range, stop_on_ctrl_c)
 from data import DataError, make_tokenizer, micro_batches, phase_at
 from layout import FRAME_PIXELS, LIMITS
 from model import VLM, tiny_config
@@ -315,9 +315,7 @@ def check_combinations(ap, args):
         ap.error("--segment-seconds does not work with --fsdp (DDP or one process: yes)")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         ap.error("--fsdp shards over several processes: run it under torchrun --nproc_per_node=N")
-    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, "
-                 f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'})")
+    check_device(ap, args.device)
 
 
 def print_config(args):

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from cli import Parser, Results, at_least, file_problem, hardware, table
+from cli import Parser, Results, at_least, check_device, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
 from prefill import CachedPrefill, cudnn, merge
@@ -188,8 +188,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
+    check_device(p, args.device)
     if args.heads[0] % args.heads[1]:
         p.error(f"--heads {args.heads[0]} {args.heads[1]}: the query heads must be a multiple of the KV heads")
     if args.json and file_problem(args.json):

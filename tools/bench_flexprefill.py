@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import Parser, Results, at_least, checked, default_model, table
+from cli import Parser, Results, at_least, check_device, checked, default_model, table
 from flexprefill import (FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
                          estimate_density, select_blocks, select_blocks_fast, sparse_attention)
 from model import causal_attention
@@ -353,8 +353,7 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
+    check_device(p, args.device)
     if not args.long_prefill:
         if args.activations and not os.path.isfile(args.activations):
             p.error(f"--activations {args.activations}: no such file")
