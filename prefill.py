@@ -36,6 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from cache import to_device
 from model import causal_attention
 
 
@@ -156,7 +157,7 @@ class RaggedPrefill:
 
     def pack(self, head, dev):
         """For this head length: the packed queries' (batch row, position), the packed tail keys' (cache row, slot),
-        and the varlen offsets and longest lengths (host lists to the device once, shared by the layers)."""
+        and the varlen offsets and longest lengths (copied to the device once, without waiting for the GPU's queue)."""
         if head not in self.packing:
             keys = [s + n - head for s, n in zip(self.starts, self.lengths)]
             b = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(self.lengths))
@@ -164,7 +165,7 @@ class RaggedPrefill:
             row = torch.repeat_interleave(torch.tensor(self.rows), torch.tensor(keys))
             slot = torch.cat([torch.arange(head, head + n) for n in keys])
             offsets = lambda ns: F.pad(torch.tensor(ns).cumsum(0), (1, 0)).to(torch.int32)
-            index = [x.to(dev) for x in (b, t, row, slot, offsets(self.lengths), offsets(keys))]
+            index = [to_device(x, dev) for x in (b, t, row, slot, offsets(self.lengths), offsets(keys))]
             self.packing[head] = index + [max(self.lengths), max(keys)]
         return self.packing[head]
 
@@ -180,7 +181,7 @@ class RaggedPrefill:
         b, t, row, slot, cu_q, cu_k, max_q, max_k = self.pack(head, q.device)
         if self.dev_rows is None:   # the batch's cache rows: a view when they are the first B in order, else a copy
             self.dev_rows = (slice(0, B) if self.rows == list(range(B)) else
-                             torch.tensor(self.rows, device=q.device))
+                             to_device(torch.tensor(self.rows), q.device))
         mine = lambda x: x[self.dev_rows]
         qh = F.pad(q, (0, 0, 0, Tq - T)).contiguous()                          # (B, H, Tq, D): one plan per Tq
         o1, lse1 = p.head_kernel(qh, mine(k)[:, :, :head], mine(v)[:, :, :head])  # (B, H, Tq, D), (B, H, Tq)
