@@ -179,12 +179,13 @@ class RaggedPrefill:
         if not head:
             return self.fallback(q, k, v)
         b, t, row, slot, cu_q, cu_k, max_q, max_k = self.pack(head, q.device)
-        if self.dev_rows is None:   # the batch's cache rows: a view when they are the first B in order, else a copy
-            self.dev_rows = (slice(0, B) if self.rows == list(range(B)) else
+        if self.dev_rows is None:   # the batch's cache rows: a view when they follow each other, else a gather
+            first = self.rows[0]
+            self.dev_rows = (slice(first, first + B) if self.rows == list(range(first, first + B)) else
                              to_device(torch.tensor(self.rows), q.device))
-        mine = lambda x: x[self.dev_rows]
+        mine = lambda x: x[:, :, :head][self.dev_rows]   # (B, Hkv, head, D): the head's slots alone, if gathered
         qh = F.pad(q, (0, 0, 0, Tq - T)).contiguous()                          # (B, H, Tq, D): one plan per Tq
-        o1, lse1 = p.head_kernel(qh, mine(k)[:, :, :head], mine(v)[:, :, :head])  # (B, H, Tq, D), (B, H, Tq)
+        o1, lse1 = p.head_kernel(qh, mine(k), mine(v))                       # (B, H, Tq, D), (B, H, Tq)
         # packed: (total_q, H, D) queries, (total_k, Hkv, D) tail keys and values
         o2, lse2 = p.varlen_kernel(q.transpose(1, 2)[b, t], k[row, :, slot], v[row, :, slot], cu_q, cu_k,
                                     max_q, max_k)

@@ -49,7 +49,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from cache import StreamingCache, can_fuse, fused_move, to_device
-from decode import FixedStep
+from decode import FixedStep, take_fast_defaults
 from layout import Kind, check_text
 from model import exact_causal
 from prefill import CachedPrefill, RaggedPrefill
@@ -98,8 +98,7 @@ class RowAttention:
     def __init__(self, inner, rows, starts, lengths):
         self.inner, self.rows, self.starts, self.lengths = inner, rows, starts, lengths
 
-    def __call__(self, q, k, v):
-        # q (B, Hq, T, D); k, v (R, Hkv, capacity, D): every cache row
+    def __call__(self, q, k, v):   # q (B, Hq, T, D); k, v (R, Hkv, capacity, D): every cache row
         out = torch.zeros_like(q)
         for i, (row, start, n) in enumerate(zip(self.rows, self.starts, self.lengths)):
             out[i:i + 1, :, :n] = self.inner(q[i:i + 1, :, :n], k[row:row + 1, :, :start + n],
@@ -114,8 +113,8 @@ class RowAttention:
 # 132 SMs, two waves for 1.5 waves of work (~74% busy); all rows in one call are 3,136 tiles (~99%). FlexAttention
 # does it without copying K/V and without a dense mask: queries padded per cache row, the cache rows read in place
 # (GQA in the kernel), a BlockMask that skips every tile no query of the row sees. Its kernel is ~FA2-class (this repo
-# measured ~1.5x cuDNN's time per tile, flexprefill.GUARDED), so the win is the waves and the launches, not the tile:
-# tools/bench_serve.py --prefill rows|packed measures both.
+# measured ~1.5x cuDNN's time per tile, flexprefill.GUARDED; prefill.RaggedPrefill is cuDNN's, in one call too), so
+# the win is the waves and the launches, not the tile: tools/bench_serve.py --prefill packed|flex|rows measures each.
 BLOCK = 128
 
 
@@ -304,6 +303,8 @@ class StreamBatch:
         # readback: a teacher-forced step still reads its argmax back to the host, as greedy decoding must (benchmarks)
         self.readback = readback
         c, dev = model.cfg, model.device
+        if dev.type == "cuda":   # fused projections, split-KV decoding, the cuDNN prefill, unless chosen before
+            take_fast_defaults(model)
         # a slot past every cache's capacity: the scratch slot where a silent row's fixed-shape decode step writes
         shape = (c.num_hidden_layers, rows, c.num_key_value_heads, capacity + 1, c.head_dim)
         self.k, self.v, self.raw_k = (torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(3))

@@ -24,6 +24,7 @@ def math_attention(q, k, v, causal=False):
 def math_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
     """FlashAttention-2's variable-length mode written out: each packed sequence on its own, causal from its bottom
     right; out (total_q, H, D), log-sum-exp (total_q, H)."""
+    assert cu_q.dtype == cu_k.dtype == torch.int32   # what the kernel takes
     outs, lses = [], []
     for i in range(len(cu_q) - 1):
         part = lambda x, cu: x[cu[i]:cu[i + 1]].transpose(0, 1)[None]   # (1, H, n, D)
@@ -100,6 +101,7 @@ def ragged_inputs(rows, starts, lengths, R=4, hq=6, hkv=2, S=400, d=16):
 @pytest.mark.parametrize("rows, starts, lengths, head", [
     ([0, 1, 2], [300, 117, 64], [13, 5, 26], 64),   # ragged turns over ragged caches, rows in order (views)
     ([2, 0], [129, 256], [1, 40], 128),             # rows out of order (the cache rows gathered)
+    ([1, 2, 3], [150, 140, 199], [3, 30, 8], 128),  # rows that follow each other from 1 (a view)
     ([3, 1], [30, 200], [7, 9], 0),                 # a cache shorter than the step: FlexAttention's fallback
 ])
 def test_ragged_prefill_is_row_by_row_causal_attention(rows, starts, lengths, head):

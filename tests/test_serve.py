@@ -16,6 +16,7 @@ from checkpoint import load_checkpoint
 from cli import SHIPPED
 from layout import layout_of
 from model import causal_attention
+from prefill import CachedPrefill
 from serve import PackedRowAttention, RowAttention, StreamBatch, adopt_row, move_rows
 from world import SportsStream, WorldConfig, split_seed
 
@@ -420,9 +421,12 @@ def test_the_7b_batch_matches_each_stream_alone_on_a_gpu(prefill, decode):
     """The 7B config (random weights, bf16) as served, 224x224 frames: within bf16 tolerance of each stream alone.
     ~1 min on an H100 each (the 7B init, the graph capture; packed: one flex compile per padded prefill length;
     compiled: the decode step's compile)."""
-    batch = random_batch_beside_alone(*random_model("7B", "cuda", torch.bfloat16), tol=5e-2, prefill=prefill,
-                                      decode=decode)
+    model, tok = random_model("7B", "cuda", torch.bfloat16)
+    planner = CachedPrefill(step=64, slack=1, patience=0)   # heads from the first cache on (packed: RaggedPrefill)
+    model.use_attention(planner)
+    batch = random_batch_beside_alone(model, tok, tol=5e-2, prefill=prefill, decode=decode)
     assert batch.fixed.graph is not None
+    assert any(key[0] == "rows" for key in planner.plans) == (prefill == "packed")   # RaggedPrefill's kernels ran
 
 
 def test_a_live_source_is_no_input_to_protect():

@@ -204,7 +204,8 @@ def main(argv=None):
     for n, prefill, decode in itertools.product(args.streams, args.prefill, args.batch_decode):
         lat, mem, peak, phases = batch_run(args, model, tok, n, prefill, decode, frames_of, reply, kw, capacity, res)
         lat_of[n, prefill, decode] = lat
-        rows.append(dict(summary("batch", n, lat, mem, warmup, peak, phases), prefill=prefill, decode=decode))
+        rows.append(dict(summary("batch", n, lat, mem, warmup, peak, phases), prefill=prefill, decode=decode,
+                         heads=ragged_heads(model, n) if prefill == "packed" else "-"))
         if rows[-1]["steady_s"] and rows[0]["steady_s"]:
             rows[-1]["x_single"] = round(rows[-1]["per_stream_ms"] / rows[0]["mean_ms"], 3)
         print(table(brief(rows[-1:])), flush=True)
@@ -223,6 +224,12 @@ def compile_eviction(model):
         angle = torch.zeros(1, 2, c.head_dim, device=x.device, dtype=x.dtype)
         fused_move(x, x.clone(), x.clone(), [0], [torch.tensor([1, 2])], angle.cos(), angle.sin())
         fused_move(x, x.clone(), x.clone(), [0], [torch.tensor([1, 2])])
+
+
+def ragged_heads(model, n):
+    """The cuDNN head lengths planned for a batch of n (RaggedPrefill ran with them; none: FlexAttention ran)."""
+    plans = getattr(model.prompt_kernel, "plans", {})
+    return ",".join(str(h) for key, hs in plans.items() if key[:2] == ("rows", n) for h in hs) or "none (flex)"
 
 
 def brief(rows):
