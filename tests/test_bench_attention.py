@@ -50,3 +50,14 @@ def test_bad_flags_are_one_line(capsys):
             ba.main(["--device", "cpu"] + argv)
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
+
+
+def test_batched_rows_on_the_cpu():
+    """--batch: serve.py's prefill paths side by side; those without a kernel here are rows that say so, the
+    others match row-by-row causal attention."""
+    rows = ba.main(["--device", "cpu", "--prefill", "16:200", "--decode", "--heads", "4", "2", "--iters", "1",
+                    "--warmup", "0", "--batch", "3", "--step", "64"])
+    batch = [r for r in rows if r["shape"] == "3 x prefill 16:200"]
+    assert [r["kernel"].split(",")[0] for r in batch] == ["model: causal_attention", "cudnn head / flash tail",
+                                                         "flex", "ragged: cudnn head + flash varlen"]
+    assert float(batch[2]["max_err"]) < 1e-5 and batch[3]["note"].startswith("missing")

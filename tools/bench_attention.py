@@ -4,6 +4,7 @@ the cache and the decode step's attention, each against the path the model runs 
 
   python -m tools.bench_attention                                   # a GPU: the 2-fps and 8-fps seconds at 7B
   python -m tools.bench_attention --prefill 775:13277 --decode 13277 --json out/attention.json
+  python -m tools.bench_attention --prefill 775:13277 --decode --batch 16  # 16 streams' seconds, as serve.py batches
   python -m tools.bench_attention --device cpu --prefill 64:512 --decode 512 --heads 4 1   # a CPU smoke run
 
 Prefill over the cache, NQ:L (NQ new tokens after L cached ones: the queries are the last NQ of NQ + L positions,
@@ -18,7 +19,8 @@ FlashAttention-2 on an H100). Beside it:
 - cudnn head / flash tail S: cuDNN over the cache rounded down to a multiple of S (--step: few shapes, each planned
   once), FlashAttention-2 over the rest and the new tokens (no plans, causal from the bottom right), merged: the
   fast streaming path's prefill.CachedPrefill;
-- cudnn causal (a prompt, L = 0): cuDNN's causal kernel in one call.
+- cudnn causal (a prompt, L = 0): cuDNN's causal kernel in one call;
+- --batch N: N such seconds at once, as serve.py batches streams (see batch_rows).
 Decode, L: one token over L cached keys in a buffer of the next power of two (the decode graph reads a fixed-size
 buffer with a mask): model.decode_attention (two matmuls) and decode.split_kv_attention, 28 layers' worth in one
 CUDA graph (a CPU times them eagerly). Each row: ms, TFLOP/s or TB/s (K/V read once), the largest difference from
@@ -34,7 +36,7 @@ import torch
 from cli import Parser, Results, at_least, check_device, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
-from prefill import CachedPrefill, cudnn, merge
+from prefill import CachedPrefill, RaggedPrefill, cudnn, merge
 from tools.bench_flexprefill import timeit
 
 
@@ -131,6 +133,31 @@ def prefill_rows(args, nq, cached, gen):
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
 
 
+def batch_rows(args, nq, cached, gen):
+    """--batch N: N streams' seconds as serve.py batches them, the caches rows of one buffer, ragged (row i holds
+    cached - 37 i keys): row by row (the model's path, then prefill.CachedPrefill's), and in one call a layer,
+    FlexAttention (serve.PackedRowAttention) and a cuDNN head for all rows + FlashAttention-2's varlen tails
+    (prefill.RaggedPrefill). Each built once, as a second builds it once for its layers."""
+    from serve import PackedRowAttention, RowAttention
+    n, (hq, hkv, d) = args.batch, args.heads + [args.head_dim]
+    rows, starts, lengths = list(range(n)), [max(0, cached - 37 * i) for i in range(n)], [nq] * n
+    q = torch.randn(n, hq, nq, d, generator=gen).to(args.device, args.dtype)
+    k, v = (torch.randn(n, hkv, cached + nq + 1, d, generator=gen).to(args.device, args.dtype) for _ in range(2))
+    model_path = RowAttention(causal_attention, rows, starts, lengths)
+    ref = model_path(q, k, v).float()
+    flops = sum(4 * hq * d * (nq * s + nq * (nq + 1) / 2) for s in starts)
+    base = timeit(lambda: model_path(q, k, v), args.device, args.warmup, args.iters)
+    out = [dict(kernel="model: causal_attention, row by row", ms=round(base, 3),
+                rate=f"{flops / base / 1e9:.3g} TFLOP/s", max_err="0", x_model=1.0)]
+    head_tail = CachedPrefill(step=args.step, slack=1, patience=0, device_type=args.device.type)
+    for name, fn in [("cudnn head / flash tail, row by row", RowAttention(head_tail, rows, starts, lengths)),
+                     ("flex, one call", PackedRowAttention(rows, starts, lengths)),
+                     ("ragged: cudnn head + flash varlen, one call",   # (FlexAttention's without a head)
+                      RaggedPrefill(head_tail, rows, starts, lengths, PackedRowAttention(rows, starts, lengths)))]:
+        out.append(measured(name, lambda fn=fn: fn(q, k, v), ref, base, args, flops, "TFLOP/s"))
+    return [dict(shape=f"{n} x prefill {nq}:{cached}", **r) for r in out]
+
+
 def layers_ms(fn, args, layers=28):
     """One layer's time, from `layers` calls captured in one CUDA graph (eager calls on a CPU)."""
     if args.device.type != "cuda":
@@ -173,6 +200,8 @@ def build_parser():
                    help="prefill shapes: new tokens:cached tokens (default: a 2-fps and an 8-fps 720p second at 7B)")
     p.add_argument("--decode", type=at_least(1), nargs="*", default=[13277, 47800], metavar="L",
                    help="decode over L cached tokens (default: the 2-fps and 8-fps caches)")
+    p.add_argument("--batch", type=at_least(0), default=0, metavar="N", help="also each --prefill shape for N "
+                   "streams batched, the caches ragged (serve.py's prefill paths; default 0: off)")
     p.add_argument("--bucket", type=at_least(1), default=1024, help="cudnn bucket: the cache's key slots are "
                    "rounded up to a multiple of this")
     p.add_argument("--step", type=at_least(1), default=512, help="cudnn head / flash tail: the head is the cache "
@@ -198,7 +227,8 @@ def main(argv=None):
     print(f"{hardware()}; {args.heads[0]}/{args.heads[1]} heads of {args.head_dim}, {args.dtype}", flush=True)
     out = Results.at(args.json) if args.json else None
     gen, rows = torch.Generator().manual_seed(0), []
-    for part in [functools.partial(prefill_rows, args, *s, gen) for s in args.prefill] + [
+    batched = [functools.partial(batch_rows, args, *s, gen) for s in args.prefill if args.batch and s[1]]
+    for part in [functools.partial(prefill_rows, args, *s, gen) for s in args.prefill] + batched + [
             functools.partial(decode_rows, args, n, gen) for n in args.decode]:
         with torch.no_grad():
             new = part()
