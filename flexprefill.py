@@ -491,8 +491,7 @@ def demo():
         print(f"head {h}: {'query-aware' if info['query_aware'][0, h] else 'vertical-slash'}, "
               f"js {info['js'][0, h]:.3f}, density {info['density'][0, h]:.2f}")
         print("\n".join("  " + "".join("#" if x else "." for x in row) for row in sel[0, h].tolist()))
-    print(f"max |sparse - dense| = {err:.4f} (not 0 by design: each head may leave out up to 1 - gamma of its "
-          "attention mass)")
+    print(f"max |sparse - dense| = {err:.4f} (not 0 by design: a head may leave out 1 - gamma of its attention mass)")
 
 
 if __name__ == "__main__":
