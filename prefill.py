@@ -131,7 +131,7 @@ class CachedPrefill:
         plain math standing in for them (the CPU tests) always."""
         if self.varlen_kernel is not flash_varlen:
             return True
-        return torch.device(device).type == self.device_type == "cuda" and ragged_kernels_run(device, dtype, head_dim)
+        return self.device_type == "cuda" and ragged_kernels_run(device, dtype, head_dim)   # (a CPU device: False)
 
     def __repr__(self):
         return f"CachedPrefill(step={self.step}, slack={self.slack}, qstep={self.qstep}, patience={self.patience})"

@@ -180,16 +180,16 @@ class PackedRowAttention:
 
 
 @contextlib.contextmanager
-def row_attention(model, rows, starts, lengths, packed=False, flex_only=False):
+def row_attention(model, rows, starts, lengths, mode="rows"):
     """The model's prompt attention (VLM.use_attention) over the rows of one batched prefill, restored after. Where it
-    is the dense causal attention and `packed`, one call per layer: prefill.RaggedPrefill (a cuDNN head for every row,
-    FlashAttention-2 over the ragged tails) where the model prefills through a CachedPrefill whose kernels take a
-    batch, else (or `flex_only`) PackedRowAttention. Otherwise RowAttention (FlexPrefill picks its blocks from each
-    row's own queries and keys, so it runs row by row)."""
+    is the dense causal attention and `mode` is not "rows", one call per layer: prefill.RaggedPrefill (a cuDNN head
+    for every row, FlashAttention-2 over the ragged tails) where the model prefills through a CachedPrefill whose
+    kernels take a batch, else (or mode "flex") PackedRowAttention. Otherwise RowAttention (FlexPrefill picks its
+    blocks from each row's own queries and keys, so it runs row by row)."""
     inner, chosen = model.model.layers[0].self_attn.attn_fn, model.prompt_kernel
-    if packed and exact_causal(inner):
+    if mode != "rows" and exact_causal(inner):
         attn = PackedRowAttention(rows, starts, lengths)
-        if (isinstance(inner, CachedPrefill) and not flex_only
+        if (mode == "packed" and isinstance(inner, CachedPrefill)
                 and inner.takes_batches(model.device, model.dtype, model.cfg.head_dim)):
             attn = RaggedPrefill(inner, rows, starts, lengths, fallback=attn)
     else:
@@ -375,8 +375,7 @@ class StreamBatch:
         pos = torch.cat([pad(p, 0) for _, p in staged], 1)                               # (3, B, T)
         rows = [self.row_of[n] for n in names]
         slots = RowSlots(self.k, self.v, self.raw_k, rows, starts, lengths)
-        with row_attention(self.model, rows, starts, lengths, self.prefill_mode != "rows",
-                           flex_only=self.prefill_mode == "flex"):
+        with row_attention(self.model, rows, starts, lengths, self.prefill_mode):
             logits = batched_forward(self.model, ids, pos, slots, None, lengths, video_embeds=feats)
         for s, n in zip(ss, lengths):
             s.cache.commit(n)
