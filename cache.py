@@ -224,13 +224,14 @@ class StreamingCache(KVCache):
         """evict's device half: the K/V of slots `keep` to the front; with reindex, the keys rotated afresh from
         the raw ones at their new, contiguous positions (serve.move_rows does the same for many caches at once).
         fused (default: on a GPU with Triton) runs fused_move, one kernel for all layers, the same values."""
-        n, dev_keep = len(keep), keep.to(self.device)
-        if self.reindex:
-            cos, sin = mrope_cos_sin(self.pos[:, None, :n].to(self.device), self.inv_freq, self.cfg.mrope_section,
-                                     self.dtype)
+        n = len(keep)
+        if self.reindex:   # (copies that do not wait for the GPU: the vision tower may still be running)
+            cos, sin = mrope_cos_sin(to_device(self.pos[:, None, :n], self.device), self.inv_freq,
+                                     self.cfg.mrope_section, self.dtype)
         if can_fuse(self.k) if fused is None else fused:
             rotation = (cos[:, 0], sin[:, 0]) if self.reindex else ()
             return fused_move(self.k, self.v, self.raw_k, [0], [keep], *rotation)
+        dev_keep = to_device(keep, self.device)
         for layer in range(self.cfg.num_hidden_layers):  # one layer at a time: a small temporary
             self.v[layer, :, :, :n] = self.v[layer, :, :, dev_keep]
             self.raw_k[layer, :, :, :n] = self.raw_k[layer, :, :, dev_keep]

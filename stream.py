@@ -2,8 +2,9 @@
 The streaming loop: a VLM that watches a video second by second, forever, and comments when something happens.
 
 Every second t (one "round"), Streamer.step:
-  1. evicts once (cache.py): rounds older than the vision window leave, their replies join the previous text;
-  2. takes that second's frames (2 at 2 fps = one temporal patch) and runs the vision tower on them only;
+  1. takes that second's frames (2 at 2 fps = one temporal patch) and runs the vision tower on them only;
+  2. evicts once (cache.py): rounds older than the vision window leave, their replies join the previous text (the
+     tower needs no cache, so on a GPU the host does this bookkeeping while the tower runs);
   3. prefills the user turn `Time=t.0-t+1.0s` + vision block + the assistant header on top of the cache;
   4. decodes until <|im_end|> or a cap (20 tokens); saying nothing is " ..." + <|im_end|>;
   5. hands the reply back to the cache: its closing " ..." is not commentary, and the newline after it is fed
@@ -134,12 +135,14 @@ class Streamer:
         """Feed one second of frames (or what prepare() made of them); returns the commentary ('' for silence).
         force_text teacher-forces the reply (for tests and scoring) instead of decoding."""
         timer = self.timer
-        with timer("evict"):
-            self.cache.evict(self.t)
         with timer("preprocess"):  # resize on the CPU (unless prepared ahead), patches on the model's device
             vision = self.vision_input(frames)
+        with timer("vision"):  # the tower needs no cache: on a GPU it runs while the host does eviction's bookkeeping
+            feats = self.encode(vision)
+        with timer("evict"):
+            self.cache.evict(self.t)
         with timer("prefill"):
-            logits = self.prefill(self.turn(vision[1]), [vision])
+            logits = self.prefill(self.turn(vision[1]), [vision], feats)
         with timer("decode"):
             out = self.decode(logits, self.forced(force_text))
         return self.hand_back(out)
@@ -148,6 +151,11 @@ class Streamer:
         """(pixel values on the model's device, grid, seconds per grid) of a second's frames or of prepare()'s."""
         clip, grid, secs = frames if isinstance(frames, Prepared) else self.prepare(frames)
         return patchify_video(clip, self.model.device), grid, secs
+
+    def encode(self, vision):
+        """The vision tower's output for a second's frames (vision_input's), ahead of the prefill that places it."""
+        pixels, grid, _ = vision
+        return self.model.visual(pixels, grid, compiled=self.compile_vision)
 
     def turn(self, grid):
         """What this second prefills, as [(ids, kind, round)]: the pending end of the last reply (or the prefix), the
@@ -177,14 +185,16 @@ class Streamer:
         ids = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _, _ in segments])[None]
         return caches.to_device(ids, self.model.device), pos
 
-    def prefill(self, segments, vision=()):
+    def prefill(self, segments, vision=(), feats=None):
         """Stage [(ids, kind, round)] in the cache, then run them in one forward with the frames of `vision`
-        [(pixel_values, grid, seconds per grid)]; returns the last logits."""
+        [(pixel_values, grid, seconds per grid)] (feats: the tower's output for them, when encode ran it already);
+        returns the last logits."""
         grid = torch.cat([g for _, g, _ in vision]) if vision else None
         ids, pos = self.stage(segments, grid, torch.cat([s for _, _, s in vision]) if vision else None)
-        pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]), video_grid_thw=grid) if vision else {})
+        pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]), video_grid_thw=grid)
+                  if vision and feats is None else {})
         self.last_logits = self.model(ids, **pixels, position_ids=pos, cache=self.cache, logits_to_keep=1,
-                                      compile_vision=self.compile_vision)
+                                      compile_vision=self.compile_vision, video_embeds=feats)
         return self.last_logits
 
     def decode(self, logits, forced=None):
@@ -273,7 +283,10 @@ class RecomputeStreamer(Streamer):
         super().__init__(model, tok, **kw)
         self.vision = {}  # round -> (pixel_values, grid, seconds per grid) of the rounds still kept
 
-    def prefill(self, segments, vision=()):
+    def encode(self, vision):
+        return None  # prefill runs the tower on every kept second's frames
+
+    def prefill(self, segments, vision=(), feats=None):
         if not vision:  # a question (ask): no frames to re-run
             return super().prefill(segments, vision)
         ids, kinds, rounds = self.cache.tokens()

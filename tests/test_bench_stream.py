@@ -68,4 +68,4 @@ def test_profile_groups_a_second_by_phase(tmp_path, capsys):
           "streaming", "--max-new-tokens", "4", "--profile", "--out", str(tmp_path)])
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("per phase (ms): "))
     assert [p.split(" host ")[0] for p in line[len("per phase (ms): "):].split(", ")] == [
-        "evict", "preprocess", "prefill", "decode"]
+        "preprocess", "vision", "evict", "prefill", "decode"]

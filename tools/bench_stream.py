@@ -15,9 +15,10 @@ The ideas:
   second t (--no-prefetch: inside the step); the latency of a second still includes any wait for its frames.
 - Steady state, not start-up: the first --warmup seconds (allocation, kernel selection, compiling, the cache
   growing to its size) are left out; the table shows the mean of the first and the last 10% of the rest (a bounded
-  cache stays flat, a growing one does not), p99 over the last half, the mean per phase (evict, preprocess, prefill,
-  decode), ms per decoded token, peak memory and the memory held after a second (first / last 10%), the cache
-  length and the largest M-RoPE position.
+  cache stays flat, a growing one does not), p99 over the last half, the mean per phase (preprocess, vision,
+  evict, prefill, decode; each phase waits for the GPU at its ends, so the eviction's bookkeeping, which a plain
+  step does while the tower runs, shows here on its own), tower_ms (the tower alone), ms per decoded token, peak
+  memory and the memory held after a second (first / last 10%), the cache length and the largest M-RoPE position.
 - Side by side: transformers runs --hf-seconds seconds with its default growing DynamicCache, a forward for the
   user turn and generate() for the reply; hf_ms_per_token_ratio is its ms per token over ours in the same seconds
   of the same run. Both loops are eval.timed_seconds, so they are timed the same way.
@@ -237,9 +238,9 @@ def inspect_run(s, frames, reply, profile):
     if cuda:
         clip, grid, _ = s.prepare(frames)
         pix = patchify_video(clip, s.model.device).to(s.model.dtype)
-        out["vision_ms"] = round(gpu_ms(lambda: s.model.visual(pix, grid, compiled=s.compile_vision), 5, 3), 2)
+        out["tower_ms"] = round(gpu_ms(lambda: s.model.visual(pix, grid, compiled=s.compile_vision), 5, 3), 2)
     if profile:
-        print_profile("one steady second (evict, vision, prefill, decode)", lambda: s.step(frames, force_text=reply))
+        print_profile("one steady second (preprocess, vision, evict, prefill, decode)", lambda: s.step(frames, force_text=reply))
         if "graph_ms" in out:
             print_profile("five decode graph replays", lambda: [dec.graph.replay() for _ in range(5)])
     return out
