@@ -105,6 +105,41 @@ def test_compiled_step_equals_eager_forward(tok):
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
 
 
+def test_compiled_prefill_equals_eager(tok):
+    # VLM.compile_prefill: each layer's work around its attention compiled (dynamic shapes) for prefills; through
+    # evictions, a growing buffer and the question path (short prefills), the tokens are the eager ones, the logits
+    # and every cached key within fp32 rounding; one compiled graph a side serves every layer and length
+    from model import DecoderLayer
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    kw = dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
+    ref, out_ref, logits_ref = run(tiny_model(tok, layers=3, seed=5), tok, 8, **kw)
+    torch.compiler.reset()
+    model = tiny_model(tok, layers=3, seed=5).compile_prefill()
+    fast, out_fast, logits_fast = run(model, tok, 8, **kw)
+    assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0
+    torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length],
+                               atol=1e-5, rtol=1e-5)
+    assert fast.ask("Score?") == ref.ask("Score?")
+    for fn in (DecoderLayer.before_attention, DecoderLayer.after_attention):
+        assert 1 <= len(_debug_get_cache_entry_list(fn.__code__)) <= 2   # long prefills; a question's few tokens
+    model.compile_prefill(False)
+    assert all(layer.compiled is None for layer in model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's compiled kernels")
+def test_compiled_prefill_in_bf16_on_a_gpu(tok):
+    # Triton's fused norm, rotary and SiLU round differently from eager bf16: teacher-forced replies, logits within
+    # bf16 tolerance, on the GPU's fast path (cuDNN + FlashAttention-2 prefill, compiled decode)
+    force, kw = "Red scores! Red 1, Blue 0.", dict(text_sink=4, text_window=8, vision_window=3, capacity=64)
+    _, _, logits_ref = run(tiny_model(tok, layers=2, seed=2).to("cuda", torch.bfloat16), tok, 6, force=force,
+                           decode="compiled", **kw)
+    model = tiny_model(tok, layers=2, seed=2).to("cuda", torch.bfloat16).compile_prefill()
+    _, _, logits_fast = run(model, tok, 6, force=force, decode="compiled", **kw)
+    scale = logits_ref.abs().max()
+    torch.testing.assert_close(logits_fast / scale, logits_ref / scale, atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_dropping_a_streamer_frees_its_cache_at_once(tok, compile):
     # eval.py measures each policy's peak memory after deleting the previous run: no reference cycle may keep

@@ -25,10 +25,11 @@ The ideas:
 - The floor, in the same run (on a GPU): a CUDA graph of matrix-vector products over every weight matrix a decode
   step reads (measure_floor), plus the live cache's K/V bytes at the bandwidth those products reach. Each run's
   row says its ms per token (in the loop: launch, readback and all) and its decode graph's replay alone as
-  multiples of it (x_floor, graph_x_floor). --variants reference,fused,split-kv,fast runs the model's reference
+  multiples of it (x_floor, graph_x_floor). --variants reference,...,compiled-prefill runs the model's reference
   layers (separate q/k/v and gate/up Linears, two-matmul decode attention, SDPA prefill), the fused projections
   (VLM.fuse), those plus the split-KV decode kernel (decode.py), and those plus the prefill over the cache through
-  cuDNN and FlashAttention-2 (prefill.py; the GPU default) side by side; --profile prints the kernels of one more
+  cuDNN and FlashAttention-2 (prefill.py; the GPU default), and those plus each layer's work around its prefill
+  attention compiled (VLM.compile_prefill; compiled-prefill) side by side; --profile prints the kernels of one more
   steady second (and its host and GPU time per phase) and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary, with
 each run's mean and p99 per minute of stream and its memory (per_minute: is it flat?).
@@ -55,15 +56,17 @@ from safeio import write_atomic
 from stream import streamer_kwargs
 
 
-# (fuse, split-KV decode kernel, cuDNN + FlashAttention-2 prefill over the cache)
-VARIANTS = {"reference": (False, False, False), "fused": (True, False, False), "split-kv": (True, True, False),
-            "fast": (True, True, True)}
+# (fuse, split-KV decode kernel, cuDNN + FlashAttention-2 prefill over the cache, VLM.compile_prefill)
+VARIANTS = {"reference": (False, False, False, False), "fused": (True, False, False, False),
+            "split-kv": (True, True, False, False), "fast": (True, True, True, False),
+            "compiled-prefill": (True, True, True, True)}
 
 
 def set_variant(model, variant, flexprefill=False):
     """The model's layout and kernels for `variant`; under --flexprefill the prompt attention stays FlexPrefill."""
-    fuse, kernel, prefill = VARIANTS[variant]
+    fuse, kernel, prefill, compiled = VARIANTS[variant]
     model.fuse(fuse)
+    model.compile_prefill(compiled)
     model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
     if not flexprefill:
         model.use_attention(prefill_kernel_for(model.device, model.dtype, model.cfg.head_dim) if prefill else None)
@@ -240,7 +243,8 @@ def inspect_run(s, frames, reply, profile):
         pix = patchify_video(clip, s.model.device).to(s.model.dtype)
         out["tower_ms"] = round(gpu_ms(lambda: s.model.visual(pix, grid, compiled=s.compile_vision), 5, 3), 2)
     if profile:
-        print_profile("one steady second (preprocess, vision, evict, prefill, decode)", lambda: s.step(frames, force_text=reply))
+        print_profile("one steady second (preprocess, vision, evict, prefill, decode)",
+                      lambda: s.step(frames, force_text=reply))
         if "graph_ms" in out:
             print_profile("five decode graph replays", lambda: [dec.graph.replay() for _ in range(5)])
     return out
@@ -309,7 +313,8 @@ def build_parser():
     ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
                     help="comma-separated, each policy and decode path runs once per variant: reference (separate "
                     "Linears, two-matmul decode attention, SDPA prefill), fused (VLM.fuse), split-kv (fused + "
-                    "split-KV decode kernel), fast (split-kv + cuDNN / FlashAttention-2 prefill over the cache)")
+                    "split-KV decode kernel), fast (split-kv + cuDNN / FlashAttention-2 prefill over the cache), "
+                    "compiled-prefill (fast + VLM.compile_prefill)")
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
