@@ -146,9 +146,9 @@ def build_parser():
                     "(~0.4M after torch.compile: a full collection of them took ~180 ms on a 2-core CPU, 0.6 ms "
                     "frozen), in case the garbage collector's pauses make the p99")
     ap.add_argument("--no-readback", action="store_true", help="do not read each decode step's argmax back")
-    ap.add_argument("--phases", action="store_true", help="time each phase of a second (batch: evict, preprocess, "
-                    "vision, prefill, decode; single: its prefill holds its vision tower; the GPU is waited for at "
-                    "each phase's ends, which costs a little)")
+    ap.add_argument("--phases", action="store_true", help="time each phase of a second (preprocess, vision, evict, "
+                    "prefill, decode; the GPU is waited for at each phase's ends, which costs a little and keeps the "
+                    "host's eviction bookkeeping from running beside the tower)")
     add_run_flags(ap, warmup=30, out="out/bench_serve")
     ap.set_defaults(policies=["streaming"], hf=False, flexprefill=False)
     return ap
