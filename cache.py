@@ -47,7 +47,7 @@ Design choices:
 import torch
 
 from layout import Kind, cut_previous
-from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
+from rope import apply_rope, inv_freq, mrope_axis, mrope_cos_sin, mrope_positions
 
 try:  # eviction's fused kernel needs Triton (it comes with CUDA builds of PyTorch)
     import triton
@@ -110,7 +110,9 @@ class StreamingCache(KVCache):
         # what a training chunk cut into N s segments does (reuse.py), the window then holding vision_window to
         # vision_window + N - 1 seconds, so that a model trained that way is served with the K/V it was trained on
         self.evict_every = evict_every
-        self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta)
+        # on the device, made once: a host tensor there would be a copy that waits for the GPU at every eviction
+        self.inv_freq = inv_freq(cfg.head_dim, cfg.rope_theta).to(self.device)
+        self.axis = mrope_axis(cfg.mrope_section, self.device)
         self.length, self.capacity, self.added = 0, 0, 0
         self.next_pos = torch.zeros(1, dtype=torch.long)  # the next free M-RoPE position
         self.next_unit = 0
@@ -227,7 +229,7 @@ class StreamingCache(KVCache):
         n = len(keep)
         if self.reindex:   # (copies that do not wait for the GPU: the vision tower may still be running)
             cos, sin = mrope_cos_sin(to_device(self.pos[:, None, :n], self.device), self.inv_freq,
-                                     self.cfg.mrope_section, self.dtype)
+                                     self.cfg.mrope_section, self.dtype, self.axis)
         if can_fuse(self.k) if fused is None else fused:
             rotation = (cos[:, 0], sin[:, 0]) if self.reindex else ()
             return fused_move(self.k, self.v, self.raw_k, [0], [keep], *rotation)
@@ -352,7 +354,9 @@ def fused_move(k, v, raw_k, rows, keeps, cos=None, sin=None, block=32):
 def to_device(x, device):
     """A host tensor copied to a GPU without waiting for the GPU's queued work (pinned, non-blocking), so that the
     host can prepare the next kernels while the GPU runs earlier ones (serve.StreamBatch evicts during the tower)."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    if x.device.type != "cpu" or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def units(ids, pos, cfg):

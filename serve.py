@@ -1,7 +1,7 @@
 """
 Many live streams on one model: every second, the work of all streams runs as one batch.
 
-A Streamer (stream.py) is the one-stream reference: its step() evicts, runs the vision tower, prefills the second's
+A Streamer (stream.py) is the one-stream reference: its step() runs the vision tower, evicts, prefills the second's
 turn and decodes the reply. Served one process a stream, N streams time-slice the GPU, each reading the model's
 weights for itself. StreamBatch keeps a Streamer per stream, with all its state (StreamingCache: sink, windows,
 contiguous RoPE, evict_every; pending tokens; sampling generator; its own second t), and runs their seconds together:
@@ -249,7 +249,7 @@ def _new_rotation(caches, keeps, dev, dtype):
     pos = torch.stack([torch.nn.functional.pad(c.pos[:, :len(keep)], (0, n - len(keep)))
                        for c, keep in zip(caches, keeps)], 1)                                            # (3, E, n)
     c = caches[0]
-    cos, sin = mrope_cos_sin(to_device(pos, dev), c.inv_freq, c.cfg.mrope_section, dtype)              # (E, 1, n, D)
+    cos, sin = mrope_cos_sin(to_device(pos, dev), c.inv_freq.to(dev), c.cfg.mrope_section, dtype, c.axis.to(dev))
     return cos[:, 0], sin[:, 0]
 
 

@@ -17,8 +17,9 @@ The ideas:
   growing to its size) are left out; the table shows the mean of the first and the last 10% of the rest (a bounded
   cache stays flat, a growing one does not), p99 over the last half, the mean per phase (preprocess, vision,
   evict, prefill, decode; each phase waits for the GPU at its ends, so the eviction's bookkeeping, which a plain
-  step does while the tower runs, shows here on its own), tower_ms (the tower alone), ms per decoded token, peak
-  memory and the memory held after a second (first / last 10%), the cache length and the largest M-RoPE position.
+  step does while the tower runs, shows here on its own; recompute runs its towers inside its prefill), tower_ms (the
+  tower alone), ms per decoded token, peak memory and the memory held after a second (first / last 10%), the cache
+  length and the largest M-RoPE position.
 - Side by side: transformers runs --hf-seconds seconds with its default growing DynamicCache, a forward for the
   user turn and generate() for the reply; hf_ms_per_token_ratio is its ms per token over ours in the same seconds
   of the same run. Both loops are eval.timed_seconds, so they are timed the same way.
