@@ -140,6 +140,24 @@ def test_compiled_prefill_in_bf16_on_a_gpu(tok):
     torch.testing.assert_close(logits_fast / scale, logits_ref / scale, atol=2e-2, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's queue")
+def test_eviction_and_prefill_never_wait_for_the_gpu(tok):
+    # Streamer.step launches the tower, then evicts and prefills: for the host to do that work while the GPU runs
+    # the tower, no copy or check in between may synchronize (torch's sync debug mode raises on one that does)
+    s = Streamer(tiny_model(tok, layers=2, seed=2).to("cuda", torch.bfloat16), tok, max_new_tokens=6,
+                 decode="graphs", text_sink=4, text_window=8, vision_window=3, capacity=256)
+    for t in range(5):   # past the first evictions: every buffer and kernel is made
+        s.step(frames(t), force_text="Red scores!")
+    vision = s.vision_input(frames(5))
+    feats = s.encode(vision)   # (the tower may wait for work queued before it; what follows must not wait for it)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s.cache.evict(s.t)
+        s.prefill(s.turn(vision[1]), [vision], feats)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_dropping_a_streamer_frees_its_cache_at_once(tok, compile):
     # eval.py measures each policy's peak memory after deleting the previous run: no reference cycle may keep
