@@ -45,7 +45,7 @@ import torch
 from cache import DecodeSlots
 from layout import Kind, check_text
 from prefill import prefill_kernel_for
-from rope import mrope_axis, mrope_cos_sin
+from rope import mrope_cos_sin
 
 try:  # the split-KV decode kernel needs Triton (it comes with CUDA builds of PyTorch)
     import triton
@@ -175,7 +175,6 @@ class GraphDecoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)    # static inputs, filled per step
         self.pos = torch.zeros(3, 1, 1, dtype=torch.long, device=dev)
         self.index = torch.zeros(1, dtype=torch.long, device=dev)
-        self.axis = mrope_axis(model.cfg.mrope_section, dev)
         self.graph, self.key, self.logits, self.argmax, self.slot = None, None, None, None, None
         self.captures = 0
         self.compiled = compile
@@ -185,7 +184,7 @@ class GraphDecoder:
         """The static-shape step: reads token/pos/index, writes K/V into the cache, returns logits (1, vocab)."""
         m, c = self.model, self.cache
         x = m.model.embed_tokens(self.token)                                        # (1, 1, hidden)
-        cos, sin = mrope_cos_sin(self.pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
+        cos, sin = mrope_cos_sin(self.pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, m.model.rope_axis)
         # key j is visible when it is already cached (j < index) or is this token (j == index)
         mask = (torch.arange(c.capacity, device=x.device) <= self.index)[None, None, None]  # (1, 1, 1, capacity)
         for layer in m.model.layers:
@@ -353,7 +352,6 @@ class FixedStep:
         self.index = self.inputs[2]                                      # (R,) the slot each row writes
         self.top = torch.zeros(R, dtype=torch.long, device=dev)         # each row's argmax after the last step
         self.rows, self.keys = torch.arange(R, device=dev), torch.arange(S, device=dev)
-        self.axis = mrope_axis(model.cfg.mrope_section, dev)
         self.graphs = dev.type == "cuda"
         self.compiled = compile and self.graphs
         self.graph, self.logits = None, None
@@ -369,7 +367,7 @@ class FixedStep:
         token = torch.where(feed != 0, self.top, token)[:, None]                        # (R, 1)
         x = m.model.embed_tokens(token)                                                  # (R, 1, hidden)
         pos = position[None, :, None].expand(3, -1, -1)                                  # text: three equal axes
-        cos, sin = mrope_cos_sin(pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, self.axis)
+        cos, sin = mrope_cos_sin(pos, m.model.inv_freq, m.cfg.mrope_section, x.dtype, m.model.rope_axis)
         # a silent row (writing the scratch slot, the last) sees only that slot: split-KV reads none of its K/V
         last = self.keys[-1]
         seen = (self.keys[None, :] <= index[:, None]) & ((index < last)[:, None] | (self.keys == last)[None, :])

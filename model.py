@@ -278,12 +278,11 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_compiled(self, x, cos, sin, mask, cache):
-        """forward with the work on either side of the attention compiled: the same sums, far fewer launches."""
+    def forward_compiled(self, x, cos, sin, mask, cache):   # the work around the attention compiled
         before, after = self.compiled
         return after(x, self.self_attn.attend(*before(x, cos, sin), mask, cache))
 
-    def before_attention(self, x, cos, sin):
+    def before_attention(self, x, cos, sin):   # norm, q/k/v, rotary
         return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
 
     def after_attention(self, x, o):
@@ -298,6 +297,12 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope_tables(cfg)
+
+    def rope_tables(self, cfg, device=None):
+        """M-RoPE's frequencies and each one's axis, on the device (remade after a meta build): no host copies."""
+        self.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
+        self.register_buffer("rope_axis", mrope_axis(cfg.mrope_section, device), persistent=False)
 
 # -----------------------------------------------------------------------------
 # The whole model
@@ -345,7 +350,6 @@ class VLM(nn.Module):
         self.visual = VisionTower(cfg.vision)
         self.model = TextModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self.fusion = None  # fused projections: None until fuse() decides (the fast decode path fuses then)
         self.decode_kernel = None  # decode attention: None until use_decode_attention decides (likewise)
         self.prompt_kernel = None  # prompt / prefill attention: None until use_attention decides (likewise)
@@ -369,9 +373,8 @@ class VLM(nn.Module):
         return self
 
     def compile_prefill(self, enabled=True):
-        """Prefills (more than one new token, no gradients) run each decoder layer's work around its attention
-        through torch.compile (dynamic shapes: one compile serves every layer and length), ~12 launches instead of
-        ~45 eager ones a layer. The attention itself stays the model's (use_attention)."""
+        """Prefills (over one new token, no gradients) run each layer's work around its attention (which stays
+        use_attention's) through torch.compile, dynamic shapes: one compile serves every layer and length."""
         for layer in self.model.layers:
             layer.compiled = ((torch.compile(layer.before_attention, dynamic=True),
                                torch.compile(layer.after_attention, dynamic=True)) if enabled else None)
@@ -475,11 +478,8 @@ class VLM(nn.Module):
 
     def rope(self, position_ids, dtype):
         """M-RoPE cos, sin (B, 1, T, head_dim) for position ids (3, B, T): no copy here waits for the GPU's queue."""
-        freq = self.model.inv_freq
-        if getattr(self, "_rope_axis", None) is None or self._rope_axis.device != freq.device:
-            self._rope_axis = mrope_axis(self.cfg.mrope_section, freq.device)
-        return mrope_cos_sin(to_device(position_ids, freq.device), freq, self.cfg.mrope_section, dtype,
-                             self._rope_axis)
+        pos = to_device(position_ids, self.model.inv_freq.device)
+        return mrope_cos_sin(pos, self.model.inv_freq, self.cfg.mrope_section, dtype, self.model.rope_axis)
 
     # ---- generation -------------------------------------------------------------------------------------
 
@@ -543,7 +543,7 @@ class VLM(nn.Module):
                              f"{' ...' if len(missing) > 20 else ''}, unexpected tensors {unexpected[:20]}"
                              f"{' ...' if len(unexpected) > 20 else ''}")
         model.load_state_dict(read_tensors(where, expected, device, dtype), assign=True)
-        model.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
+        model.model.rope_tables(cfg, device)
         return model.eval()
 
     def save_pretrained(self, path, state_dict=None):

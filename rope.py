@@ -187,7 +187,9 @@ def mrope_positions(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, se
 
 def mrope_axis(mrope_section, device=None):
     """Which axis (0 = t, 1 = h, 2 = w) each of the head_dim/2 frequencies takes its position from."""
-    return torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section)).to(device)
+    # (output_size: the length is known, so a model built on the meta device can make it too)
+    axes = torch.repeat_interleave(torch.arange(3), torch.tensor(mrope_section), output_size=sum(mrope_section))
+    return axes.to(device)
 
 
 def mrope_cos_sin(position_ids, freq, mrope_section, dtype, axis=None):

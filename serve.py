@@ -214,7 +214,7 @@ def batched_forward(model, ids, pos, slots, mask, lengths, video_embeds=None):
     RowSlots, mask None (a prefill, under row_attention) or (B, 1, 1, capacity) (a decode step); returns the logits
     of each row's last real token, (B, vocab)."""
     x = model.embed(ids, video_embeds=video_embeds)
-    cos, sin = mrope_cos_sin(to_device(pos, x.device), model.model.inv_freq, model.cfg.mrope_section, x.dtype)
+    cos, sin = model.rope(pos, x.dtype)
     for layer in model.model.layers:
         x = layer(x, cos, sin, mask, slots)
     x = x[torch.arange(len(lengths), device=x.device), torch.as_tensor(lengths, device=x.device) - 1]

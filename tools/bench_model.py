@@ -24,7 +24,6 @@ from tools.bench_flexprefill import timeit
 from cli import Parser, Results, at_least, checked
 from model import PRESETS, VLM
 from weights import canonical_name
-from rope import inv_freq
 
 
 def twins(cfg, device, dtype):
@@ -41,7 +40,7 @@ def twins(cfg, device, dtype):
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     ours.load_state_dict(state, assign=True)
-    ours.model.register_buffer("inv_freq", inv_freq(cfg.head_dim, cfg.rope_theta).to(device), persistent=False)
+    ours.model.rope_tables(cfg, device)
     return hf, ours.eval()
 
 
