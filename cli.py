@@ -81,10 +81,13 @@ def device_name(text):
 
 
 def check_device(ap, device):
-    """A --device that asks for CUDA where there is none: one line that says why (a CPU-only build, or no GPU)."""
-    if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {device}: CUDA is not available (torch {torch.__version__}, "
-                 f"{'built without CUDA' if torch.version.cuda is None else 'no GPU found'})")
+    """A --device this machine cannot use (no CUDA, no such GPU, no MPS): one line, model.check_device's reason."""
+    if device:
+        from model import check_device as usable   # here, not above: model imports layout, which imports this module
+        try:
+            usable(device)
+        except ValueError as e:
+            ap.error(f"--{e}")
 
 
 def shown(path):
