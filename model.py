@@ -256,8 +256,8 @@ class Attention(Fusable):
             # by default, FlexPrefill's block-sparse attention after flexprefill.enable_flexprefill(model)
             o = self.attn_fn(q, k, v)
         else:
-            # an explicit mask (left padding): the fused kernels need K/V per query head, so copy them
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+            # an explicit mask (padding): the fused kernels need K/V per query head (expanded: repeat_interleave syncs)
+            k, v = (t[:, :, None].expand(-1, -1, G, -1, -1).flatten(1, 2) for t in (k, v))   # (B, H, S, D)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o
 
@@ -415,8 +415,7 @@ class VLM(nn.Module):
         """Token embeddings with the vision tower's output written over the <|image_pad|>/<|video_pad|> slots
         (video_embeds: the tower's output for the videos, when the caller ran it already)."""
         x = self.model.embed_tokens(input_ids)
-        # the checks read the ids back, which on a GPU waits for all queued work: a caller that brings video_embeds
-        # (the streaming loop, which launched the tower ahead) placed the pads itself, and skips them there
+        # the checks read the ids back (on a GPU: after all queued work); callers bringing video_embeds skip them
         check = video_embeds is None or not input_ids.is_cuda
         for pix, grid, feats, tok, name in (
                 (pixel_values, image_grid_thw, None, self.cfg.image_token_id, "image"),
@@ -431,7 +430,8 @@ class VLM(nn.Module):
             if check and int(slots.sum()) != feats.shape[0]:
                 raise ValueError(f"{int(slots.sum())} <|{name}_pad|> tokens in input_ids but the {name}s give "
                                  f"{feats.shape[0]} features (grid_t*grid_h*grid_w/4 each)")
-            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+            n = slots.flatten().cumsum(0).view(slots.shape) - 1  # pad n gets feature n; masked_scatter's backward syncs
+            x = torch.where(slots[..., None], feats.to(x.dtype)[n.clamp(min=0)], x) if len(feats) else x
         return x
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
@@ -461,7 +461,7 @@ class VLM(nn.Module):
         dense = exact_causal(self.model.layers[0].self_attn.attn_fn)  # use_attention sets every layer's
         if padded and not (dense and right_padded(attention_mask, past)):
             # causal + key padding, (B, 1, T, past + T); a padded query still sees itself (no NaN rows)
-            keys = attention_mask.bool().to(x.device)
+            keys = attention_mask.to(x.device, non_blocking=True).bool()  # a pinned host mask: no wait (train.py)
             qi = torch.arange(T, device=x.device)[:, None] + past  # absolute index of each query
             kj = torch.arange(past + T, device=x.device)[None, :]
             mask = ((kj <= qi)[None] & keys[:, None, :]) | (kj == qi)[None]

@@ -24,6 +24,7 @@ produced the model's training inputs) and HF's video path; HF 4.57's image path 
 """
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -115,6 +116,13 @@ def _resize_to_uint8(img, height, width):
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
 
 
+@functools.cache
+def normalization(device):
+    """IMAGE_MEAN and IMAGE_STD as float32 tensors on `device`, made once: a copy to a GPU made at every call
+    would wait for its queue (training patchifies on the GPU while earlier steps run)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device) for v in (IMAGE_MEAN, IMAGE_STD))
+
+
 def _patchify(frames):
     """uint8 frames [F, H, W, 3] (F even) -> float32 patch rows [F/2 * H/14 * W/14, 1176] in merge-block order,
     on the frames' device (the same IEEE operations, so the same bits, on a GPU)."""
@@ -122,7 +130,7 @@ def _patchify(frames):
     # cast to float32, then (x - mean) / std in float32. (The fused (x-255m)/(255s) of the fast path can differ
     # in the last ulp.)
     x = (frames.to(torch.float64) * (1 / 255)).to(torch.float32)
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=x.device) for v in (IMAGE_MEAN, IMAGE_STD))
+    mean, std = normalization(x.device)
     x = (x - mean) / std
     # Row r = ((t*hb_n + hb)*wb_n + wb)*4 + mh*2 + mw; column = ((c*2 + tp)*14 + py)*14 + px.
     # The source pixel of (t, tp, hb, mh, py, wb, mw, px) is frame 2t+tp, y=(2hb+mh)*14+py, x=(2wb+mw)*14+px.

@@ -135,18 +135,24 @@ def new_tokens(batch):
 # the forwards (the training process)
 
 
-def forward_segments(model, batch):
+def segment_counts(batch, model_cfg):
+    """(video pads, supervised tokens) of each segment of a batch, counted on the host before it goes to the GPU
+    (counted there, they would wait for the GPU's queue)."""
+    parts = segments(batch)
+    return ([int((s["input_ids"] == model_cfg.video_token_id).sum()) for s in parts],
+            [int((s["labels"] != IGNORE).sum()) for s in parts])
+
+
+def forward_segments(model, batch, counts):
     """[(logits, labels, input_ids)] of a batch cut into segments, on the model's device: each segment on the
-    cache the ones before it leave. The vision tower runs once, on every segment's frames: each second's frames
-    are encoded alone, so one pass is the same computation with fewer kernel launches (two with a pre-roll: its
-    frames without autograd)."""
+    cache the ones before it leave; `counts`: segment_counts of the batch. The vision tower runs once, on every
+    segment's frames: each second's frames are encoded alone, so one pass is the same computation with fewer
+    kernel launches (two with a pre-roll: its frames without autograd)."""
     raw = getattr(model, "module", model)  # DDP's wrapped model
     parts = [dict(s) for s in segments(batch)]
     for s in parts:
         s.pop("then", None)
-    counts = torch.stack([(s["input_ids"] == raw.cfg.video_token_id).sum() for s in parts]
-                         + [(s["labels"] != IGNORE).sum() for s in parts]).tolist()  # one sync for both
-    counts, supervised = counts[:len(parts)], counts[len(parts):]
+    counts, supervised = counts
     # the pre-roll (data.py: segments without a label before the first with one) only leaves K/V for the segments
     # after it: nothing to learn there, so neither it nor its frames keep a graph
     lead = next((i for i, n in enumerate(supervised) if n), len(parts))
@@ -156,7 +162,7 @@ def forward_segments(model, batch):
         if a < b:
             with torch.set_grad_enabled(torch.is_grad_enabled() and a == lead):
                 vision.append(raw.visual(torch.cat(pixels[a:b]), torch.cat(grids[a:b])))
-    store, out = ReusedKV(raw.cfg), []
+    store, out = ReusedKV(raw.cfg, raw.model), []
     for i, (s, embeds) in enumerate(zip(parts, torch.cat(vision).split(counts))):
         labels, cache = s.pop("labels"), store.segment(i, s.pop("keep", None), s.pop("keep_pos", None))
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= lead):
@@ -175,8 +181,8 @@ class ReusedKV:
     One object a segment, so that activation checkpointing, which runs a layer again in backward, reads and
     writes what the first run did."""
 
-    def __init__(self, cfg):
-        self.cfg, self.inv_freq = cfg, inv_freq(cfg.head_dim, cfg.rope_theta)
+    def __init__(self, cfg, text_model=None):  # its rotary tables, on the device (TextModel.rope_tables)
+        self.cfg, self.tables = cfg, (text_model.inv_freq, text_model.rope_axis) if text_model else None
         self.written, self.read = {}, {}  # (layer, segment) -> (raw keys, values) it wrote / it read (unrotated)
 
     def segment(self, i, keep=None, pos=None):
@@ -189,7 +195,8 @@ class SegmentKV:
         self.store, self.i, self.length = store, i, 0 if keep is None else keep.shape[1]
         if self.length:
             self.index = keep[:, None, :, None].expand(-1, cfg.num_key_value_heads, -1, cfg.head_dim)  # (B, Hkv, P, D)
-            self.cos, self.sin = mrope_cos_sin(pos, store.inv_freq.to(pos.device), cfg.mrope_section, torch.float32)
+            freq, axis = store.tables or (inv_freq(cfg.head_dim, cfg.rope_theta).to(pos.device), None)
+            self.cos, self.sin = mrope_cos_sin(pos, freq, cfg.mrope_section, torch.float32, axis)
 
     def update(self, layer, k, v, raw_k=None):
         store = self.store

@@ -8,7 +8,7 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 --resume (train_state.json + optimizer.safetensors: no pickle, so loading a checkpoint can never run code).
 
   python train.py                          # 2-core CPU: ~9 min, names the events at the right second (no score)
-  python train.py --preset gpu             # one GPU: 2,400 steps of 24 s chunks, then 250 of 192 s chunks in
+  python train.py --preset gpu             # one GPU: 6,000 steps of 24 s chunks, then 250 of 192 s chunks in
                                            # 8 s segments on the cache streaming leaves (reuse.py)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
@@ -24,7 +24,8 @@ A checkpoint is whole or absent (checkpoint.py): it is written into a hidden fol
 by two renames; a save killed half-way leaves the previous checkpoint, and the next start cleans up after it. A
 non-finite loss or gradient stops the run before the update, so the last checkpoint is never overwritten with
 NaN weights. Every --eval-every steps the run validates on fixed chunks (validate.py) and saves; Ctrl-C saves after
-the step in progress and stops, and --resume goes on from there.
+the step in progress and stops, and --resume goes on from there. On a GPU the host never waits for a step (a tiny
+model's step is mostly kernel launches): it queues the next one while the GPU runs it, and reads its loss then.
 """
 import argparse
 import contextlib
@@ -48,7 +49,7 @@ from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
 from records import JsonlSamples
 from reuse import new_tokens, segment_cuts, supervised_tokens
 from safeio import RunLock
-from validate import Validator, loss_sum
+from validate import Validator, loss_sum, training_kernels
 from world import WorldConfig
 
 # -----------------------------------------------------------------------------
@@ -151,9 +152,10 @@ PRESETS = {
                        eval_every=400, eval_chunks=32),
     # a busier world (goal rates drawn per stream in 0.01-0.15: goal sentences close together make copying the last
     # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s); then a
-    # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py): 2,400
-    # steps of chunks, 250 of segments (192 s chunks of 24 segments, 64 a step)
-    "gpu": TrainConfig(steps=2650, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+    # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py): 6,000
+    # steps of chunks (the shipped model's base; 2,400 read half as many score numbers), 250 of segments (192 s
+    # chunks of 24 segments, 64 a step)
+    "gpu": TrainConfig(steps=6250, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
                        question_rate=0.5, segment_steps=250, segment_seconds=8, segment_lr=2e-4),
 }
@@ -370,55 +372,64 @@ def load_model(args, run):
 
 
 def make_optimizer(raw, cfg):
+    """AdamW, fused: one kernel for the whole update, which a non-finite step skips on the device (train_step)."""
     return torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
 
-class NonFinite(Exception):
-    pass
-
-
 def train_step(step, model, raw, opt, batches, args, run):
-    """One optimizer step over this process's micro-batches; returns (loss, gradient norm, tokens). The loss is
-    the mean over all supervised tokens of the step, on every rank and micro-batch. A non-finite loss or norm
-    raises NonFinite before the update, so no NaN reaches the weights (or a checkpoint)."""
+    """One optimizer step over this process's micro-batches, queued: (loss, gradient norm), 0-d tensors not yet
+    read, and the tokens forwarded. The loss is the mean over all supervised tokens of the step (every rank and
+    micro-batch). Nothing here waits for the GPU, so the host queues the next step while the GPU runs this one; a
+    non-finite loss or norm never reaches the weights: fused AdamW skips the update on the device where found_inf
+    is set (the flag torch.amp.GradScaler sets), and read_step stops the run."""
     cfg = args.cfg
     start, phase = phase_at(step, cfg)
     if step == start and start:
         opt.state.clear()  # a second phase starts as a fine-tune does: fresh AdamW moments (made at its first step)
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    count = all_sum(torch.tensor(sum(supervised_tokens(b) for b in batches), device=run.device), run)
-    total, tokens = 0.0, 0
+    count = sum(supervised_tokens(b) for b in batches)  # counted on the host
+    if run.ddp:
+        count = all_sum(torch.tensor(count, device=run.device), run)
+    total, tokens = 0, 0
     for m, b in enumerate(batches):
         quiet = run.ddp and not args.fsdp and m < len(batches) - 1  # DDP: all-reduce after the last micro-batch
-        with model.no_sync() if quiet else contextlib.nullcontext(), \
-                torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
+        with model.no_sync() if quiet else contextlib.nullcontext(), training_kernels(run.amp):
             s, _ = loss_sum(model, b, run.device)
             (s * run.world / count).backward()  # DDP averages gradients over ranks: * world undoes that
-        total += s.item()
+        total = total + s.detach()
         tokens += new_tokens(b)
     if phase.freeze_vision:  # the segment phase keeps the vision tower as the chunks left it; its gradients,
         for p in raw.visual.parameters():  # made all the same (DDP expects every parameter's), are dropped
             p.grad = None
-    norm = float(ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)))
-    loss = all_sum(torch.tensor(total, device=run.device), run).item() / count.item()
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        opt.zero_grad(set_to_none=True)
-        raise NonFinite(f"loss {loss}, gradient norm {norm}")
+    norm = ckpt.full(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)).detach()
+    loss = all_sum(total, run) / count
+    opt.found_inf = (~(loss.isfinite() & norm.isfinite())).float()  # 1: this step's update is skipped
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, norm, tokens
 
 
+def read_step(step, loss, norm, saved, args):
+    """A queued step's loss and gradient norm, read (waiting for the GPU to finish that step); a non-finite one
+    stops the run with one line, before any checkpoint: its update was skipped (train_step)."""
+    loss, norm = torch.stack([loss.float(), norm.float()]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        kept = f"the checkpoint of step {saved} in {args.out} is kept" if saved else "no checkpoint was written"
+        raise SystemExit(f"step {step + 1}: non-finite loss {loss}, gradient norm {norm}; stopped before its update; "
+                         f"{kept}")
+    return loss, norm
+
+
 def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     """Steps from `step` to --stop-at (or --steps), with validation and a checkpoint every --eval-every steps and
-    at the end. Returns the loss history."""
-    cfg, saved = args.cfg, step
+    at the end. Returns the loss history. The host reads each step's numbers once the next step is queued."""
+    cfg, saved, queued = args.cfg, step, None
     start, phase = phase_at(step, cfg)  # a phase's Validator (data.phase_at): this one's now (a bad record fails now)
     validators = {start: Validator(tok, phase, jsonl, raw.cfg)} if run.master else {}
     end = min(cfg.steps, args.stop_at or cfg.steps)
@@ -426,33 +437,38 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     flops_per_token = 6 * sum(p.numel() for p in raw.parameters() if p.requires_grad)  # matmuls, fwd + bwd
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
+
+    def report(q):  # read a queued step (step, loss, norm, tokens, start time, data wait) into history and bar
+        loss, norm = read_step(q[0], q[1], q[2], saved, args)
+        history.append(loss)
+        took = time.perf_counter() - q[4]  # its start to its reading: the GPU's pace once the host is ahead
+        tps = q[3] * run.world / took
+        mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(q[0], cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f} "
+                            f"data wait {100 * q[5] / took:.0f}%")
+        return loss
+
     with stop_on_ctrl_c(not run.ddp and threading.current_thread() is threading.main_thread()) as stop:
         for step in bar:
             t0 = time.perf_counter()
             batches = [next(loader) for _ in range(cfg.grad_accum)]
             waited = time.perf_counter() - t0  # for the DataLoader workers: the synthetic chunks are made on the CPU
-            try:
-                loss, norm, tokens = train_step(step, model, raw, opt, batches, args, run)
-            except NonFinite as e:
-                kept = f"the checkpoint of step {saved} in {args.out} is kept" if saved else "no checkpoint was written"
-                raise SystemExit(f"step {step + 1}: non-finite {e}; stopped before the update; {kept}")
-            history.append(loss)
-            took = time.perf_counter() - t0
-            tps = tokens * run.world / took
-            mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
-            bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f} "
-                                f"data wait {100 * waited / took:.0f}%")
+            before, queued = queued, (step, *train_step(step, model, raw, opt, batches, args, run), t0, waited)
+            if before:
+                report(before)
             start, phase = phase_at(step, cfg)
             due = (step + 1) % cfg.eval_every == 0 or step + 1 in (end, start + phase.steps)  # and a phase's last
+            if not (due or stop):
+                continue
+            loss, queued = report(queued), None
             if due and run.master:
                 if start not in validators:
                     validators[start] = Validator(tok, phase, jsonl, raw.cfg)
                 tqdm.write(f"step {step + 1}: train loss {loss:.4f}, {validators[start](model, raw, run)}")
             if stop:
                 tqdm.write(f"Ctrl-C: saving step {step + 1} (Ctrl-C again stops at once, without saving)")
-            if due or stop:
-                ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json, phase)
-                saved = step + 1
+            ckpt.save_run(raw, opt, step + 1, history, args, run, tok_json, phase)
+            saved = step + 1
             if stop and step + 1 < end:
                 raise SystemExit(f"stopped by Ctrl-C after step {saved}: the checkpoint is in {args.out}; "
                                  "--resume continues the run exactly")
@@ -467,6 +483,8 @@ def main(argv=None):
 
 def train(args):
     run = setup(args.device)
+    if run.amp:  # this process only queues the GPU's work; its few host ops on small tensors (counts, padding
+        torch.set_num_threads(1)  # checks) would otherwise wait for OpenMP threads the DataLoader workers keep busy
     torch.manual_seed(args.cfg.seed)
     if run.master:
         print_config(args)
@@ -480,6 +498,8 @@ def train(args):
     if state:
         try:
             ckpt.load_optimizer(opt, args.out, state.get("optimizer", {}))
+            for g in opt.param_groups:  # a checkpoint's groups may say foreach (written before AdamW was fused)
+                g.update(fused=True, foreach=None)
         except ValueError as e:
             raise SystemExit(f"--resume: {e}")
         step, history = state["step"], state["history"]

@@ -5,18 +5,39 @@ the stream's event metrics hinge on); the score numbers in goal sentences are th
 (the model must read them from the previous text); a question about the whole stream at the end of a chunk tests
 whether that previous text is read at all.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import IGNORE, make_batch, with_positions
 from layout import SILENCE
 from processor import patchify_video
-from reuse import forward_segments
+from reuse import forward_segments, segment_counts
+
+
+def training_kernels(amp):
+    """The context a training or validation forward runs in: bf16 autocast on a GPU (amp), and SDPA's kernels in
+    this order: FlashAttention (causal chunks), memory-efficient (segments' padding masks), math. Not cuDNN, which
+    PyTorch tries first on an H100: it builds a plan for every new sequence length, and the lengths of training
+    batches change every step."""
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cuda", torch.bfloat16, enabled=amp))
+    stack.enter_context(sdpa_kernel(order, set_priority=True))
+    return stack
+
+
+HOST = ("attention_mask", "video_grid_thw")  # read by the host: VLM.forward's padding checks, the tower's plan
 
 
 def to_device(batch, device):
-    """A batch (and its "then" part) on `device`, uint8 "video_frames" patchified there (data.collate)."""
-    out = {k: to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
+    """A batch (and its "then" part) on `device`, uint8 "video_frames" patchified there (data.collate). The
+    attention mask and the frame grids stay on the host (the DataLoader pinned them), where VLM.forward and the
+    vision tower read them: read on the GPU, they would wait for all its queued work."""
+    out = {k: to_device(v, device) if isinstance(v, dict) else v if k in HOST else v.to(device, non_blocking=True)
            for k, v in batch.items()}
     if "video_frames" in out:
         out["pixel_values_videos"] = patchify_video(out.pop("video_frames"))
@@ -25,12 +46,23 @@ def to_device(batch, device):
 
 def outputs(model, batch, device):
     """[(logits, labels, input_ids)] of a batch: one forward; or, for chunks cut into segments (data.py's
-    collate_chunks), one forward a segment, each on the cache the ones before it leave (reuse.py)."""
-    batch = to_device(batch, device)
+    collate_chunks), one forward a segment, each on the cache the ones before it leave (reuse.py). Nothing here
+    waits for the GPU, so the host queues a whole training step ahead of it."""
+    raw = getattr(model, "module", model)  # DDP's wrapped model
     if "then" in batch:
-        return forward_segments(model, batch)
+        return forward_segments(model, to_device(batch, device), segment_counts(batch, raw.cfg))
+    host, batch = batch, to_device(batch, device)
     labels = batch.pop("labels")
-    return [(model(**batch), labels, batch["input_ids"])]
+    if isinstance(raw, FSDPModule) or "pixel_values_videos" not in batch or not hasattr(raw, "visual"):  # (FSDP:
+        # the tower runs inside its forward; tests pass stand-in models)
+        return [(model(**batch), labels, batch["input_ids"])]
+    # the tower ahead of the forward, its output checked against the pads counted on the host: VLM.embed then
+    # skips its own check, which reads the ids back from the GPU
+    pads = int((host["input_ids"] == raw.cfg.video_token_id).sum())
+    embeds = raw.visual(batch.pop("pixel_values_videos"), batch["video_grid_thw"])
+    if embeds.shape[0] != pads:
+        raise ValueError(f"{pads} <|video_pad|> tokens in the batch but its frames give {embeds.shape[0]} features")
+    return [(model(**batch, video_embeds=embeds), labels, batch["input_ids"])]
 
 
 def loss_sum(model, batch, device):
@@ -96,7 +128,7 @@ class Validator:
 
     def __call__(self, model, raw, run):
         model.eval()
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=run.amp):
+        with torch.no_grad(), training_kernels(run.amp):
             tot = [loss_sum(raw, b, run.device) for b in self.val]
             hits = [sum(x) for x in zip(*(first_token_hits(raw, b, run.device, self.silence_id, self.number_ids)
                                           for b in self.val))]

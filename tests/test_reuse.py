@@ -248,3 +248,34 @@ def test_streaming_that_evicts_every_segment_keeps_what_training_segments_keep(t
                 want_pos = torch.cat([seg["keep_pos"][:, 0], seg["position_ids"][:, 0, :n]], 1)
                 same.append(torch.equal(ids, want_ids) and torch.equal(s.cache.pos[:, :s.cache.length], want_pos))
         assert same == ([True] * 6 if every == 3 else [True, False, False] * 2)  # once a second: only at 3 and 6
+
+
+def pinned(batch):
+    """A batch in page-locked memory, as train.py's DataLoader hands it over (pin_memory)."""
+    return {k: pinned(v) if isinstance(v, dict) else v.pin_memory() for k, v in batch.items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("segments", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(tok, tmp_path, segments):
+    """train.train_step queues a whole step, plain chunks or chunks in segments, without reading anything back
+    from the GPU (torch's sync debug mode raises on an op that would wait), so the host prepares the next step while
+    the GPU computes this one; the numbers it returns are read later (train.read_step)."""
+    import train
+    from conftest import tiny_model
+    from data import make_batch, with_positions
+    from parallel import Run
+    args = train.get_args(["--preset", "gpu", "--out", str(tmp_path / "out"), "--text-window", "32"])
+    args.cfg.steps, args.cfg.segment_steps, args.cfg.segment_seconds = 10, 0, 4 if segments else 0  # one phase
+    model = tiny_model(tok).to("cuda")
+    run, opt = Run(0, 1, torch.device("cuda"), True), train.make_optimizer(model, args.cfg)
+    batch = pinned(with_positions(make_batch(tok, "train", range(4), args.cfg, step=500), model.cfg))
+    train.train_step(0, model, model, opt, [batch], args, run)  # the optimizer state is made here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, norm, _ = train.train_step(1, model, model, opt, [batch], args, run)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    loss, norm = train.read_step(1, loss, norm, 0, args)
+    assert 0 < loss < 20 and norm > 0

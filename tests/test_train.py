@@ -311,7 +311,7 @@ def test_goal_gaps_counts_the_goals_a_chunk_supervises(tok, preroll, capsys):
         assert all(gap < 4 for where, gap in goals if where == "same")  # one forward: a segment of 4 s
         total += len(goals)
     assert total >= 6
-    main(["--preset", "gpu", "--step", "2500", "--chunks", "40"])
+    main(["--preset", "gpu", "--step", "6100", "--chunks", "40"])
     out = capsys.readouterr().out
     assert "192 s chunks" in out and "earlier segment (reused K/V" in out and "own forward (fresh K/V)" in out
 

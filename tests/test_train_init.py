@@ -98,4 +98,4 @@ def test_help_shows_every_presets_value(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "[cpu 0.003, gpu 0.001, --init 1e-05]" in text
     assert "[cpu 0.9,0.95, gpu 0.9,0.95, --init 0.9,0.999]" in text
-    assert "[cpu 2800, gpu 2650]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
+    assert "[cpu 2800, gpu 6250]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
