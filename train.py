@@ -155,7 +155,7 @@ PRESETS = {
     # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py): 6,000
     # steps of chunks (the shipped model's base; 2,400 read half as many score numbers), 250 of segments (192 s
     # chunks of 24 segments, 64 a step)
-    "gpu": TrainConfig(steps=6250, batch_size=32, lr=1e-3, text_window=512, eval_every=250, curriculum=300,
+    "gpu": TrainConfig(steps=6250, batch_size=32, lr=1e-3, text_window=512, eval_every=500, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
                        question_rate=0.5, segment_steps=250, segment_seconds=8, segment_lr=2e-4),
 }
