@@ -482,7 +482,7 @@ def main(argv=None):
 
 
 def train(args):
-    run = setup(args.device)
+    began, run = time.perf_counter(), setup(args.device)
     if run.amp:  # this process only queues the GPU's work; its few host ops on small tensors (counts, padding
         torch.set_num_threads(1)  # checks) would otherwise wait for OpenMP threads the DataLoader workers keep busy
     torch.manual_seed(args.cfg.seed)
@@ -511,7 +511,8 @@ def train(args):
     except DataError as e:
         raise SystemExit(str(e))
     if run.master:
-        print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}")
+        print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}; this part took "
+              f"{time.perf_counter() - began:.0f} s")
     finish(run)
     return history
 
