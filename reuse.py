@@ -40,7 +40,7 @@ import torch
 
 from cache import contiguous_positions, kept_after_eviction, units
 from layout import IGNORE, Kind
-from rope import apply_rope, inv_freq, mrope_cos_sin, mrope_positions
+from rope import apply_rope, mrope_cos_sin, mrope_positions
 
 # -----------------------------------------------------------------------------
 # the batches (DataLoader workers)
@@ -181,8 +181,8 @@ class ReusedKV:
     One object a segment, so that activation checkpointing, which runs a layer again in backward, reads and
     writes what the first run did."""
 
-    def __init__(self, cfg, text_model=None):  # its rotary tables, on the device (TextModel.rope_tables)
-        self.cfg, self.tables = cfg, (text_model.inv_freq, text_model.rope_axis) if text_model else None
+    def __init__(self, cfg, text_model):  # the model's rotary tables, on its device (TextModel.rope_tables)
+        self.cfg, self.inv_freq, self.axis = cfg, text_model.inv_freq, text_model.rope_axis
         self.written, self.read = {}, {}  # (layer, segment) -> (raw keys, values) it wrote / it read (unrotated)
 
     def segment(self, i, keep=None, pos=None):
@@ -195,8 +195,7 @@ class SegmentKV:
         self.store, self.i, self.length = store, i, 0 if keep is None else keep.shape[1]
         if self.length:
             self.index = keep[:, None, :, None].expand(-1, cfg.num_key_value_heads, -1, cfg.head_dim)  # (B, Hkv, P, D)
-            freq, axis = store.tables or (inv_freq(cfg.head_dim, cfg.rope_theta).to(pos.device), None)
-            self.cos, self.sin = mrope_cos_sin(pos, freq, cfg.mrope_section, torch.float32, axis)
+            self.cos, self.sin = mrope_cos_sin(pos, store.inv_freq, cfg.mrope_section, torch.float32, store.axis)
 
     def update(self, layer, k, v, raw_k=None):
         store = self.store

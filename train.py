@@ -438,14 +438,15 @@ def train_loop(model, raw, opt, tok, tok_json, jsonl, args, run, step, history):
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, disable=not run.master, desc="train")
     model.train()
 
-    def report(q):  # read a queued step (step, loss, norm, tokens, start time, data wait) into history and bar
-        loss, norm = read_step(q[0], q[1], q[2], saved, args)
+    def report(queued):  # read a queued step into the history and the bar
+        step, loss, norm, tokens, began, waited = queued
+        loss, norm = read_step(step, loss, norm, saved, args)
         history.append(loss)
-        took = time.perf_counter() - q[4]  # its start to its reading: the GPU's pace once the host is ahead
-        tps = q[3] * run.world / took
+        took = time.perf_counter() - began  # its start to its reading: the GPU's pace once the host is ahead
+        tps = tokens * run.world / took
         mfu = f" mfu {100 * flops_per_token * tps / (PEAK_FLOPS * run.world):.1f}%" if run.amp else ""
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(q[0], cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f} "
-                            f"data wait {100 * q[5] / took:.0f}%")
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr_at(step, cfg):.2e} {tps:,.0f} tok/s{mfu} |g| {norm:.2f} "
+                            f"data wait {100 * waited / took:.0f}%")
         return loss
 
     with stop_on_ctrl_c(not run.ddp and threading.current_thread() is threading.main_thread()) as stop:
