@@ -45,7 +45,7 @@ from data import DataError, make_tokenizer, micro_batches, phase_at
 from layout import FRAME_PIXELS, LIMITS
 from model import VLM, tiny_config
 from parallel import all_sum, distribute, finish, setup
-from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer
+from processor import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, Tokenizer, read_json
 from records import JsonlSamples
 from reuse import new_tokens, segment_cuts, supervised_tokens
 from safeio import RunLock
@@ -224,6 +224,20 @@ def build_parser():
     return ap
 
 
+def init_frames(ap, path):
+    """The frames a checkpoint train.py made on the synthetic world was trained on (its stream.json's frame_size,
+    min_pixels, max_pixels): a fine-tune of it keeps them, where the recipe's Qwen video limits would upscale a
+    56-pixel frame ~30 times (~120 vision tokens a second instead of 4). {} for any other checkpoint."""
+    stream_json = os.path.join(path, "stream.json")
+    try:
+        settings = read_json(stream_json) if os.path.isfile(stream_json) else {}
+    except (OSError, ValueError) as e:
+        ap.error(f"--init {path}: {e}")
+    if not isinstance(settings, dict) or "frame_size" not in settings:
+        return {}
+    return {k: settings[k] for k in ("frame_size", "min_pixels", "max_pixels") if k in settings}
+
+
 def get_args(argv=None):
     """Run options on the namespace; args.cfg the resolved TrainConfig, args.sources where each value came from
     ('preset cpu', the --init recipe, 'flag')."""
@@ -231,10 +245,13 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     args.preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     values, args.sources = asdict(PRESETS[args.preset]), {}
+    seen = init_frames(ap, args.init) if args.init else {}
     for f in fields(TrainConfig):
         args.sources[f.name] = f"preset {args.preset}"
         if args.init and f.name in INIT_RECIPE:
             values[f.name], args.sources[f.name] = INIT_RECIPE[f.name], INIT_SOURCE
+        if f.name in seen:
+            values[f.name], args.sources[f.name] = seen[f.name], f"--init {args.init}/stream.json"
         if getattr(args, f.name) is not None:
             values[f.name], args.sources[f.name] = getattr(args, f.name), "flag"
         delattr(args, f.name)  # one place for each value: args.cfg

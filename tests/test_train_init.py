@@ -99,3 +99,20 @@ def test_help_shows_every_presets_value(capsys):
     assert "[cpu 0.003, gpu 0.001, --init 1e-05]" in text
     assert "[cpu 0.9,0.95, gpu 0.9,0.95, --init 0.9,0.999]" in text
     assert "[cpu 2800, gpu 6250]" in text and "[cpu 4, gpu 24, --init 24]" in text and "[default 56]" in text
+
+
+def test_a_checkpoint_trained_here_keeps_its_frames_and_a_flag_still_wins(init_dir, tmp_path, capsys):
+    """A checkpoint train.py made on the synthetic world says its frames in stream.json (frame_size, pixels): a
+    fine-tune keeps them rather than the recipe's video limits, which would upscale its 56-pixel frames."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in init_dir.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    (ck / "stream.json").write_text(json.dumps(dict(frame_size=56, min_pixels=3136, max_pixels=6272)))
+    train.main(["--init", str(ck), "--out", str(tmp_path / "ft"), "--steps", "1", "--max-pixels", "9408", *SMALL])
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["min_pixels", "3136", "--init", f"{ck}/stream.json"] in lines
+    assert ["frame_size", "56", "--init", f"{ck}/stream.json"] in lines
+    assert ["max_pixels", "9408", "flag"] in lines
+    stream = json.load(open(tmp_path / "ft" / "stream.json"))
+    assert (stream["min_pixels"], stream["max_pixels"]) == (3136, 9408)
