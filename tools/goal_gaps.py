@@ -10,8 +10,8 @@ before, and those are where models trained from scratch misread the score (docs/
 chunks a recipe trains on, how often each case occurs and how long ago the copied sentence was written: the flags
 are train.py's, so any recipe can be checked on the CPU before a GPU trains it.
 
-  python -m tools.goal_gaps --preset gpu --step 2500          # the gpu preset's segment phase
-  python -m tools.goal_gaps --preset gpu --step 2500 --preroll 192 --goal-rate 0.003:0.03
+  python -m tools.goal_gaps --preset gpu --step 6100          # the gpu preset's segment phase
+  python -m tools.goal_gaps --preset gpu --step 6100 --preroll 192 --goal-rate 0.003:0.03
 
 No frames are drawn: the world's event schedule alone says where the goals are (world.event_table).
 """
