@@ -14,7 +14,8 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
 Settings: every default is in TrainConfig below. --preset picks one of PRESETS, --init lays StreamingVLM's
-fine-tune recipe (INIT_RECIPE) over it, a flag wins over both; the run prints each value and where it came from.
+fine-tune recipe (INIT_RECIPE) over it (a checkpoint made here keeps the frames of its stream.json), a flag wins over
+all; the run prints each value and where it came from.
 
 A step's loss is the mean over all its supervised tokens (every rank and micro-batch), so it does not depend on
 how the step is split across processes; its chunks are a function of (step, micro-batch, rank), so a resumed run
