@@ -234,9 +234,13 @@ def init_frames(ap, path):
         settings = read_json(stream_json) if os.path.isfile(stream_json) else {}
     except (OSError, ValueError) as e:
         ap.error(f"--init {path}: {e}")
-    if not isinstance(settings, dict) or "frame_size" not in settings:
+    if "frame_size" not in settings:
         return {}
-    return {k: settings[k] for k in ("frame_size", "min_pixels", "max_pixels") if k in settings}
+    knobs = {f.name: f.metadata["parse"] for f in fields(TrainConfig)}
+    try:  # each value through its flag's parser: the same types and bounds as when it is given on the command line
+        return {k: knobs[k](str(settings[k])) for k in ("frame_size", "min_pixels", "max_pixels") if k in settings}
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--init {stream_json}: {e}")
 
 
 def get_args(argv=None):

@@ -116,3 +116,17 @@ def test_a_checkpoint_trained_here_keeps_its_frames_and_a_flag_still_wins(init_d
     assert ["max_pixels", "9408", "flag"] in lines
     stream = json.load(open(tmp_path / "ft" / "stream.json"))
     assert (stream["min_pixels"], stream["max_pixels"]) == (3136, 9408)
+
+
+def test_a_checkpoints_frames_out_of_bounds_are_one_line(init_dir, tmp_path, capsys):
+    """The stream.json values a fine-tune keeps pass the same checks as the flags they stand for."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for f in init_dir.iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    (ck / "stream.json").write_text(json.dumps(dict(frame_size=56, min_pixels=10**12)))
+    with pytest.raises(SystemExit):
+        train.main(["--init", str(ck), "--out", str(tmp_path / "ft"), "--steps", "1", *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "stream.json" in err and "must be at most" in err, err
+    assert not (tmp_path / "ft").exists()
