@@ -219,17 +219,17 @@ def long_goal_rate(rate, seconds):
     return min(rate, GOALS_PER_STREAM / seconds)
 
 
-def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS):
+def long_sample(tok, split, index, seconds, questions=4, world=None, frame_pixels=FRAME_PIXELS, said_at=False):
     """A stream's first `seconds` as one prompt, every round in full (~29 tokens a second: 2,200 s is 64k tokens),
     then up to `questions` of world.long_questions (the whole-stretch ones, not to forget them, and timed ones
     about different goals, none answerable from another's answer), their answers and the last minute's commentary
     supervised: the layout tools.bench_flexprefill --long-prefill asks in, to teach a model to retrieve from far
-    back."""
+    back. `said_at`: also what was said at other events' seconds (world.long_questions)."""
     stream, _ = chunk_at(split, index, seconds, 0, seconds, world)  # streams as long as the chunk: t0 = 0
     if long_goal_rate(stream.cfg.goal_rate, seconds) < stream.cfg.goal_rate:  # a goal-dense world: fewer goals
         stream = SportsStream(replace(stream.cfg, goal_rate=long_goal_rate(stream.cfg.goal_rate, seconds)))
     rng = random.Random(f"{split}-{index}-long")
-    asked = long_questions(stream, seconds, questions, rng)
+    asked = long_questions(stream, seconds, questions, rng, said_at)
     secs = [stream.second(t) for t in range(seconds)]
     sample = build_sample(tok, [s.frames for s in secs], [s.text for s in secs], 0, [], frame_pixels=frame_pixels,
                           asked={seconds - 1: asked})
@@ -313,7 +313,8 @@ def make_batch(tok, split, indices, cfg, step=None, question_rate=0.0, jsonl=Non
         seconds = random.Random(f"{split}-{indices[0]}-seconds").randint(*long_range(step if train else None, cfg))
         asked = cfg.long_questions if train or question_rate else 0  # validation: questions apart (validate.py)
         return collate([long_sample(tok, split, i, seconds, asked, world_config(split, cfg),
-                                    (cfg.min_pixels, cfg.max_pixels)) for i in indices], tok.pad_id)
+                                    (cfg.min_pixels, cfg.max_pixels), getattr(cfg, "said_at", False))
+                        for i in indices], tok.pad_id)
     chunk, overlap, stream_seconds = chunk_schedule(step if train else None, cfg)
     rate = cfg.question_rate if train else question_rate
     preroll = getattr(cfg, "preroll", 0) if train else 0

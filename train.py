@@ -128,6 +128,8 @@ class TrainConfig:
                                "chunks)", seconds_range)
     long_questions: int = knob(4, "questions ending each --long-seconds stream, at most (world.long_questions: "
                                "the whole-stretch ones, one timed question a goal, no repeats)", between(1, 64))
+    said_at: bool = knob(False, "with --long-seconds: also ask what was said at a second (world.SAID_AT), of goals "
+                         "and, in the room left, of the other events: many lookups by label a stream", None)
     text_sink: int = knob(64, "previous-text head tokens kept (the streaming default is 512)", between(0, 32768))
     text_window: int = knob(128, "previous-text tail tokens kept (the streaming default is 512)", between(0, 32768))
     frame_size: int = knob(56, "synthetic frame side in pixels (a multiple of 28)", between(56, 4096))
@@ -290,6 +292,8 @@ def check_segments(ap, args):
                  f"starts at second {last}, before any round leaves the --vision-window ({c.vision_window})")
     if c.long_seconds and (c.segment_seconds or c.preroll):
         ap.error("--long-seconds trains whole streams in one forward: not with --segment-seconds or --preroll")
+    if c.said_at and not c.long_seconds:
+        ap.error("--said-at asks its questions at the end of --long-seconds streams: it needs --long-seconds")
     if c.preroll and not c.segment_seconds:
         ap.error("--preroll streams seconds before each chunk in segments: it needs --segment-seconds")
     for n, what in ((c.chunk_seconds, "--chunk-seconds"), (chunk + c.preroll, flag + " + --preroll" * bool(c.preroll))):

@@ -118,8 +118,11 @@ def answer(question: str, score: tuple[int, int], first: str | None) -> str:
 # learn that they are the same number before it can look the second up.
 LONG_QUESTIONS = {"first": "Who scored first?", "score_at": "What was the score at {time}?",
                   "goals_before": "How many goals before {time}?", "scorer_at": "Who scored at {time}?"}
-ALL_QUESTIONS = {**QUESTIONS, **LONG_QUESTIONS}  # every kind long_question asks
+ALL_QUESTIONS = {**QUESTIONS, **LONG_QUESTIONS}  # every kind the long-prefill check asks
 TIMED = [k for k in LONG_QUESTIONS if k not in QUESTIONS]  # the kinds that name a second
+# A lookup training may add (long_questions(said_at=True)): a stream has a goal every few minutes but an event
+# every few seconds, so asking for the sentence said at a second gives many lookups by label a stream, not one a goal.
+SAID_AT = "What was said at {time}?"
 
 
 def time_label(t: int) -> str:
@@ -132,7 +135,8 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
     second (`t`, or drawn with `rng`, a random.Random): its answer is said at that second (the scorer, the score)
     or follows from it (the goals before), so answering is a lookup by the second's label, not a search for the
     last goal before an arbitrary second. With no goal yet the scorer's question becomes the first scorer's, and
-    the others name any second (the answer is then 0)."""
+    the others name any second (the answer is then 0). "said_at" (SAID_AT) names second `t`, any second: its
+    sentence, "..." when quiet, as the prompt's reply says it."""
     goals = stream.goals(t1)
     if kind == "scorer_at" and not goals:
         kind = "first"
@@ -145,25 +149,35 @@ def long_question(kind: str, stream: "SportsStream", t1: int, rng, t: int | None
         if not 0 <= t < t1 or (kind == "scorer_at" and team is None):
             raise ValueError(f"{kind}: second {t} is not {'a goal' if kind == 'scorer_at' else 'a second'} of "
                              f"[0, {t1})")
-    question = LONG_QUESTIONS[kind].format(time=time_label(t))
+    question = (SAID_AT if kind == "said_at" else LONG_QUESTIONS[kind]).format(time=time_label(t))
     if kind == "scorer_at":
         return question, f"{team}."
+    if kind == "said_at":
+        return question, stream.text(t) or "..."
     if kind == "score_at":  # the score after second t, its goal counted, as the commentary at t says it
         return question, answer("score", stream.score(t), None)
     return question, answer("goals", stream.score(t - 1) if t else (0, 0), None)
 
 
-def long_questions(stream: "SportsStream", t1: int, n: int, rng) -> list[tuple[str, str]]:
+def long_questions(stream: "SportsStream", t1: int, n: int, rng, said_at=False) -> list[tuple[str, str]]:
     """Up to n (question, answer) pairs about seconds [0, t1), shuffled with `rng`: the whole-stretch questions
-    (world.QUESTIONS), then as many timed ones as fit, each naming a different goal's second. Training asks them one
-    after another in one sequence, where a repeat is answered by copying the earlier answer, not by finding it in
+    (world.QUESTIONS), then as many timed ones as fit, each naming a different goal's second. With `said_at`, "said_at"
+    is one more timed kind, and the room left goes to "said_at" about the other events' seconds. Training asks them
+    one after another in one sequence, where a repeat is answered by copying the earlier answer, not by finding it in
     the video (the long-prefill check asks each question alone), so no answer is another's: the last goal's score
-    is the score's, the first goal's scorer the first scorer's."""
+    is the score's, the first goal's scorer the first scorer's (and, with `said_at`, their sentences say them)."""
     goals = [t for t, _ in stream.goals(t1)]
     copies = {("score_at", goals[-1]), ("scorer_at", goals[0])} if goals else set()  # the score's, the first's
+    kinds = TIMED + ["said_at"] * said_at
+    if said_at and goals:
+        copies |= {("said_at", goals[-1]), ("said_at", goals[0])}
     timed = []
     for t in rng.sample(goals, min(len(goals), max(0, n - len(QUESTIONS)))):
-        timed.append((rng.choice([k for k in TIMED if (k, t) not in copies]), t))
+        timed.append((rng.choice([k for k in kinds if (k, t) not in copies]), t))
+    if said_at:
+        others = [t for t, event, _ in stream.events(0, t1) if event != "goal"]
+        room = max(0, n - len(QUESTIONS) - len(timed))
+        timed += [("said_at", t) for t in rng.sample(others, min(len(others), room))]
     pool = [(k, None) for k in QUESTIONS][:n] + timed
     rng.shuffle(pool)
     return [long_question(kind, stream, t1, rng, t) for kind, t in pool]

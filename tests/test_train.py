@@ -472,6 +472,11 @@ def test_long_sample_is_the_stream_from_its_start_then_timed_questions(tok):
     ramp = replace(cfg, long_seconds=(300, 2200), curriculum=100)  # --curriculum: lengths grow from a minute
     assert [long_range(s, ramp) for s in (0, 50, 100, None)] == [(60, 60), (180, 1130), (300, 2200), (300, 2200)]
     assert len(make_batch(tok, "train", [0], replace(ramp, long_seconds=(30, 40)), step=0)["video_grid_thw"]) == 30
+    said = get_args(["--preset", "cpu", "--long-seconds", "30", "--long-questions", "8", "--said-at", "--goal-rate",
+                     "0.05", "--event-rate", "0.3", "--out", "/none/x"]).cfg
+    assert "What was said at Time=" in tok.decode(make_batch(tok, "train", [0], said)["input_ids"][0].tolist())
+    assert "What was said" not in tok.decode(make_batch(tok, "train", [0], replace(said, said_at=False))["input_ids"][0]
+                                             .tolist())
     v = make_batch(tok, "eval", [0], cfg)  # validation's plain streams ask nothing (its question ones are apart)
     assert "What" not in tok.decode(v["input_ids"][0].tolist())
     dense = long_sample(tok, "train", 0, 300, 1, dict(goal_rate=0.9, event_rate=0.05))  # ~270 goals at this rate

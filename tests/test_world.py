@@ -287,3 +287,26 @@ def test_long_questions_never_name_a_goal_twice():
         long_question("scorer_at", w, 600, None, quiet_second)
     with pytest.raises(ValueError, match="score_at: second 600 is not a second"):
         long_question("score_at", w, 600, None, 600)
+
+
+def test_said_at_questions_add_lookups_of_every_event():
+    """long_questions(said_at=True): "said_at" joins the goals' timed kinds, and the room left asks for the sentences
+    of other events' seconds, each once; the answer is the sentence as the prompt says it; without it the questions
+    are exactly the plain ones."""
+    import random
+
+    from world import QUESTIONS, SAID_AT, long_question, long_questions
+    w = SportsStream(WorldConfig(seed=7, goal_rate=0.05))
+    goals = [t for t, e, _ in w.events(0, 600) if e == "goal"]
+    others = [t for t, e, _ in w.events(0, 600) if e != "goal"]
+    assert long_questions(w, 600, 64, random.Random(0), said_at=False) == long_questions(w, 600, 64, random.Random(0))
+    asked = long_questions(w, 600, 64, random.Random(0), said_at=True)
+    assert len(asked) == 64 < 3 + len(goals) + len(others) and set(QUESTIONS.values()) <= {q for q, _ in asked}
+    said = {int(q.split("=")[-1].split(".")[0]): a for q, a in asked if q.startswith(SAID_AT.split("{")[0])}
+    timed = [int(q.split("=")[-1].split(".")[0]) for q, _ in asked if "Time=" in q]
+    assert sorted(t for t in timed if t in goals) == goals and len(set(timed)) == len(timed)  # each second once
+    assert set(said) - set(goals) <= set(others) and len(set(said) - set(goals)) == 64 - 3 - len(goals)
+    assert goals[0] not in said and goals[-1] not in said  # the first scorer's and the score's sentences
+    for t, a in said.items():
+        assert a == w.text(t) and long_question("said_at", w, 600, None, t) == (SAID_AT.format(time=time_label(t)), a)
+    assert long_question("said_at", w, 600, None, next(t for t in range(600) if t not in goals + others))[1] == "..."
