@@ -166,7 +166,8 @@ def long_questions(stream: "SportsStream", t1: int, n: int, rng, said_at=False) 
     one after another in one sequence, where a repeat is answered by copying the earlier answer, not by finding it in
     the video (the long-prefill check asks each question alone), so no answer is another's: the last goal's score
     is the score's, the first goal's scorer the first scorer's (and, with `said_at`, their sentences say them)."""
-    goals = [t for t, _ in stream.goals(t1)]
+    events = stream.events(0, t1)
+    goals = [t for t, event, _ in events if event == "goal"]
     copies = {("score_at", goals[-1]), ("scorer_at", goals[0])} if goals else set()  # the score's, the first's
     kinds = TIMED + ["said_at"] * said_at
     if said_at and goals:
@@ -175,7 +176,7 @@ def long_questions(stream: "SportsStream", t1: int, n: int, rng, said_at=False) 
     for t in rng.sample(goals, min(len(goals), max(0, n - len(QUESTIONS)))):
         timed.append((rng.choice([k for k in kinds if (k, t) not in copies]), t))
     if said_at:
-        others = [t for t, event, _ in stream.events(0, t1) if event != "goal"]
+        others = [t for t, event, _ in events if event != "goal"]
         room = max(0, n - len(QUESTIONS) - len(timed))
         timed += [("said_at", t) for t in rng.sample(others, min(len(others), room))]
     pool = [(k, None) for k in QUESTIONS][:n] + timed

@@ -4,6 +4,7 @@ text, the official video pixel limits), each value printed with where it came fr
 their own."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -105,9 +106,7 @@ def test_a_checkpoint_trained_here_keeps_its_frames_and_a_flag_still_wins(init_d
     """A checkpoint train.py made on the synthetic world says its frames in stream.json (frame_size, pixels): a
     fine-tune keeps them rather than the recipe's video limits, which would upscale its 56-pixel frames."""
     ck = tmp_path / "ck"
-    ck.mkdir()
-    for f in init_dir.iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(init_dir, ck)
     (ck / "stream.json").write_text(json.dumps(dict(frame_size=56, min_pixels=3136, max_pixels=6272)))
     train.main(["--init", str(ck), "--out", str(tmp_path / "ft"), "--steps", "1", "--max-pixels", "9408", *SMALL])
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
@@ -121,9 +120,7 @@ def test_a_checkpoint_trained_here_keeps_its_frames_and_a_flag_still_wins(init_d
 def test_a_checkpoints_frames_out_of_bounds_are_one_line(init_dir, tmp_path, capsys):
     """The stream.json values a fine-tune keeps pass the same checks as the flags they stand for."""
     ck = tmp_path / "ck"
-    ck.mkdir()
-    for f in init_dir.iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(init_dir, ck)
     (ck / "stream.json").write_text(json.dumps(dict(frame_size=56, min_pixels=10**12)))
     with pytest.raises(SystemExit):
         train.main(["--init", str(ck), "--out", str(tmp_path / "ft"), "--steps", "1", *SMALL])
