@@ -44,7 +44,7 @@ import torch
 
 from cache import DecodeSlots
 from layout import Kind, check_text
-from prefill import prefill_kernel_for
+from prefill import capture, prefill_kernel_for
 from rope import mrope_cos_sin
 
 try:  # the split-KV decode kernel needs Triton (it comes with CUDA builds of PyTorch)
@@ -270,22 +270,6 @@ class Readback:
         if self.events is not None:
             self.events[slot].synchronize()
         return self.host[slot]
-
-
-def capture(step, then):
-    """A CUDA graph of then(step()) and its output. step is warmed up first on a side stream (lazy cuBLAS/SDPA
-    initialisation must not happen during capture; a compiled step compiles and autotunes in its first call); `then`
-    (what the graph does with the logits: the argmax) runs only in the graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = then(step())
-    return graph, out
 
 
 # One compiled step for all decoders of a process, made on first use: the first cache capacity it meets is

@@ -25,18 +25,21 @@ Measured (tools/bench_attention.py, one layer, H200): 775 new tokens on 13,277 c
 faster than FlashAttention-2 (8,192 tokens: 0.81 ms both), so a prompt stays one FlashAttention-2 call.
 
 The model takes it through VLM.use_attention; the fast streaming path (decode.take_fast_defaults) picks it on a GPU
-where both kernels run. tests/test_prefill.py checks it against causal_attention with plain math standing in for
+where both kernels run. At 7B the kernels of a 2-fps second's prefill take ~32 ms of an H100, but launching them
+one by one from Python takes the host longer, so the streaming loop replays the whole prefill from a CUDA graph
+(GraphPrefill, below), its attention this same split with the cache's length read on the device. tests/test_prefill.py checks it against causal_attention with plain math standing in for
 the two kernels (CPU), and with the real kernels on a GPU.
 
 References: FlashAttention-2 (Dao, 2023); cuDNN's fused flash attention (NVIDIA cuDNN frontend, SDPA);
 log-sum-exp merging as in FlashAttention's split-KV decoding and Ring Attention (Liu et al., 2023).
 """
+import collections
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from cache import to_device
+from cache import DecodeSlots, to_device
 from model import causal_attention
 
 
@@ -95,13 +98,20 @@ class CachedPrefill:
 
     def head_for(self, q, k):
         """The head's length for this call: 0 (no head), a planned one, or a new one that has earned its plan."""
-        nq = q.shape[2]
-        return self.plan((tuple(q.shape[:2]), nq + -nq % self.qstep, k.stride()), k.shape[2] - nq)
+        return self.plan(self.shape_key(q.shape[:2], q.shape[2], k.stride()), k.shape[2] - q.shape[2])
+
+    def shape_key(self, batch_heads, nq, k_stride):
+        """What a cuDNN plan depends on: batch and query heads, the padded query count, the key layout."""
+        return tuple(batch_heads), nq + -nq % self.qstep, tuple(k_stride)
+
+    def planned(self, key, cached):
+        """The longest head planned for calls of this shape that `cached` keys can hold (0: none)."""
+        return max((h for h in self.plans.get(key, ()) if h <= cached), default=0)
 
     def plan(self, key, cached):
-        """head_for's choice for a call of this shape (key: what a cuDNN plan depends on) over `cached` keys."""
+        """head_for's choice for a call of this shape (key: shape_key's) over `cached` keys."""
         planned = self.plans.setdefault(key, [])
-        best = max((h for h in planned if h <= cached), default=0)
+        best = self.planned(key, cached)
         if cached - best < self.slack:
             return best
         want = cached // self.step * self.step
@@ -193,6 +203,140 @@ class RaggedPrefill:
         out = q.new_zeros(B, T, H, D)   # padding queries: zeros, as serve.RowAttention's
         out[b, t] = o
         return out.transpose(1, 2)
+
+
+class GraphPrefill:
+    """A stream's second prefilled by replaying a CUDA graph: what model(ids, position_ids=pos, cache=cache,
+    logits_to_keep=1, video_embeds=feats) computes with CachedPrefill as its attention (Streamer's fast path).
+
+    Why: the eager prefill of a 720p second at 7B launches ~1,100 kernels from Python (per layer: norms,
+    projections, rotary, cache writes, cuDNN and FlashAttention-2 and their merge, the MLP). An H100 runs them in
+    ~32 ms, but the host takes ~45 ms to issue them, so the GPU waits. Replayed from a graph they go in one launch.
+
+    A graph needs fixed shapes and fixed addresses. A second's new tokens (T) repeat from second to second (the
+    same frames, the same turn template), but the cache's length L moves with the replies. So nothing recorded
+    depends on L: the new K/V go to device indices L..L+T-1 (cache.DecodeSlots), the head is a length h <= L that
+    CachedPrefill planned before (cuDNN over the buffer's first h slots), and the tail [h, L+T) goes to
+    FlashAttention-2's variable-length mode, which reads its key count from a device tensor (cu_k) and scans the
+    buffer up to its capacity only that far. ids, positions and the tower's output are copied into static buffers.
+
+    One step per (T, video tokens, h), its graph captured the second time that key comes (a kind of second seen
+    once, like the first with its system prompt, stays eager), at most `keep` of them; a call goes eager (returns
+    None) where CachedPrefill would plan a new head (so planning goes on as without graphs), or the model's
+    attention is not a CachedPrefill (FlexPrefill, the reference). graphs=False runs the same fixed-shape step
+    eagerly: what the CPU tests check against model.forward."""
+
+    def __init__(self, model, cache, graphs=True, keep=3):
+        self.model, self.cache, self.graphs, self.keep = model, cache, graphs, keep
+        self.steps = collections.OrderedDict()   # (T, video tokens, h) -> _FixedPrefill, oldest first
+        self.seen, self.buffers = set(), None
+        self.runs = self.captures = 0
+
+    @torch.no_grad()
+    def __call__(self, ids, pos, feats):
+        """ids (1, T) on the model's device, pos (3, 1, T) from cache.add_tokens, feats the tower's output:
+        logits (1, 1, vocab) of the last new token, and the tokens committed; None where the caller runs forward."""
+        planner, c = self.model.prompt_kernel, self.cache
+        if not isinstance(planner, CachedPrefill) or feats is None or ids.device.type != planner.device_type:
+            return None
+        T, L = ids.shape[1], c.length
+        key = planner.shape_key((1, self.model.cfg.num_attention_heads), T, c.k[0].stride())
+        h = planner.planned(key, L)
+        if L - h >= planner.slack:   # the eager path would plan a longer head: let it
+            return None
+        if self.buffers != (c.k.data_ptr(), c.capacity):   # the cache grew, its buffers moved: steps made go
+            self.steps.clear()
+            self.buffers = (c.k.data_ptr(), c.capacity)
+        key = (T, feats.shape[0], h)
+        if key not in self.steps:
+            if key not in self.seen:
+                self.seen.add(key)
+                return None
+            self.steps[key] = _FixedPrefill(self.model, c, planner, T, feats, h)
+            while len(self.steps) > self.keep:
+                self.steps.popitem(last=False)
+        step = self.steps[key]
+        self.steps.move_to_end(key)
+        self.captures += self.graphs and step.graph is None
+        logits = step.run(ids, pos, feats, L, self.graphs)
+        self.runs += 1
+        c.commit(T)
+        return logits
+
+
+class _FixedPrefill:
+    """GraphPrefill's step for one (T, video tokens, h): its static inputs, the cache's slots, its graph."""
+
+    def __init__(self, model, cache, planner, T, feats, h):
+        dev = feats.device
+        self.model, self.planner, self.T, self.h, self.capacity = model, planner, T, h, cache.capacity
+        self.ids = torch.zeros(1, T, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(3, 1, T, dtype=torch.long, device=dev)
+        self.feats = torch.zeros_like(feats)
+        self.offsets = torch.arange(T, device=dev)
+        self.index = torch.zeros(T, dtype=torch.long, device=dev)       # the cache slots written: L .. L+T-1
+        self.cu_q = torch.tensor([0, T], dtype=torch.int32, device=dev)
+        self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)       # [0, L + T - h]: the tail's keys
+        self.slots = DecodeSlots(cache, self.index)
+        self.graph, self.logits = None, None
+
+    def run(self, ids, pos, feats, L, graphs):
+        self.ids.copy_(ids, non_blocking=True)
+        self.pos.copy_(pos.pin_memory() if self.pos.is_cuda else pos, non_blocking=True)
+        self.feats.copy_(feats)
+        torch.add(self.offsets, L, out=self.index)     # kernels with L as an argument: nothing waits
+        self.cu_k[1:].fill_(L + self.T - self.h)
+        if not graphs:
+            return self.forward()
+        if self.graph is None:   # (capture's warm-up run writes these K/V too; the replay rewrites the same)
+            # one warm-up: the eager forward of the key's first second already met every kernel and plan
+            self.graph, self.logits = capture(self.forward, lambda logits: logits, warmup=1)
+        self.graph.replay()
+        return self.logits.clone()   # the next replay overwrites the graph's output
+
+    def forward(self):
+        """model.forward's prefill at fixed shapes: each layer's work around its attention as in
+        DecoderLayer.forward_compiled, the K/V written at `index`, the attention over the whole buffers (attend)."""
+        m = self.model
+        x = m.embed(self.ids, video_embeds=self.feats)
+        cos, sin = m.rope(self.pos, x.dtype)
+        for i, layer in enumerate(m.model.layers):
+            q, k, v, raw_k = layer.before_attention(x, cos, sin)
+            k, v = self.slots.update(i, k, v, raw_k)                   # (1, Hkv, capacity, D) each
+            x = layer.after_attention(x, self.attend(q, k, v))
+        x = m.model.norm(x[:, -1:])
+        return m.lm_head(x) if m.lm_head is not None else x @ m.model.embed_tokens.weight.T
+
+    def attend(self, q, k, v):
+        """CachedPrefill's split over buffers of the cache's capacity: q (1, H, T, D), k and v (1, Hkv, capacity, D)
+        of which the first L + T slots hold keys. The head: cuDNN over slots [0, h); the tail: FlashAttention-2's
+        variable-length mode over [h, L + T), causal from its bottom right, its length read from cu_k."""
+        p, T, h = self.planner, self.T, self.h
+        tail = lambda x: x[0, :, h:].transpose(0, 1)                   # (capacity - h, Hkv, D), a view
+        o2, lse2 = p.varlen_kernel(q[0].transpose(0, 1), tail(k), tail(v), self.cu_q, self.cu_k, T,
+                                   self.capacity - h)                  # (T, H, D), (T, H)
+        o2, lse2 = o2.transpose(0, 1)[None], lse2.transpose(0, 1)[None]   # (1, H, T, D), (1, H, T)
+        if not h:
+            return o2
+        qh = F.pad(q, (0, 0, 0, -T % p.qstep)).contiguous()            # as CachedPrefill pads: one plan
+        o1, lse1 = p.head_kernel(qh, k[:, :, :h], v[:, :, :h])
+        return merge(o1[:, :, :T], lse1[:, :, :T], o2, lse2)
+
+
+def capture(step, then, warmup=2):
+    """A CUDA graph of then(step()) and its output. step is warmed up first on a side stream (lazy cuBLAS/SDPA
+    initialisation must not happen during capture; a compiled step compiles and autotunes in its first call); `then`
+    (what the graph does with the logits: the argmax) runs only in the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = then(step())
+    return graph, out
 
 
 def prefill_kernel_for(device, dtype=torch.bfloat16, head_dim=128):

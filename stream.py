@@ -12,9 +12,10 @@ Every second t (one "round"), Streamer.step:
 The token layout is layout.py's, the same the training chunks are built from (data.py).
 
 The fast path sits beside this plain one (decode.py): Streamer(decode="graphs") decodes with a fixed-shape
-step captured in a CUDA graph, greedily one step ahead of the host; decode="compiled" also compiles the step and
-the vision blocks. Streamer.prepare() resizes a second's frames on the CPU and can run on a thread while step()
-works on the second before. Both are tested to give the plain loop's tokens.
+step captured in a CUDA graph, greedily one step ahead of the host, and on a GPU replays each second's prefill from
+a graph too (prefill.GraphPrefill); decode="compiled" also compiles the step and the vision blocks.
+Streamer.prepare() resizes a second's frames on the CPU and can run on a thread while step() works on the second
+before. Both are tested to give the plain loop's tokens.
 
 The paper's baselines are policies of this loop, all in one table (POLICIES): full attention and native RoPE are
 settings of the cache; the sliding windows with and without overlap change the loop, so they are two small
@@ -43,6 +44,7 @@ from decode import GraphDecoder, decode_ahead
 from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, check_text,
                     end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
 from model import sample_next
+from prefill import GraphPrefill
 from processor import patchify_video, resize_video
 from safeio import replace_file, same_file
 from video import is_live, open_video, seconds_of
@@ -86,7 +88,7 @@ class Streamer:
     def __init__(self, model, tok, evict=True, reindex=True, text_sink=512, text_window=512, vision_window=16,
                  max_new_tokens=20, temperature=0.0, top_p=1.0, repetition_penalty=1.0, previous_text="",
                  frame_pixels=FRAME_PIXELS, seed=0, fps=FPS, decode="plain", capacity=1024, readback=False,
-                 timed=False, system_prompt=SYSTEM_PROMPT, query="", evict_every=1):
+                 timed=False, system_prompt=SYSTEM_PROMPT, query="", evict_every=1, prefill_graphs=True):
         if decode not in DECODERS:
             raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODERS)}")
         if max_new_tokens < 1:
@@ -107,6 +109,9 @@ class Streamer:
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda",
                                      compile=decode == "compiled") if decode != "plain" else None)
         self.compile_vision = decode == "compiled"
+        # ...and each second's prefill replayed from a graph where the model's prefill attention is CachedPrefill
+        self.prefiller = (GraphPrefill(model, self.cache) if decode != "plain" and prefill_graphs
+                          and model.device.type == "cuda" else None)
         # readback: a forced (teacher-forced) reply still reads each token's greedy choice back to the host, as real
         # decoding must before it can feed the token; without it the CPU queues forced tokens ahead of the GPU
         self.readback = readback
@@ -193,9 +198,12 @@ class Streamer:
         ids, pos = self.stage(segments, grid, torch.cat([s for _, _, s in vision]) if vision else None)
         pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]), video_grid_thw=grid)
                   if vision and feats is None else {})
-        self.last_logits = self.model(ids, **pixels, position_ids=pos, cache=self.cache, logits_to_keep=1,
-                                      compile_vision=self.compile_vision, video_embeds=feats)
-        return self.last_logits
+        logits = self.prefiller(ids, pos, feats) if self.prefiller is not None and feats is not None else None
+        if logits is None:
+            logits = self.model(ids, **pixels, position_ids=pos, cache=self.cache, logits_to_keep=1,
+                                compile_vision=self.compile_vision, video_embeds=feats)
+        self.last_logits = logits
+        return logits
 
     def decode(self, logits, forced=None):
         """The reply's tokens, each fed to the cache except the last (the stop, or the cap's last token)."""

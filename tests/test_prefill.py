@@ -136,6 +136,50 @@ def test_the_fast_path_takes_it_only_where_it_runs(tok):
     assert model.prompt_kernel is None and model.model.layers[0].self_attn.attn_fn is causal_attention
 
 
+def stream_logits(model, tok, seconds, graphs=None, **planner):
+    """Each second's last prefill logits and its commentary, streaming with the model's attention a CachedPrefill
+    (math_prefill on the CPU, the real kernels on a GPU) and, with graphs=True / False, GraphPrefill replaying /
+    running its fixed-shape step; replies teacher-forced (some silent, so the cache's length moves)."""
+    from conftest import frames, script
+    from prefill import GraphPrefill
+    from stream import make_streamer
+    planner = prefill_kernel_for("cuda") if model.device.type == "cuda" else math_prefill()
+    planner.step, planner.slack, planner.patience = 16, 48, 0
+    model.use_attention(planner)
+    s = make_streamer(model, tok, max_new_tokens=6, text_sink=4, text_window=8, vision_window=3, capacity=96,
+                      decode="graphs", prefill_graphs=False)
+    if graphs is not None:
+        s.prefiller = GraphPrefill(model, s.cache, graphs=graphs)
+    logits = []
+    for t in range(seconds):
+        s.step(frames(t), force_text=script(t))
+        logits.append(s.last_logits[:, -1].float().cpu())
+    return torch.cat(logits), s.prefiller
+
+
+def test_fixed_shape_prefill_is_the_forward_it_replaces(tok):
+    # GraphPrefill's step run eagerly: the cache's slots written by index, the attention over whole buffers with the
+    # tail's length on the device; second by second the same logits as model.forward (so the same K/V went in)
+    model = tiny_model(tok, layers=2, seed=3)
+    ref, _ = stream_logits(model, tok, 14)
+    ours, prefiller = stream_logits(model, tok, 14, graphs=False)
+    heads = [h for _, _, h in prefiller.steps]
+    assert prefiller.runs >= 4 and any(heads), (prefiller.runs, heads)   # it ran, over a planned head too
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_prefill_replays_the_forward(tok):
+    # the real kernels, captured and replayed: logits within bf16 tolerance of the eager fast path, greedy the same
+    model = tiny_model(tok, layers=2, seed=3).to("cuda", torch.bfloat16)
+    ref, _ = stream_logits(model, tok, 14)
+    ours, prefiller = stream_logits(model, tok, 14, graphs=True)
+    assert prefiller.captures >= 1 and prefiller.runs > prefiller.captures, (prefiller.captures, prefiller.runs)
+    scale = ref.abs().max()
+    torch.testing.assert_close(ours / scale, ref / scale, atol=2e-2, rtol=0)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN and FlashAttention-2 need a GPU")
 @pytest.mark.parametrize("nq, cached", [(775, 13277), (64, 600), (100, 5000)])
 def test_real_kernels_match_sdpa(nq, cached):

@@ -29,8 +29,9 @@ The ideas:
   multiples of it (x_floor, graph_x_floor). --variants reference,...,compiled-prefill runs the model's reference
   layers (separate q/k/v and gate/up Linears, two-matmul decode attention, SDPA prefill), the fused projections
   (VLM.fuse), those plus the split-KV decode kernel (decode.py), and those plus the prefill over the cache through
-  cuDNN and FlashAttention-2 (prefill.py; the GPU default), and those plus each layer's work around its prefill
-  attention compiled (VLM.compile_prefill; compiled-prefill) side by side; --profile prints the kernels of one more
+  cuDNN and FlashAttention-2 (prefill.py; fast), and those plus each layer's work around its prefill attention
+  compiled (VLM.compile_prefill; compiled-prefill) or each second's prefill replayed from a CUDA graph
+  (prefill.GraphPrefill; graphs, the GPU default) side by side; --profile prints the kernels of one more
   steady second (and its host and GPU time per phase) and of a replay of the decode graph.
 Each second is a JSON line in --out/bench_stream.jsonl as it is measured; bench_stream.json is the summary, with
 each run's mean and p99 per minute of stream and its memory (per_minute: is it flat?).
@@ -57,15 +58,16 @@ from safeio import write_atomic
 from stream import streamer_kwargs
 
 
-# (fuse, split-KV decode kernel, cuDNN + FlashAttention-2 prefill over the cache, VLM.compile_prefill)
-VARIANTS = {"reference": (False, False, False, False), "fused": (True, False, False, False),
-            "split-kv": (True, True, False, False), "fast": (True, True, True, False),
-            "compiled-prefill": (True, True, True, True)}
+# (fuse, split-KV decode kernel, cuDNN + FlashAttention-2 prefill over the cache, VLM.compile_prefill, the second's
+# prefill replayed from a CUDA graph: prefill.GraphPrefill)
+VARIANTS = {"reference": (False, False, False, False, False), "fused": (True, False, False, False, False),
+            "split-kv": (True, True, False, False, False), "fast": (True, True, True, False, False),
+            "compiled-prefill": (True, True, True, True, False), "graphs": (True, True, True, False, True)}
 
 
 def set_variant(model, variant, flexprefill=False):
     """The model's layout and kernels for `variant`; under --flexprefill the prompt attention stays FlexPrefill."""
-    fuse, kernel, prefill, compiled = VARIANTS[variant]
+    fuse, kernel, prefill, compiled, _ = VARIANTS[variant]
     model.fuse(fuse)
     model.compile_prefill(compiled)
     model.use_decode_attention(decode_kernel_for(model.device) if kernel else None)
@@ -311,11 +313,12 @@ def build_parser():
     ap.add_argument("--hf-seconds", type=at_least(1), default=120, help="seconds of the transformers run")
     ap.add_argument("--no-readback", action="store_true", help="do not read each forced token's argmax back to "
                     "the host (real greedy decoding must; without it the CPU runs ahead of the GPU)")
-    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["fast"],
+    ap.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=["graphs"],
                     help="comma-separated, each policy and decode path runs once per variant: reference (separate "
                     "Linears, two-matmul decode attention, SDPA prefill), fused (VLM.fuse), split-kv (fused + "
                     "split-KV decode kernel), fast (split-kv + cuDNN / FlashAttention-2 prefill over the cache), "
-                    "compiled-prefill (fast + VLM.compile_prefill)")
+                    "compiled-prefill (fast + VLM.compile_prefill), graphs (fast + each second's prefill replayed "
+                    "from a CUDA graph: the streaming loop's GPU default)")
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
@@ -395,7 +398,7 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
             try:
                 r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
                                   **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
-                                         timed=True)), warmup
+                                         timed=True, prefill_graphs=VARIANTS[variant][4])), warmup
             except Exception as e:  # one variant that fails here (say a kernel that does not build) ends only itself
                 print(f"{name} / {decode} / {variant} failed: {type(e).__name__}: {str(e).strip()[-400:]}", flush=True)
                 continue
