@@ -256,6 +256,8 @@ def inspect_run(s, frames, reply, profile):
 def ms_per_token(records):
     """Mean decode time per forward over some seconds' records; None when they decoded nothing."""
     forwards = sum(r["forwards"] for r in records)
+    if not any("decode" in r["phases"] for r in records):   # --no-phases
+        return None
     return round(1000 * sum(r["phases"].get("decode", 0.0) for r in records) / forwards, 2) if forwards else None
 
 
@@ -322,6 +324,8 @@ def build_parser():
     ap.add_argument("--profile", action="store_true", help="after each run print the kernels of one more second "
                     "and of decode graph replays (torch.profiler)")
     ap.add_argument("--no-floor", dest="floor", action="store_false", help="skip measuring the decode floor")
+    ap.add_argument("--no-phases", dest="phases", action="store_false", help="time whole seconds only, as stream.py "
+                    "runs them: no wait for the GPU between phases (and no per-phase columns or ms per token)")
     ap.add_argument("--streams", nargs="+", metavar="N", help="many streams as one batch: the run is "
                     "tools/bench_serve.py's, given every flag (python -m tools.bench_serve --help)")
     add_run_flags(ap, warmup=30, out="out/bench")
@@ -398,7 +402,7 @@ def run_all(args, model, hf, tok, frames_of, warmup, res, floor=None):
             try:
                 r, w = run_policy(model, tok, name, args.seconds, frames_of, args, force=lambda t: reply, after=log,
                                   **dict(kw, capacity=capacity, readback=not args.no_readback, decode=decode,
-                                         timed=True, prefill_graphs=VARIANTS[variant][4])), warmup
+                                         timed=args.phases, prefill_graphs=VARIANTS[variant][4])), warmup
             except Exception as e:  # one variant that fails here (say a kernel that does not build) ends only itself
                 print(f"{name} / {decode} / {variant} failed: {type(e).__name__}: {str(e).strip()[-400:]}", flush=True)
                 continue
