@@ -396,16 +396,17 @@ def contiguous_positions(unit, rel):
 
 
 class DecodeSlots:
-    """The cache as a fixed-shape decode step sees it (decode.py): each layer writes its new key/value at the
-    device index `index` and reads the whole capacity-long buffers back; the step's mask hides the slots past the
-    current length. Views are made once, outside any compiled code."""
+    """The cache as a fixed-shape step sees it (a decode step, decode.py; a second's prefill, prefill.GraphPrefill):
+    each layer writes its new keys/values at the device indices `index` and reads the whole capacity-long buffers
+    back; the step's mask (decode) or key count (prefill) hides the slots past the current length. Views are made
+    once, outside any compiled code."""
 
     def __init__(self, cache, index):
         self.k, self.v, self.raw_k = (list(getattr(cache, n).unbind(0)) for n in ("k", "v", "raw_k"))
         self.index = index
 
     def update(self, layer, k, v, raw_k):
-        self.k[layer].index_copy_(2, self.index, k)      # (1, Hkv, capacity, D), slot `index` <- (1, Hkv, 1, D)
+        self.k[layer].index_copy_(2, self.index, k)      # (1, Hkv, capacity, D), slots `index` <- (1, Hkv, T, D)
         self.v[layer].index_copy_(2, self.index, v)
         self.raw_k[layer].index_copy_(2, self.index, raw_k)
         return self.k[layer], self.v[layer]
