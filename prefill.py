@@ -27,8 +27,9 @@ faster than FlashAttention-2 (8,192 tokens: 0.81 ms both), so a prompt stays one
 The model takes it through VLM.use_attention; the fast streaming path (decode.take_fast_defaults) picks it on a GPU
 where both kernels run. At 7B the kernels of a 2-fps second's prefill take ~32 ms of an H100, but launching them
 one by one from Python takes the host longer, so the streaming loop replays the whole prefill from a CUDA graph
-(GraphPrefill, below), its attention this same split with the cache's length read on the device. tests/test_prefill.py checks it against causal_attention with plain math standing in for
-the two kernels (CPU), and with the real kernels on a GPU.
+(GraphPrefill, below), its attention this same split with the cache's length read on the device.
+tests/test_prefill.py checks both against causal_attention and model.forward with plain math standing in for the
+kernels (CPU), and with the real kernels on a GPU.
 
 References: FlashAttention-2 (Dao, 2023); cuDNN's fused flash attention (NVIDIA cuDNN frontend, SDPA);
 log-sum-exp merging as in FlashAttention's split-KV decoding and Ring Attention (Liu et al., 2023).
