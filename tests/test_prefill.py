@@ -168,6 +168,20 @@ def test_fixed_shape_prefill_is_the_forward_it_replaces(tok):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_shape_prefill_leaves_other_attention_to_the_forward(tok):
+    # the graph is CachedPrefill's split; under the reference (or FlexPrefill) every second runs model.forward
+    from conftest import frames, script
+    from prefill import GraphPrefill
+    from stream import make_streamer
+    model = tiny_model(tok, layers=2, seed=3).use_attention(None)
+    s = make_streamer(model, tok, max_new_tokens=6, text_sink=4, text_window=8, vision_window=3, capacity=96,
+                      decode="graphs", prefill_graphs=False)
+    s.prefiller = GraphPrefill(model, s.cache, graphs=False)
+    for t in range(6):
+        s.step(frames(t), force_text=script(t))
+    assert s.prefiller.runs == 0 and not s.prefiller.seen
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_prefill_replays_the_forward(tok):
     # the real kernels, captured and replayed: logits within bf16 tolerance of the eager fast path, greedy the same
