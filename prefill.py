@@ -36,6 +36,7 @@ log-sum-exp merging as in FlashAttention's split-KV decoding and Ring Attention 
 """
 import collections
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -222,15 +223,17 @@ class GraphPrefill:
     buffer up to its capacity only that far. ids, positions and the tower's output are copied into static buffers.
 
     One step per (T, video tokens, h), its graph captured the second time that key comes (a kind of second seen
-    once, like the first with its system prompt, stays eager), at most `keep` of them; a call goes eager (returns
-    None) where CachedPrefill would plan a new head (so planning goes on as without graphs), or the model's
-    attention is not a CachedPrefill (FlexPrefill, the reference). graphs=False runs the same fixed-shape step
-    eagerly: what the CPU tests check against model.forward."""
+    once, like the first with its system prompt, stays eager), at most `keep` of them, all in one memory pool (one
+    replays at a time and its logits are copied out at once). A call goes eager (returns None) where CachedPrefill
+    would plan a new head (so planning goes on as without graphs), where the model's attention is not a
+    CachedPrefill (FlexPrefill, the reference) or its variable-length kernel does not run here, and for good once a
+    capture fails (said in one line). graphs=False runs the same fixed-shape step eagerly: what the CPU tests check
+    against model.forward."""
 
-    def __init__(self, model, cache, graphs=True, keep=3):
+    def __init__(self, model, cache, graphs=True, keep=8):
         self.model, self.cache, self.graphs, self.keep = model, cache, graphs, keep
         self.steps = collections.OrderedDict()   # (T, video tokens, h) -> _FixedPrefill, oldest first
-        self.seen, self.buffers = set(), None
+        self.seen, self.buffers, self.pool, self.off = set(), None, None, None
         self.runs = self.captures = 0
 
     @torch.no_grad()
@@ -238,11 +241,13 @@ class GraphPrefill:
         """ids (1, T) on the model's device, pos (3, 1, T) from cache.add_tokens, feats the tower's output:
         logits (1, 1, vocab) of the last new token, and the tokens committed; None where the caller runs forward."""
         planner, c = self.model.prompt_kernel, self.cache
-        if not isinstance(planner, CachedPrefill) or feats is None or ids.device.type != planner.device_type:
+        if (self.off or not isinstance(planner, CachedPrefill) or feats is None
+                or ids.device.type != planner.device_type
+                or not planner.takes_batches(ids.device, feats.dtype, self.model.cfg.head_dim)):
             return None
         T, L = ids.shape[1], c.length
-        key = planner.shape_key((1, self.model.cfg.num_attention_heads), T, c.k[0].stride())
-        h = planner.planned(key, L)
+        plan_key = planner.shape_key((1, self.model.cfg.num_attention_heads), T, c.k[0].stride())
+        h = planner.planned(plan_key, L)
         if L - h >= planner.slack:   # the eager path would plan a longer head: let it
             return None
         if self.buffers != (c.k.data_ptr(), c.capacity):   # the cache grew, its buffers moved: steps made go
@@ -258,11 +263,32 @@ class GraphPrefill:
                 self.steps.popitem(last=False)
         step = self.steps[key]
         self.steps.move_to_end(key)
-        self.captures += self.graphs and step.graph is None
-        logits = step.run(ids, pos, feats, L, self.graphs)
+        step.fill(ids, pos, feats, L)
+        if not self.graphs:
+            logits = step.forward()
+        else:
+            if step.graph is None and not self.capture(key, step):
+                return None   # (its K/V written by the warm-up are rewritten by the forward that runs instead)
+            step.graph.replay()
+            logits = step.logits.clone()   # the next replay overwrites the graph's output
         self.runs += 1
         c.commit(T)
         return logits
+
+    def capture(self, key, step):
+        """Record step's graph (its one warm-up: the eager forward of the key's first second met every kernel but
+        the variable-length one); on failure, graphs are off for this stream from here on."""
+        try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            step.graph, step.logits = capture(step.forward, lambda logits: logits, warmup=1, pool=self.pool)
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            self.off = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            print(f"prefill graphs off, the prefill runs eagerly: {self.off}", file=sys.stderr)
+            del self.steps[key]
+            return False
+        self.captures += 1
+        return True
 
 
 class _FixedPrefill:
@@ -281,19 +307,14 @@ class _FixedPrefill:
         self.slots = DecodeSlots(cache, self.index)
         self.graph, self.logits = None, None
 
-    def run(self, ids, pos, feats, L, graphs):
+    def fill(self, ids, pos, feats, L):
+        """This second's inputs into the static buffers, and its slots and key count from L (kernels that take L
+        as an argument and copies that do not wait for the GPU: nothing here waits)."""
         self.ids.copy_(ids, non_blocking=True)
-        self.pos.copy_(pos.pin_memory() if self.pos.is_cuda else pos, non_blocking=True)
+        self.pos.copy_(to_device(pos, self.pos.device), non_blocking=True)
         self.feats.copy_(feats)
-        torch.add(self.offsets, L, out=self.index)     # kernels with L as an argument: nothing waits
+        torch.add(self.offsets, L, out=self.index)
         self.cu_k[1:].fill_(L + self.T - self.h)
-        if not graphs:
-            return self.forward()
-        if self.graph is None:   # (capture's warm-up run writes these K/V too; the replay rewrites the same)
-            # one warm-up: the eager forward of the key's first second already met every kernel and plan
-            self.graph, self.logits = capture(self.forward, lambda logits: logits, warmup=1)
-        self.graph.replay()
-        return self.logits.clone()   # the next replay overwrites the graph's output
 
     def forward(self):
         """model.forward's prefill at fixed shapes: each layer's work around its attention as in
@@ -324,10 +345,11 @@ class _FixedPrefill:
         return merge(o1[:, :, :T], lse1[:, :, :T], o2, lse2)
 
 
-def capture(step, then, warmup=2):
-    """A CUDA graph of then(step()) and its output. step is warmed up first on a side stream (lazy cuBLAS/SDPA
-    initialisation must not happen during capture; a compiled step compiles and autotunes in its first call); `then`
-    (what the graph does with the logits: the argmax) runs only in the graph."""
+def capture(step, then, warmup=2, pool=None):
+    """A CUDA graph of then(step()) and its output (a decode step's logits and argmax, a prefill's logits). step is
+    warmed up first on a side stream (lazy cuBLAS/SDPA initialisation must not happen during capture; a compiled step
+    compiles and autotunes in its first call); `then` runs only in the graph; pool: a memory pool shared with other
+    graphs that never replay at the same time."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -335,7 +357,7 @@ def capture(step, then, warmup=2):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = then(step())
     return graph, out
 

@@ -109,8 +109,9 @@ class Streamer:
         self.decoder = (GraphDecoder(model, self.cache, graphs=model.device.type == "cuda",
                                      compile=decode == "compiled") if decode != "plain" else None)
         self.compile_vision = decode == "compiled"
-        # ...and each second's prefill replayed from a graph where the model's prefill attention is CachedPrefill
-        self.prefiller = (GraphPrefill(model, self.cache) if decode != "plain" and prefill_graphs
+        # ...and each second's prefill replayed from a graph where the model's prefill attention is CachedPrefill and
+        # the cache evicts (its length then stays in a band, where the same graph serves second after second)
+        self.prefiller = (GraphPrefill(model, self.cache) if decode != "plain" and prefill_graphs and evict
                           and model.device.type == "cuda" else None)
         # readback: a forced (teacher-forced) reply still reads each token's greedy choice back to the host, as real
         # decoding must before it can feed the token; without it the CPU queues forced tokens ahead of the GPU
