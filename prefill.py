@@ -130,13 +130,20 @@ class CachedPrefill:
         # moved off the GPU
         if q.device.type != self.device_type or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
             return causal_attention(q, k, v)
-        nq, head = q.shape[2], self.head_for(q, k)
+        head = self.head_for(q, k)
         if not head:   # a prompt, a short cache, or none planned yet: the reference (SDPA's flash kernel)
             return causal_attention(q, k, v)
-        qh = F.pad(q, (0, 0, 0, -nq % self.qstep)).contiguous()  # (B, H, padded queries, D); one layout, one plan
-        o1, lse1 = self.head_kernel(qh, k[:, :, :head], v[:, :, :head])
+        o1, lse1 = self.over_head(q, k[:, :, :head], v[:, :, :head])
         o2, lse2 = self.tail_kernel(q, k[:, :, head:], v[:, :, head:])
-        return merge(o1[:, :, :nq], lse1[:, :, :nq], o2, lse2)
+        return merge(o1, lse1, o2, lse2)
+
+    def over_head(self, q, k, v):
+        """The head kernel's attention of q (B, H, T, D) over all of k, v (the head's keys, no mask) and its
+        log-sum-exp (B, H, T); the queries padded to a multiple of qstep for it (one layout, one plan), the padded
+        rows dropped."""
+        T = q.shape[2]
+        o, lse = self.head_kernel(F.pad(q, (0, 0, 0, -T % self.qstep)).contiguous(), k, v)
+        return o[:, :, :T], lse[:, :, :T]
 
     def takes_batches(self, device, dtype, head_dim):
         """Whether RaggedPrefill runs on these kernels: the real ones where they take a batch here (tried once);
@@ -196,8 +203,7 @@ class RaggedPrefill:
             self.dev_rows = (slice(first, first + B) if self.rows == list(range(first, first + B)) else
                              to_device(torch.tensor(self.rows), q.device))
         mine = lambda x: x[:, :, :head][self.dev_rows]   # (B, Hkv, head, D): the head's slots alone, if gathered
-        qh = F.pad(q, (0, 0, 0, Tq - T)).contiguous()                          # (B, H, Tq, D): one plan per Tq
-        o1, lse1 = p.head_kernel(qh, mine(k), mine(v))                       # (B, H, Tq, D), (B, H, Tq)
+        o1, lse1 = p.over_head(q, mine(k), mine(v))                          # (B, H, T, D), (B, H, T)
         # packed: (total_q, H, D) queries, (total_k, Hkv, D) tail keys and values
         o2, lse2 = p.varlen_kernel(q.transpose(1, 2)[b, t], k[row, :, slot], v[row, :, slot], cu_q, cu_k,
                                     max_q, max_k)
@@ -340,9 +346,7 @@ class _FixedPrefill:
         o2, lse2 = o2.transpose(0, 1)[None], lse2.transpose(0, 1)[None]   # (1, H, T, D), (1, H, T)
         if not h:
             return o2
-        qh = F.pad(q, (0, 0, 0, -T % p.qstep)).contiguous()            # as CachedPrefill pads: one plan
-        o1, lse1 = p.head_kernel(qh, k[:, :, :h], v[:, :, :h])
-        return merge(o1[:, :, :T], lse1[:, :, :T], o2, lse2)
+        return merge(*p.over_head(q, k[:, :, :h], v[:, :, :h]), o2, lse2)
 
 
 def capture(step, then, warmup=2, pool=None):
