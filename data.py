@@ -379,7 +379,51 @@ class MicroBatches(torch.utils.data.Dataset):
                                jsonl=self.jsonl)
         except DataError as e:  # the DataLoader would wrap it in the worker's traceback: carry the one line out
             return {"error": str(e)}
-        return with_positions(batch, self.model_cfg)
+        return pack(with_positions(batch, self.model_cfg))
+
+
+def pack(batch):
+    """A batch's tensors (its "then" parts' too) copied into one flat byte buffer, and where each one lies in it:
+    {"flat": (bytes,) uint8, "spec": [(keys, dtype, shape, offset)]}. A DataLoader worker sends it as one
+    shared-memory buffer, the DataLoader pins it with one page-locked allocation, and validate.to_device copies it to
+    the GPU in one transfer. A batch of 192 s chunks in 8 s segments holds ~760 tensors, and each page-locked
+    allocation costs about a millisecond with the CUDA driver locked, beside the step the host is queuing."""
+    spec, size = [], 0
+
+    def walk(d, keys):
+        nonlocal size
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, keys + (k,))
+                continue
+            spec.append((keys + (k,), v.dtype, tuple(v.shape), size))
+            size += -(-v.numel() * v.element_size() // 16) * 16  # 16-byte aligned: a view of any dtype starts here
+    walk(batch, ())
+    flat = torch.empty(size, dtype=torch.uint8)
+    for keys, _, _, offset in spec:
+        v = batch
+        for k in keys:
+            v = v[k]
+        view_of(flat, v.dtype, v.shape, offset).copy_(v)
+    return {"flat": flat, "spec": spec}
+
+
+def unpack(packed):
+    """The batch that pack() packed, every tensor a view of packed["flat"] (kept under "flat", where
+    validate.to_device finds it)."""
+    batch = {"flat": packed["flat"]}
+    for keys, dtype, shape, offset in packed["spec"]:
+        d = batch
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+        d[keys[-1]] = view_of(packed["flat"], dtype, shape, offset)
+    return batch
+
+
+def view_of(flat, dtype, shape, offset):
+    """The tensor of `dtype` and `shape` whose bytes start at `offset` in the uint8 buffer `flat`."""
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return flat[offset:offset + size].view(dtype).view(shape)
 
 
 def ignore_ctrl_c(worker_id):
@@ -390,14 +434,15 @@ def ignore_ctrl_c(worker_id):
 
 def micro_batches(tok, cfg, model_cfg, jsonl, first_step, rank, world, pin_memory=False):
     """The MicroBatches of a run, in order, built ahead by cfg.workers DataLoader processes; a record that fails
-    in a worker raises its DataError here, in the training process."""
+    in a worker raises its DataError here, in the training process. pin_memory: the DataLoader's thread pins each
+    packed batch (one buffer), so that its copy to the GPU never waits for the host."""
     loader = torch.utils.data.DataLoader(MicroBatches(tok, cfg, model_cfg, jsonl, first_step, rank, world),
                                          batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if cfg.workers else None, worker_init_fn=ignore_ctrl_c)
     for batch in loader:
         if "error" in batch:
             raise DataError(batch["error"])
-        yield batch
+        yield unpack(batch)
 
 
 def collate(samples, pad_id):

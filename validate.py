@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data import IGNORE, make_batch, with_positions
+from data import IGNORE, make_batch, view_of, with_positions
 from layout import SILENCE
 from processor import patchify_video
 from reuse import forward_segments, segment_counts
@@ -35,10 +35,24 @@ HOST = ("attention_mask", "video_grid_thw")  # read by the host: VLM.forward's p
 
 def to_device(batch, device):
     """A batch (and its "then" part) on `device`, uint8 "video_frames" patchified there (data.collate). The
-    attention mask and the frame grids stay on the host (the DataLoader pinned them), where VLM.forward and the
-    vision tower read them: read on the GPU, they would wait for all its queued work."""
-    out = {k: to_device(v, device) if isinstance(v, dict) else v if k in HOST else v.to(device, non_blocking=True)
-           for k, v in batch.items()}
+    attention mask and the frame grids stay on the host (pinned, as the DataLoader leaves them), where VLM.forward
+    and the vision tower read them: read on the GPU, they would wait for all its queued work. A packed batch
+    (data.unpack: every tensor a view of batch["flat"]) goes over in one copy, each tensor a view of it there."""
+    flat = batch.get("flat")
+    if flat is None:
+        return moved(batch, lambda v: v.to(device, non_blocking=True))
+    there = flat.to(device, non_blocking=True)  # the whole batch, (bytes,) uint8
+
+    def move(v):  # the same bytes, in the copy on the device
+        if v.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            return v.to(device, non_blocking=True)  # put in after unpacking
+        return view_of(there, v.dtype, v.shape, v.data_ptr() - flat.data_ptr())
+    return moved(batch, move)
+
+
+def moved(batch, move):
+    out = {k: moved(v, move) if isinstance(v, dict) else v if k in HOST else move(v)
+           for k, v in batch.items() if k != "flat"}
     if "video_frames" in out:
         out["pixel_values_videos"] = patchify_video(out.pop("video_frames"))
     return out

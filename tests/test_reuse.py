@@ -256,20 +256,26 @@ def pinned(batch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
-def test_a_training_step_never_waits_for_the_gpu(tok, tmp_path, segments):
+def test_a_training_step_never_waits_for_the_gpu(tok, tmp_path, segments, packed):
     """train.train_step queues a whole step, plain chunks or chunks in segments, without reading anything back
     from the GPU (torch's sync debug mode raises on an op that would wait), so the host prepares the next step while
     the GPU computes this one; the numbers it returns are read later (train.read_step)."""
     import train
     from conftest import tiny_model
-    from data import make_batch, with_positions
+    from data import make_batch, pack, unpack, with_positions
     from parallel import Run
     args = train.get_args(["--preset", "gpu", "--out", str(tmp_path / "out"), "--text-window", "32"])
     args.cfg.steps, args.cfg.segment_steps, args.cfg.segment_seconds = 10, 0, 4 if segments else 0  # one phase
     model = tiny_model(tok).to("cuda")
     run, opt = Run(0, 1, torch.device("cuda"), True), train.make_optimizer(model, args.cfg)
-    batch = pinned(with_positions(make_batch(tok, "train", range(4), args.cfg, step=500), model.cfg))
+    batch = with_positions(make_batch(tok, "train", range(4), args.cfg, step=500), model.cfg)
+    if packed:  # as train.py's DataLoader hands it over (data.micro_batches): one pinned buffer
+        batch = pack(batch)
+        batch = unpack({"flat": batch["flat"].pin_memory(), "spec": batch["spec"]})
+    else:
+        batch = pinned(batch)
     train.train_step(0, model, model, opt, [batch], args, run)  # the optimizer state is made here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

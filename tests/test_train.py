@@ -140,7 +140,7 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     (batch 1), the learning rate warming up again to --segment-lr, the vision tower frozen; a checkpoint of the
     first phase is served evicting every second, of the second every 2 s (its segments); a run stopped at the
     boundary and resumed ends where the uninterrupted one does."""
-    from data import MicroBatches, phase_at
+    from data import MicroBatches, phase_at, unpack
     from reuse import segments
     from train import get_args, lr_at
     cfg = get_args(["--out", str(tmp_path / "x"), *FAST, *PHASES]).cfg
@@ -150,7 +150,7 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     assert lr_at(2, cfg) == pytest.approx(3e-3 * 0.55)  # halfway down the first phase's cosine, then afresh:
     assert lr_at(3, cfg) == lr_at(4, cfg) == pytest.approx(1e-3)  # a 1-step warm-up, the cosine's first point
     ds = MicroBatches(tok, cfg, tiny_model_cfg(tok), None, 0, 0, 1)
-    first, second = ds[2], ds[3]
+    first, second = unpack(ds[2]), unpack(ds[3])
     assert "then" not in first and first["input_ids"].shape[0] == 2
     assert len(segments(second)) == 3 and second["input_ids"].shape[0] == 1
     full, out = run_train(tmp_path, "full", *PHASES)
@@ -165,6 +165,34 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # the decoder trained on
     resumed, _ = run_train(tmp_path, "part", *PHASES, "--resume")
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5), (resumed, full)
+
+
+def test_a_packed_batch_is_the_batch(tok, tmp_path):
+    """A DataLoader worker packs each micro-batch into one buffer (data.pack); unpacked, every tensor (in every
+    segment) equals the batch built directly, and validate.to_device gives the same tensors from either."""
+    from data import MicroBatches, make_batch, pack, phase_at, unpack, with_positions
+    from train import get_args
+    from validate import to_device
+    cfg = get_args(["--out", str(tmp_path / "x"), *FAST, *PHASES]).cfg
+    ds = MicroBatches(tok, cfg, tiny_model_cfg(tok), None, 0, 0, 1)
+
+    def same(a, b):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], dict):
+                same(a[k], b[k])
+            else:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for step in (0, 3):  # plain chunks, then chunks in segments (a nested "then" per segment)
+        start, c = phase_at(step, cfg)
+        first = (step - start) * c.batch_size + start * cfg.batch_size
+        want = with_positions(make_batch(tok, "train", range(first, first + c.batch_size), c, step - start),
+                              ds.model_cfg)
+        got = unpack(ds[step])
+        assert ("then" in want) == (step == 3)
+        same({k: v for k, v in got.items() if k != "flat"}, want)
+        same(to_device(got, "cpu"), to_device(want, "cpu"))
+        assert unpack(pack(want))["flat"].numel() == got["flat"].numel()
 
 
 def tiny_model_cfg(tok):
