@@ -44,9 +44,9 @@ def to_device(batch, device):
     there = flat.to(device, non_blocking=True)  # the whole batch, (bytes,) uint8
 
     def move(v):  # the same bytes, in the copy on the device
-        if v.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
-            return v.to(device, non_blocking=True)  # put in after unpacking
-        return view_of(there, v.dtype, v.shape, v.data_ptr() - flat.data_ptr())
+        if v.numel() and v.is_contiguous() and v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+            return view_of(there, v.dtype, v.shape, v.data_ptr() - flat.data_ptr())
+        return v.to(device, non_blocking=True)  # empty, or put in (or reshaped) after unpacking
     return moved(batch, move)
 
 
