@@ -193,8 +193,8 @@ def test_a_packed_batch_is_the_batch(tok, tmp_path):
         same({k: v for k, v in got.items() if k != "flat"}, want)
         same(to_device(got, "cpu"), to_device(want, "cpu"))
         assert unpack(pack(want))["flat"].numel() == got["flat"].numel()
-    got["labels"] = got["labels"][:, 1:]  # a strided view of the buffer, put in after unpacking, is copied as itself
-    assert torch.equal(to_device(got, "cpu")["labels"], want["labels"][:, 1:])
+    got["labels"] = got["labels"][:, ::2]  # a strided view of the buffer, put in after unpacking, is copied as itself
+    assert torch.equal(to_device(got, "cpu")["labels"], want["labels"][:, ::2])
 
 
 def tiny_model_cfg(tok):
