@@ -199,7 +199,7 @@ class Streamer:
         ids, pos = self.stage(segments, grid, torch.cat([s for _, _, s in vision]) if vision else None)
         pixels = (dict(pixel_values_videos=torch.cat([p for p, _, _ in vision]), video_grid_thw=grid)
                   if vision and feats is None else {})
-        logits = self.prefiller(ids, pos, feats) if self.prefiller is not None and feats is not None else None
+        logits = self.prefiller(ids, pos, feats) if self.prefiller is not None else None  # None: runs eagerly
         if logits is None:
             logits = self.model(ids, **pixels, position_ids=pos, cache=self.cache, logits_to_keep=1,
                                 compile_vision=self.compile_vision, video_embeds=feats)
