@@ -6,6 +6,7 @@ into --out as it goes (one JSON line per stream second or question) and whole at
   python eval.py questions              # whole-video questions asked of the streaming memory (Streamer.ask)
   python eval.py --video clip.mp4       # video: stream a real video through the checkpoint, save the commentary
   python eval.py --seed 7 --streams 3   # held-out streams 7, 8 and 9 instead of stream 0
+  python eval.py --streams 30 --batch --policies streaming   # 30 streams as one batch a second (serve.py)
 
 The policies (stream.POLICIES, one table): the StreamingVLM cache, native RoPE (the same cache, growing positions),
 full attention, and two sliding windows (reset every --reset-every seconds; recompute the whole window every second).
@@ -13,12 +14,8 @@ The layout flags (--vision-window, --text-sink, ...) override the checkpoint's s
 
 The ideas:
 - Held out: stream i of --seed N is world.split_seed("eval", N + i), a seed range that training never draws.
-- Scored by parsing: world.py's sentences are parsed back into (event, team, score). Event F1 at the exact second
-  and within +-1 s (each prediction matches at most one event), score accuracy (a goal counts when a goal sentence
-  with the right running score comes within +-1 s; exact, so one misread goal sinks the rest), goal steps (a goal
-  sentence adds one to the scorer in the model's own last one: each misreading counts once), silence accuracy
-  (quiet seconds left quiet); event F1 and score accuracy also in five 20% slices of the stream: does the
-  commentary hold up as the stream goes on (the paper's Fig. 8)?
+- Scored by parsing (metrics.py): event F1, score accuracy, goal steps and silence accuracy, over the whole stream
+  and in five 20% slices (the paper's Fig. 8).
 - Cost beside quality: latency per stream second (p50 / p99, the first --warmup seconds left out), peak memory, the
   largest M-RoPE position (native RoPE's grows with the stream, the cache's stays bounded) and each policy's time
   per second over the streaming policy's: recompute pays for its whole window every second.
@@ -44,70 +41,21 @@ import torch
 from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
+from metrics import score_transcript, slices
 from processor import resize_video
 from cli import (HELD_OUT_SEED, Parser, Results, at_least, check_device, default_model, device_name, file_problem,
                  hardware, inputs_of, output_problem, table)
 from safeio import Busy, RunLock
 from checkpoint import checkpoint_settings, load_checkpoint
+from serve import BATCHED, StreamBatch
 from stream import DECODERS, POLICIES, make_streamer, streamer_kwargs
 from video import is_live, open_video, seconds_of
-from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, parse_event, split_seed
+from world import QUESTIONS, SPLIT_SIZE, SportsStream, WorldConfig, answer, split_seed
 
 TASKS = ("stream", "questions", "video")
 
 # -----------------------------------------------------------------------------
-# Metrics (tested on hand-made transcripts in tests/test_eval.py)
-
-
-def score_transcript(truth, pred, t0=0, t1=None):
-    """truth, pred: lists of texts, one per second ('' = silence). Scores seconds [t0, t1)."""
-    t1 = len(truth) if t1 is None else t1
-    T = {t: parse_event(truth[t]) for t in range(t0, t1) if parse_event(truth[t])}
-    P = {t: parse_event(pred[t]) for t in range(t0, t1) if parse_event(pred[t])}
-
-    def f1(tol):
-        used, tp = set(), 0
-        for t, (ev, team, _) in sorted(T.items()):  # one-to-one: each prediction matches at most one event
-            for d in sorted(range(-tol, tol + 1), key=abs):
-                p = P.get(t + d)
-                if p and t + d not in used and p[:2] == (ev, team):
-                    used.add(t + d)
-                    tp += 1
-                    break
-        prec = tp / len(P) if P else 1.0
-        rec = tp / len(T) if T else 1.0
-        return 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-
-    goals = [(t, e) for t, e in T.items() if e[0] == "goal"]
-    right = sum(any(P.get(t + d) == e for d in (-1, 0, 1)) for t, e in goals)
-    quiet = [t for t in range(t0, t1) if not truth[t].strip()]
-    silent = sum(not pred[t].strip() for t in quiet)
-    return dict(f1=f1(0), f1_tol1=f1(1), score_acc=right / len(goals) if goals else None, goals=len(goals),
-                goal_step=goal_steps(goals, pred, t0, t1), silence_acc=silent / len(quiet) if quiet else None,
-                events=len(T))
-
-
-def goal_steps(goals, pred, t0, t1):
-    """The fraction of true goals (t, (event, team, score)) whose goal sentence, within +-1 s and inside [t0, t1),
-    adds one to the scorer in the model's own last score sentence before it (0-0 at the start of the stream; one
-    sentence a goal, the nearest, as in F1). score_acc is exact, so one misread goal sinks every later one; this
-    counts each misreading once."""
-    said = [(t, e) for t in range(t1) if (e := parse_event(pred[t])) and e[0] == "goal"]  # its own, in order
-    index, used, right = {u: i for i, (u, _) in enumerate(said)}, set(), 0
-    for t, (_, team, _) in sorted(goals):
-        for u in sorted(range(max(t0, t - 1), min(t1, t + 2)), key=lambda u: abs(u - t)):
-            i = index.get(u)
-            if i is not None and i not in used and said[i][1][1] == team:
-                used.add(i)
-                red, blue = said[i - 1][1][2] if i else (0, 0)
-                right += said[i][1][2] == ((red + 1, blue) if team == "Red" else (red, blue + 1))
-                break
-    return right / len(goals) if goals else None
-
-
-def slices(truth, pred, n=5):
-    L = len(pred)
-    return [score_transcript(truth, pred, L * i // n, L * (i + 1) // n) for i in range(n)]
+# Numbers
 
 
 def percentile(xs, q):
@@ -215,6 +163,47 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=N
     return r
 
 
+def run_batch(model, tok, policy, worlds, args, after=None, **kw):
+    """run_policy for every world at once (--batch): one serve.StreamBatch steps all their seconds together, each
+    stream in its own cache row, saying what it says alone (tests/test_serve.py, tests/test_eval.py). A second's
+    latency is the batch second's, the same for every stream; its memory is the whole batch's (on a CPU, the shared
+    cache buffers). after[i](streamer, record) runs for world i's record. Returns run_policy's results, one a world."""
+    device, p, n = model.device, POLICIES[policy], len(worlds)
+    fresh_peak(device)
+    batch = StreamBatch(model, tok, n, kw["capacity"], decode=kw["decode"])
+    own = {k: v for k, v in kw.items() if k not in ("capacity", "decode", "reset_every")}
+    streams = [batch.add(i, evict=p.evict, reindex=p.reindex, **own) for i in range(n)]
+    runs = [dict(seconds=[], max_position=0, peak_gib=0.0, streamer=s) for s in streams]
+    frames = lambda t: {i: s.prepare(w.second(t).frames) for i, (w, s) in enumerate(zip(worlds, streams))}
+    # as run_policy: a thread renders and resizes second t+1 for every stream while the batch runs second t
+    pool, texts = ThreadPoolExecutor(1), {}
+    ahead = [pool.submit(frames, 0)]
+
+    def step(t):
+        now = ahead[0].result()
+        if t + 1 < args.seconds:
+            ahead[0] = pool.submit(frames, t + 1)
+        texts.update(batch.step(now))
+
+    def measured(t, latency):
+        held = (torch.cuda.memory_allocated() if device.type == "cuda" else
+                sum(b.nbytes for b in (batch.k, batch.v, batch.raw_k))) / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else held
+        for i, (r, s) in enumerate(zip(runs, streams)):
+            rec = dict(t=t, text=texts[i], latency=latency, memory_gib=held)
+            r["seconds"].append(rec)
+            r["peak_gib"], r["max_position"] = peak, max(r["max_position"], s.cache.max_position())
+            if after is not None:
+                after[i](s, rec)
+    try:
+        lat, failed = timed_seconds(args.seconds, step, device, args.time_limit, measured, desc=f"{policy} x {n}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for r, s in zip(runs, streams):
+        r.update(latency=lat, failed=failed, cache_tokens=s.cache.length)
+    return runs
+
+
 def steady_capacity(frames, fps=FPS, text_sink=512, text_window=512, vision_window=16, frame_pixels=FRAME_PIXELS,
                     evict_every=1):
     """(vision tokens a second, cache slots for a bounded policy's steady state with these frames each second):
@@ -248,11 +237,17 @@ def streamer_settings(args, st, frames=None):
 def stream_policy(args, model, tok, policy, worlds, kw, res):
     """One policy over every held-out stream: the scores, latencies and costs, and a JSON line per second."""
     scores, per_slice, lat, runs = [], [], [], []
-    for world in worlds:
-        truth = [world.text(t) for t in range(args.seconds)]
-        log = lambda s, rec: res.log(policy=policy, seed=world.cfg.seed, t=rec["t"], text=rec["text"],
-                                     truth=truth[rec["t"]], ms=ms(rec["latency"]))
-        r = run_policy(model, tok, policy, args.seconds, lambda t: world.second(t).frames, args, after=log, **kw)
+    truths = [[world.text(t) for t in range(args.seconds)] for world in worlds]
+    logs = [lambda s, rec, seed=world.cfg.seed, truth=truth: res.log(
+        policy=policy, seed=seed, t=rec["t"], text=rec["text"], truth=truth[rec["t"]], ms=ms(rec["latency"]))
+        for world, truth in zip(worlds, truths)]
+    batched = args.batch and policy in BATCHED
+    if batched:  # every stream at once; else one after another, each run freed before the next
+        results = iter(run_batch(model, tok, policy, worlds, args, after=logs, **kw))
+    else:
+        results = (run_policy(model, tok, policy, args.seconds, lambda t, w=world: w.second(t).frames, args,
+                              after=log, **kw) for world, log in zip(worlds, logs))
+    for world, truth, r in zip(worlds, truths, results):
         texts = [rec["text"] for rec in r["seconds"]]
         n = len(texts)
         if n:  # a run that stopped in its first second has no scores (an empty transcript is not a perfect one)
@@ -268,7 +263,7 @@ def stream_policy(args, model, tok, policy, worlds, kw, res):
                goal_step=col("goal_step", scores), silence=col("silence_acc", scores),
                p50_ms=ms(percentile(lat, 50)), p99_ms=ms(percentile(lat, 99)),
                mean_ms=ms(mean(lat, 6)), peak_gib=round(max(r["peak_gib"] for r in runs), 3),
-               max_pos=max(r["max_position"] for r in runs),
+               max_pos=max(r["max_position"] for r in runs), batch=len(worlds) if batched else 1,
                failed=f"{failed['reason']} at {failed['second']} s" if failed else "-")
     done = [s for s in per_slice if s]
     sl = [dict(f1=col("f1", c), score=col("score_acc", c)) for c in zip(*done)] if done else []
@@ -293,12 +288,16 @@ def over_policies(args, model, tok, st, res, per_policy, what):
 
 def task_stream(args, model, tok, st, res):
     rows, result = over_policies(args, model, tok, st, res, stream_policy, "commentary")
-    base = next((r["mean_ms"] for r in rows if r["policy"] == "streaming"), None)
+    cost = lambda r: r["mean_ms"] / r["batch"] if r["mean_ms"] else None  # a batch second is shared by its streams
+    base = next((cost(r) for r in rows if r["policy"] == "streaming"), None)
     for r in rows:  # the cost of a stream second against the StreamingVLM cache's, measured in this same run
-        r["x_streaming"] = round(r["mean_ms"] / base, 2) if base and r["mean_ms"] else None
+        r["x_streaming"] = round(cost(r) / base, 2) if base and cost(r) else None
     print("\n" + table(rows))
     if base:
-        print("x_streaming: mean time per stream second over the streaming policy's (same run, same streams)")
+        print("x_streaming: mean time per stream second (a batch second over its streams) over the streaming "
+              "policy's (same run, same streams)")
+    if args.batch:
+        print("batch: streams stepped together; their ms and peak_gib are the batch second's and the batch's")
     print("\nevent F1 / score accuracy per 20% slice of the stream (the paper's Fig. 8):")
     for p, v in result["policies"].items():
         print(f"  {p:10s} " + ("  ".join(f"{s['f1']}/{s['score']}" for s in v["slices"]) or "(under 5 seconds)"))
@@ -431,6 +430,9 @@ def build_parser():
                     "on a CPU, ~2 minutes for the five policies on 2 cores; questions: 7200 / 60; video: the whole "
                     "video)")
     ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy (default 1)")
+    ap.add_argument("--batch", action="store_true", help="stream: run the held-out streams together, one batch a "
+                    f"second (serve.StreamBatch; policies {', '.join(BATCHED)}; the others one after another): each "
+                    "says what it says alone; latency is a batch second's, memory the batch's")
     ap.add_argument("--seed", type=HELD_OUT_SEED, default=0,
                     help="the first held-out stream (default 0): stream i is world.split_seed('eval', SEED + i)")
     ap.add_argument("--teacher-forced", action="store_true", help="questions: stream the true commentary instead of "
@@ -450,6 +452,9 @@ def get_args(argv=None):
         ap.error("the video task needs --video FILE")
     if args.video and not (os.path.exists(args.video) or is_live(args.video)):
         ap.error(f"--video {args.video}: no such file or folder")
+    if args.batch and args.task != "stream":
+        ap.error(f"--batch runs the stream task's held-out streams together; the {args.task} task streams one at "
+                 "a time")
     if args.seed + args.streams > SPLIT_SIZE:
         ap.error(f"--seed {args.seed} with --streams {args.streams} leaves the held-out range (seed + streams must "
                  f"be at most {SPLIT_SIZE}; world.split_seed)")

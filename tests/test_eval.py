@@ -7,10 +7,12 @@ import re
 import pytest
 import torch
 
+from cli import SHIPPED
 from conftest import refused
-from eval import main, parse_event, run_policy, score_transcript, slices
+from eval import main, run_policy
+from metrics import score_transcript, slices
 from stream import POLICIES
-from world import QUESTIONS, SportsStream, WorldConfig, answer, split_seed
+from world import QUESTIONS, SportsStream, WorldConfig, answer, parse_event, split_seed
 
 
 def truth(n=400, seed=3):
@@ -243,6 +245,7 @@ def test_an_unreadable_video_is_one_line(ckpt, tmp_path):
     (["--video", "nothere.mp4"], "--video nothere.mp4: no such file or folder"),
     (["--decode", "plain,fast"], "--decode: expected plain, graphs, compiled"),
     (["--decode", "plain,graphs"], "--decode takes one path here"),
+    (["questions", "--batch"], "--batch runs the stream task's held-out streams together"),
 ])
 def test_bad_flags_are_one_line_errors(ckpt, tmp_path, capsys, argv, says):
     assert says in refused(main, argv + ["--model", str(ckpt), "--out", str(tmp_path / "out")], capsys)
@@ -268,3 +271,21 @@ def test_default_model_is_the_shipped_one_from_any_folder(tmp_path, monkeypatch,
     assert capsys.readouterr().out.splitlines()[0].startswith(f"eval.py stream: model {cli.SHIPPED}")
     monkeypatch.setattr(cli, "SHIPPED", str(tmp_path / "no_shipped_model"))
     assert "--model out/tiny: no checkpoint there" in refused(main, ["--seconds", "2"], capsys)
+
+
+def test_a_batch_scores_what_each_stream_scores_alone(tmp_path):
+    """--batch steps the held-out streams together (serve.StreamBatch): the same commentary, second by second, and
+    the same scores; only the timing columns differ. The shipped model, 24 s: events, a goal, evictions."""
+    argv = ["--model", SHIPPED, "--seconds", "24", "--streams", "3", "--seed", "4", "--policies", "streaming", "native"]
+    alone = main(argv + ["--out", str(tmp_path / "alone")])
+    together = main(argv + ["--batch", "--out", str(tmp_path / "together")])
+    said = lambda d: sorted((x["policy"], x["seed"], x["t"], x["text"]) for x in lines(tmp_path / d / "stream.jsonl"))
+    assert said("together") == said("alone")
+    assert sum(bool(x[3]) for x in said("alone")) >= 10, "the streams must say something to compare"
+    for policy in ("streaming", "native"):
+        a, b = alone["policies"][policy], together["policies"][policy]
+        assert (a["summary"]["batch"], b["summary"]["batch"]) == (1, 3)
+        for key in ("f1", "f1_1s", "score", "goal_step", "silence", "max_pos"):
+            assert a["summary"][key] == b["summary"][key], key
+        assert a["slices"] == b["slices"]
+        assert [r["cache_tokens"] for r in a["runs"]] == [r["cache_tokens"] for r in b["runs"]]
