@@ -166,24 +166,26 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=N
 def run_batch(model, tok, policy, worlds, args, after=None, **kw):
     """run_policy for every world at once (--batch): one serve.StreamBatch steps all their seconds together, each
     stream in its own cache row, saying what it says alone (tests/test_serve.py, tests/test_eval.py). A second's
-    latency is the batch second's, the same for every stream; its memory is the whole batch's (on a CPU, the shared
-    cache buffers). after[i](streamer, record) runs for world i's record. Returns run_policy's results, one a world."""
+    latency is the batch second's, the same for every stream, and --time-limit the batch's; its memory is the whole
+    batch's (on a CPU, the shared cache buffers). after[i](streamer, record) runs for world i's record. Returns, one a
+    world, run_policy's records (t, text, latency, memory_gib), latencies, failure, peak, positions and cache length."""
     device, p, n = model.device, POLICIES[policy], len(worlds)
     fresh_peak(device)
-    batch = StreamBatch(model, tok, n, kw["capacity"], decode=kw["decode"])
-    own = {k: v for k, v in kw.items() if k not in ("capacity", "decode", "reset_every")}
+    batch = StreamBatch(model, tok, n, kw["capacity"], decode=kw["decode"], compile_vision=kw["decode"] == "compiled")
+    own = {k: v for k, v in kw.items() if k not in ("capacity", "decode")}
     streams = [batch.add(i, evict=p.evict, reindex=p.reindex, **own) for i in range(n)]
     runs = [dict(seconds=[], max_position=0, peak_gib=0.0, streamer=s) for s in streams]
     frames = lambda t: {i: s.prepare(w.second(t).frames) for i, (w, s) in enumerate(zip(worlds, streams))}
     # as run_policy: a thread renders and resizes second t+1 for every stream while the batch runs second t
-    pool, texts = ThreadPoolExecutor(1), {}
-    ahead = [pool.submit(frames, 0)]
+    pool, texts = ThreadPoolExecutor(1) if args.prefetch else None, {}
+    ahead = [pool.submit(frames, 0)] if pool else None
 
     def step(t):
-        now = ahead[0].result()
-        if t + 1 < args.seconds:
-            ahead[0] = pool.submit(frames, t + 1)
-        texts.update(batch.step(now))
+        if pool:
+            now = ahead[0].result()
+            if t + 1 < args.seconds:
+                ahead[0] = pool.submit(frames, t + 1)
+        texts.update(batch.step(now if pool else frames(t)))
 
     def measured(t, latency):
         held = (torch.cuda.memory_allocated() if device.type == "cuda" else
@@ -198,7 +200,8 @@ def run_batch(model, tok, policy, worlds, args, after=None, **kw):
     try:
         lat, failed = timed_seconds(args.seconds, step, device, args.time_limit, measured, desc=f"{policy} x {n}")
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     for r, s in zip(runs, streams):
         r.update(latency=lat, failed=failed, cache_tokens=s.cache.length)
     return runs
@@ -241,13 +244,11 @@ def stream_policy(args, model, tok, policy, worlds, kw, res):
     logs = [lambda s, rec, seed=world.cfg.seed, truth=truth: res.log(
         policy=policy, seed=seed, t=rec["t"], text=rec["text"], truth=truth[rec["t"]], ms=ms(rec["latency"]))
         for world, truth in zip(worlds, truths)]
-    batched = args.batch and policy in BATCHED
-    if batched:  # every stream at once; else one after another, each run freed before the next
-        results = iter(run_batch(model, tok, policy, worlds, args, after=logs, **kw))
-    else:
-        results = (run_policy(model, tok, policy, args.seconds, lambda t, w=world: w.second(t).frames, args,
-                              after=log, **kw) for world, log in zip(worlds, logs))
-    for world, truth, r in zip(worlds, truths, results):
+    batched = args.batch and policy in BATCHED  # every stream at once; else one after another
+    together = iter(run_batch(model, tok, policy, worlds, args, after=logs, **kw)) if batched else None
+    for world, truth, log in zip(worlds, truths, logs):
+        r = next(together) if batched else run_policy(model, tok, policy, args.seconds,
+                                                      lambda t: world.second(t).frames, args, after=log, **kw)
         texts = [rec["text"] for rec in r["seconds"]]
         n = len(texts)
         if n:  # a run that stopped in its first second has no scores (an empty transcript is not a perfect one)
@@ -263,7 +264,8 @@ def stream_policy(args, model, tok, policy, worlds, kw, res):
                goal_step=col("goal_step", scores), silence=col("silence_acc", scores),
                p50_ms=ms(percentile(lat, 50)), p99_ms=ms(percentile(lat, 99)),
                mean_ms=ms(mean(lat, 6)), peak_gib=round(max(r["peak_gib"] for r in runs), 3),
-               max_pos=max(r["max_position"] for r in runs), batch=len(worlds) if batched else 1,
+               max_pos=max(r["max_position"] for r in runs),
+               **(dict(batch=len(worlds) if batched else 1) if args.batch else {}),
                failed=f"{failed['reason']} at {failed['second']} s" if failed else "-")
     done = [s for s in per_slice if s]
     sl = [dict(f1=col("f1", c), score=col("score_acc", c)) for c in zip(*done)] if done else []
@@ -288,16 +290,16 @@ def over_policies(args, model, tok, st, res, per_policy, what):
 
 def task_stream(args, model, tok, st, res):
     rows, result = over_policies(args, model, tok, st, res, stream_policy, "commentary")
-    cost = lambda r: r["mean_ms"] / r["batch"] if r["mean_ms"] else None  # a batch second is shared by its streams
-    base = next((cost(r) for r in rows if r["policy"] == "streaming"), None)
-    for r in rows:  # the cost of a stream second against the StreamingVLM cache's, measured in this same run
-        r["x_streaming"] = round(cost(r) / base, 2) if base and cost(r) else None
+    base = next((r for r in rows if r["policy"] == "streaming"), None)
+    for r in rows:  # the cost of a stream second against the StreamingVLM cache's, measured in this same run; a
+        # batched row against a batched one only (a batch second serves all its streams)
+        alike = base and base["mean_ms"] and r["mean_ms"] and r.get("batch") == base.get("batch")
+        r["x_streaming"] = round(r["mean_ms"] / base["mean_ms"], 2) if alike else None
     print("\n" + table(rows))
     if base:
-        print("x_streaming: mean time per stream second (a batch second over its streams) over the streaming "
-              "policy's (same run, same streams)")
-    if args.batch:
-        print("batch: streams stepped together; their ms and peak_gib are the batch second's and the batch's")
+        print("x_streaming: mean time per stream second over the streaming policy's (same run, same streams)")
+    if any(r.get("batch", 1) > 1 for r in rows):
+        print("batch: streams stepped together; their ms and peak_gib are the batch second's and the whole batch's")
     print("\nevent F1 / score accuracy per 20% slice of the stream (the paper's Fig. 8):")
     for p, v in result["policies"].items():
         print(f"  {p:10s} " + ("  ".join(f"{s['f1']}/{s['score']}" for s in v["slices"]) or "(under 5 seconds)"))
@@ -387,7 +389,7 @@ def add_run_flags(ap, warmup, out):
                     + "; ".join(f"{name}: {p.about}" for name, p in POLICIES.items()))
     add_layout_flags(ap)
     ap.add_argument("--time-limit", type=at_least(0.0, float), default=0.0,
-                    help="seconds of wall time per policy and stream (default 0: none)")
+                    help="seconds of wall time per policy and stream, or batch (default 0: none)")
     ap.add_argument("--warmup", type=at_least(0), default=warmup,
                     help=f"first seconds left out of the latency numbers (default {warmup})")
     ap.add_argument("--reset-every", type=at_least(1), default=None,
