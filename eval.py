@@ -113,6 +113,21 @@ def timed_seconds(seconds, step, device, time_limit=0, after=None, desc=None):
     return lat, failed
 
 
+def ahead_of(make, seconds, pool):
+    """get(t) -> make(t), called for t = 0, 1, ... in order. With a thread pool, make(t + 1) runs on it while the
+    caller works on second t, as a live source is decoded ahead (a second's latency still includes any wait)."""
+    if pool is None:
+        return make
+    queued = [pool.submit(make, 0)]
+
+    def get(t):
+        out = queued[0].result()
+        if t + 1 < seconds:
+            queued[0] = pool.submit(make, t + 1)
+        return out
+    return get
+
+
 def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=None, **kw):
     """Stream frames_of(t) for t < seconds through make_streamer(policy, **kw); force(t): teacher-force second t's
     reply. Each second gets a record {t, text, latency (s), forwards (decode forwards), phases ({phase: s}, with
@@ -123,8 +138,7 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=N
     fresh_peak(device)
     s = make_streamer(model, tok, policy, reset_every=args.reset_every, **kw)
     r = dict(seconds=[], resize=[], max_position=0, peak_gib=0.0, streamer=s)
-    # prefetch: a thread renders and resizes second t+1 while the model works on second t, as a live source would
-    # be decoded ahead; a second's latency still includes any wait for its frames
+    # prefetch: a thread renders and resizes second t+1 while the model works on second t
     pool = ThreadPoolExecutor(1) if args.prefetch else None
 
     def prepare(t):
@@ -132,17 +146,10 @@ def run_policy(model, tok, policy, seconds, frames_of, args, force=None, after=N
         out = s.prepare(frames_of(t))
         r["resize"].append(time.perf_counter() - t0)
         return out
-    ahead = [pool.submit(prepare, 0)] if pool else None
-    texts, before = [], dict(forwards=0)
+    frames, texts, before = ahead_of(prepare if pool else frames_of, seconds, pool), [], dict(forwards=0)
 
     def step(t):
-        if pool:
-            frames = ahead[0].result()
-            if t + 1 < seconds:
-                ahead[0] = pool.submit(prepare, t + 1)
-        else:
-            frames = frames_of(t)
-        texts.append(s.step(frames, force_text=force(t) if force else None))
+        texts.append(s.step(frames(t), force_text=force(t) if force else None))
 
     def measured(t, latency):
         held = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else s.cache.nbytes() / 2**30
@@ -175,17 +182,13 @@ def run_batch(model, tok, policy, worlds, args, after=None, **kw):
     own = {k: v for k, v in kw.items() if k not in ("capacity", "decode")}
     streams = [batch.add(i, evict=p.evict, reindex=p.reindex, **own) for i in range(n)]
     runs = [dict(seconds=[], max_position=0, peak_gib=0.0, streamer=s) for s in streams]
-    frames = lambda t: {i: s.prepare(w.second(t).frames) for i, (w, s) in enumerate(zip(worlds, streams))}
     # as run_policy: a thread renders and resizes second t+1 for every stream while the batch runs second t
     pool, texts = ThreadPoolExecutor(1) if args.prefetch else None, {}
-    ahead = [pool.submit(frames, 0)] if pool else None
+    frames = ahead_of(lambda t: {i: s.prepare(w.second(t).frames) for i, (w, s) in enumerate(zip(worlds, streams))},
+                      args.seconds, pool)
 
     def step(t):
-        if pool:
-            now = ahead[0].result()
-            if t + 1 < args.seconds:
-                ahead[0] = pool.submit(frames, t + 1)
-        texts.update(batch.step(now if pool else frames(t)))
+        texts.update(batch.step(frames(t)))
 
     def measured(t, latency):
         held = (torch.cuda.memory_allocated() if device.type == "cuda" else
