@@ -12,9 +12,12 @@ score). For the seconds [t0, t1):
   score sentence, so each misreading counts once;
 - silence accuracy: quiet seconds left quiet.
 slices() scores five 20% slices of a stream: does the commentary hold up as the stream goes on (StreamingVLM, arXiv
-2510.09608, Fig. 8)?
+2510.09608, Fig. 8)? Over many streams, the mean score accuracy hides how many kept the score all along: kept_line
+counts the streams at KEPT or above and names the others.
 """
 from world import parse_event
+
+KEPT = 0.95  # score accuracy at which a stream "keeps the score" (exact: one misread goal costs every later one)
 
 
 def score_transcript(truth, pred, t0=0, t1=None):
@@ -66,3 +69,10 @@ def goal_steps(goals, pred, t0, t1):
 def slices(truth, pred, n=5):
     L = len(pred)
     return [score_transcript(truth, pred, L * i // n, L * (i + 1) // n) for i in range(n)]
+
+
+def kept_line(runs):
+    """'N of M; below: seed: accuracy, ...' over runs with a score accuracy (streams without a goal have none)."""
+    scored = [r for r in runs if r.get("score_acc") is not None]
+    below = [f"{r['seed']}: {r['score_acc']:.2f}" for r in scored if r["score_acc"] < KEPT]
+    return f"{len(scored) - len(below)} of {len(scored)}" + (f"; below: {', '.join(below)}" if below else "")

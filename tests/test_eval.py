@@ -10,7 +10,7 @@ import torch
 from cli import SHIPPED
 from conftest import refused
 from eval import main, run_policy
-from metrics import score_transcript, slices
+from metrics import kept_line, score_transcript, slices
 from stream import POLICIES
 from world import QUESTIONS, SportsStream, WorldConfig, answer, parse_event, split_seed
 
@@ -70,6 +70,13 @@ def test_goal_steps_count_each_misreading_once():
     assert score_transcript(two, one)["goal_step"] == 0.5
     assert score_transcript(two, one[1:] + [""], 11, 20)["goal_step"] == 0.0
     assert score_transcript(two, [""] + one[:-1], 11, 20)["goal_step"] == 1.0  # said a second late, inside
+
+
+def test_kept_line_counts_the_streams_that_keep_the_score():
+    runs = [dict(seed=7, score_acc=0.5), dict(seed=8, score_acc=1.0), dict(seed=9, score_acc=0.95),
+            dict(seed=10, score_acc=None), dict(seed=11)]  # no goal, or stopped in its first second: not counted
+    assert kept_line(runs) == "2 of 3; below: 7: 0.50"
+    assert kept_line(runs[1:]) == "2 of 2"
 
 
 def test_half_the_events_found():
@@ -293,3 +300,7 @@ def test_a_batch_scores_what_each_stream_scores_alone(tmp_path):
             assert a["summary"][key] == b["summary"][key], key
         assert a["slices"] == b["slices"]
         assert [r["cache_tokens"] for r in a["runs"]] == [r["cache_tokens"] for r in b["runs"]]
+        # each stream's own scores, the same either way; the summary is their mean
+        mine = lambda res: [(r["seed"], r["f1"], r["score_acc"], r["goal_step"]) for r in res["runs"]]
+        assert mine(a) == mine(b)
+        assert b["summary"]["f1"] == pytest.approx(sum(r["f1"] for r in b["runs"]) / 3, abs=1e-3)
