@@ -9,7 +9,8 @@ stream.json (the layout it was trained with: windows, fps, frame pixels, system 
 
   python train.py                          # 2-core CPU: ~9 min, names the events at the right second (no score)
   python train.py --preset gpu             # one GPU: 6,000 steps of 24 s chunks, then 250 of 192 s chunks in
-                                           # 8 s segments on the cache streaming leaves (reuse.py)
+                                           # 8 s segments on the cache streaming leaves (reuse.py); ~8 min on an
+                                           # H100: events named, the score kept on few streams (README)
   python train.py --init DIR --data x.jsonl  # fine-tune a Qwen2.5-VL checkpoint with StreamingVLM's recipe
   torchrun --nproc_per_node=N train.py     # DDP (small models) or --fsdp (FSDP2 fully_shard, large ones)
 
@@ -157,7 +158,8 @@ PRESETS = {
     # score easy to discover) and both curricula (a reply depends on *this* second's 4 vision tokens of 24 s); then a
     # fine-tune in segments, so that the score is read from K/V made as streaming makes them (reuse.py): 6,000
     # steps of chunks (the shipped model's base; 2,400 read half as many score numbers), 250 of segments (192 s
-    # chunks of 24 segments, 64 a step)
+    # chunks of 24 segments, 64 a step). One H100: ~8 min; the score kept on 13 and 1 of 30 held-out streams (seeds
+    # 0, 1): its 192 s segments hold few goals far apart (tools/goal_gaps.py; docs/RESULTS.md)
     "gpu": TrainConfig(steps=6250, batch_size=32, lr=1e-3, text_window=512, eval_every=500, curriculum=300,
                        time_curriculum=1000, event_rate=0.3, goal_rate=(0.01, 0.15), stream_seconds=7200,
                        question_rate=0.5, segment_steps=250, segment_seconds=8, segment_lr=2e-4),
