@@ -542,6 +542,9 @@ def train(args):
     if run.master:
         print(f"done: loss {history[0]:.3f} -> {history[-1]:.3f}; checkpoint in {args.out}; this part took "
               f"{time.perf_counter() - began:.0f} s")
+        if not args.data:  # teacher-forced validation reads fresh K/V where streaming reads reused ones (reuse.py)
+            print(f"validation is teacher-forced; whether the score holds while streaming: python eval.py --model "
+                  f"{args.out} --policies streaming --seconds 1800 --streams 30 --batch")
     finish(run)
     return history
 
