@@ -258,7 +258,7 @@ def stream_policy(args, model, tok, policy, worlds, kw, res):
             scores.append(score_transcript(truth[:n], texts))
         per_slice.append(slices(truth[:n], texts) if n >= 5 else None)
         lat += r["latency"][args.warmup:]
-        mine = {k: scores[-1][k] for k in ("f1", "score_acc", "goal_step", "silence_acc", "goals")} if n else {}
+        mine = {k: scores[-1][k] if n else None for k in ("f1", "score_acc", "goal_step", "silence_acc", "goals")}
         runs.append(dict(seed=world.cfg.seed, seconds=n, failed=r["failed"], peak_gib=r["peak_gib"],
                          max_position=r["max_position"], cache_tokens=r["cache_tokens"], **mine))
         del r  # free this run's cache before the next run measures its peak memory

@@ -72,7 +72,14 @@ def slices(truth, pred, n=5):
 
 
 def kept_line(runs):
-    """'N of M; below: seed: accuracy, ...' over runs with a score accuracy (streams without a goal have none)."""
+    """'N of M; below: seed: accuracy, ...' over runs with a score accuracy (streams without a goal have none); a
+    run that stopped early is marked, since its accuracy covers only the seconds before."""
     scored = [r for r in runs if r.get("score_acc") is not None]
-    below = [f"{r['seed']}: {r['score_acc']:.2f}" for r in scored if r["score_acc"] < KEPT]
-    return f"{len(scored) - len(below)} of {len(scored)}" + (f"; below: {', '.join(below)}" if below else "")
+    if not scored:
+        return "no stream had a goal"
+    def name(r):
+        return f"{r['seed']}: {r['score_acc']:.2f}" + (f" (stopped at {r['seconds']} s)" if r.get("failed") else "")
+    below = [name(r) for r in scored if r["score_acc"] < KEPT]
+    stopped = [name(r) for r in scored if r["score_acc"] >= KEPT and r.get("failed")]
+    return (f"{len(scored) - len(below)} of {len(scored)}" + (f"; below: {', '.join(below)}" if below else "")
+            + (f"; of those kept, {', '.join(stopped)}" if stopped else ""))

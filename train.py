@@ -544,7 +544,7 @@ def train(args):
               f"{time.perf_counter() - began:.0f} s")
         if not args.data:  # teacher-forced validation reads fresh K/V where streaming reads reused ones (reuse.py)
             print(f"validation is teacher-forced; whether the score holds while streaming: python eval.py --model "
-                  f"{args.out} --policies streaming --seconds 1800 --streams 30 --batch")
+                  f"{args.out} --policies streaming --seconds 1800 --seed 200 --streams 30 --batch")
     finish(run)
     return history
 

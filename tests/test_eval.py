@@ -77,6 +77,10 @@ def test_kept_line_counts_the_streams_that_keep_the_score():
             dict(seed=10, score_acc=None), dict(seed=11)]  # no goal, or stopped in its first second: not counted
     assert kept_line(runs) == "2 of 3; below: 7: 0.50"
     assert kept_line(runs[1:]) == "2 of 2"
+    assert kept_line(runs[3:]) == "no stream had a goal"
+    stopped = [dict(seed=7, score_acc=1.0, seconds=40, failed=dict(reason="time limit", second=40)),
+               dict(seed=8, score_acc=0.2, seconds=90, failed=dict(reason="out of memory", second=90))]
+    assert kept_line(stopped) == "1 of 2; below: 8: 0.20 (stopped at 90 s); of those kept, 7: 1.00 (stopped at 40 s)"
 
 
 def test_half_the_events_found():
@@ -280,7 +284,7 @@ def test_default_model_is_the_shipped_one_from_any_folder(tmp_path, monkeypatch,
     assert "--model out/tiny: no checkpoint there" in refused(main, ["--seconds", "2"], capsys)
 
 
-def test_a_batch_scores_what_each_stream_scores_alone(tmp_path):
+def test_a_batch_scores_what_each_stream_scores_alone(tmp_path, capsys):
     """--batch steps the held-out streams together (serve.StreamBatch): the same commentary, second by second, and
     the same scores; only the timing columns differ. The shipped model, 24 s: events, a goal, evictions."""
     argv = ["--model", SHIPPED, "--seconds", "24", "--streams", "3", "--seed", "4", "--policies", "streaming", "native"]
@@ -304,3 +308,10 @@ def test_a_batch_scores_what_each_stream_scores_alone(tmp_path):
         mine = lambda res: [(r["seed"], r["f1"], r["score_acc"], r["goal_step"]) for r in res["runs"]]
         assert mine(a) == mine(b)
         assert b["summary"]["f1"] == pytest.approx(sum(r["f1"] for r in b["runs"]) / 3, abs=1e-3)
+        goals = [r["score_acc"] for r in b["runs"] if r["score_acc"] is not None]
+        assert b["summary"]["score"] == pytest.approx(sum(goals) / len(goals), abs=1e-3)
+    # the printed count of the streams that keep the score, one line a policy, the same either way
+    kept = [x.split()[1:] for x in capsys.readouterr().out.splitlines()
+            if x.startswith(("  streaming ", "  native ")) and (" of " in x or "no stream" in x)]
+    assert len(kept) == 4 and kept[:2] == kept[2:]
+    assert kept[0] == kept_line(alone["policies"]["streaming"]["runs"]).split()
