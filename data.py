@@ -264,7 +264,8 @@ def phase_at(step, cfg):
     return first, replace(cfg, steps=cfg.segment_steps, segment_steps=0, chunk_seconds=cfg.segment_chunk_seconds,
                           overlap=cfg.segment_chunk_seconds // 2, batch_size=cfg.segment_batch_size,
                           lr=cfg.segment_lr, curriculum=0, time_curriculum=0, freeze_vision=True,
-                          goal_rate=cfg.goal_rate if cfg.segment_goal_rate is None else cfg.segment_goal_rate)
+                          goal_rate=cfg.goal_rate if cfg.segment_goal_rate is None else cfg.segment_goal_rate,
+                          event_rate=cfg.event_rate if cfg.segment_event_rate is None else cfg.segment_event_rate)
 
 
 def chunk_schedule(step, cfg):

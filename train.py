@@ -109,6 +109,9 @@ class TrainConfig:
     segment_lr: float = knob(1e-4, "peak learning rate of the --segment-steps", POSITIVE)
     segment_goal_rate: float = knob(None, "synthetic world's goal rate (or LO:HI) in the --segment-steps (none: "
                                     "--goal-rate's); sparser goals leave the last score further back", rate_or_range)
+    segment_event_rate: float = knob(None, "synthetic world's P(shot/save/foul/corner) a second in the "
+                                     "--segment-steps (none: --event-rate's); fewer events keep an old goal "
+                                     "sentence longer inside the previous text's window", FRACTION)
     stream_seconds: int = knob(3600, "chunks start anywhere in streams this long (>= --chunk-seconds; a stream "
                                "with goal rate r is cut to data.GOALS_PER_STREAM / r seconds)", between(1, 10**7))
     curriculum: int = knob(0, "steps over which the chunk length ramps from 2 s up to --chunk-seconds (with "
@@ -278,7 +281,7 @@ def check_segments(ap, args):
         ap.error(f"--segment-steps ({c.segment_steps}, {args.sources['segment_steps']}) must leave some of --steps "
                  f"({c.steps}) to the plain chunks (--segment-steps 0: none in segments)")
     lone = [f"--{k.replace('_', '-')}" for k in ("segment_chunk_seconds", "segment_batch_size", "segment_lr",
-                                                 "segment_goal_rate") if args.sources[k] == "flag"]
+                                                 "segment_goal_rate", "segment_event_rate") if args.sources[k] == "flag"]
     if lone and not c.segment_steps:
         ap.error(f"{', '.join(lone)} set(s) the segment phase: it needs --segment-steps")
     if args.data and c.segment_steps:
@@ -316,10 +319,13 @@ def check_combinations(ap, args):
     if c.min_pixels > c.max_pixels:
         ap.error(f"--min-pixels ({c.min_pixels}) must not exceed --max-pixels ({c.max_pixels})")
     event = WorldConfig.event_rate if c.event_rate is None else c.event_rate
-    for flag, rate in (("--goal-rate", c.goal_rate), ("--segment-goal-rate", c.segment_goal_rate)):
+    segment_event = event if c.segment_event_rate is None else c.segment_event_rate
+    segment_goal = c.goal_rate if c.segment_goal_rate is None else c.segment_goal_rate
+    for flags, event, rate in (("--event-rate and --goal-rate", event, c.goal_rate),
+                               ("--segment-event-rate and --segment-goal-rate", segment_event, segment_goal)):
         goal_hi = max(rate) if isinstance(rate, tuple) else (rate or WorldConfig.goal_rate)
         if event + goal_hi > 1:
-            ap.error(f"--event-rate ({event:g}) plus the highest {flag} ({goal_hi:g}) must not exceed 1")
+            ap.error(f"{flags}: events ({event:g}) plus the highest goal rate ({goal_hi:g}) must not exceed 1")
     if args.stop_at is not None and args.stop_at > c.steps:
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
@@ -332,7 +338,8 @@ def check_combinations(ap, args):
     if args.video_root and not os.path.isdir(args.video_root):
         ap.error(f"--video-root {args.video_root}: not a folder")
     synthetic = [f"--{k.replace('_', '-')}" for k in ("event_rate", "goal_rate", "question_rate", "curriculum",
-                 "time_curriculum", "stream_seconds", "frame_size", "preroll", "segment_goal_rate", "long_seconds")
+                 "time_curriculum", "stream_seconds", "frame_size", "preroll", "segment_goal_rate",
+                 "segment_event_rate", "long_seconds")
                  if args.sources[k] == "flag"]
     if args.data and synthetic:
         ap.error(f"{', '.join(synthetic)} only apply to the synthetic world, not to --data")

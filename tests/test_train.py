@@ -132,7 +132,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 PHASES = ["--steps", "5", "--segment-steps", "2", "--segment-seconds", "2", "--segment-chunk-seconds", "6",
           "--segment-batch-size", "1", "--segment-lr", "1e-3", "--vision-window", "2",
-          "--segment-goal-rate", "0.01:0.02"]
+          "--segment-goal-rate", "0.01:0.02", "--segment-event-rate", "0.2"]
 
 
 def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them(tok, tmp_path):
@@ -147,6 +147,7 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     assert [phase_at(s, cfg)[0] for s in range(5)] == [0, 0, 0, 3, 3]
     assert [phase_at(s, cfg)[1].segment_seconds for s in (2, 3)] == [0, 2]
     assert [phase_at(s, cfg)[1].goal_rate for s in (2, 3)] == [0.05, (0.01, 0.02)]  # the segments' own world
+    assert [phase_at(s, cfg)[1].event_rate for s in (2, 3)] == [cfg.event_rate, 0.2]
     assert lr_at(2, cfg) == pytest.approx(3e-3 * 0.55)  # halfway down the first phase's cosine, then afresh:
     assert lr_at(3, cfg) == lr_at(4, cfg) == pytest.approx(1e-3)  # a 1-step warm-up, the cosine's first point
     ds = MicroBatches(tok, cfg, tiny_model_cfg(tok), None, 0, 0, 1)
@@ -156,6 +157,7 @@ def test_a_run_in_two_phases_trains_chunks_then_segments_and_resumes_across_them
     full, out = run_train(tmp_path, "full", *PHASES)
     assert json.load(open(out / "stream.json"))["evict_every"] == 2
     assert json.load(open(out / "stream.json"))["train_goal_rate"] == [0.01, 0.02]
+    assert json.load(open(out / "stream.json"))["train_event_rate"] == 0.2
     run_train(tmp_path, "part", *PHASES, "--stop-at", "3")
     assert json.load(open(tmp_path / "part" / "stream.json"))["evict_every"] == 1
     from safetensors.torch import load_file
