@@ -321,11 +321,11 @@ def check_combinations(ap, args):
     event = WorldConfig.event_rate if c.event_rate is None else c.event_rate
     segment_event = event if c.segment_event_rate is None else c.segment_event_rate
     segment_goal = c.goal_rate if c.segment_goal_rate is None else c.segment_goal_rate
-    for flags, event, rate in (("--event-rate and --goal-rate", event, c.goal_rate),
-                               ("--segment-event-rate and --segment-goal-rate", segment_event, segment_goal)):
+    for flags, events, rate in (("--event-rate and --goal-rate", event, c.goal_rate),
+                                ("--segment-event-rate and --segment-goal-rate", segment_event, segment_goal)):
         goal_hi = max(rate) if isinstance(rate, tuple) else (rate or WorldConfig.goal_rate)
-        if event + goal_hi > 1:
-            ap.error(f"{flags}: events ({event:g}) plus the highest goal rate ({goal_hi:g}) must not exceed 1")
+        if events + goal_hi > 1:
+            ap.error(f"{flags}: events ({events:g}) plus the highest goal rate ({goal_hi:g}) must not exceed 1")
     if args.stop_at is not None and args.stop_at > c.steps:
         ap.error(f"--stop-at ({args.stop_at}) is past the last step (--steps {c.steps})")
     if args.resume and args.overwrite:
