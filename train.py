@@ -322,7 +322,8 @@ def check_combinations(ap, args):
     segment_event = event if c.segment_event_rate is None else c.segment_event_rate
     segment_goal = c.goal_rate if c.segment_goal_rate is None else c.segment_goal_rate
     for flags, events, rate in (("--event-rate and --goal-rate", event, c.goal_rate),
-                                ("--segment-event-rate and --segment-goal-rate", segment_event, segment_goal)):
+                                ("the segment phase (--segment-event-rate, --segment-goal-rate, or the run's)",
+                                 segment_event, segment_goal)):
         goal_hi = max(rate) if isinstance(rate, tuple) else (rate or WorldConfig.goal_rate)
         if events + goal_hi > 1:
             ap.error(f"{flags}: events ({events:g}) plus the highest goal rate ({goal_hi:g}) must not exceed 1")
