@@ -318,12 +318,11 @@ def check_combinations(ap, args):
         ap.error(f"--frame-size must be a multiple of 28, got {c.frame_size}")
     if c.min_pixels > c.max_pixels:
         ap.error(f"--min-pixels ({c.min_pixels}) must not exceed --max-pixels ({c.max_pixels})")
-    event = WorldConfig.event_rate if c.event_rate is None else c.event_rate
-    segment_event = event if c.segment_event_rate is None else c.segment_event_rate
-    segment_goal = c.goal_rate if c.segment_goal_rate is None else c.segment_goal_rate
-    for flags, events, rate in (("--event-rate and --goal-rate", event, c.goal_rate),
-                                ("the segment phase (--segment-event-rate, --segment-goal-rate, or the run's)",
-                                 segment_event, segment_goal)):
+    for flags, phase in (("--event-rate and --goal-rate", c),  # the last step's phase: its own rates or the run's
+                         ("the segment phase (--segment-event-rate, --segment-goal-rate, or the run's)",
+                          phase_at(c.steps - 1, c)[1])):
+        events = WorldConfig.event_rate if phase.event_rate is None else phase.event_rate
+        rate = phase.goal_rate
         goal_hi = max(rate) if isinstance(rate, tuple) else (rate or WorldConfig.goal_rate)
         if events + goal_hi > 1:
             ap.error(f"{flags}: events ({events:g}) plus the highest goal rate ({goal_hi:g}) must not exceed 1")
