@@ -135,9 +135,19 @@ def read_state(out):
                                                   "loaded: unpickling can run code)" if old else ""))
     try:
         with open(path) as f:
-            return json.load(f)
+            state = json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"cannot read {path} ({e or 'nested too deeply'})") from None
+    # what a resume reads (save_run writes them): a state that lacks one would restart or crash the run
+    kinds = dict(step=int, history=list, processes=int, config=dict)
+    bad = [k for k, kind in kinds.items() if not isinstance(state, dict) or type(state.get(k)) is not kind]
+    if not bad and (state["step"] < 0 or state["processes"] < 1
+                    or not all(isinstance(x, (int, float)) for x in state["history"])):
+        bad = ["step >= 0, processes >= 1, history of numbers"]
+    if bad:
+        raise ValueError(f"{path} is not a train state this code wrote (wants {', '.join(bad)}); a fresh run needs "
+                         "--overwrite")
+    return state
 
 
 def write_json(path, obj):
@@ -205,6 +215,11 @@ def out_unfit(args):
     from records import seeks_path
     inputs = inputs_of(args, "data", "video_root") + ([args.init] if args.init and not args.resume else []) + (
         [seeks_path(args.data)] if args.data else [])
+    if os.path.islink(args.out):  # a save renames a new folder onto it: the link would go, its target stay as it was
+        return f"{args.out} is a link: a save swaps a new folder in at that name; give the folder itself"
+    for path in (beside(args.out, "tmp"), beside(args.out, "old")):  # a save's own names (clean_leftovers)
+        if os.path.lexists(path) and not os.path.islink(path) and not os.path.isdir(path):
+            return f"{args.out}: {path} is in the way of a save (a file saves never make); move it"
     return output_problem(args.out, inputs) or unwritable(os.path.dirname(os.path.abspath(args.out)))
 
 

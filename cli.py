@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import signal
+import sys
 import tempfile
 import time
 
@@ -121,13 +122,18 @@ def inputs_of(args, *flags):
     return [p for p in paths if p and not is_live(p)]
 
 
-def output_problem(folder, inputs=(), holds=True):
+def output_problem(folder, inputs=(), holds=True, results=False):
     """Why a run must not write into `folder`, or None: it is or holds checkpoints/ (the shipped model's home, which
-    runs never write into), it is, is inside or (holds=True: a folder the run replaces) holds one of `inputs`, or
-    it cannot be written."""
+    runs never write into), it is, is inside or (holds=True: a folder the run replaces) holds one of `inputs`, it
+    cannot be written, or (results=True: a folder that gets results files, such as eval's stream.json) it holds a
+    checkpoint, whose files those would replace."""
     if touches_shipped(folder):
         return f"{folder} is or holds checkpoints/, home of the shipped model, which runs never write into"
-    return clash(folder, inputs, holds) or unwritable(folder)
+    if problem := clash(folder, inputs, holds):
+        return problem
+    if results and os.path.isfile(os.path.join(folder, "config.json")):
+        return f"{folder} holds a checkpoint (config.json), whose files results written there could replace"
+    return unwritable(folder)
 
 
 def file_problem(path, inputs=()):
@@ -145,6 +151,12 @@ def unwritable(path, folder=True):
         return f"{path}: exists and is not a folder"
     if not folder and os.path.isdir(path):
         return f"{path}: is a folder, not a file"
+    # a file is written beside its path and renamed onto it: never in the system's folders (/dev/stdout would be
+    # replaced, not written to), never onto a device or a pipe (links followed)
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if not folder and (parent.split(os.sep)[1:2] in (["dev"], ["proc"], ["sys"])
+                       or os.path.exists(path) and not os.path.isfile(path)):
+        return f"{path}: is a device, a pipe or a link to one; outputs are files (renamed into place, not streamed)"
     if not folder and os.path.isfile(path):
         return None if os.access(path, os.W_OK) else f"{path}: exists and is read-only"
     where = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
@@ -221,6 +233,10 @@ class Results:
     rename: a reader never sees half a file)."""
 
     def __init__(self, out, name):
+        # (the commands check their --out with their inputs first; this stops any that did not, in one line)
+        if problem := (output_problem(out, holds=False, results=True) or file_problem(os.path.join(out, name + ".json"))
+                       or file_problem(os.path.join(out, name + ".jsonl"))):
+            sys.exit(f"error: {problem}")
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, name)
         self.lines = replace_file(self.path + ".jsonl")  # a new file: a symlink planted there is replaced, not followed

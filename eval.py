@@ -417,7 +417,8 @@ def check_run_flags(ap, args, default_seconds=None):
     # writable and none of the inputs (the video, the model, the data), nor inside one
     inputs = inputs_of(args, "video", "model", "data")
     written = [os.path.join(args.out, getattr(args, "task", "results") + ext) for ext in (".json", ".jsonl")]
-    problems = [output_problem(args.out, inputs, holds=False)] + [file_problem(f, inputs) for f in written]
+    problems = [output_problem(args.out, inputs, holds=False, results=True)]
+    problems += [file_problem(f, inputs) for f in written]
     if problem := next((p for p in problems if p), None):
         ap.error(f"--out {problem}")
     args.decode = args.decode or ["compiled" if gpu else "plain"]

@@ -19,6 +19,7 @@ symlink at the destination; it never writes through it.
 """
 import contextlib
 import os
+import re
 import secrets
 import stat
 
@@ -174,6 +175,11 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:  # a planted symlink (ELOOP), no permission
             raise Busy(f"{self.flag} {self.out}: cannot take the lock {self.path} ({e.strerror or e})") from None
+        st, head = os.fstat(fd), os.pread(fd, 33, 0)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or not re.fullmatch(rb"(\d{1,20}\n)?", head):
+            os.close(fd)   # the lock is truncated when taken: never a file that holds something else
+            raise Busy(f"{self.flag} {self.out}: {self.path} is in the way of the lock file (not a lock this code "
+                       "wrote: a file of its own, or a link to one); move it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -139,7 +139,7 @@ def check_args(ap, args):
         ap.error(str(e))
     out = args.out or "out/stream"
     inputs = [v for v in args.video if not is_live(v)] + [args.model]  # a camera or a URL is no file to clash with
-    problems = [output_problem(out, inputs, holds=False)] + [
+    problems = [output_problem(out, inputs, holds=False, results=True)] + [
         file_problem(os.path.join(out, n + ext), inputs) for n in names for ext in (".vtt", ".jsonl")]
     if problem := next((p for p in problems if p), None):
         ap.error(f"--out {problem}")

@@ -359,16 +359,24 @@ def timestamp(seconds):
 class Outputs:
     """--vtt (a cue for each second that says something) and --jsonl (one object a second), written and flushed
     as the stream goes, so a crash loses nothing already said. Each is a new file renamed into place
-    (safeio.replace_file): a symlink planted at the path is replaced, never written through."""
+    (safeio.replace_file) when the first second is written: a symlink planted at the path is replaced, never
+    written through, and a run that fails before its first second leaves the files of the run before as they were."""
 
     def __init__(self, vtt=None, jsonl=None):
+        self.paths, self.vtt, self.jsonl, self.opened = (vtt, jsonl), None, None, False
+        self.seconds = 0  # seconds written whole so far
+
+    def _open(self):
+        vtt, jsonl = self.paths
+        self.opened = True
         self.vtt = replace_file(vtt) if vtt else None
         self.jsonl = replace_file(jsonl) if jsonl else None
-        self.seconds = 0  # seconds written whole so far
         if self.vtt:
             self.vtt.write("WEBVTT\n\n")
 
     def write(self, t, text, ms, s):
+        if not self.opened:
+            self._open()
         if self.vtt and text:
             self.vtt.write(f"{timestamp(t)} --> {timestamp(t + 1)}\n{text}\n\n")
             self.vtt.flush()

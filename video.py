@@ -105,7 +105,7 @@ def read_seconds(path, start, n, fps=FPS):
     else:
         timed = _av_timed(path, _av_open(path), start)
     later = ((stop - start, frame) for stop, frame in timed if stop > start)  # frames gone by `start` are not seen
-    frames = (f.to_image() if hasattr(f, "to_image") else f for f in _per_second(later, fps))
+    frames = (_rgb(f) if hasattr(f, "to_image") else f for f in _per_second(later, fps))
     return list(itertools.islice(seconds_of(frames, fps), n))  # the generators (and the file) close on return
 
 
@@ -195,7 +195,18 @@ def _gif_timed(path, im):
 
 
 def _av_source(path, fps):
-    return (f.to_image() for f in _per_second(_av_timed(path, _av_open(path)), fps))
+    return (_rgb(f) for f in _per_second(_av_timed(path, _av_open(path)), fps))
+
+
+def _rgb(frame):
+    """A decoded PyAV frame as a PIL RGB image, converted on this thread. Since PyAV 17 the conversion runs on a pool
+    of slice threads, and in a DataLoader worker (a fork of the training process, which has threads of its own)
+    they can wait forever on a lock the fork copied held (seen with PyAV 18.1). An older PyAV has no pool and takes
+    no `threads`."""
+    try:
+        return frame.to_image(threads=1)
+    except TypeError:
+        return frame.to_image()
 
 
 def _av_open(path):

@@ -5,16 +5,26 @@ The numerical oracle (transformers, pinned in requirements-dev.txt) must be ther
 would skip, not fail, so a run without it stops at once with one line (NANOSTREAM_NO_ORACLE=1 lets it skip them,
 for a quick run on a machine without the dev requirements). GPU tests skip on a machine without one.
 
+The GPU kernels (decode.py's split-KV attention, cache.py's eviction) are Triton. Without a GPU, Triton's
+interpreter runs them on CPU tensors (in NumPy, slowly), so that their index logic is tested on any machine with
+Triton installed (requirements-dev.txt): `kernel_device` says where. The interpreter must be on before those modules
+define their kernels, hence here, before the imports below. It gets two things wrong in bf16 (tl.dot, and rounding
+to bf16), so on a CPU the kernel tests run in fp16, which takes the same code path.
+
 pytest.ini puts the repository root on the import path, so tests import model.py, cache.py, ... as a reader
 runs them; test modules import the plain helpers below with `from conftest import ...`."""
+import importlib.util
 import os
 
 import pytest
 import torch
 from PIL import Image
 
-from model import PRESETS, VLM
-from processor import Tokenizer, build_tokenizer
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from model import PRESETS, VLM  # noqa: E402 (after the interpreter is chosen)
+from processor import Tokenizer, build_tokenizer  # noqa: E402
 
 TEXTS = ["Red scores! Red 1, Blue 0.", "Blue shoots!", "Foul by Red.", "Corner for Blue.", "Blue keeper saves.",
          "Time=12.0-13.0s", " ..."]
@@ -35,6 +45,18 @@ def oracle_problem():
     if transformers.__version__ != (pinned := pinned_oracle()):
         return f"transformers {transformers.__version__} is installed, the tests' oracle is {pinned}"
     return ""
+
+
+def kernel_device():
+    """Where the tests run the Triton kernels: "cuda", "cpu" (Triton's interpreter), or None (no Triton)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if importlib.util.find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+def kernel_dtype():
+    """The 16-bit dtype the kernel tests use: bf16 as the model runs, fp16 in the interpreter (see above)."""
+    return torch.bfloat16 if kernel_device() == "cuda" else torch.float16
 
 
 def pytest_configure(config):

@@ -11,7 +11,7 @@ import torch
 from layout import Kind, end_ids, prefix_segments, round_segments
 from stream import POLICIES, make_streamer
 
-from conftest import frames, script, tiny_model
+from conftest import frames, kernel_device, kernel_dtype, script, tiny_model
 
 def fresh_logits(model, s, pixels):
     """A forward from scratch over exactly the kept tokens, with positions as a fresh prompt."""
@@ -297,29 +297,33 @@ def test_eviction_moves_slots_right_while_the_previous_text_grows():
     assert moves_right(grows) and not moves_right(full)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(kernel_device() is None, reason="Triton is not installed (requirements-dev.txt)")
 @pytest.mark.parametrize("rotate", [True, False])
-def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
+def test_fused_eviction_is_the_reference_bit_for_bit(rotate):
     """cache.fused_move (one Triton kernel) leaves every row as the reference gathers leave it (serve._move_rows), bit
-    for bit in bf16 (the kernel rounds each product and sum to nearest, without fused multiply-adds, as apply_rope's
+    for bit in 16 bits (the kernel rounds each product and sum to nearest, without fused multiply-adds, as apply_rope's
     ops do): a kept prefix, long and short shifts, a row that keeps everything, slots that move right (set aside
     around the kernel), a row that does not evict; and StreamingCache.move_kv fused equals move_kv unfused on a strided
-    row view (a batch's row), there with the keep of a growing previous text."""
+    row view (a batch's row), there with the keep of a growing previous text. bf16 on a GPU; fp16 and a tenth of the
+    slots through Triton's interpreter on a CPU (conftest)."""
     from cache import StreamingCache, fused_move
     from serve import _move_rows, adopt_row
     from model import PRESETS
-    g = torch.Generator(device="cuda").manual_seed(0)
-    L, R, H, S, D = 3, 5, 4, 3000, 128
-    k, v, raw_k = (torch.randn(L, R, H, S, D, generator=g, device="cuda").to(torch.bfloat16) for _ in range(3))
+    dev, dtype = kernel_device(), kernel_dtype()
+    g = torch.Generator(device=dev).manual_seed(0)
+    u, H = (100, 4) if dev == "cuda" else (10, 2)   # slots per unit of the layouts below (3,000 a row on a GPU)
+    L, R, S, D = 3, 5, 30 * u, 128
+    k, v, raw_k = (torch.randn(L, R, H, S, D, generator=g, device=dev).to(dtype) for _ in range(3))
     rows = [2, 0, 3, 4]
-    keeps = [torch.cat([torch.arange(600), torch.arange(1400, 2900)]),          # sink kept, a long shift
-             torch.cat([torch.arange(10), torch.arange(11, 2999, 2)]),           # short shifts, every other slot
-             torch.arange(2500),                                                 # keeps all it has
-             # a growing previous text: replies 700-759 join it, its closing slots 600-601 move right (to 660-661)
-             torch.cat([torch.arange(600), torch.arange(700, 760), torch.tensor([600, 601]), torch.arange(760, 2999)])]
+    keeps = [torch.cat([torch.arange(6 * u), torch.arange(14 * u, 29 * u)]),      # sink kept, a long shift
+             torch.cat([torch.arange(10), torch.arange(11, S - 1, 2)]),           # short shifts, every other slot
+             torch.arange(25 * u),                                                # keeps all it has
+             # a growing previous text: replies 7u..7u+59 join it, its closing slots 6u, 6u+1 move right (to 6u+60..)
+             torch.cat([torch.arange(6 * u), torch.arange(7 * u, 7 * u + 60), torch.tensor([6 * u, 6 * u + 1]),
+                        torch.arange(7 * u + 60, S - 1)])]
     n = max(len(x) for x in keeps)
-    angle = torch.rand(len(rows), n, D // 2, generator=g, device="cuda") * 3000
-    cos, sin = (f(torch.cat([angle, angle], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    angle = torch.rand(len(rows), n, D // 2, generator=g, device=dev) * 3000
+    cos, sin = (f(torch.cat([angle, angle], -1)).to(dtype) for f in (torch.cos, torch.sin))
     ref = [x.clone() for x in (k, v, raw_k)]
     _move_rows(*ref, rows, keeps, *((cos, sin) if rotate else (None, None)))
     fused_move(k, v, raw_k, rows, keeps, *((cos, sin) if rotate else ()))
@@ -330,10 +334,10 @@ def test_fused_eviction_is_the_reference_bit_for_bit_on_a_gpu(rotate):
             same(got[:, row, :, :len(keep)], want[:, row, :, :len(keep)], name)
     assert all(torch.equal(got[:, 1], want[:, 1]) for got, want in zip((k, v, raw_k), ref))   # row 1 did not evict
     cfg = PRESETS["7B"]()
-    cfg.num_hidden_layers = L
+    cfg.num_hidden_layers, cfg.num_key_value_heads = L, H
     caches = []
     for fused in (True, False):
-        c = StreamingCache(cfg, reindex=rotate, capacity=0, device="cuda", dtype=torch.bfloat16)
+        c = StreamingCache(cfg, reindex=rotate, capacity=0, device=dev, dtype=dtype)
         adopt_row(c, *(x.clone()[:, 1:2, :, :S - 1] for x in (k, v, raw_k)))   # a row of a batch: strided views
         c.pos[:, :S - 1] = torch.randint(0, 4000, (3, S - 1), generator=torch.Generator().manual_seed(1))
         c.move_kv(keeps[3], fused=fused)

@@ -8,7 +8,7 @@ import torch
 
 from stream import Streamer, make_streamer
 
-from conftest import frames, tiny_model
+from conftest import frames, kernel_device, tiny_model
 
 
 def run(model, tok, seconds, force=None, **kw):
@@ -30,6 +30,30 @@ def test_static_step_equals_eager_forward(tok, policy):
     assert fast.decoder is not None and fast.cache.capacity > 64
     assert out_fast == out_ref
     assert sum(len(o) for o in out_ref) > 0  # the random model says things: decode steps really ran
+    torch.testing.assert_close(logits_fast, logits_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
+
+
+@pytest.mark.skipif(kernel_device() != "cpu", reason="the GPU runs its kernels in the tests above")
+def test_static_step_with_the_gpu_kernels_through_triton_s_interpreter(tok, monkeypatch):
+    """The GPU's fast path on a CPU: the static step with split-KV decode attention and evictions through fused_move
+    (both Triton, run by its interpreter: conftest), on the cache's own strided buffers, says and keeps what the
+    plain loop does."""
+    import functools
+    import cache
+    from decode import split_kv_attention
+    model = tiny_model(tok, layers=2, seed=1)
+    kw = dict(policy="streaming", text_sink=4, text_window=8, vision_window=3, capacity=64)
+    ref, out_ref, logits_ref = run(model, tok, 6, **kw)
+    moves, fused_move = [], cache.fused_move
+    monkeypatch.setattr(cache, "can_fuse", lambda k: True)   # what a GPU with Triton answers
+    monkeypatch.setattr(cache, "fused_move", lambda *a: moves.append(1) or fused_move(*a))
+    model.use_decode_attention(functools.partial(split_kv_attention, programs=8))   # a few slices a head
+    try:
+        fast, out_fast, logits_fast = run(model, tok, 6, decode="graphs", **kw)
+    finally:
+        model.use_decode_attention(None)
+    assert out_fast == out_ref and sum(len(o) for o in out_ref) > 0 and moves   # it spoke, and evicted
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
 

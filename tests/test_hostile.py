@@ -116,7 +116,16 @@ OUTPUT_CASES = {
                                                str(w / "frames" / "0.png")], r"is .*an input|inside"),
     "jsonl via ../ onto the video": (lambda w: stream_argv(w, "--jsonl", str(w / "frames" / ".." / "v.gif")),
                                      r"is .*an input"),
+    "vtt is a link to a device": (lambda w: (os.symlink("/dev/null", w / "n.vtt"),
+                                             stream_argv(w, "--vtt", str(w / "n.vtt")))[1], r"is a device, a pipe"),
 }
+
+
+def test_system_files_are_never_outputs():
+    """An output is written beside its path and renamed onto it: /dev/stdout would be replaced for every process
+    (as root), so the system's folders are refused by the check alone (asked here without running anything)."""
+    for path in ("/dev/stdout", "/dev/null", "/proc/self/fd/1"):
+        assert "is a device, a pipe or a link to one" in cli.file_problem(path)
 
 
 @pytest.mark.parametrize("case", OUTPUT_CASES)
@@ -132,6 +141,8 @@ EVAL_TRAIN_CASES = {
                                                                  str(w / "ck"), "--out", str(w / "frames" / "r")],
                                        r"--out .* is inside .*frames"),
     "eval --out in checkpoints/": (evaluate.main, lambda w: ["--out", os.path.join(SHIPPED, "x")], r"checkpoints/"),
+    "eval --out holds another checkpoint": (evaluate.main, lambda w: (shutil.copytree(w / "ck", w / "ck2"), [
+        "--video", str(w / "v.gif"), "--model", str(w / "ck"), "--out", str(w / "ck2")])[1], r"holds a checkpoint"),
     "train --out holds the data": (train.main, lambda w: ["--data", str(w / "d" / "a.jsonl"), "--out", str(w / "d")],
                                    r"--out .*d holds .*a.jsonl"),
     "train --out is the video root": (train.main, lambda w: ["--data", str(w / "d" / "a.jsonl"), "--video-root",
@@ -163,8 +174,9 @@ def test_planted_symlinks_are_replaced_never_followed(world):
     assert json.loads((world / "ck" / "stream.json").read_text())["layout"] == "nanostream"
     os.symlink(victim, world / "subs.vtt")
     out = stream.Outputs(vtt=str(world / "subs.vtt"))
+    out.write(0, "Red shoots!", 1.0, None)   # the files are made at the first second
     out.close()
-    assert (world / "subs.vtt").read_text() == "WEBVTT\n\n" and not os.path.islink(world / "subs.vtt")
+    assert (world / "subs.vtt").read_text().startswith("WEBVTT\n\n") and not os.path.islink(world / "subs.vtt")
     os.symlink(victim, world / "video.jsonl")
     res = cli.Results(str(world), "video")
     res.log(t=0)
@@ -189,6 +201,35 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder(world, capsys):
                  [world])
     with safeio.RunLock(str(world / "runs")):  # released: the next run takes it
         pass
+
+
+def test_train_out_that_a_save_could_not_swap_is_refused(world, capsys):
+    """A save renames a new folder onto --out: a link there would be replaced (its folder left empty), and a file
+    at a save's own temporary names would stop the first save after the training it follows."""
+    (world / "real").mkdir()
+    os.symlink(world / "real", world / "lnk")
+    one_line(train.main, ["--out", str(world / "lnk"), "--steps", "1"], capsys, r"lnk is a link", [world])
+    (world / ".tmp-pl").write_text("mine")
+    one_line(train.main, ["--out", str(world / "pl"), "--steps", "1"], capsys, r"\.tmp-pl is in the way", [world])
+
+
+@pytest.mark.parametrize("state", ["{}", "[]", '{"step": -5, "history": [], "processes": 1, "config": {}}',
+                                   '{"step": 3, "history": "abc", "processes": 1, "config": {}}'])
+def test_resume_from_a_train_state_it_did_not_write_is_one_line(world, capsys, state):
+    """An emptied or hand-edited train_state.json: refused by name, not a silent restart from step 0 or a crash."""
+    shutil.copytree(world / "ck", world / "run")
+    (world / "run" / "train_state.json").write_text(state)
+    one_line(train.main, ["--out", str(world / "run"), "--resume", "--steps", "9"], capsys,
+             r"--resume: .*train_state.json is not a train state this code wrote", [world])
+
+
+def test_a_file_in_the_lock_s_place_is_refused_not_truncated(world, capsys):
+    """The lock file is truncated when taken: a video or a hard link to a victim at .NAME.lock stays whole."""
+    shutil.copy(world / "v.gif", world / ".a.lock")
+    os.link(world / "victim.txt", world / ".b.lock")
+    for name in ("a", "b"):
+        one_line(evaluate.main, ["--video", str(world / "v.gif"), "--model", str(world / "ck"), "--out",
+                                 str(world / name)], capsys, r"\.lock is in the way of the lock file", [world])
 
 
 def test_a_private_out_folder_stays_private(tmp_path, capsys):
@@ -336,7 +377,12 @@ def test_a_timestamp_a_billion_seconds_ahead_is_one_line(world, capsys):
             f.pts, f.time_base = pts, Fraction(1, 1000)
             c.mux(s.encode(f))
         c.mux(s.encode())
-    one_line(stream.main, ["--video", str(path), "--model", str(world / "ck")], capsys,
+    # the outputs of a run before stay as they were: a run's files replace them at its first second, not sooner
+    keep = ["--vtt", str(world / "keep.vtt"), "--jsonl", str(world / "keep.jsonl")]
+    stream.main(["--video", str(world / "v.gif"), "--model", str(world / "ck"), "--seconds", "2", *keep])
+    capsys.readouterr()
+    assert len((world / "keep.jsonl").read_text().splitlines()) == 2
+    one_line(stream.main, ["--video", str(path), "--model", str(world / "ck"), *keep], capsys,
              r"jump.mkv: the timestamps jump from 0.300 s to 1000000000.000 s at frame 4; .*MAX_GAP_S", [world])
 
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import Parser, Results, at_least, check_device, checked, default_model, table
+from cli import (Parser, Results, at_least, check_device, checked, default_model, file_problem, inputs_of,
+                 output_problem, table)
 from flexprefill import (FlexPrefillConfig, _flex, block_mask_from_selection, flexprefill_attention,
                          estimate_density, select_blocks, select_blocks_fast, sparse_attention)
 from model import causal_attention
@@ -350,10 +351,22 @@ def build_parser():
     return p
 
 
+def json_files(path):
+    """The files a --json FILE.json writes (cli.Results.at): the summary and its lines."""
+    stem = path[:-5] if path.endswith(".json") else path
+    return stem + ".json", stem + ".jsonl"
+
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_device(p, args.device)
+    # outputs before anything runs: none of them an input (the activations, the model) or inside one
+    inputs = inputs_of(args, "activations", "model", "authors")
+    if args.json and (problem := next(filter(None, (file_problem(f, inputs) for f in json_files(args.json))), None)):
+        p.error(f"--json {problem}")
+    if args.long_prefill and (problem := output_problem(args.out, inputs, holds=False, results=True)):
+        p.error(f"--out {problem}")
     if not args.long_prefill:
         if args.activations and not os.path.isfile(args.activations):
             p.error(f"--activations {args.activations}: no such file")
