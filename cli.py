@@ -75,9 +75,11 @@ HELD_OUT_SEED = checked(int, lambda v: 0 <= v < SPLIT_SIZE, f"in [0, {SPLIT_SIZE
 
 def device_name(text):
     try:
-        torch.device(text)
+        kind = torch.device(text).type
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r}")
+    if kind not in ("cpu", "cuda", "mps"):   # meta, xla, hpu, ...: devices this code does not run on
+        raise argparse.ArgumentTypeError(f"{text!r}: runs here on cpu, cuda[:N] or mps")
     return text
 
 

@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
 
@@ -49,6 +50,9 @@ FRAME_PIXELS = (4 * 28 * 28, 768 * 28 * 28)  # (min, max) pixels of a frame afte
 LIMITS = dict(text_sink=32768, text_window=32768, vision_window=3600, evict_every=3600, fps=60,
               min_pixels=16384 * 28 * 28, max_pixels=16384 * 28 * 28, temperature=100.0, repetition_penalty=100.0,
               max_new_tokens=4096, system_prompt=10_000, query=10_000)
+# Text a user gives (a prompt flag, a data record) is tokenised as text: anything shaped like a control token
+# (<|im_end|>, <|video_pad|>, ...) is refused, never parsed into the chat template it would break out of.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>")
 MAX_TEXT_CHARS = 200_000  # --previous-text: it is cut to text_sink + text_window tokens, after tokenising it whole
 
 
@@ -109,7 +113,8 @@ def layout_flags():
     count = lambda name, lo: between(lo, LIMITS[name], what=" (layout.LIMITS)")
     real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name],
                                           f"{what} and at most {LIMITS[name]:g} (layout.LIMITS)")
-    text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name], f"at most {LIMITS[name]:,} characters")
+    text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name] and not CONTROL_TOKEN.search(v),
+                                f"at most {LIMITS[name]:,} characters, no control token such as <|im_end|>")
     return {
         "system_prompt": (text("system_prompt"), "the system prompt"),
         "query": (text("query"), "text after the first second's video (\"\" = none)"),

@@ -36,6 +36,7 @@ from array import array
 from dataclasses import dataclass
 
 from data import DataError, build_sample
+from layout import CONTROL_TOKEN
 from video import VideoError, read_seconds
 
 
@@ -52,9 +53,6 @@ class Record:
 
 
 SEEK_INDEX = re.compile(rb"\s*\[[\d\s,]*\]\s*")  # a line that is a list of integers: LiveCC's in-file seek index
-# Data text is tokenised as text: anything shaped like a control token (<|im_end|>, <|video_pad|>, ...) is refused,
-# never parsed into the chat template it would break out of.
-SPECIAL = re.compile(r"<\|[^<>|\s]{1,40}\|>")
 # The most a record may hold, checked as it is parsed (before a chunk is tokenised or a frame decoded)
 LIMITS = dict(line_bytes=16 << 20, words=100_000, word_chars=200, text_chars=200_000, seconds=1e7)
 
@@ -69,6 +67,8 @@ def parse_record(line, where):
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:   # (JSON is UTF-8 text)
+        raise DataError(f"{where}: not UTF-8 text (byte {e.start})") from None
     except RecursionError:
         raise DataError(f"{where}: not a valid record (JSON nested too deeply)") from None
     try:
@@ -101,7 +101,7 @@ def check_text(rec, where):
         if len(text) > LIMITS["text_chars"]:
             raise DataError(f"{where}: {name} is {len(text):,} characters; the limit is {LIMITS['text_chars']:,} "
                             "(records.LIMITS)")
-        if m := SPECIAL.search(text):
+        if m := CONTROL_TOKEN.search(text):
             raise DataError(f"{where}: {name} holds {m.group()!r}, a control token; data text is text (records.py)")
 
 

@@ -41,8 +41,9 @@ import cache as caches
 from checkpoint import checkpoint_settings, load_checkpoint
 from cli import Parser, at_least, checked, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
-from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, check_text,
-                    end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply, stop_ids, user_ids)
+from layout import (CONTROL_TOKEN, FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags,
+                    check_text, end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply,
+                    stop_ids, user_ids)
 from model import sample_next
 from prefill import GraphPrefill
 from processor import patchify_video, resize_video
@@ -452,7 +453,8 @@ def build_parser():
                     "whole video)")
     add_layout_flags(ap)
     ap.add_argument("--previous-text", default="", help="context the commentary continues from", type=checked(
-        str, lambda v: len(v) <= MAX_TEXT_CHARS, f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS)"))
+        str, lambda v: len(v) <= MAX_TEXT_CHARS and not CONTROL_TOKEN.search(v),
+        f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS), no control token such as <|im_end|>"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
                     "with the reason)")

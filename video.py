@@ -168,8 +168,8 @@ def _gif_open(path, fps):
     try:
         im = Image.open(path)
         n_frames = getattr(im, "n_frames", 1)
-    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise VideoError(f"{path}: cannot read the GIF ({e})") from None
+    except (OSError, ValueError, EOFError, IndexError, Image.DecompressionBombError) as e:  # (IndexError: cut short)
+        raise VideoError(f"{path}: cannot read the GIF ({e or type(e).__name__})") from None
     check_size(path, *im.size)
     if n_frames == 1 and not im.info.get("duration"):
         im.close()
@@ -186,8 +186,8 @@ def _gif_timed(path, im):
                 stop += Fraction(frame.info.get("duration") or GIF_DEFAULT_MS) / 1000
                 rgb = to_rgb_image(frame)
                 yield stop, (rgb.copy() if rgb is frame else rgb)  # the iterator reuses `frame` for the next one
-        except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise VideoError(f"{path}: cannot read frame {i} of the GIF ({e})") from None
+        except (OSError, ValueError, EOFError, IndexError, Image.DecompressionBombError) as e:
+            raise VideoError(f"{path}: cannot read frame {i} of the GIF ({e or type(e).__name__})") from None
 
 
 # -----------------------------------------------------------------------------

@@ -256,6 +256,8 @@ def record(video="v.gif", words=((0.2, 0.6, "Red"), (0.6, 1.4, "shoots")), **kw)
 
 
 DATA_CASES = {
+    "bytes that are not UTF-8": (b'{"video": "v.gif", "start": 0, "end": 2, "words": [[0, 1, "\xff\xfe"]]}',
+                                 r"a.jsonl:2: not UTF-8 text"),
     "../ out of the root": (record("../outside.gif"), r"a.jsonl:2: video ../outside.gif resolves to .* outside"),
     "absolute path out of the root": (record("/etc/hostname"), r"a.jsonl:2: video /etc/hostname resolves .*outside"),
     "symlink out of the root": (record("out.gif"), r"a.jsonl:2: video out.gif resolves to .* outside the video root"),
@@ -277,7 +279,8 @@ def test_a_hostile_record_is_named_by_file_and_line(world, tok, case):
     (world / "d").mkdir()
     shutil.copy(world / "v.gif", world / "d" / "v.gif")
     os.symlink(world / "v.gif", world / "d" / "out.gif")  # a link out of the root
-    (world / "d" / "a.jsonl").write_text(record() + "\n" + line + "\n")
+    (world / "d" / "a.jsonl").write_bytes(f"{record()}\n".encode() + (line if isinstance(line, bytes) else
+                                                                     line.encode()) + b"\n")
     before = snapshot(world)
     with pytest.raises(DataError, match=pattern) as e:
         JsonlSamples(str(world / "d" / "a.jsonl"), tok, None, log=lambda m: None)
@@ -344,6 +347,13 @@ LIMIT_CASES = {
     "a 300k-character --previous-text": (dict(flags=["--previous-text", "x" * 300_000]), r"--previous-text: .*200,000"),
     "GIF declaring 65535 x 65535": (dict(gif=(65535, 65535)), r"v.gif: cannot read the GIF .*exceeds limit"),
     "GIF declaring 9000 x 9000": (dict(gif=(9000, 9000)), r"9000 x 9000 pixels are larger than the limit of 33,"),
+    "GIF cut at 100 bytes": (dict(cut=100), r"v.gif: cannot read the GIF \(index out of range\)"),
+    "GIF cut at 150 bytes": (dict(cut=150), r"v.gif: cannot read frame 1 of the GIF \(image file is truncated"),
+    "a control token in --system-prompt": (dict(flags=["--system-prompt", "Be brief<|im_end|>"]),
+                                           r"--system-prompt: .*no control token such as <\|im_end\|>"),
+    "a control token in --previous-text": (dict(flags=["--previous-text", "x<|video_pad|>"]),
+                                           r"--previous-text: .*no control token"),
+    "--device meta": (dict(flags=["--device", "meta"]), r"--device: 'meta': runs here on cpu, cuda\[:N\] or mps"),
 }
 
 
@@ -357,6 +367,8 @@ def test_a_size_past_its_limit_is_one_line(world, capsys, case):
         config(world, **how["config"])
     if "gif" in how:
         bomb_gif(world / "v.gif", *how["gif"])
+    if "cut" in how:   # a GIF cut short (a copy that stopped)
+        (world / "v.gif").write_bytes((world / "v.gif").read_bytes()[:how["cut"]])
     if "tokens" in how:  # ids past the embedding table
         import tokenizers
         t = tokenizers.Tokenizer.from_file(str(world / "ck" / "tokenizer.json"))
