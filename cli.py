@@ -36,9 +36,21 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints"
 
 
 class Parser(argparse.ArgumentParser):
+    """The scripts' parser: a mistake is one line, and an empty path (`--data ""`, from a shell variable never set)
+    is a mistake, not the flag left out."""
+    PATHS = ("out", "init", "data", "video_root", "video", "vtt", "jsonl", "model", "json", "activations", "authors")
+
     def error(self, message):
         """Bad input: one line, without the long usage block."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for name in self.PATHS:
+            value = getattr(parsed, name, None)
+            if value == "" or isinstance(value, list) and "" in value:
+                self.error(f"--{name.replace('_', '-')}: an empty path")
+        return parsed, rest
 
 
 def checked(kind, ok, what):

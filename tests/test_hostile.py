@@ -116,6 +116,7 @@ OUTPUT_CASES = {
                                                str(w / "frames" / "0.png")], r"is .*an input|inside"),
     "jsonl via ../ onto the video": (lambda w: stream_argv(w, "--jsonl", str(w / "frames" / ".." / "v.gif")),
                                      r"is .*an input"),
+    "jsonl an empty path": (lambda w: stream_argv(w, "--jsonl", ""), r"--jsonl: an empty path"),
     "vtt is a link to a device": (lambda w: (os.symlink("/dev/null", w / "n.vtt"),
                                              stream_argv(w, "--vtt", str(w / "n.vtt")))[1], r"is a device, a pipe"),
 }
@@ -150,6 +151,8 @@ EVAL_TRAIN_CASES = {
                                       r"--out .*frames is .*an input"),
     "train --out is --init": (train.main, lambda w: ["--init", str(w / "ck"), "--out", str(w / "ck"),
                                                      "--overwrite"], r"--out .*ck is .*an input"),
+    "train --data an empty path": (train.main, lambda w: ["--data", "", "--out", str(w / "r")], r"--data: an empty"),
+    "train --init an empty path": (train.main, lambda w: ["--init", "", "--out", str(w / "r")], r"--init: an empty"),
     "train --out in checkpoints/": (train.main, lambda w: ["--out", os.path.join(SHIPPED, "run")], r"checkpoints/"),
     "demo --out without .gif": (demo.main, lambda w: ["--out", str(w / "demo")], r"give a name ending in .gif"),
     "demo --out in checkpoints/": (demo.main, lambda w: ["--out", os.path.join(SHIPPED, "d.gif")], r"checkpoints/"),
