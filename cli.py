@@ -168,7 +168,7 @@ def unwritable(path, folder=True):
     # a file is written beside its path and renamed onto it: never in the system's folders (/dev/stdout would be
     # replaced, not written to), never onto a device or a pipe (links followed)
     parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    if not folder and (parent.split(os.sep)[1:2] in (["dev"], ["proc"], ["sys"])
+    if not folder and (parent == "/dev" or parent.split(os.sep)[1:2] in (["proc"], ["sys"])   # (/dev/shm is fine)
                        or os.path.exists(path) and not os.path.isfile(path)):
         return f"{path}: is a device, a pipe or a link to one; outputs are files (renamed into place, not streamed)"
     if not folder and os.path.isfile(path):
