@@ -26,6 +26,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from flexprefill import enable_flexprefill
@@ -161,18 +162,23 @@ def save(out, model, model_state, optimizer, tok_json, layout, notes, state):
     `notes`, the train state from `state` (JSON) and `optimizer` (optimizer_state's pair)."""
     clean_leftovers(out)
     tmp = beside(out, "tmp")
-    os.makedirs(tmp)
-    keep_mode(out, tmp)  # the new folder replaces `out`: a private (0700) --out stays private
-    model.tokenizer_path = None  # tokenizer.json comes from tok_json
-    model.save_pretrained(tmp, model_state)
-    with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
-        f.write(tok_json)
-    layout.save(tmp, **notes)
-    tensors, meta = optimizer
-    save_file(tensors, os.path.join(tmp, OPTIMIZER))
-    write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})
-    # safetensors writes 0600 (a private temp file, renamed); give it the mode open() gave the train state
-    os.chmod(os.path.join(tmp, OPTIMIZER), os.stat(os.path.join(tmp, STATE)).st_mode & 0o777)
+    try:
+        os.makedirs(tmp)
+        keep_mode(out, tmp)  # the new folder replaces `out`: a private (0700) --out stays private
+        model.tokenizer_path = None  # tokenizer.json comes from tok_json
+        model.save_pretrained(tmp, model_state)
+        with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
+            f.write(tok_json)
+        layout.save(tmp, **notes)
+        tensors, meta = optimizer
+        save_file(tensors, os.path.join(tmp, OPTIMIZER))
+        write_json(os.path.join(tmp, STATE), {**state, "optimizer": meta})
+        # safetensors writes 0600 (a private temp file, renamed); give it the mode open() gave the train state
+        os.chmod(os.path.join(tmp, OPTIMIZER), os.stat(os.path.join(tmp, STATE)).st_mode & 0o777)
+    except (OSError, SafetensorError) as e:   # a full disk, a folder gone: one line, the last checkpoint kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"cannot save the checkpoint beside {out} ({what}); {out} is as it was")
     swap_in(tmp, out)
 
 

@@ -145,7 +145,7 @@ class TrainConfig:
     workers: int = knob(min(16, (os.cpu_count() or 2) - 1), "DataLoader processes that render and tokenize chunks "
                         "(CPUs - 1, at most 16: on a GPU the synthetic chunks, not the model, set the pace)",
                         between(0, 256))
-    seed: int = knob(0, "seed of a fresh model's weights", at_least(0))
+    seed: int = knob(0, "seed of a fresh model's weights", between(0, 2**63 - 1))
 
 
 BOOKKEEPING = ("eval_every", "eval_chunks", "workers")

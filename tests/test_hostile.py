@@ -235,6 +235,23 @@ def test_a_file_in_the_lock_s_place_is_refused_not_truncated(world, capsys):
                                  str(world / name)], capsys, r"\.lock is in the way of the lock file", [world])
 
 
+def test_a_full_disk_at_a_save_is_one_line_and_leaves_nothing(world, capsys, monkeypatch):
+    """safetensors failing mid-write (as on a full disk): one line, no half-written folder beside --out."""
+    import checkpoint
+    from safetensors import SafetensorError
+    def full(*args):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(SystemExit) as e:   # (the progress bar is on stderr here: the message is the exit's)
+        train.main(["--out", str(world / "run"), "--steps", "1", "--batch-size", "1", "--eval-every", "1",
+                    "--eval-chunks", "1", "--chunk-seconds", "2", "--overlap", "1", "--stream-seconds", "60",
+                    "--text-sink", "0", "--text-window", "0", "--workers", "0", "--layers", "1", "--width", "64"])
+    assert re.fullmatch(r"cannot save the checkpoint beside .*run \(Error while serializing: .*No space left on "
+                        r"device \(os error 28\)\); .*run is as it was", str(e.value)), str(e.value)
+    assert "Traceback" not in capsys.readouterr().err
+    assert not os.path.exists(world / ".tmp-run") and not os.path.exists(world / "run")
+
+
 def test_a_private_out_folder_stays_private(tmp_path, capsys):
     """train.py --out on an existing 0700 folder: the checkpoint swapped in is 0700 too."""
     out = tmp_path / "out"
