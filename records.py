@@ -258,6 +258,12 @@ class JsonlSamples:
                             f"{self.root} (--video-root, else the JSONL's folder)")
         if not found:
             raise DataError(f"{where}: video {rec.video[:80]} not found (looked for {path})")
+        if os.path.isdir(real):   # a folder of frames: each image it holds must stay inside the root too
+            for name in sorted(os.listdir(real)):
+                if os.path.commonpath([os.path.realpath(os.path.join(real, name)), self.root]) != self.root:
+                    raise DataError(f"{where}: video {rec.video[:80]}: {name} resolves to "
+                                    f"{os.path.realpath(os.path.join(real, name))}, outside the video root "
+                                    f"{self.root} (--video-root, else the JSONL's folder)")
         return path
 
     def __len__(self):

@@ -281,6 +281,8 @@ DATA_CASES = {
     "../ out of the root": (record("../outside.gif"), r"a.jsonl:2: video ../outside.gif resolves to .* outside"),
     "absolute path out of the root": (record("/etc/hostname"), r"a.jsonl:2: video /etc/hostname resolves .*outside"),
     "symlink out of the root": (record("out.gif"), r"a.jsonl:2: video out.gif resolves to .* outside the video root"),
+    "a frame folder with a frame linked out of the root": (record("fr"), r"a.jsonl:2: video fr: 1.png resolves to "
+                                                                          r".* outside the video root"),
     "NaN word time": (record(words=[(0.2, float("nan"), "Red")]), r"a.jsonl:2: .*finite times"),
     "word ends before it starts": (record(words=[(1.5, 0.5, "Red")]), r"a.jsonl:2: .*start <= end"),
     "im_end in a word": (record(words=[(0.2, 0.6, "Red<|im_end|>")]), r"a.jsonl:2: word 1 holds '<\|im_end\|>'"),
@@ -299,6 +301,9 @@ def test_a_hostile_record_is_named_by_file_and_line(world, tok, case):
     (world / "d").mkdir()
     shutil.copy(world / "v.gif", world / "d" / "v.gif")
     os.symlink(world / "v.gif", world / "d" / "out.gif")  # a link out of the root
+    (world / "d" / "fr").mkdir()   # a folder of frames inside the root, one of them a link out of it
+    shutil.copy(world / "frames" / "0.png", world / "d" / "fr" / "0.png")
+    os.symlink(world / "frames" / "1.png", world / "d" / "fr" / "1.png")
     (world / "d" / "a.jsonl").write_bytes(f"{record()}\n".encode() + (line if isinstance(line, bytes) else
                                                                      line.encode()) + b"\n")
     before = snapshot(world)
