@@ -413,6 +413,9 @@ def check_run_flags(ap, args, default_seconds=None):
     """Defaults that depend on the device and --seconds, and flags that make no sense together."""
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     check_device(ap, args.device)
+    policies = getattr(args, "policies", None) or []
+    if len(set(policies)) < len(policies):   # the results keep one row a policy
+        ap.error(f"--policies names {', '.join(sorted({p for p in policies if policies.count(p) > 1}))} twice")
     # before anything loads, a bad --out costs one line: it and the files a run writes there (Results) must be
     # writable and none of the inputs (the video, the model, the data), nor inside one
     inputs = inputs_of(args, "video", "model", "data")

@@ -253,6 +253,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not os.path.isdir(args.folder):
         ap.error(f"{args.folder} is not a folder")
+    if not os.path.isfile(os.path.join(args.folder, "config.json")):   # a typo'd folder gets no stray stream.json
+        ap.error(f"{args.folder} holds no config.json: not a checkpoint folder")
+    if os.path.isdir(os.path.join(args.folder, "stream.json")):
+        ap.error(f"{os.path.join(args.folder, 'stream.json')} is a folder; move it away first")
     from cli import touches_shipped
     if touches_shipped(args.folder):  # the shipped model's stream.json is what its tests and README were made with
         ap.error(f"{args.folder} is the shipped checkpoint (checkpoints/), which is never rewritten; copy it first")

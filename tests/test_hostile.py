@@ -157,6 +157,10 @@ EVAL_TRAIN_CASES = {
     "demo --out without .gif": (demo.main, lambda w: ["--out", str(w / "demo")], r"give a name ending in .gif"),
     "demo --out in checkpoints/": (demo.main, lambda w: ["--out", os.path.join(SHIPPED, "d.gif")], r"checkpoints/"),
     "layout.py on the shipped checkpoint": (layout.main, lambda w: [SHIPPED], r"shipped checkpoint"),
+    "layout.py on a folder that is no checkpoint": (layout.main, lambda w: [str(w / "frames")],
+                                                    r"frames holds no config.json: not a checkpoint folder"),
+    "eval --policies with one twice": (evaluate.main, lambda w: ["--policies", "streaming", "full", "streaming",
+                                                                 "--out", str(w / "r")], r"names streaming twice"),
 }
 
 

@@ -60,6 +60,7 @@ def test_layout_round_trips_through_stream_json(tmp_path):
 def test_layout_cli_replaces_the_layout_and_keeps_the_training_notes(tmp_path, capsys):
     from layout import main
     (tmp_path / "stream.json").write_text(json.dumps(dict(text_sink=64, frame_size=56, train_goal_rate=[0.01, 0.1])))
+    (tmp_path / "config.json").write_text("{}")   # a checkpoint folder (layout.py reads nothing else of it)
     for _ in range(2):  # twice: a stream.json that layout.py wrote is replaced the same way
         main([str(tmp_path), "--layout", "streamingvlm"])
     d = json.loads((tmp_path / "stream.json").read_text())
