@@ -43,8 +43,8 @@ from tqdm import tqdm
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from metrics import KEPT, kept_line, score_transcript, slices
 from processor import resize_video
-from cli import (HELD_OUT_SEED, Parser, Results, at_least, check_device, default_model, device_name, file_problem,
-                 hardware, inputs_of, output_problem, table)
+from cli import (HELD_OUT_SEED, Parser, Results, at_least, between, check_device, default_model, device_name,
+                 file_problem, hardware, inputs_of, output_problem, table)
 from safeio import Busy, RunLock
 from checkpoint import checkpoint_settings, load_checkpoint
 from serve import BATCHED, StreamBatch
@@ -440,10 +440,11 @@ def build_parser():
     ap.add_argument("--model", default=default_model(), help="checkpoint folder (default: checkpoints/tiny if it "
                     f"exists, else out/tiny, what `python train.py` writes; now {default_model()})")
     ap.add_argument("--video", help="a video file, a GIF or a folder of frames to comment on (the video task)")
-    ap.add_argument("--seconds", type=at_least(1), default=None, help="stream length (stream: 7200 on a GPU, 600 "
+    # (bounds: a held-out stream's truth is built before its first second, and a batch holds every stream at once)
+    ap.add_argument("--seconds", type=between(1, 10**6), default=None, help="stream length (stream: 7200 on a GPU, 600 "
                     "on a CPU, ~2 minutes for the five policies on 2 cores; questions: 7200 / 60; video: the whole "
                     "video)")
-    ap.add_argument("--streams", type=at_least(1), default=1, help="held-out streams per policy (default 1)")
+    ap.add_argument("--streams", type=between(1, 1024), default=1, help="held-out streams per policy (default 1)")
     ap.add_argument("--batch", action="store_true", help="stream: run the held-out streams together, one batch a "
                     f"second (serve.StreamBatch; policies {', '.join(BATCHED)}; the others one after another): each "
                     "says what it says alone; latency is a batch second's, memory the batch's")

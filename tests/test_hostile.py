@@ -159,6 +159,10 @@ EVAL_TRAIN_CASES = {
     "layout.py on the shipped checkpoint": (layout.main, lambda w: [SHIPPED], r"shipped checkpoint"),
     "layout.py on a folder that is no checkpoint": (layout.main, lambda w: [str(w / "frames")],
                                                     r"frames holds no config.json: not a checkpoint folder"),
+    "eval --seconds 1e11": (evaluate.main, lambda w: ["--seconds", str(10**11), "--out", str(w / "r")],
+                            r"--seconds: must be at most 1,000,000"),
+    "eval --streams a million": (evaluate.main, lambda w: ["--streams", str(10**6), "--batch", "--out", str(w / "r")],
+                                 r"--streams: must be at most 1,024"),
     "eval --policies with one twice": (evaluate.main, lambda w: ["--policies", "streaming", "full", "streaming",
                                                                  "--out", str(w / "r")], r"names streaming twice"),
 }
