@@ -18,6 +18,7 @@ Then train.py's side: what --out must hold for a fresh run (no checkpoint, unles
 (a readable train state), and a save of a whole run. The last section is the serving side (stream.py, eval.py,
 serve.py, tools/): a checkpoint folder read with the stream.json it is served with, every failure one line.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -198,6 +199,17 @@ def stream_layout(cfg):
                         evict_every=cfg.segment_seconds or 1)
 
 
+def data_contents(path):
+    """What --resume compares of a --data file besides its path: its size and a hash of its first and last MiB (the
+    whole file can be gigabytes; an edited or replaced file almost always changes one of the three)."""
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{size} bytes, sha256 of its ends {h.hexdigest()[:16]}"
+
+
 def save_run(model, opt, step, history, args, run, tok_json, phase=None):
     """A run's checkpoint after `step`, swapped into args.out whole (save), its stream.json the layout of the
     settings `phase` the step trained with (default args.cfg; data.phase_at). Under FSDP every rank takes part in
@@ -206,7 +218,9 @@ def save_run(model, opt, step, history, args, run, tok_json, phase=None):
     optimizer = optimizer_state(opt)
     if run.master:
         state = dict(step=step, history=history, processes=run.world, config=asdict(args.cfg),
-                     init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data))
+                     init=args.init and os.path.abspath(args.init), data=args.data and os.path.abspath(args.data),
+                     data_contents=args.data and data_contents(args.data),
+                     video_root=args.video_root and os.path.abspath(args.video_root))
         trained = phase or args.cfg  # the settings of this step's phase: its layout, its synthetic world
         notes = dict(frame_size=trained.frame_size, train_event_rate=trained.event_rate,
                      train_goal_rate=trained.goal_rate)
@@ -267,6 +281,12 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
                    for k, v in now.items() if k not in bookkeeping and old.get(k) != v]
         changed += [f"--{k} {state[k]} -> {mine}" for k in ("init", "data")
                     if state[k] != (mine := getattr(args, k) and os.path.abspath(getattr(args, k)))]
+        # (a state saved before these were kept has neither: its run is taken at its word)
+        if "video_root" in state and state["video_root"] != (mine := args.video_root and
+                                                             os.path.abspath(args.video_root)):
+            changed.append(f"--video-root {state['video_root']} -> {mine}")
+        if state.get("data_contents") and args.data and state["data_contents"] != data_contents(args.data):
+            changed.append(f"--data {args.data}'s contents ({state['data_contents']} -> {data_contents(args.data)})")
         if state["processes"] != world:
             changed.append(f"processes {state['processes']} -> {world}")
         gone = [f"--{k.replace('_', '-')} {show(v, k)}" for k, v in state["config"].items()

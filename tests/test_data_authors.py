@@ -276,6 +276,17 @@ def test_train_two_steps_on_the_authors_format(tmp_path, clip, capsys):
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
 
 
+def test_resume_on_other_data_contents_is_refused(tmp_path, clip):
+    """--resume compares the --data file's contents (size, its ends' hash), not only its path: a file rewritten
+    between the parts would silently train the rest of the schedule on other records."""
+    shutil.copy(clip, tmp_path / "clip.mp4")
+    path = write_jsonl(tmp_path / "r_with_seeks.jsonl", [authors_line("clip.mp4", s, s + 3) for s in (0.0, 4.5)])
+    run_train(tmp_path, path, "--stop-at", "1")
+    write_jsonl(tmp_path / "r_with_seeks.jsonl", [authors_line("clip.mp4", s, s + 3) for s in (1.0, 5.5)])
+    with pytest.raises(SystemExit, match=r"--resume with other settings .*r_with_seeks.jsonl's contents \(\d+ bytes"):
+        run_train(tmp_path, path, "--resume")
+
+
 def test_train_stops_with_one_line_on_a_broken_video(tmp_path, clip):
     """A record whose video exists but does not decode passes the check at the start and fails in a DataLoader
     worker: the run stops with that record's file:line, not the worker's traceback."""
