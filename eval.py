@@ -364,7 +364,11 @@ def task_video(args, model, tok, st, res):
     seconds = islice(video_seconds(args.video, errors), args.seconds or None)  # --seconds 0: all of it
     for t, frames in enumerate(tqdm(seconds, desc=args.video, unit="s", total=args.seconds or None, leave=False,
                                     dynamic_ncols=True)):
-        commentary.append(dict(t=t, text=s.step(frames)))
+        try:
+            commentary.append(dict(t=t, text=s.step(frames)))
+        except ValueError as e:   # frames the processor refuses (two sizes in one second, a 300:1 frame): the video's
+            errors.append(f"{args.video}: second {t}: {e}")
+            break
         res.log(**commentary[-1])
         if commentary[-1]["text"]:
             tqdm.write(f"[{t:6d}s] {commentary[-1]['text']}")

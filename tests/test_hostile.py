@@ -163,6 +163,10 @@ EVAL_TRAIN_CASES = {
                             r"--seconds: must be at most 1,000,000"),
     "eval --streams a million": (evaluate.main, lambda w: ["--streams", str(10**6), "--batch", "--out", str(w / "r")],
                                  r"--streams: must be at most 1,024"),
+    "eval --video with frames of two sizes in a second": (evaluate.main, lambda w: (
+        Image.new("RGB", (64, 48)).save(w / "frames" / "1.png"),
+        ["--video", str(w / "frames"), "--model", str(w / "ck"), "--out", str(w / "r")])[1],
+        r"frames: second 0: video frames differ in size: \[\(16, 16\), \(64, 48\)\] .*the commentary of the 0 s"),
     "eval --policies with one twice": (evaluate.main, lambda w: ["--policies", "streaming", "full", "streaming",
                                                                  "--out", str(w / "r")], r"names streaming twice"),
 }
