@@ -285,8 +285,8 @@ def check_resume(state, config, bookkeeping, args, world, show=str, defaults=Non
         if "video_root" in state and state["video_root"] != (mine := args.video_root and
                                                              os.path.abspath(args.video_root)):
             changed.append(f"--video-root {state['video_root']} -> {mine}")
-        if state.get("data_contents") and args.data and state["data_contents"] != data_contents(args.data):
-            changed.append(f"--data {args.data}'s contents ({state['data_contents']} -> {data_contents(args.data)})")
+        if state.get("data_contents") and args.data and state["data_contents"] != (mine := data_contents(args.data)):
+            changed.append(f"--data {args.data}'s contents ({state['data_contents']} -> {mine})")
         if state["processes"] != world:
             changed.append(f"processes {state['processes']} -> {world}")
         gone = [f"--{k.replace('_', '-')} {show(v, k)}" for k, v in state["config"].items()

@@ -259,8 +259,14 @@ class Results:
     @classmethod
     def at(cls, path):
         """Results for a --json FILE.json flag: the summary there, the lines in FILE.jsonl."""
-        stem = path[:-5] if path.endswith(".json") else path
+        stem = cls.files_at(path)[0][:-5]
         return cls(os.path.dirname(os.path.abspath(stem)), os.path.basename(stem))
+
+    @staticmethod
+    def files_at(path):
+        """The files Results.at(path) writes: FILE.json and FILE.jsonl."""
+        stem = path[:-5] if path.endswith(".json") else path
+        return stem + ".json", stem + ".jsonl"
 
     def log(self, **row):
         self.last = row

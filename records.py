@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from data import DataError, build_sample
 from layout import CONTROL_TOKEN
+from safeio import within
 from video import VideoError, read_seconds
 
 
@@ -253,17 +254,16 @@ class JsonlSamples:
             real, found = os.path.realpath(path), os.path.exists(path)
         except ValueError as e:  # a NUL byte in the name
             raise DataError(f"{where}: video {rec.video[:80]!r} is not a path ({e})") from None
-        if os.path.commonpath([real, self.root]) != self.root:
+        if not within(real, self.root):
             raise DataError(f"{where}: video {rec.video[:80]} resolves to {real}, outside the video root "
                             f"{self.root} (--video-root, else the JSONL's folder)")
         if not found:
             raise DataError(f"{where}: video {rec.video[:80]} not found (looked for {path})")
         if os.path.isdir(real):   # a folder of frames: each image it holds must stay inside the root too
             for name in sorted(os.listdir(real)):
-                if os.path.commonpath([os.path.realpath(os.path.join(real, name)), self.root]) != self.root:
-                    raise DataError(f"{where}: video {rec.video[:80]}: {name} resolves to "
-                                    f"{os.path.realpath(os.path.join(real, name))}, outside the video root "
-                                    f"{self.root} (--video-root, else the JSONL's folder)")
+                if not within(frame := os.path.realpath(os.path.join(real, name)), self.root):
+                    raise DataError(f"{where}: video {rec.video[:80]}: {name} resolves to {frame}, outside the "
+                                    f"video root {self.root} (--video-root, else the JSONL's folder)")
         return path
 
     def __len__(self):

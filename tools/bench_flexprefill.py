@@ -351,19 +351,14 @@ def build_parser():
     return p
 
 
-def json_files(path):
-    """The files a --json FILE.json writes (cli.Results.at): the summary and its lines."""
-    stem = path[:-5] if path.endswith(".json") else path
-    return stem + ".json", stem + ".jsonl"
-
-
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_device(p, args.device)
     # outputs before anything runs: none of them an input (the activations, the model) or inside one
     inputs = inputs_of(args, "activations", "model", "authors")
-    if args.json and (problem := next(filter(None, (file_problem(f, inputs) for f in json_files(args.json))), None)):
+    if args.json and (problem := next(filter(None, (file_problem(f, inputs) for f in Results.files_at(args.json))),
+                                      None)):
         p.error(f"--json {problem}")
     if args.long_prefill and (problem := output_problem(args.out, inputs, holds=False, results=True)):
         p.error(f"--out {problem}")
