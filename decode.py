@@ -106,9 +106,23 @@ if triton is not None:
                 l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
         row = (bh * tl.num_programs(1) + split) * GP + g
-        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
-        tl.store(m_ptr + row, m_i)
-        tl.store(l_ptr + row, l_i)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])   # (the padding rows: never)
+        tl.store(m_ptr + row, m_i, mask=g < G)
+        tl.store(l_ptr + row, l_i, mask=g < G)
+
+    @triton.jit
+    def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      SP: tl.constexpr):
+        # one program per (batch x KV head, query head): its row of every slice, weighted by exp(slice max - max)
+        bh, g = tl.program_id(0), tl.program_id(1)
+        s, d = tl.arange(0, SP), tl.arange(0, D)
+        row = (bh * splits + s) * GP + g                            # (SP,): this head's row in each slice
+        m = tl.load(m_ptr + row, mask=s < splits, other=float("-inf"))
+        w = tl.exp(m - tl.max(m, 0))                                # a slice that saw no key (max -inf): 0
+        l = tl.load(l_ptr + row, mask=s < splits, other=0.0)
+        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(s < splits)[:, None], other=0.0)  # (SP, D)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + (bh * G + g) * D + d, o.to(out_ptr.dtype.element_ty))
 
 
 def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
@@ -134,10 +148,12 @@ def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
         mask.stride(0) if mask is not None else 0,
         SCALE=D ** -0.5,  # a constant: a float argument reaches a compiled graph's launch as fp64
         HKV=Hkv, G=G, GP=GP, D=D, BLOCK=block, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32)
-    # merge the slices: weight each by exp(its max - the overall max)
-    w = (m - m.amax(1, keepdim=True)).exp()                          # (B*Hkv, splits, GP); -inf slices -> 0
-    o = (acc * w[..., None]).sum(1) / (l * w).sum(1)[..., None]      # (B*Hkv, GP, D)
-    return o[:, :G].view(B, Hkv, G, D).to(q.dtype)
+    # merge the slices in one more kernel (a handful of torch ops would be several launches a layer): each weighted
+    # by exp(its max - the overall max), out = sum(w * acc) / sum(w * l)
+    out = torch.empty(B, Hkv, G, D, device=q.device, dtype=q.dtype)
+    SP = triton.next_power_of_2(splits)
+    _merge_kernel[(B * Hkv, G)](acc, m, l, out, splits, G=G, GP=GP, D=D, SP=SP, num_warps=8 if SP * D > 4096 else 4)
+    return out
 
 
 def decode_kernel_for(device):
@@ -179,6 +195,7 @@ class GraphDecoder:
         self.captures = 0
         self.compiled = compile
         self.tops = Readback((), dev)   # the last steps' argmax on the host
+        self.prefill_top = Readback((), dev)   # decode_ahead's: the prefill's argmax, read while step 1 runs
 
     def _step(self):
         """The static-shape step: reads token/pos/index, writes K/V into the cache, returns logits (1, vocab)."""
@@ -205,9 +222,9 @@ class GraphDecoder:
 
     @torch.no_grad()
     def __call__(self, token_id, position):
-        """token_id: int, or None for the previous step's argmax (taken on the device, no host round trip);
-        position: (3, 1, 1) M-RoPE position from cache.add_tokens. Commits the token. Returns the logits;
-        read() gives this step's argmax on the host."""
+        """token_id: int, a token on the device (a 0-d tensor), or None for the previous step's argmax (taken on
+        the device, no host round trip); position: (3, 1, 1) M-RoPE position from cache.add_tokens. Commits the
+        token. Returns the logits; read() gives this step's argmax on the host."""
         c = self.cache
         assert c.added == 1, "call cache.add_tokens([token], ...) first"
         if not bool((position == position[0]).all()):
@@ -216,6 +233,8 @@ class GraphDecoder:
             if self.argmax is None:
                 raise RuntimeError("token_id=None feeds the previous step's argmax, but no step has run")
             self.token.copy_(self.argmax.view(1, 1))  # queued after the previous step, before this one
+        elif isinstance(token_id, torch.Tensor):
+            self.token.copy_(token_id.view(1, 1))
         else:
             self.token.fill_(token_id)
         self.pos.fill_(int(position[0, 0, 0]))
@@ -287,11 +306,23 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
     loop (stream.py's Streamer.decode); a step queued past the end of the reply is dropped from the cache.
     logits: the prefill's; forced: tokens to teacher-force (or None); cap: the most tokens; readback: with forced
     tokens, still read each step's argmax back to the host, as real decoding must. Returns (tokens, last logits)."""
-    first = int(logits[0, -1].argmax()) if forced is None or readback else None  # after the prefill
-    out = [forced[0] if forced is not None else first]
-    if out[0] in stops or cap == 1:
+    top = logits[0, -1].argmax()    # the prefill's token, on the device
+    dec.prefill_top.push(top)
+    # step 1 too is queued before its token (the prefill's) is read back: the GPU goes on from the prefill to it
+    # while the host waits for the prefill alone and launches the graph
+    ahead = cap > 1 and (forced is None or forced[0] not in stops)
+    if ahead:
+        fed = forced[0] if forced is not None else top
+        last = [dec(fed, cache.add_tokens([forced[0] if forced is not None else 0], Kind.REPLY, round_))]
+    read = int(dec.prefill_top.read()) if forced is None or readback else None
+    out = [forced[0] if forced is not None else read]
+    if not ahead or out[0] in stops:
+        if ahead:   # the step queued ahead fed a token that ends the reply (a stop)
+            cache.drop_last()
         return out, logits
-    last = [dec(out[0], cache.add_tokens(out[:1], Kind.REPLY, round_))]  # step 1; logits of the kept steps
+    check_text(out[0], dec.model.cfg)
+    if forced is None:
+        cache.ids[cache.length - 1] = out[0]   # step 1 was fed this token (placeholder 0)
     while True:
         k = len(out)  # step k (fed out[k-1]) is queued; its token out[k] is not known yet
         ahead = k + 1 < cap  # out[k] will be fed unless it is the cap's last token (or a stop)

@@ -20,6 +20,8 @@ FlashAttention-2 on an H100). Beside it:
   once), FlashAttention-2 over the rest and the new tokens (no plans, causal from the bottom right), merged: the
   fast streaming path's prefill.CachedPrefill;
 - cudnn causal (a prompt, L = 0): cuDNN's causal kernel in one call;
+- on a GPU, the head and the tail 28 layers' worth in one CUDA graph, as the loop's prefill graph runs them: one
+  after the other, and side by side on two streams (prefill.together; x_model there is against the first);
 - --batch N: N such seconds at once, as serve.py batches streams (see batch_rows).
 Decode, L: one token over L cached keys in a buffer of the next power of two (the decode graph reads a fixed-size
 buffer with a mask): model.decode_attention (two matmuls) and decode.split_kv_attention, 28 layers' worth in one
@@ -36,7 +38,7 @@ import torch
 from cli import Parser, Results, at_least, check_device, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
-from prefill import CachedPrefill, RaggedPrefill, cudnn, merge
+from prefill import CachedPrefill, RaggedPrefill, cudnn, merge, together
 from tools.bench_flexprefill import timeit
 
 
@@ -130,7 +132,28 @@ def prefill_rows(args, nq, cached, gen):
     if "ms" in rows[-1]:   # a new cache length, one more key in the tail (the head's shape again, unless it grew)
         more = torch.cat([k[:, :, :1], k], 2), torch.cat([v[:, :, :1], v], 2)
         rows[-1]["new_shape_ms"] = first_call_ms(lambda: head_tail(q, *more), args.device)
+        if args.device.type == "cuda" and head_tail.head_for(q, k):
+            rows += graphed_head_tail(args, q, k, v, head_tail, ref, flops)
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
+
+
+def graphed_head_tail(args, q, k, v, head_tail, ref, flops):
+    """The head and the tail as the streaming loop's prefill graph runs them (prefill.GraphPrefill), 28 layers' worth
+    in one CUDA graph: one after the other, and side by side on two streams (prefill.together)."""
+    h, side = head_tail.head_for(q, k), torch.cuda.Stream()
+    head = lambda: head_tail.over_head(q, k[:, :, :h], v[:, :, :h])
+    tail = lambda: head_tail.tail_kernel(q, k[:, :, h:], v[:, :, h:])
+    ways = {"one after the other": lambda: merge(*head(), *tail()),
+            "side by side": lambda: merge(*[x for part in together(head, tail, side) for x in part])}
+    out = []
+    for name, fn in ways.items():
+        err = (fn().float() - ref).abs().max().item()
+        ms = layers_ms(fn, args)
+        out.append(dict(kernel=f"cudnn head / flash tail, graphed, {name}", ms=round(ms, 3),
+                        rate=f"{flops / ms / 1e9:.3g} TFLOP/s", max_err=f"{err:.1e}"))
+    for row in out:
+        row["x_model"] = round(out[0]["ms"] / row["ms"], 3)   # here: against the graphed one after the other
+    return out
 
 
 def batch_rows(args, nq, cached, gen):
