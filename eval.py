@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from layout import FPS, FRAME_PIXELS, add_layout_flags, layout_of
 from metrics import KEPT, kept_line, score_transcript, slices
-from processor import resize_video
+from processor import FrameError, resize_video
 from cli import (HELD_OUT_SEED, Parser, Results, at_least, between, check_device, default_model, device_name,
                  file_problem, hardware, inputs_of, output_problem, table)
 from safeio import Busy, RunLock
@@ -366,7 +366,7 @@ def task_video(args, model, tok, st, res):
                                     dynamic_ncols=True)):
         try:
             commentary.append(dict(t=t, text=s.step(frames)))
-        except ValueError as e:   # frames the processor refuses (two sizes in one second, a 300:1 frame): the video's
+        except FrameError as e:   # frames the processor refuses (two sizes in one second, a 300:1 frame): the video's
             errors.append(f"{args.video}: second {t}: {e}")
             break
         res.log(**commentary[-1])

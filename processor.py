@@ -64,12 +64,17 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 # pixels
 
 
+class FrameError(ValueError):
+    """Frames the processor cannot take (an empty side, a side 200 times the other, a second whose frames differ
+    in size): the video's fault, not the caller's, so readers of files can name the file and go on."""
+
+
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
     """(h, w) -> (h', w'), both multiples of factor, h'*w' within [min_pixels, max_pixels]."""
     if height <= 0 or width <= 0:
-        raise ValueError(f"image has an empty side: {height}x{width}")
+        raise FrameError(f"image has an empty side: {height}x{width}")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width)}")
+        raise FrameError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width)}")
     # Python's round is half-to-even; rounding half-up changes the grid at exact .5 boundaries
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
@@ -166,12 +171,12 @@ def resize_video(frames, fps=2.0, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_
     if isinstance(frames, (Image.Image, torch.Tensor)) or not hasattr(frames, "__len__"):
         raise TypeError(f"a video is a list of frames or a uint8 tensor [F,H,W,3], got {type(frames).__name__}")
     if len(frames) == 0:
-        raise ValueError("empty video: no frames")
+        raise FrameError("empty video: no frames")
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     imgs = [to_rgb_image(f) for f in frames]
     if len({im.size for im in imgs}) != 1:
-        raise ValueError(f"video frames differ in size: {sorted({im.size for im in imgs})} (W, H)")
+        raise FrameError(f"video frames differ in size: {sorted({im.size for im in imgs})} (W, H)")
     h, w = smart_resize(imgs[0].height, imgs[0].width, FACTOR, min_pixels, max_pixels)
     clip = torch.stack([_resize_to_uint8(im, h, w) for im in imgs])  # [F, h, w, 3] uint8
     if len(imgs) % TEMPORAL_PATCH_SIZE:  # pair frames (2k, 2k+1); an odd count repeats the last frame

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from data import DataError, build_sample
 from layout import CONTROL_TOKEN
+from processor import FrameError
 from safeio import within
 from video import VideoError, read_seconds
 
@@ -282,10 +283,13 @@ class JsonlSamples:
             raise DataError(f"{where}: {e}") from None
         if not frames:
             raise DataError(f"{where}: {rec.video} has no whole second from {rec.start:g} s on")
-        return build_sample(self.tok, frames, words_by_second(rec.words, rec.start, len(frames)), rec.start,
-                            [rec.previous] if rec.previous.strip() else [], c.text_sink, c.text_window,
-                            (c.min_pixels, c.max_pixels), asked=questions_by_second(rec.questions, rec.start,
-                                                                                    len(frames)))
+        try:
+            return build_sample(self.tok, frames, words_by_second(rec.words, rec.start, len(frames)), rec.start,
+                                [rec.previous] if rec.previous.strip() else [], c.text_sink, c.text_window,
+                                (c.min_pixels, c.max_pixels), asked=questions_by_second(rec.questions, rec.start,
+                                                                                        len(frames)))
+        except FrameError as e:   # (two frame sizes in one second, a 300:1 frame)
+            raise DataError(f"{where}: video {rec.video[:80]}: {e}") from None
 
 
 def read_seeks(path):

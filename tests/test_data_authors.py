@@ -305,3 +305,16 @@ def test_train_names_a_malformed_line(tmp_path, clip):
     path = write_jsonl(tmp_path / "m_with_seeks.jsonl", [authors_line("clip.mp4", 0, 3), "[1, 2"])
     with pytest.raises(SystemExit, match=r"m_with_seeks.jsonl:2: not JSON"):
         run_train(tmp_path, path)
+
+
+def test_train_names_a_video_whose_frames_differ_in_size(tmp_path):
+    """Frames the processor refuses (here a frame folder whose second 0 holds two sizes) fail in a DataLoader
+    worker: one line with the record's file:line and the video, not the worker's traceback."""
+    from PIL import Image
+    (tmp_path / "frames").mkdir()
+    for i in range(8):
+        Image.new("RGB", (64, 48) if i == 1 else (16, 16)).save(tmp_path / "frames" / f"{i}.png")
+    path = write_jsonl(tmp_path / "f_with_seeks.jsonl", [authors_line("frames", 0, 3)])
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, path)
+    assert re.fullmatch(rf"{path}:1: video frames: video frames differ in size: .*", str(e.value)), str(e.value)
