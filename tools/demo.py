@@ -9,6 +9,7 @@ a stream from the start has); the GIF shows `--seconds` of it around a goal.
   python -m tools.demo --model out/tiny --seed 3 --out demo.gif
 """
 import os
+import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -60,15 +61,20 @@ def main(argv=None):
     s = make_streamer(model, tok, **streamer_kwargs(layout))
     world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=settings.get("frame_size", 56)))
     start, end = window(world, args.seconds)
-    frames = []
-    for t in range(end):
-        sec = world.second(t)
-        said = s.step(sec.frames)
-        if t >= start:
-            frames += [panel(f, t, said, sec.text, sec.score) for f in sec.frames]
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with write_atomic(args.out, "wb") as f:  # a new file renamed into place: a link there is replaced, not followed
-        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // layout.fps, loop=0)
+    frames, t = [], 0
+    try:
+        for t in range(end):
+            sec = world.second(t)
+            said = s.step(sec.frames)
+            if t >= start:
+                frames += [panel(f, t, said, sec.text, sec.score) for f in sec.frames]
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with write_atomic(args.out, "wb") as f:  # a new file renamed into place: a link there is replaced
+            frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // layout.fps,
+                           loop=0)
+    except KeyboardInterrupt:   # the GIF is written whole or not at all
+        print(f"stopped at second {t + 1} of {end}; {args.out} not written", file=sys.stderr)
+        sys.exit(130)   # the status of a process ended by SIGINT
     print(f"wrote {args.out}: seconds {start}-{end} of held-out stream {args.seed}")
 
 
