@@ -112,18 +112,22 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, splits, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      SP: tl.constexpr):
+                      SP: tl.constexpr, SB: tl.constexpr):
         # one program per (batch x KV head, query head): its row of every slice, weighted by exp(slice max - max)
         bh, g = tl.program_id(0), tl.program_id(1)
         s, d = tl.arange(0, SP), tl.arange(0, D)
-        row = (bh * splits + s) * GP + g                            # (SP,): this head's row in each slice
-        m = tl.load(m_ptr + row, mask=s < splits, other=float("-inf"))
-        w = tl.exp(m - tl.max(m, 0))                                # a slice that saw no key (max -inf): 0
-        l = tl.load(l_ptr + row, mask=s < splits, other=0.0)
-        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(s < splits)[:, None], other=0.0)  # (SP, D)
-        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(out_ptr + (bh * G + g) * D + d, o.to(out_ptr.dtype.element_ty))
-
+        m = tl.load(m_ptr + (bh * splits + s) * GP + g, mask=s < splits, other=float("-inf"))   # (SP,)
+        m_max = tl.max(m, 0)            # finite: every query sees a key (a slice that saw none has max -inf)
+        l = tl.load(l_ptr + (bh * splits + s) * GP + g, mask=s < splits, other=0.0)
+        denom = tl.sum(l * tl.exp(m - m_max), 0)
+        o = tl.zeros([D], tl.float32)
+        for first in range(0, splits, SB):   # SB slices' (SB, D) partial outputs at a time
+            sb = first + tl.arange(0, SB)
+            row = (bh * splits + sb) * GP + g
+            w = tl.exp(tl.load(m_ptr + row, mask=sb < splits, other=float("-inf")) - m_max)   # (SB,)
+            acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(sb < splits)[:, None], other=0.0)
+            o += tl.sum(acc * w[:, None], 0)
+        tl.store(out_ptr + (bh * G + g) * D + d, (o / denom).to(out_ptr.dtype.element_ty))
 
 def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
     """model.decode_attention on CUDA with Triton, same arguments: q (B, Hkv, G, D), k and v (B, Hkv, N, D) with
@@ -151,8 +155,7 @@ def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
     # merge the slices in one more kernel (a handful of torch ops would be several launches a layer): each weighted
     # by exp(its max - the overall max), out = sum(w * acc) / sum(w * l)
     out = torch.empty(B, Hkv, G, D, device=q.device, dtype=q.dtype)
-    SP = triton.next_power_of_2(splits)
-    _merge_kernel[(B * Hkv, G)](acc, m, l, out, splits, G=G, GP=GP, D=D, SP=SP, num_warps=8 if SP * D > 4096 else 4)
+    _merge_kernel[(B * Hkv, G)](acc, m, l, out, splits, G=G, GP=GP, D=D, SP=triton.next_power_of_2(splits), SB=16)
     return out
 
 

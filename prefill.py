@@ -311,7 +311,6 @@ class _FixedPrefill:
         self.cu_q = torch.tensor([0, T], dtype=torch.int32, device=dev)
         self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)       # [0, L + T - h]: the tail's keys
         self.slots = DecodeSlots(cache, self.index)
-        self.side = torch.cuda.Stream(dev) if dev.type == "cuda" else None   # the tail's, beside the head (attend)
         self.graph, self.logits = None, None
 
     def fill(self, ids, pos, feats, L):
@@ -341,33 +340,13 @@ class _FixedPrefill:
         of which the first L + T slots hold keys. The head: cuDNN over slots [0, h); the tail: FlashAttention-2's
         variable-length mode over [h, L + T), causal from its bottom right, its length read from cu_k."""
         p, T, h = self.planner, self.T, self.h
-
-        def over_tail():
-            tail = lambda x: x[0, :, h:].transpose(0, 1)               # (capacity - h, Hkv, D), a view
-            o2, lse2 = p.varlen_kernel(q[0].transpose(0, 1), tail(k), tail(v), self.cu_q, self.cu_k, T,
-                                       self.capacity - h)              # (T, H, D), (T, H)
-            return o2.transpose(0, 1)[None], lse2.transpose(0, 1)[None]   # (1, H, T, D), (1, H, T)
+        tail = lambda x: x[0, :, h:].transpose(0, 1)                   # (capacity - h, Hkv, D), a view
+        o2, lse2 = p.varlen_kernel(q[0].transpose(0, 1), tail(k), tail(v), self.cu_q, self.cu_k, T,
+                                   self.capacity - h)                  # (T, H, D), (T, H)
+        o2, lse2 = o2.transpose(0, 1)[None], lse2.transpose(0, 1)[None]   # (1, H, T, D), (1, H, T)
         if not h:
-            return over_tail()[0]
-        (o1, lse1), (o2, lse2) = together(lambda: p.over_head(q, k[:, :, :h], v[:, :, :h]), over_tail, self.side)
-        return merge(o1, lse1, o2, lse2)
-
-
-def together(first, second, side=None):
-    """(first(), second()); on a GPU, second() runs on the stream `side` beside first() on the current stream, and
-    the current stream waits for both. Why: a 2-fps second's head is 7 query blocks x 28 heads = 196 thread blocks
-    on an H100's 132 multiprocessors, so its last wave leaves a third of them idle; the tail's blocks fill them.
-    (Each result is used on the current stream only after the join, so the memory allocator's per-stream reuse is
-    safe; inside a graph capture the fork and join become parallel branches.)"""
-    if side is None:
-        return first(), second()
-    main = torch.cuda.current_stream()
-    side.wait_stream(main)          # the second's inputs were written on the current stream
-    with torch.cuda.stream(side):
-        b = second()
-    a = first()
-    main.wait_stream(side)
-    return a, b
+            return o2
+        return merge(*p.over_head(q, k[:, :, :h], v[:, :, :h]), o2, lse2)
 
 
 def capture(step, then, warmup=2, pool=None):

@@ -60,6 +60,17 @@ def test_split_kv_equals_reference(B, Hkv, G, D, N, dtype, mask_kind):
             assert err < max(2 * half_ref, 4e-3), (err, half_ref)
 
 
+@kernels
+@torch.no_grad()
+def test_many_slices_merge():
+    """More slices than the merge reads at a time (16), their count no multiple of it, some seeing no key at all."""
+    q, k, v, mask = inputs(1, 1, 4, 64, 2053, torch.float32, "prefix", 5)
+    mask[..., 1500:] = False                                               # the last ~9 slices see no key
+    ref = decode_attention(q.double(), k.double(), v.double(), mask)
+    out = split_kv_attention(q, k, v, mask, programs=64)                   # 33 slices of 64 keys
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @gpu
 @torch.no_grad()
 def test_split_kv_compiled_and_in_a_graph():

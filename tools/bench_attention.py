@@ -21,7 +21,7 @@ FlashAttention-2 on an H100). Beside it:
   fast streaming path's prefill.CachedPrefill;
 - cudnn causal (a prompt, L = 0): cuDNN's causal kernel in one call;
 - on a GPU, the head and the tail 28 layers' worth in one CUDA graph, as the loop's prefill graph runs them: one
-  after the other, and side by side on two streams (prefill.together; x_model there is against the first);
+  after the other, and side by side on two streams (together; x_model there is against the first);
 - --batch N: N such seconds at once, as serve.py batches streams (see batch_rows).
 Decode, L: one token over L cached keys in a buffer of the next power of two (the decode graph reads a fixed-size
 buffer with a mask): model.decode_attention (two matmuls) and decode.split_kv_attention, 28 layers' worth in one
@@ -38,7 +38,7 @@ import torch
 from cli import Parser, Results, at_least, check_device, file_problem, hardware, table
 from decode import decode_kernel_for
 from model import causal_attention, decode_attention
-from prefill import CachedPrefill, RaggedPrefill, cudnn, merge, together
+from prefill import CachedPrefill, RaggedPrefill, cudnn, merge
 from tools.bench_flexprefill import timeit
 
 
@@ -137,9 +137,26 @@ def prefill_rows(args, nq, cached, gen):
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
 
 
+def together(first, second, side=None):
+    """(first(), second()), second() on the stream `side` beside first() on the current stream, which then waits
+    for both. Why try it: a 2-fps second's head is 7 query blocks x 28 heads = 196 thread blocks on an H100's 132
+    multiprocessors, so its last wave leaves a third of them idle, which the tail's blocks could fill. (Each result is
+    used on the current stream only after the join, so the memory allocator's per-stream reuse is safe; inside a
+    graph capture the fork and join become parallel branches.)"""
+    if side is None:
+        return first(), second()
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)          # the second's inputs were written on the current stream
+    with torch.cuda.stream(side):
+        b = second()
+    a = first()
+    main.wait_stream(side)
+    return a, b
+
+
 def graphed_head_tail(args, q, k, v, head_tail, ref, flops):
     """The head and the tail as the streaming loop's prefill graph runs them (prefill.GraphPrefill), 28 layers' worth
-    in one CUDA graph: one after the other, and side by side on two streams (prefill.together)."""
+    in one CUDA graph: one after the other, and side by side on two streams (together)."""
     h, side = head_tail.head_for(q, k), torch.cuda.Stream()
     head = lambda: head_tail.over_head(q, k[:, :, :h], v[:, :, :h])
     tail = lambda: head_tail.tail_kernel(q, k[:, :, h:], v[:, :, h:])
