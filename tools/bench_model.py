@@ -4,7 +4,8 @@ transformers' own Qwen2_5_VLForConditionalGeneration holding the *same* tensors 
 
   - logits on a few prompts (text; an image; a one-grid video): max / mean absolute difference;
   - greedy generation: how many of the first N tokens agree;
-  - prefill of --prefill tokens (text, no cache): time and MFU for both;
+  - prefill of --prefill tokens (text, no cache): time and MFU for both, ours also with the fused projections,
+    compiled around the attention (VLM.compile_prefill), and with cuDNN's causal attention;
   - peak GPU memory; optionally (--load-test) save our model and load it back through from_pretrained,
     reporting the peak CPU memory of the process (the loader streams tensors to the GPU one at a time).
 
@@ -110,14 +111,29 @@ def prefill_mfu(args, cfg, hf, ours, dev):
     ours.fuse()
     limit, layers.FUSE_MAX_ROWS = layers.FUSE_MAX_ROWS, 10**9
     t_forced = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
+    # and each layer's norms, rotary, SiLU and residual adds fused by torch.compile (VLM.compile_prefill; the first
+    # warm-up call compiles), then with cuDNN's causal kernel for the attention (the prompt has no cache: square)
+    ours.compile_prefill(True)
+    t_compiled = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
+    t_cudnn = None
+    if dev.type == "cuda":
+        from prefill import cudnn
+        ours.use_attention(lambda q, k, v: cudnn(q, k, v, causal=True)[0])
+        t_cudnn = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
+        ours.use_attention(None)
+    ours.compile_prefill(False)
     layers.FUSE_MAX_ROWS = limit
     t_fused = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3
     ours.fuse(False)
     t_again = timeit(lambda: ours(ids, logits_to_keep=1), dev, 2, 5) / 1e3  # the unfused model again: the spread
-    print(f"prefill {T} tokens, ms: ours {1000 * t_ours:.1f}, fused forced {1000 * t_forced:.1f}, fused (default "
-          f"limit) {1000 * t_fused:.1f}, ours again {1000 * t_again:.1f}, transformers {1000 * t_hf:.1f}", flush=True)
+    cudnn_text = f", and cuDNN causal {1000 * t_cudnn:.1f}" if t_cudnn else ""
+    print(f"prefill {T} tokens, ms: ours {1000 * t_ours:.1f}, fused forced {1000 * t_forced:.1f}, that compiled "
+          f"{1000 * t_compiled:.1f}{cudnn_text}, fused (default limit) {1000 * t_fused:.1f}, ours again "
+          f"{1000 * t_again:.1f}, transformers {1000 * t_hf:.1f} (transformers / fused forced compiled "
+          f"{t_hf / t_compiled:.3f}x)", flush=True)
     return dict(tokens=T, ours_ms=1000 * t_ours, fused_forced_ms=1000 * t_forced, fused_ms=1000 * t_fused,
-                ours_again_ms=1000 * t_again, hf_ms=1000 * t_hf,
+                compiled_ms=1000 * t_compiled, compiled_cudnn_ms=1000 * t_cudnn if t_cudnn else None,
+                ratio_hf_over_compiled=t_hf / t_compiled, ours_again_ms=1000 * t_again, hf_ms=1000 * t_hf,
                 ratio_hf_over_fused=t_hf / t_fused, ours_tflops=flops / t_ours / 1e12,
                 hf_tflops=flops / t_hf / 1e12, ours_mfu=flops / t_ours / 1e12 / args.peak_tflops,
                 hf_mfu=flops / t_hf / 1e12 / args.peak_tflops, ratio_hf_over_ours=t_hf / t_ours)
