@@ -34,6 +34,7 @@ from flexprefill import enable_flexprefill
 from layout import StreamLayout
 from model import VLM, pick_device_dtype
 from processor import Tokenizer, read_json
+from quantize import fp8_supported, quantize_fp8
 from safeio import keep_mode
 
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
@@ -335,9 +336,9 @@ def check_vocab(path, tok, cfg):
                          f"{tok.video_pad_id})")
 
 
-def load_checkpoint(path, device=None, flexprefill=False, settings=None):
+def load_checkpoint(path, device=None, flexprefill=False, settings=None, fp8=False):
     """(model, tokenizer, settings) from a checkpoint folder; settings as checkpoint_settings reads them (or as
-    given, when the caller has read them already)."""
+    given, when the caller has read them already). fp8: every Linear in FP8 (quantize.py), where it runs."""
     settings = checkpoint_settings(path) if settings is None else settings
     try:  # a bad file or device is the user's to fix: one line that names it, no traceback
         device, dtype = pick_device_dtype(device)
@@ -348,4 +349,10 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None):
         sys.exit(f"error: {e}")
     if flexprefill:
         enable_flexprefill(model)
+    if fp8:
+        if not fp8_supported(model.device):
+            sys.exit(f"error: --fp8: torch._scaled_mm with row-wise scales does not run on {model.device} here (it "
+                     "needs a Hopper GPU, or a CPU build that has it)")
+        quantize_fp8(model)
+        print("fp8: every Linear of both towers in e4m3 with row-wise scales (quantize.py; an approximation)")
     return model, tok, settings

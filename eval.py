@@ -457,6 +457,8 @@ def build_parser():
     ap.add_argument("--teacher-forced", action="store_true", help="questions: stream the true commentary instead of "
                     "the model's own (the questions then test the memory alone)")
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill (FlexPrefill) in the model")
+    ap.add_argument("--fp8", action="store_true", help="every Linear in FP8 with row-wise scales (quantize.py): how "
+                    "much of the score the approximation keeps")
     add_run_flags(ap, warmup=1, out="out/eval")
     return ap
 
@@ -500,7 +502,7 @@ def main(argv=None):
     try:
         with RunLock(args.out):  # one run at a time writes --out
             print(f"eval.py {args.task}: model {args.model}; {hardware()}", flush=True)
-            model, tok, st = load_checkpoint(args.model, args.device, args.flexprefill, st)
+            model, tok, st = load_checkpoint(args.model, args.device, args.flexprefill, st, args.fp8)
             task = dict(stream=task_stream, questions=task_questions, video=task_video)[args.task]
             res = Results(args.out, args.task)
             return task(args, model, tok, st, res)

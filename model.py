@@ -342,6 +342,8 @@ def pick_device_dtype(device=None, dtype=None, quiet=False):
 
 
 class VLM(nn.Module):
+    fp8 = False   # quantize.quantize_fp8 swapped the Linears for FP8 ones (inference only: not saved)
+
     def __init__(self, cfg: VLMConfig, tokenizer_path=None):
         super().__init__()
         self.cfg = cfg
@@ -358,6 +360,8 @@ class VLM(nn.Module):
         """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
         parameters, viewed from one stacked tensor, so state_dict names, loading and saving are unchanged. Call it
         after moving the model (a later .to() re-stacks); enabled=False goes back to the separate Linears."""
+        if enabled and self.fp8:
+            raise ValueError("the FP8 model's projections run unfused (quantize.py); fuse the bf16 model instead")
         for m in self.modules():
             if isinstance(m, Fusable):
                 m.fuse(enabled)
@@ -550,6 +554,8 @@ class VLM(nn.Module):
         """config.json + model.safetensors (+ tokenizer.json) in the official layout, written atomically:
         everything goes to a temporary folder beside `path`, then each file is renamed into place; the temporary
         folder goes whatever happens, and leftovers of a save killed half-way go at the next save."""
+        if self.fp8 and state_dict is None:
+            raise ValueError(f"{path}: an FP8 model (quantize.py) is for inference; save the bf16 model")
         os.makedirs(path, exist_ok=True)
         for old in glob.glob(os.path.join(path, ".tmp-save-*")):  # what a save killed half-way left behind
             shutil.rmtree(old, ignore_errors=True)

@@ -192,7 +192,7 @@ def serve_videos(args, names, out, settings, layout):
     # files now (a missing one costs a line, not a model load), cameras and live URLs once the model is ready
     sources = {n: None if is_live(v) else open_seconds(v, layout.fps) for n, v in names.items()}
     print(f"model {args.model}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings, args.fp8)
     sources = {n: src or open_seconds(names[n], layout.fps) for n, src in sources.items()}
     ready = first_seconds(sources)
     if not ready:

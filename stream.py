@@ -456,6 +456,8 @@ def build_parser():
         str, lambda v: len(v) <= MAX_TEXT_CHARS and not CONTROL_TOKEN.search(v),
         f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS), no control token such as <|im_end|>"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
+    ap.add_argument("--fp8", action="store_true", help="every Linear in FP8 with row-wise scales (quantize.py): "
+                    "faster on Hopper GPUs, an approximation of the model")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
                     "with the reason)")
     return ap
@@ -509,7 +511,7 @@ def _load(args, settings, layout):
     time out, while the model loads)."""
     frames = None if is_live(args.video) else open_seconds(args.video, layout.fps)
     print(f"model {args.model}")
-    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings)
+    model, tok, settings = load_checkpoint(args.model, args.device, args.flexprefill, settings, args.fp8)
     frames = open_seconds(args.video, layout.fps) if frames is None else frames
     print(f"layout: {vars(layout)}")
     decode = "graphs" if model.device.type == "cuda" else "plain"  # CUDA-graph decode on a GPU

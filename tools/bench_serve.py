@@ -44,6 +44,7 @@ from cache import can_fuse, fused_move
 from cli import Parser, Results, at_least, hardware, table
 from eval import add_run_flags, check_run_flags, fresh_peak, ms, percentile, run_policy, steady_capacity, sync
 from layout import end_ids, layout_of
+from quantize import fp8_supported
 from serve import StreamBatch
 from stream import streamer_kwargs
 from tools.bench_stream import build_models, fixed_reply, plot
@@ -149,6 +150,8 @@ def build_parser():
     ap.add_argument("--phases", action="store_true", help="time each phase of a second (preprocess, vision, evict, "
                     "prefill, decode; the GPU is waited for at each phase's ends, which costs a little and keeps the "
                     "host's eviction bookkeeping from running beside the tower)")
+    ap.add_argument("--fp8", action="store_true", help="every Linear of both towers in FP8 with row-wise scales "
+                    "(quantize.py; an approximation, for Hopper GPUs), the single stream too")
     add_run_flags(ap, warmup=30, out="out/bench_serve")
     ap.set_defaults(policies=["streaming"], hf=False, flexprefill=False)
     return ap
@@ -167,6 +170,9 @@ def get_args(argv=None):
                  "several for the batch)")
     args.batch_decode = args.batch_decode or args.decode   # the single path's: compiled on a GPU
     args.stream_layout = layout_of({}, args)
+    if args.fp8 and not fp8_supported(args.device or ("cuda" if gpu else "cpu")):
+        ap.error("--fp8: torch._scaled_mm with row-wise scales does not run here (it needs a Hopper GPU, or a CPU "
+                 "build that has it)")
     if not gpu and args.preset != "tiny":
         ap.error(f"--preset {args.preset} is a GPU's work; on a CPU, the smoke run: --preset tiny --height 56 "
                  "--width 84 --streams 1 3 --seconds 6 --warmup 2")
