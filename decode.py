@@ -155,7 +155,10 @@ def split_kv_attention(q, k, v, mask=None, programs=264, block=64):
     # merge the slices in one more kernel (a handful of torch ops would be several launches a layer): each weighted
     # by exp(its max - the overall max), out = sum(w * acc) / sum(w * l)
     out = torch.empty(B, Hkv, G, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * Hkv, G)](acc, m, l, out, splits, G=G, GP=GP, D=D, SP=triton.next_power_of_2(splits), SB=16)
+    # SP (a constant of the kernel) from the most slices there can be, not from this cache's: a compiled step whose
+    # cache grew would otherwise recompile each time the count crossed a power of two
+    SP = triton.next_power_of_2(max(1, triton.cdiv(programs, B * Hkv)))
+    _merge_kernel[(B * Hkv, G)](acc, m, l, out, splits, G=G, GP=GP, D=D, SP=SP, SB=16)
     return out
 
 
@@ -323,7 +326,7 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
         if ahead:   # the step queued ahead fed a token that ends the reply (a stop)
             cache.drop_last()
         return out, logits
-    check_text(out[0], dec.model.cfg)
+    fed_text(out[0], dec.model.cfg, cache)
     if forced is None:
         cache.ids[cache.length - 1] = out[0]   # step 1 was fed this token (placeholder 0)
     while True:
@@ -339,10 +342,20 @@ def decode_ahead(dec, cache, logits, forced, cap, stops, round_, readback=True):
                 cache.drop_last()
                 last.pop()
             return out, last[-1][:, None]
-        check_text(out[-1], dec.model.cfg)  # it stays fed: it must be text (as the plain loop checks)
+        fed_text(out[-1], dec.model.cfg, cache)  # it stays fed: it must be text (as the plain loop checks)
         if forced is None:
             cache.ids[cache.length - 1] = out[-1]  # the step queued ahead was fed this token (placeholder 0)
         last = last[-2:]
+
+
+def fed_text(token, cfg, cache):
+    """check_text for a token already fed by the step queued ahead: if it is no text, that step leaves the cache
+    before the error goes up, so the cache is what the plain loop (which checks first) leaves."""
+    try:
+        check_text(token, cfg)
+    except ValueError:
+        cache.drop_last()
+        raise
 
 
 # -----------------------------------------------------------------------------

@@ -360,8 +360,10 @@ class VLM(nn.Module):
         """Run q/k/v and gate/up (both towers) as one matmul each, for inference (layers.Fusable): the same
         parameters, viewed from one stacked tensor, so state_dict names, loading and saving are unchanged. Call it
         after moving the model (a later .to() re-stacks); enabled=False goes back to the separate Linears."""
-        if enabled and self.fp8:
-            raise ValueError("the FP8 model's projections run unfused (quantize.py); fuse the bf16 model instead")
+        if self.fp8:   # its projections run unfused (quantize.py): fuse(False) is what it is already
+            if enabled:
+                raise ValueError("the FP8 model's projections run unfused (quantize.py); fuse the bf16 model instead")
+            return self
         for m in self.modules():
             if isinstance(m, Fusable):
                 m.fuse(enabled)

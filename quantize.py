@@ -24,6 +24,8 @@ place. The projections then run unfused (VLM.fuse would stack bf16 weights); a q
 not saved (save the bf16 one and quantize at load). _scaled_mm wants both inner sizes and the weight's rows in
 multiples of 16, so FP8Linear pads them with zeros (the 7B vision MLP is 3,420 wide) and drops the padded outputs.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,9 +45,24 @@ def pad_to(n, align=ALIGN):
     return -(-n // align) * align
 
 
+def quantize_rows(x, width):
+    """rowwise(x) of x (R, K) with zero columns up to `width` (the padded weight's inner size)."""
+    if x.shape[1] != width:
+        x = F.pad(x, (0, width - x.shape[1]))
+    return rowwise(x)
+
+
+@functools.cache
+def _compiled_quantize_rows():
+    # on a GPU quantize_rows eagerly is ~8 small kernels a Linear (abs, amax, divide, clamp, cast, ...): ~1,600 more
+    # launches in a 7B decode step; compiled, one or two
+    return torch.compile(quantize_rows, dynamic=True)
+
+
 class FP8Linear(nn.Module):
-    """nn.Linear's forward with the weight in e4m3, one scale per output row; inputs quantized per row per call.
-    Made from a Linear (its weight and bias copied, the Linear left as it was); out_dtype: the Linear's dtype."""
+    """nn.Linear's forward with the weight in e4m3, one scale per output row; inputs quantized per row per call (on
+    a GPU through torch.compile), the output in the input's dtype. Made from a Linear (its weight and bias copied,
+    the Linear left as it was).""" 
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -56,15 +73,24 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight8", w8)                   # (N, K) e4m3
         self.register_buffer("scale", scale.T.contiguous())   # (1, N) fp32: _scaled_mm's per-column scale of W^T
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.out_dtype = linear.weight.dtype
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the layer; a dtype cast (.to(torch.bfloat16), .half()) would turn the 8-bit weight and its
+        # fp32 scales into 16-bit numbers, so they only move, and the bias follows the model
+        device = fn(torch.empty(0, device=self.weight8.device)).device
+        self.weight8, self.scale = self.weight8.to(device), self.scale.to(device)
+        if self.bias is not None:
+            self.bias = fn(self.bias)
+        return self
 
     def forward(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)                   # (R, K)
-        if self.weight8.shape[1] != self.in_features:         # zero columns to match the padded weight
-            x = F.pad(x, (0, self.weight8.shape[1] - self.in_features))
-        x8, sx = rowwise(x)
-        y = torch._scaled_mm(x8, self.weight8.T, scale_a=sx, scale_b=self.scale, out_dtype=self.out_dtype)  # (R, N)
+        if x.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        quantize = _compiled_quantize_rows() if x.is_cuda and not torch.compiler.is_compiling() else quantize_rows
+        x8, sx = quantize(x, self.weight8.shape[1])           # (R, K padded) e4m3, (R, 1) fp32
+        y = torch._scaled_mm(x8, self.weight8.T, scale_a=sx, scale_b=self.scale, out_dtype=x.dtype)   # (R, N)
         y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias

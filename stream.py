@@ -457,7 +457,7 @@ def build_parser():
         f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS), no control token such as <|im_end|>"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--fp8", action="store_true", help="every Linear in FP8 with row-wise scales (quantize.py): "
-                    "faster on Hopper GPUs, an approximation of the model")
+                    "for Hopper GPUs' FP8 tensor cores (not yet timed there), an approximation of the model")
     ap.add_argument("--device", type=device_name, help="cuda, cpu, ... (default: cuda when there is one; printed "
                     "with the reason)")
     return ap

@@ -83,6 +83,23 @@ def test_decoding_ahead_drops_the_step_past_a_stop(tok):
     torch.testing.assert_close(fast.cache.k[:, :, :, :fast.cache.length], ref.cache.k[:, :, :, :ref.cache.length])
 
 
+def test_a_placeholder_said_first_leaves_the_cache_as_the_plain_loop_does(tok):
+    """Decoding ahead feeds the prefill's token before reading it back: when that token is no text (a vision
+    placeholder) the error must leave the cache as the plain loop's check-first leaves it."""
+    model = tiny_model(tok, layers=2, seed=1)
+    caches = []
+    for decode in ("plain", "graphs"):
+        s = Streamer(model, tok, decode=decode, text_sink=4, text_window=8, vision_window=3, capacity=64,
+                     max_new_tokens=6)
+        s.step(frames(0))
+        logits = torch.zeros(1, 1, model.cfg.vocab_size)
+        logits[0, -1, model.cfg.video_token_id] = 1.0              # the prefill "says" the video placeholder
+        with pytest.raises(ValueError):
+            s.decode(logits)
+        caches.append((s.cache.length, s.cache.added, s.cache.ids[:s.cache.length].clone()))
+    assert caches[0][:2] == caches[1][:2] and torch.equal(caches[0][2], caches[1][2])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_replay_equals_eager(tok, compile):

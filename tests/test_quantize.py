@@ -50,6 +50,27 @@ def test_fp8_linear_is_near_the_linear():
     assert ((FP8Linear(lin).dequantized() - lin.weight).abs() <= 0.0625 * lin.weight.abs() + 1e-6).all()
 
 
+@torch.no_grad()
+def test_fp8_linear_edge_cases():
+    """No rows; a dtype cast after quantizing (the 8-bit weight and fp32 scales keep their types, the output takes the
+    input's); the compiled input quantization (a GPU's) against the eager one."""
+    from quantize import _compiled_quantize_rows, quantize_rows
+    lin = nn.Linear(40, 24)
+    q = FP8Linear(lin)
+    assert q(torch.empty(0, 3, 40)).shape == (0, 3, 24)
+    w8, scale = q.weight8.clone(), q.scale.clone()
+    q.to(torch.bfloat16)
+    assert q.weight8.dtype == torch.float8_e4m3fn and q.scale.dtype == torch.float32 and q.bias.dtype == torch.bfloat16
+    assert torch.equal(q.weight8.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(q.scale, scale)
+    x = torch.randn(5, 40)
+    assert q(x.bfloat16()).dtype == torch.bfloat16
+    got, want = q(x.bfloat16()).float(), FP8Linear(lin)(x)   # (the bf16 input rounds before its e4m3 does)
+    assert ((got - want).norm() / want.norm()).item() < 0.03
+    want, got = quantize_rows(x, 48), _compiled_quantize_rows()(x, 48)
+    assert got[0].shape == (5, 48) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0.0625, atol=0)   # within one e4m3 step
+
+
 @pytest.fixture(scope="module")
 def shipped():
     model, tok, st = load_checkpoint(SHIPPED, "cpu")
@@ -96,6 +117,7 @@ def test_an_fp8_model_is_not_fused_or_saved(shipped, tmp_path):
     fp8 = quantize_fp8(copy.deepcopy(shipped[0]))
     with pytest.raises(ValueError, match="run unfused"):
         fp8.fuse()
+    assert fp8.fuse(False) is fp8 and quantize_fp8(fp8) is fp8   # unfused already; quantized already
     with pytest.raises(ValueError, match="for inference; save the bf16 model"):
         fp8.save_pretrained(str(tmp_path / "q"))
     assert not (tmp_path / "q").exists()

@@ -56,13 +56,13 @@ def main(argv=None):
         ap.error(f"--out {args.out}: the demo is a GIF; give a name ending in .gif")
     if problem := file_problem(args.out, [args.model]):
         ap.error(f"--out {problem}")
-    model, tok, settings = load_checkpoint(args.model)
-    layout = layout_of(settings)
-    s = make_streamer(model, tok, **streamer_kwargs(layout))
-    world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=settings.get("frame_size", 56)))
-    start, end = window(world, args.seconds)
-    frames, t = [], 0
+    frames, t = [], -1
     try:
+        model, tok, settings = load_checkpoint(args.model)
+        layout = layout_of(settings)
+        s = make_streamer(model, tok, **streamer_kwargs(layout))
+        world = SportsStream(WorldConfig(seed=split_seed("eval", args.seed), size=settings.get("frame_size", 56)))
+        start, end = window(world, args.seconds)
         for t in range(end):
             sec = world.second(t)
             said = s.step(sec.frames)
@@ -73,7 +73,8 @@ def main(argv=None):
             frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=1000 // layout.fps,
                            loop=0)
     except KeyboardInterrupt:   # the GIF is written whole or not at all
-        print(f"stopped at second {t + 1} of {end}; {args.out} not written", file=sys.stderr)
+        where = f"at second {t + 1} of {end}" if t >= 0 else "before the first second"
+        print(f"stopped {where}; {args.out} not written", file=sys.stderr)
         sys.exit(130)   # the status of a process ended by SIGINT
     print(f"wrote {args.out}: seconds {start}-{end} of held-out stream {args.seed}")
 
