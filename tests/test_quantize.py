@@ -15,9 +15,10 @@ from quantize import FP8Linear, fp8_supported, quantize_fp8, rowwise
 from serve import StreamBatch
 from world import SportsStream, WorldConfig, split_seed
 
-pytestmark = pytest.mark.skipif(not fp8_supported("cpu"), reason="this PyTorch's CPU build lacks torch._scaled_mm")
+cpu = pytest.mark.skipif(not fp8_supported("cpu"), reason="this PyTorch's CPU build lacks torch._scaled_mm")
 
 
+@cpu
 @pytest.mark.parametrize("K, N, bias", [(64, 48, True), (40, 24, False), (3420 // 20, 3420 // 20, True)])
 @torch.no_grad()
 def test_fp8_linear_is_exact_math_on_its_8_bit_values(K, N, bias):
@@ -37,6 +38,7 @@ def test_fp8_linear_is_exact_math_on_its_8_bit_values(K, N, bias):
     torch.testing.assert_close(got.reshape(-1, N), ref, rtol=1e-5, atol=1e-5)
 
 
+@cpu
 @torch.no_grad()
 def test_fp8_linear_is_near_the_linear():
     """e4m3 rounds to 3 mantissa bits (<= 6.25% an element); over a dot product of 256 the errors average out."""
@@ -50,6 +52,7 @@ def test_fp8_linear_is_near_the_linear():
     assert ((FP8Linear(lin).dequantized() - lin.weight).abs() <= 0.0625 * lin.weight.abs() + 1e-6).all()
 
 
+@cpu
 @torch.no_grad()
 def test_fp8_linear_edge_cases():
     """No rows; a dtype cast after quantizing (the 8-bit weight and fp32 scales keep their types, the output takes the
@@ -81,6 +84,7 @@ def world(seed):
     return SportsStream(WorldConfig(seed=split_seed("eval", seed), size=56))
 
 
+@cpu
 @torch.no_grad()
 def test_the_shipped_model_in_fp8_says_what_it_says_in_full_precision(shipped):
     """A trained model's commentary survives FP8: the first 40 s of a held-out stream word for word, every Linear of
@@ -96,6 +100,7 @@ def test_the_shipped_model_in_fp8_says_what_it_says_in_full_precision(shipped):
     assert sum(bool(x) for x in said[0]) >= 5, "it must say something to compare"
 
 
+@cpu
 @torch.no_grad()
 def test_a_batch_of_fp8_streams_says_what_each_says_alone(shipped):
     model, tok, kw = shipped
@@ -113,6 +118,7 @@ def test_a_batch_of_fp8_streams_says_what_each_says_alone(shipped):
     assert said == alone
 
 
+@cpu
 def test_an_fp8_model_is_not_fused_or_saved(shipped, tmp_path):
     fp8 = quantize_fp8(copy.deepcopy(shipped[0]))
     with pytest.raises(ValueError, match="run unfused"):
