@@ -62,7 +62,7 @@ def _compiled_quantize_rows():
 class FP8Linear(nn.Module):
     """nn.Linear's forward with the weight in e4m3, one scale per output row; inputs quantized per row per call (on
     a GPU through torch.compile), the output in the input's dtype. Made from a Linear (its weight and bias copied,
-    the Linear left as it was).""" 
+    the Linear left as it was)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -117,9 +117,10 @@ def quantize_fp8(model, vision=True):
     return model
 
 
+@functools.cache
 def fp8_supported(device):
-    """Whether torch._scaled_mm runs with row-wise scales here: a Hopper (or newer) GPU, or a CPU build that has it.
-    Tried once on a tiny input."""
+    """Whether torch._scaled_mm runs with row-wise scales here: a GPU with FP8 tensor cores (Ada, Hopper or newer),
+    or a CPU build that has it. Tried once per device on a tiny input."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         return False
