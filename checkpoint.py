@@ -34,7 +34,7 @@ from flexprefill import enable_flexprefill
 from layout import StreamLayout
 from model import VLM, pick_device_dtype
 from processor import Tokenizer, read_json
-from quantize import fp8_supported, quantize_fp8
+from quantize import ABOUT, fp8_problem, quantize_fp8
 from safeio import keep_mode
 
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
@@ -350,9 +350,8 @@ def load_checkpoint(path, device=None, flexprefill=False, settings=None, fp8=Fal
     if flexprefill:
         enable_flexprefill(model)
     if fp8:
-        if not fp8_supported(model.device):
-            sys.exit(f"error: --fp8: torch._scaled_mm with row-wise scales does not run on {model.device} here (it "
-                     "needs a Hopper GPU, or a CPU build that has it)")
+        if problem := fp8_problem(model.device):
+            sys.exit(f"error: {problem}")
         quantize_fp8(model)
-        print("fp8: every Linear of both towers in e4m3 with row-wise scales (quantize.py; an approximation)")
+        print(ABOUT)
     return model, tok, settings

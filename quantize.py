@@ -117,6 +117,17 @@ def quantize_fp8(model, vision=True):
     return model
 
 
+ABOUT = "fp8: every Linear of both towers in e4m3 with row-wise scales (quantize.py; an approximation)"
+
+
+def fp8_problem(device):
+    """Why --fp8 cannot run on `device` (one line), or None."""
+    if fp8_supported(device):
+        return None
+    return (f"--fp8: torch._scaled_mm with row-wise scales does not run on {device} here (it needs FP8 tensor cores, "
+            "Ada or Hopper, or a CPU build that has it)")
+
+
 @functools.cache
 def fp8_supported(device):
     """Whether torch._scaled_mm runs with row-wise scales here: a GPU with FP8 tensor cores (Ada, Hopper or newer),

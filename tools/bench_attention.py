@@ -137,14 +137,12 @@ def prefill_rows(args, nq, cached, gen):
     return [dict(shape=f"prefill {nq}:{cached}", **r) for r in rows]
 
 
-def together(first, second, side=None):
+def together(first, second, side):
     """(first(), second()), second() on the stream `side` beside first() on the current stream, which then waits
     for both. Why try it: a 2-fps second's head is 7 query blocks x 28 heads = 196 thread blocks on an H100's 132
     multiprocessors, so its second wave leaves about half of them idle, which the tail's blocks could fill. (Each
     result is used on the current stream only after the join, so the memory allocator's per-stream reuse is safe;
     inside a graph capture the fork and join become parallel branches.)"""
-    if side is None:
-        return first(), second()
     main = torch.cuda.current_stream()
     side.wait_stream(main)          # the second's inputs were written on the current stream
     with torch.cuda.stream(side):

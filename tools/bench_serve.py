@@ -44,7 +44,7 @@ from cache import can_fuse, fused_move
 from cli import Parser, Results, at_least, hardware, table
 from eval import add_run_flags, check_run_flags, fresh_peak, ms, percentile, run_policy, steady_capacity, sync
 from layout import end_ids, layout_of
-from quantize import fp8_supported
+from quantize import fp8_problem
 from serve import StreamBatch
 from stream import streamer_kwargs
 from tools.bench_stream import build_models, fixed_reply, plot
@@ -170,9 +170,8 @@ def get_args(argv=None):
                  "several for the batch)")
     args.batch_decode = args.batch_decode or args.decode   # the single path's: compiled on a GPU
     args.stream_layout = layout_of({}, args)
-    if args.fp8 and not fp8_supported(args.device or ("cuda" if gpu else "cpu")):
-        ap.error("--fp8: torch._scaled_mm with row-wise scales does not run here (it needs a Hopper GPU, or a CPU "
-                 "build that has it)")
+    if args.fp8 and (problem := fp8_problem(args.device or ("cuda" if gpu else "cpu"))):
+        ap.error(problem)
     if not gpu and args.preset != "tiny":
         ap.error(f"--preset {args.preset} is a GPU's work; on a CPU, the smoke run: --preset tiny --height 56 "
                  "--width 84 --streams 1 3 --seconds 6 --warmup 2")

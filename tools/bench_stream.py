@@ -54,7 +54,7 @@ from layout import end_ids, layout_of, prefix_segments, reply_ids, user_ids
 from model import PRESETS, VLM, pick_device_dtype
 from prefill import prefill_kernel_for
 from processor import Tokenizer, build_tokenizer, patchify_video, preprocess_video
-from quantize import quantize_fp8
+from quantize import ABOUT, quantize_fp8
 from safeio import write_atomic
 from stream import streamer_kwargs
 
@@ -96,7 +96,7 @@ def build_models(args):
         enable_flexprefill(model)
     if getattr(args, "fp8", False):   # (bench_serve's --fp8)
         quantize_fp8(model)
-        print("fp8: every Linear of both towers in e4m3 with row-wise scales (quantize.py)", flush=True)
+        print(ABOUT, flush=True)
     return model, hf, tok
 
 
