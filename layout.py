@@ -106,6 +106,12 @@ class StreamLayout:
         return out
 
 
+def prompt_text(limit, where=""):
+    """The argparse type of text a user gives a prompt: at most `limit` characters, no control token."""
+    return checked(str, lambda v: len(v) <= limit and not CONTROL_TOKEN.search(v),
+                   f"at most {limit:,} characters{where}, no control token such as <|im_end|>")
+
+
 def layout_flags():
     """The command-line flag of every StreamLayout field: {field: (argparse type, help)}. stream.py, eval.py and
     tools/bench_stream.py take all of them (add_layout_flags), so a setting is never a flag in one script and
@@ -113,8 +119,7 @@ def layout_flags():
     count = lambda name, lo: between(lo, LIMITS[name], what=" (layout.LIMITS)")
     real = lambda name, ok, what: checked(float, lambda v: ok(v) and v <= LIMITS[name],
                                           f"{what} and at most {LIMITS[name]:g} (layout.LIMITS)")
-    text = lambda name: checked(str, lambda v: len(v) <= LIMITS[name] and not CONTROL_TOKEN.search(v),
-                                f"at most {LIMITS[name]:,} characters, no control token such as <|im_end|>")
+    text = lambda name: prompt_text(LIMITS[name])
     return {
         "system_prompt": (text("system_prompt"), "the system prompt"),
         "query": (text("query"), "text after the first second's video (\"\" = none)"),

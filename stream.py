@@ -39,10 +39,10 @@ import torch
 
 import cache as caches
 from checkpoint import checkpoint_settings, load_checkpoint
-from cli import Parser, at_least, checked, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
+from cli import Parser, at_least, default_model, device_name, file_problem, inputs_of, stop_on_ctrl_c
 from decode import GraphDecoder, decode_ahead
-from layout import (CONTROL_TOKEN, FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags,
-                    check_text, end_ids, layout_of, prefix_segments, question_segments, reply_ids, split_reply,
+from layout import (FPS, FRAME_PIXELS, MAX_TEXT_CHARS, SILENCE, SYSTEM_PROMPT, Kind, add_layout_flags, check_text,
+                    end_ids, layout_of, prefix_segments, prompt_text, question_segments, reply_ids, split_reply,
                     stop_ids, user_ids)
 from model import sample_next
 from prefill import GraphPrefill
@@ -452,9 +452,8 @@ def build_parser():
     ap.add_argument("--seconds", type=at_least(0), default=0, help="stop after this many seconds (default 0: the "
                     "whole video)")
     add_layout_flags(ap)
-    ap.add_argument("--previous-text", default="", help="context the commentary continues from", type=checked(
-        str, lambda v: len(v) <= MAX_TEXT_CHARS and not CONTROL_TOKEN.search(v),
-        f"at most {MAX_TEXT_CHARS:,} characters (layout.MAX_TEXT_CHARS), no control token such as <|im_end|>"))
+    ap.add_argument("--previous-text", default="", help="context the commentary continues from",
+                    type=prompt_text(MAX_TEXT_CHARS, " (layout.MAX_TEXT_CHARS)"))
     ap.add_argument("--flexprefill", action="store_true", help="block-sparse prefill for long chunks")
     ap.add_argument("--fp8", action="store_true", help="every Linear in FP8 with row-wise scales (quantize.py): "
                     "for Hopper GPUs' FP8 tensor cores (not yet timed there), an approximation of the model")

@@ -205,9 +205,8 @@ class VisionTower(nn.Module):
         plan = self.plan(grid_thw, pixel_values.device)
         if compiled and pixel_values.is_cuda and not torch.is_grad_enabled():
             # a graph replays the kernels with the weights' addresses of its capture: new weights (fuse(), .to(),
-            # quantize.py's FP8 buffers)
-            # make new graphs (an address alone could be reused by a tensor of another dtype or shape); values loaded
-            # in place are seen as they are
+            # quantize.py's FP8 buffers) make new graphs (an address alone could be reused by a tensor of another
+            # dtype or shape); values loaded in place are seen as they are
             weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in [*self.parameters(), *self.buffers()]) + tuple(
                 m.fused is not None for m in self.modules() if isinstance(m, Fusable))
             if weights != self.graphed_weights:
